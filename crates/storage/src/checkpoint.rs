@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::error::StorageError;
 
-pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), StorageError> {
+pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), StorageError> {
     let tmp = path.with_extension("tmp");
     let mut file = File::create(&tmp).map_err(|source| StorageError::io("create", &tmp, source))?;
     file.write_all(contents)
@@ -22,14 +22,14 @@ pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), Stora
     Ok(())
 }
 
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
     File::open(dir)
         .and_then(|handle| handle.sync_all())
         .map_err(|source| StorageError::io("sync directory", dir, source))
 }
 
 /// Reads a checkpoint holding one decimal number. `Ok(None)` if the file does not exist.
-pub(crate) fn read_u64(path: &Path) -> Result<Option<u64>, StorageError> {
+pub fn read_u64(path: &Path) -> Result<Option<u64>, StorageError> {
     match std::fs::read_to_string(path) {
         Ok(text) => text
             .trim()

@@ -16,7 +16,7 @@
 //! - Memory per log is bounded by the sparse indexes; no per-record state is kept.
 
 pub mod batch;
-mod checkpoint;
+pub mod checkpoint;
 pub mod clock;
 pub mod config;
 mod epoch;

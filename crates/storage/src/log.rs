@@ -248,7 +248,7 @@ impl Log {
                 }
                 let current = segments
                     .last()
-                    .and_then(|s| s.read(s.base_offset(), 0, true).ok().flatten())
+                    .and_then(|s| s.read(s.base_offset(), u64::MAX, 0, true).ok().flatten())
                     .and_then(|bytes| BatchHeader::parse(&bytes).ok())
                     .map_or(0, |header| header.partition_leader_epoch.max(0));
                 EpochCache::create(&dir, current, log_end_offset)?
@@ -833,7 +833,19 @@ impl LogReader {
         max_bytes: usize,
         min_one_batch: bool,
     ) -> Result<ReadBatches, StorageError> {
-        let log_end_offset = self.log_end_offset();
+        self.read_until(offset, u64::MAX, max_bytes, min_one_batch)
+    }
+
+    /// Like [`Self::read`], but returns no batch that starts at or after `end_offset` (a high
+    /// watermark below the log end), and treats `end_offset` as the end of the log.
+    pub fn read_until(
+        &self,
+        offset: u64,
+        end_offset: u64,
+        max_bytes: usize,
+        min_one_batch: bool,
+    ) -> Result<ReadBatches, StorageError> {
+        let log_end_offset = self.log_end_offset().min(end_offset);
         let log_start_offset = self.log_start_offset();
         if offset < log_start_offset || offset > log_end_offset {
             return Err(StorageError::OffsetOutOfRange {
@@ -851,7 +863,7 @@ impl LogReader {
             return Ok(result);
         }
         for segment in self.candidates(offset) {
-            if let Some(bytes) = segment.read(offset, max_bytes, min_one_batch)? {
+            if let Some(bytes) = segment.read(offset, log_end_offset, max_bytes, min_one_batch)? {
                 result.bytes = bytes;
                 break;
             }

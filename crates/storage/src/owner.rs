@@ -76,6 +76,12 @@ pub trait LogHandler: Send + 'static {
     /// The reply to send instead of `reply` when the fsync it waited for failed.
     fn flush_failed(&mut self, reply: Self::Reply, error: &StorageError) -> Self::Reply;
 
+    /// Called when the log has become durable up to `flushed_offset` (exclusive).
+    fn on_durable(&mut self, _log: &Log, _flushed_offset: u64) {}
+
+    /// Called once, just before the log is closed.
+    fn on_close(&mut self, _log: &mut Log) {}
+
     /// Periodic housekeeping. The default enforces retention.
     fn tick(&mut self, log: &mut Log, now_ms: i64) {
         if let Err(error) = log.apply_retention(now_ms) {
@@ -283,6 +289,7 @@ async fn run<H: LogHandler>(
         });
         finish_flush(&mut log, &mut handler, &mut waiting, &job, result);
     }
+    handler.on_close(&mut log);
     let result = log.close();
     release_without_flush_after_close(&mut handler, &mut waiting, &result);
     match closing {
@@ -303,6 +310,7 @@ fn finish_flush<H: LogHandler>(
 ) {
     match log.complete_flush(job, result) {
         Ok(durable) => {
+            handler.on_durable(log, durable);
             while waiting
                 .front()
                 .is_some_and(|(offset, _, _)| *offset <= durable)

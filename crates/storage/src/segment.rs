@@ -518,12 +518,14 @@ impl Segment {
         Ok(None)
     }
 
-    /// Reads whole batches starting with the one that contains `offset`, up to `max_bytes`.
-    /// With `min_one_batch`, the first batch is returned even if it alone exceeds `max_bytes`.
-    /// Returns `None` if no batch in this segment holds `offset`.
+    /// Reads whole batches starting with the one that contains `offset`, up to `max_bytes`,
+    /// stopping before any batch that starts at or after `end_offset`. With `min_one_batch`, the
+    /// first batch is returned even if it alone exceeds `max_bytes`. Returns `None` if no batch
+    /// in this segment holds `offset`.
     pub fn read(
         &self,
         offset: u64,
+        end_offset: u64,
         max_bytes: usize,
         min_one_batch: bool,
     ) -> Result<Option<Bytes>, StorageError> {
@@ -531,6 +533,9 @@ impl Segment {
         let Some((start, first)) = self.locate(offset, end)? else {
             return Ok(None);
         };
+        if first.base_offset as u64 >= end_offset {
+            return Ok(Some(Bytes::new()));
+        }
         let first_bytes = first.total_bytes();
         if first_bytes as u64 > end - start {
             return Err(StorageError::Corrupt {
@@ -556,7 +561,7 @@ impl Segment {
         while keep < buf.len() {
             let rest = &buf[keep..];
             let total = match BatchHeader::peek_extent(rest) {
-                Ok((_, total)) if total <= rest.len() => total,
+                Ok((base, total)) if total <= rest.len() && (base as u64) < end_offset => total,
                 _ => break,
             };
             batch::verify(&rest[..total]).map_err(|error| StorageError::Corrupt {
@@ -593,7 +598,12 @@ impl Segment {
             let header = self.read_header(position, end)?;
             if header.max_timestamp >= timestamp_ms && header.last_offset() >= min_offset as i64 {
                 let batch = self
-                    .read(header.base_offset as u64, header.total_bytes(), true)?
+                    .read(
+                        header.base_offset as u64,
+                        u64::MAX,
+                        header.total_bytes(),
+                        true,
+                    )?
                     .unwrap_or_default();
                 return Ok(Some((header, batch)));
             }

@@ -1,0 +1,391 @@
+//! Sluice's protocol-agnostic core.
+//!
+//! It owns topics and their partitions, the durable metadata that defines them, committed
+//! consumer offsets, idempotent-producer state, and (as they arrive) consumer groups, queues,
+//! exchanges and bindings. It knows nothing of any wire protocol: front-ends translate their
+//! requests into calls on [`Broker`] and its errors into their own.
+//!
+//! Structure:
+//! - Metadata changes (create, delete, alter) are commands sent to one controller task, which
+//!   validates them, prepares logs, commits the change to the metadata store, and only then
+//!   makes it visible. This is the one place a replicated state machine will wrap.
+//! - Each partition has one owner task for writes; reads go straight to its log files.
+//! - Every core task is watched by a [`Supervisor`]; if one dies, the process must stop.
+//!
+//! Data directory layout: `meta.redb` (definitions and committed offsets), `logs/<topic>-<n>/`
+//! (one log per partition), and `.lock` (held while a broker uses the directory).
+
+pub mod error;
+pub mod metadata;
+pub mod names;
+pub mod offsets;
+pub mod partition;
+pub mod producer;
+pub mod supervisor;
+pub mod topic_config;
+
+mod controller;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+use sluice_storage::{Clock, LogConfig, OwnerOptions};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+pub use crate::error::BrokerError;
+pub use crate::metadata::{MetadataCommand, MetadataState, NodeId, PartitionRecord, TopicRecord};
+pub use crate::offsets::{CommittedOffset, OffsetEntry};
+pub use crate::partition::{Partition, ProduceOutcome, ProducerLimits};
+pub use crate::supervisor::{Fatal, Supervisor};
+pub use crate::topic_config::{ConfigEntry, ConfigKind, EffectiveTopicConfig, TimestampType};
+
+use crate::controller::Command;
+use crate::metadata::MetadataStore;
+use crate::offsets::OffsetStore;
+
+/// Upper bound on partitions per topic, so one request cannot make the broker open an
+/// unbounded number of files.
+pub const MAX_PARTITIONS_PER_TOPIC: u32 = 10_000;
+
+/// Settings of the broker core.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub data_dir: PathBuf,
+    pub node_id: NodeId,
+    /// Log settings of a topic with no overrides.
+    pub log_defaults: LogConfig,
+    /// Create a topic when a client first refers to it.
+    pub auto_create_topics: bool,
+    /// Partitions of a topic created without a count.
+    pub default_partition_count: u32,
+    pub producer_limits: ProducerLimits,
+    /// Requests queued per partition before producers wait.
+    pub partition_queue_capacity: usize,
+    /// How often partitions run retention and save producer state.
+    pub housekeeping_interval: Duration,
+}
+
+impl BrokerConfig {
+    /// Defaults for a broker keeping its data in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            node_id: 0,
+            log_defaults: LogConfig::default(),
+            auto_create_topics: true,
+            default_partition_count: 1,
+            producer_limits: ProducerLimits {
+                expiration_ms: 24 * 3600 * 1000,
+                max_producer_count: 100_000,
+            },
+            partition_queue_capacity: 1024,
+            housekeeping_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A topic as it is being served: its definition and its live partitions.
+#[derive(Debug)]
+pub struct Topic {
+    pub name: Arc<str>,
+    pub id: Uuid,
+    pub partitions: Vec<Arc<Partition>>,
+    /// Config overrides as stored.
+    pub overrides: BTreeMap<String, String>,
+    pub config: EffectiveTopicConfig,
+    pub created_ms: i64,
+}
+
+/// A request to create a topic.
+#[derive(Debug, Clone, Default)]
+pub struct NewTopic {
+    pub name: String,
+    /// `None` for the broker default.
+    pub partition_count: Option<u32>,
+    /// `None` for the broker default; only 1 is possible on a single node.
+    pub replication_factor: Option<i16>,
+    pub config: BTreeMap<String, String>,
+}
+
+/// State shared by the broker handle and the controller task.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: BrokerConfig,
+    pub clock: Arc<dyn Clock>,
+    pub metadata: MetadataStore,
+    pub offsets: OffsetStore,
+    pub topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    pub supervisor: Supervisor,
+    pub started: Instant,
+    /// Held for as long as the broker uses the data directory.
+    _lock: File,
+}
+
+impl Shared {
+    pub fn logs_dir(&self) -> PathBuf {
+        self.config.data_dir.join("logs")
+    }
+
+    pub fn owner_options(&self) -> OwnerOptions {
+        OwnerOptions {
+            channel_capacity: self.config.partition_queue_capacity,
+            tick_interval: self.config.housekeeping_interval,
+            clock: Arc::clone(&self.clock),
+            ..OwnerOptions::default()
+        }
+    }
+}
+
+/// The broker core. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    shared: Arc<Shared>,
+    controller: mpsc::Sender<Command>,
+}
+
+impl Broker {
+    /// Opens the data directory (creating it if needed), recovers every partition, and starts
+    /// the controller and the partitions' owner tasks.
+    pub async fn open(
+        config: BrokerConfig,
+        clock: Arc<dyn Clock>,
+        supervisor: Supervisor,
+    ) -> Result<Self, BrokerError> {
+        config.log_defaults.validate()?;
+        let shared =
+            tokio::task::spawn_blocking(move || controller::load(config, clock, supervisor))
+                .await
+                .map_err(|e| BrokerError::metadata("open", e))??;
+        let shared = Arc::new(shared);
+        controller::start_partitions(&shared).await?;
+        let (controller, commands) = mpsc::channel(64);
+        let task = tokio::spawn(controller::run(Arc::clone(&shared), commands));
+        shared.supervisor.watch("controller".into(), task);
+        Ok(Self { shared, controller })
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.shared.config
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.shared.config.node_id
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.shared.clock
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+
+    pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
+        self.shared.topics.read().get(name).cloned()
+    }
+
+    pub fn topics(&self) -> Vec<Arc<Topic>> {
+        self.shared.topics.read().values().cloned().collect()
+    }
+
+    pub fn topic_by_id(&self, id: Uuid) -> Option<Arc<Topic>> {
+        self.shared
+            .topics
+            .read()
+            .values()
+            .find(|t| t.id == id)
+            .cloned()
+    }
+
+    pub fn partition(&self, topic: &str, index: i32) -> Result<Arc<Partition>, BrokerError> {
+        let found = self
+            .topic(topic)
+            .ok_or_else(|| BrokerError::UnknownTopic(topic.to_owned()))?;
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| found.partitions.get(i).cloned())
+            .ok_or_else(|| BrokerError::UnknownPartition {
+                topic: topic.to_owned(),
+                partition: index,
+            })
+    }
+
+    async fn command<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, BrokerError>>) -> Command,
+    ) -> Result<T, BrokerError> {
+        let (reply, receive) = oneshot::channel();
+        self.controller
+            .send(make(reply))
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)?;
+        receive.await.map_err(|_| BrokerError::ShuttingDown)?
+    }
+
+    /// Creates a topic. With `validate_only`, checks the request and changes nothing.
+    pub async fn create_topic(
+        &self,
+        topic: NewTopic,
+        validate_only: bool,
+    ) -> Result<Option<Arc<Topic>>, BrokerError> {
+        self.command(|reply| Command::CreateTopic {
+            topic,
+            validate_only,
+            reply,
+        })
+        .await
+    }
+
+    /// The topic, created with default settings if auto-creation is on and it is missing.
+    pub async fn topic_or_create(&self, name: &str) -> Result<Arc<Topic>, BrokerError> {
+        if let Some(topic) = self.topic(name) {
+            return Ok(topic);
+        }
+        if !self.shared.config.auto_create_topics {
+            return Err(BrokerError::UnknownTopic(name.to_owned()));
+        }
+        let request = NewTopic {
+            name: name.to_owned(),
+            ..NewTopic::default()
+        };
+        match self.create_topic(request, false).await {
+            Ok(Some(topic)) => Ok(topic),
+            Ok(None) | Err(BrokerError::TopicExists(_)) => self
+                .topic(name)
+                .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned())),
+            Err(error) => Err(error),
+        }
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
+        let name = name.to_owned();
+        self.command(|reply| Command::DeleteTopic { name, reply })
+            .await
+    }
+
+    /// Grows a topic to `total` partitions.
+    pub async fn create_partitions(
+        &self,
+        name: &str,
+        total: u32,
+        validate_only: bool,
+    ) -> Result<(), BrokerError> {
+        let name = name.to_owned();
+        self.command(|reply| Command::CreatePartitions {
+            name,
+            total,
+            validate_only,
+            reply,
+        })
+        .await
+    }
+
+    /// Replaces a topic's config overrides.
+    pub async fn set_topic_config(
+        &self,
+        name: &str,
+        overrides: BTreeMap<String, String>,
+        validate_only: bool,
+    ) -> Result<(), BrokerError> {
+        let name = name.to_owned();
+        self.command(|reply| Command::SetTopicConfig {
+            name,
+            overrides,
+            validate_only,
+            reply,
+        })
+        .await
+    }
+
+    /// Every config key of a topic with its effective value.
+    pub fn describe_topic_config(&self, name: &str) -> Result<Vec<ConfigEntry>, BrokerError> {
+        let topic = self
+            .topic(name)
+            .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))?;
+        Ok(topic_config::describe(
+            &self.shared.config.log_defaults,
+            &topic.overrides,
+        ))
+    }
+
+    /// A producer id never handed out before.
+    pub async fn next_producer_id(&self) -> Result<i64, BrokerError> {
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || shared.metadata.next_producer_id())
+            .await
+            .map_err(|e| BrokerError::metadata("allocate producer id", e))?
+    }
+
+    /// Stores a group's committed offsets, all or none.
+    pub async fn commit_offsets(
+        &self,
+        group: &str,
+        entries: Vec<OffsetEntry>,
+    ) -> Result<(), BrokerError> {
+        let offsets = self.shared.offsets.clone();
+        let group = group.to_owned();
+        tokio::task::spawn_blocking(move || offsets.commit(&group, &entries))
+            .await
+            .map_err(|e| BrokerError::metadata("commit offsets", e))?
+    }
+
+    pub fn committed_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Option<CommittedOffset>, BrokerError> {
+        self.shared.offsets.fetch(group, topic, partition)
+    }
+
+    pub fn committed_offsets(&self, group: &str) -> Result<Vec<OffsetEntry>, BrokerError> {
+        self.shared.offsets.fetch_group(group)
+    }
+
+    /// Groups that have committed offsets.
+    pub fn groups_with_offsets(&self) -> Result<Vec<String>, BrokerError> {
+        self.shared.offsets.groups()
+    }
+
+    pub async fn delete_group_offsets(&self, group: &str) -> Result<usize, BrokerError> {
+        let offsets = self.shared.offsets.clone();
+        let group = group.to_owned();
+        tokio::task::spawn_blocking(move || offsets.delete(Some(&group), None))
+            .await
+            .map_err(|e| BrokerError::metadata("delete offsets", e))?
+    }
+
+    /// Stops the controller, then closes every partition (flushing and fsyncing its log).
+    pub async fn shutdown(&self) -> Result<(), BrokerError> {
+        self.shared.supervisor.begin_shutdown();
+        let topics: Vec<Arc<Topic>> = self.topics();
+        let mut closing = tokio::task::JoinSet::new();
+        for topic in topics {
+            for partition in topic.partitions.clone() {
+                closing.spawn(async move {
+                    let result = partition.close().await;
+                    (partition, result)
+                });
+            }
+        }
+        let mut first_error = None;
+        while let Some(joined) = closing.join_next().await {
+            match joined {
+                Ok((_, Ok(()))) => {}
+                Ok((partition, Err(error))) => {
+                    tracing::error!(topic = partition.topic(), partition = partition.index(), %error, "partition did not close cleanly");
+                    first_error.get_or_insert(error);
+                }
+                Err(join_error) => {
+                    first_error.get_or_insert(BrokerError::metadata("close partition", join_error));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}

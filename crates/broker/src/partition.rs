@@ -1,0 +1,507 @@
+//! One partition of a topic: its log, the task that owns it, and the high watermark readers
+//! may see.
+//!
+//! Writes (produce, delete-records, reconfiguration) go through the owner task, where producer
+//! sequence checks and appends happen in one order. Reads go straight to the log files through
+//! a [`LogReader`], bounded by the high watermark.
+//!
+//! The high watermark is the log end offset, except under `fsync = always`, where it is the
+//! offset up to which the log is on disk: a consumer never sees a record that a crash could
+//! take back.
+//!
+//! Directory: `<data>/logs/<topic>-<partition>/`, holding the log's files, the producer state
+//! snapshot, and `topic-id`, which ties the directory to one incarnation of the topic.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use sluice_storage::batch::{self, BatchHeader};
+use sluice_storage::{
+    Clock, Handled, Log, LogHandler, LogReader, OwnerHandle, OwnerOptions, OwnerTask, ReadBatches,
+    StorageError, TimestampHit,
+};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::error::BrokerError;
+use crate::producer::{ProducerStates, SequenceCheck};
+use crate::topic_config::{EffectiveTopicConfig, TimestampType};
+
+const TOPIC_ID_FILE: &str = "topic-id";
+
+/// Limits of the producer state kept per partition.
+#[derive(Debug, Clone, Copy)]
+pub struct ProducerLimits {
+    pub expiration_ms: i64,
+    pub max_producer_count: usize,
+}
+
+/// Where a produce landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProduceOutcome {
+    pub base_offset: u64,
+    pub last_offset: u64,
+    /// The broker's timestamp, for topics with `message.timestamp.type = LogAppendTime`.
+    pub log_append_time_ms: Option<i64>,
+    pub log_start_offset: u64,
+    /// True if the batch was a retry of one already appended.
+    pub duplicate: bool,
+}
+
+#[derive(Debug)]
+pub enum PartitionRequest {
+    Produce(BytesMut),
+    DeleteRecords(u64),
+    Reconfigure(EffectiveTopicConfig),
+    BeginLeaderEpoch(i32),
+    EndOffsetForEpoch(i32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartitionReply {
+    Produced(ProduceOutcome),
+    LogStart(u64),
+    EpochEnd(Option<(i32, u64)>),
+    Done,
+}
+
+type Reply = Result<PartitionReply, BrokerError>;
+
+struct PartitionHandler {
+    dir: PathBuf,
+    producers: ProducerStates,
+    high_watermark: watch::Sender<u64>,
+    config: EffectiveTopicConfig,
+}
+
+impl PartitionHandler {
+    fn fsync_always(&self) -> bool {
+        self.config.log.fsync == sluice_storage::FsyncPolicy::Always
+    }
+
+    fn publish_end(&self, log: &Log) {
+        if !self.fsync_always() {
+            self.high_watermark.send_replace(log.log_end_offset());
+        }
+    }
+
+    fn produce(&mut self, log: &mut Log, mut batches: BytesMut, now_ms: i64) -> Handled<Reply> {
+        // Header-level checks first; the log checks structure and CRC when it appends.
+        let headers = match parse_headers(&batches) {
+            Ok(headers) => headers,
+            Err(error) => return Handled::now(Err(error)),
+        };
+        for header in &headers {
+            if let batch::Compression::Unknown(id) = header.compression() {
+                return Handled::now(Err(BrokerError::UnsupportedCompression(id)));
+            }
+            if header.is_transactional() || header.is_control() {
+                return Handled::now(Err(BrokerError::TransactionsUnsupported));
+            }
+        }
+        if let Some(first) = headers.first() {
+            match self.producers.check(first) {
+                Ok(SequenceCheck::Append) => {}
+                Ok(SequenceCheck::Duplicate {
+                    base_offset,
+                    last_offset,
+                }) => {
+                    let outcome = ProduceOutcome {
+                        base_offset,
+                        last_offset,
+                        log_append_time_ms: None,
+                        log_start_offset: log.log_start_offset(),
+                        duplicate: true,
+                    };
+                    return Handled::after_append(
+                        log,
+                        Ok(PartitionReply::Produced(outcome)),
+                        last_offset + 1,
+                    );
+                }
+                Err(error) => return Handled::now(Err(error)),
+            }
+            // Kafka's producers send one batch per partition per request when idempotent; a
+            // request mixing producers cannot be checked batch by batch atomically.
+            if first.producer_id >= 0
+                && headers
+                    .iter()
+                    .skip(1)
+                    .any(|h| h.producer_id != first.producer_id)
+            {
+                return Handled::now(Err(BrokerError::InvalidProducerBatch {
+                    producer_id: first.producer_id,
+                }));
+            }
+        }
+        let log_append_time_ms = match self.config.timestamp_type {
+            TimestampType::CreateTime => None,
+            TimestampType::LogAppendTime => {
+                if let Err(error) = stamp_append_time(&mut batches, &headers, now_ms) {
+                    return Handled::now(Err(error));
+                }
+                Some(now_ms)
+            }
+        };
+        let info = match log.append(&mut batches, now_ms) {
+            Ok(info) => info,
+            Err(error) => return Handled::now(Err(error.into())),
+        };
+        // Record producer state from the headers as stored (with assigned offsets).
+        let mut position = 0;
+        for header in &headers {
+            if header.producer_id >= 0 {
+                let mut stored = *header;
+                stored.base_offset = (info.base_offset + (position as u64)) as i64;
+                self.producers.record(&stored, now_ms);
+            }
+            position += i64::from(header.last_offset_delta) + 1;
+        }
+        self.publish_end(log);
+        let outcome = ProduceOutcome {
+            base_offset: info.base_offset,
+            last_offset: info.last_offset,
+            log_append_time_ms,
+            log_start_offset: info.log_start_offset,
+            duplicate: false,
+        };
+        Handled::after_append(
+            log,
+            Ok(PartitionReply::Produced(outcome)),
+            info.last_offset + 1,
+        )
+    }
+}
+
+/// Parses the header of every batch in a produce payload, without checking CRCs.
+fn parse_headers(batches: &[u8]) -> Result<Vec<BatchHeader>, BrokerError> {
+    let mut headers = Vec::with_capacity(1);
+    let mut position = 0;
+    while position < batches.len() {
+        let header = BatchHeader::parse(&batches[position..]).map_err(|source| {
+            BrokerError::Storage(StorageError::InvalidBatch { position, source })
+        })?;
+        position = position.saturating_add(header.total_bytes());
+        headers.push(header);
+    }
+    if headers.is_empty() {
+        return Err(BrokerError::Storage(StorageError::InvalidBatch {
+            position: 0,
+            source: batch::BatchError::Empty,
+        }));
+    }
+    Ok(headers)
+}
+
+/// Sets the log-append-time attribute and max timestamp of every batch, recomputing the CRC.
+/// The producer's CRC is checked first, so damaged input is never given a fresh checksum.
+fn stamp_append_time(
+    batches: &mut [u8],
+    headers: &[BatchHeader],
+    now_ms: i64,
+) -> Result<(), BrokerError> {
+    let mut position = 0;
+    for header in headers {
+        let end = position + header.total_bytes();
+        if end > batches.len() {
+            break; // the log's own validation reports the truncation
+        }
+        let bytes = &mut batches[position..end];
+        batch::verify(bytes).map_err(|source| {
+            BrokerError::Storage(StorageError::InvalidBatch { position, source })
+        })?;
+        let attributes = header.attributes | 0x08;
+        bytes[21..23].copy_from_slice(&attributes.to_be_bytes());
+        bytes[35..43].copy_from_slice(&now_ms.to_be_bytes());
+        let crc = batch::compute_crc(bytes);
+        bytes[17..21].copy_from_slice(&crc.to_be_bytes());
+        position = end;
+    }
+    Ok(())
+}
+
+impl LogHandler for PartitionHandler {
+    type Request = PartitionRequest;
+    type Reply = Reply;
+
+    fn handle(&mut self, log: &mut Log, request: PartitionRequest, now_ms: i64) -> Handled<Reply> {
+        match request {
+            PartitionRequest::Produce(batches) => self.produce(log, batches, now_ms),
+            PartitionRequest::DeleteRecords(offset) => Handled::now(
+                log.advance_log_start(offset, now_ms)
+                    .map(PartitionReply::LogStart)
+                    .map_err(Into::into),
+            ),
+            PartitionRequest::Reconfigure(config) => {
+                let result = log.set_config(config.log.clone());
+                if result.is_ok() {
+                    self.config = config;
+                }
+                Handled::now(result.map(|()| PartitionReply::Done).map_err(Into::into))
+            }
+            PartitionRequest::BeginLeaderEpoch(epoch) => Handled::now(
+                log.begin_leader_epoch(epoch)
+                    .map(|()| PartitionReply::Done)
+                    .map_err(Into::into),
+            ),
+            PartitionRequest::EndOffsetForEpoch(epoch) => Handled::now(Ok(
+                PartitionReply::EpochEnd(log.end_offset_for_epoch(epoch)),
+            )),
+        }
+    }
+
+    fn flush_failed(&mut self, _reply: Reply, error: &StorageError) -> Reply {
+        Err(BrokerError::Storage(StorageError::Failed {
+            dir: self.dir.clone(),
+            reason: error.to_string(),
+        }))
+    }
+
+    fn on_durable(&mut self, _log: &Log, flushed_offset: u64) {
+        if self.fsync_always() {
+            self.high_watermark.send_replace(flushed_offset);
+        }
+    }
+
+    fn on_close(&mut self, log: &mut Log) {
+        if let Err(error) = self.producers.save(&self.dir, log.log_end_offset()) {
+            tracing::warn!(dir = %self.dir.display(), %error, "cannot save producer state");
+        }
+    }
+
+    fn tick(&mut self, log: &mut Log, now_ms: i64) {
+        if let Err(error) = log.apply_retention(now_ms) {
+            tracing::warn!(dir = %self.dir.display(), %error, "retention failed");
+        }
+        self.producers.expire(now_ms);
+        if let Err(error) = self.producers.save(&self.dir, log.log_end_offset()) {
+            tracing::warn!(dir = %self.dir.display(), %error, "cannot save producer state");
+        }
+    }
+}
+
+/// A live partition.
+#[derive(Debug)]
+pub struct Partition {
+    topic: Arc<str>,
+    topic_id: Uuid,
+    index: u32,
+    reader: LogReader,
+    owner: OwnerHandle<PartitionRequest, Reply>,
+    high_watermark: watch::Receiver<u64>,
+}
+
+/// Everything needed to open a partition.
+#[derive(Debug, Clone)]
+pub struct PartitionSpec {
+    pub topic: Arc<str>,
+    pub topic_id: Uuid,
+    pub index: u32,
+    pub leader_epoch: i32,
+    pub dir: PathBuf,
+    pub config: EffectiveTopicConfig,
+    pub producer_limits: ProducerLimits,
+}
+
+/// The directory of a partition's log.
+pub fn partition_dir(logs_dir: &Path, topic: &str, index: u32) -> PathBuf {
+    logs_dir.join(format!("{topic}-{index}"))
+}
+
+impl Partition {
+    /// Opens (recovering) or creates the partition's log and starts its owner task. Blocks on
+    /// disk I/O: call it from a blocking context, then [`Self::start`] on the runtime.
+    pub fn open_log(
+        spec: &PartitionSpec,
+        clock: &dyn Clock,
+    ) -> Result<(Log, ProducerStates), BrokerError> {
+        let id_path = spec.dir.join(TOPIC_ID_FILE);
+        match std::fs::read_to_string(&id_path) {
+            Ok(found) if found.trim() == spec.topic_id.to_string() => {}
+            Ok(found) => {
+                // Left over from a deleted topic of the same name: start afresh.
+                tracing::warn!(dir = %spec.dir.display(), found = found.trim(), expected = %spec.topic_id, "removing a log directory that belongs to an older topic");
+                std::fs::remove_dir_all(&spec.dir).map_err(|source| StorageError::Io {
+                    op: "remove",
+                    path: spec.dir.clone(),
+                    source,
+                })?;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StorageError::Io {
+                    op: "read",
+                    path: id_path,
+                    source,
+                }
+                .into());
+            }
+        }
+        std::fs::create_dir_all(&spec.dir).map_err(|source| StorageError::Io {
+            op: "create",
+            path: spec.dir.clone(),
+            source,
+        })?;
+        if !id_path.exists() {
+            sluice_storage::checkpoint::write_atomically(
+                &id_path,
+                spec.topic_id.to_string().as_bytes(),
+            )?;
+        }
+        let now_ms = clock.now_ms();
+        let (mut log, report) = Log::open_with_report(&spec.dir, spec.config.log.clone(), now_ms)?;
+        if report.truncated_bytes > 0 || report.rebuilt_index_count > 0 {
+            tracing::warn!(
+                topic = %spec.topic, partition = spec.index,
+                truncated_bytes = report.truncated_bytes,
+                rebuilt_indexes = report.rebuilt_index_count,
+                "recovered partition log"
+            );
+        }
+        log.begin_leader_epoch(spec.leader_epoch)?;
+        let producers = ProducerStates::load(
+            &spec.dir,
+            &log.reader(),
+            spec.producer_limits.expiration_ms,
+            spec.producer_limits.max_producer_count,
+            now_ms,
+        )?;
+        Ok((log, producers))
+    }
+
+    /// Starts the owner task of an opened log. Must run inside a tokio runtime.
+    pub fn start(
+        spec: &PartitionSpec,
+        log: Log,
+        producers: ProducerStates,
+        options: OwnerOptions,
+    ) -> (Arc<Self>, OwnerTask) {
+        let reader = log.reader();
+        let (high_watermark, receiver) = watch::channel(log.log_end_offset());
+        let handler = PartitionHandler {
+            dir: spec.dir.clone(),
+            producers,
+            high_watermark,
+            config: spec.config.clone(),
+        };
+        let (owner, task) = sluice_storage::owner::spawn(log, handler, options);
+        let partition = Arc::new(Self {
+            topic: Arc::clone(&spec.topic),
+            topic_id: spec.topic_id,
+            index: spec.index,
+            reader,
+            owner,
+            high_watermark: receiver,
+        });
+        (partition, task)
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    pub fn topic_id(&self) -> Uuid {
+        self.topic_id
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    pub fn reader(&self) -> &LogReader {
+        &self.reader
+    }
+
+    /// The offset below which records are visible to consumers.
+    pub fn high_watermark(&self) -> u64 {
+        *self.high_watermark.borrow()
+    }
+
+    pub fn log_start_offset(&self) -> u64 {
+        self.reader.log_start_offset()
+    }
+
+    /// A receiver that changes whenever the high watermark moves (for long-polling fetches).
+    pub fn watch_high_watermark(&self) -> watch::Receiver<u64> {
+        self.high_watermark.clone()
+    }
+
+    async fn call(&self, request: PartitionRequest) -> Result<PartitionReply, BrokerError> {
+        match self.owner.call(request).await {
+            Ok(reply) => reply,
+            Err(StorageError::OwnerGone) => Err(BrokerError::ShuttingDown),
+            Err(other) => Err(other.into()),
+        }
+    }
+
+    /// Appends the batches of a produce request (one or more v2 batches laid end to end).
+    pub async fn produce(&self, batches: BytesMut) -> Result<ProduceOutcome, BrokerError> {
+        match self.call(PartitionRequest::Produce(batches)).await? {
+            PartitionReply::Produced(outcome) => Ok(outcome),
+            other => unreachable!("produce is answered with Produced, not {other:?}"),
+        }
+    }
+
+    /// Makes records below `offset` invisible (Kafka's DeleteRecords). Returns the new log
+    /// start offset.
+    pub async fn delete_records(&self, offset: u64) -> Result<u64, BrokerError> {
+        match self.call(PartitionRequest::DeleteRecords(offset)).await? {
+            PartitionReply::LogStart(start) => Ok(start),
+            other => unreachable!("delete-records is answered with LogStart, not {other:?}"),
+        }
+    }
+
+    pub async fn reconfigure(&self, config: EffectiveTopicConfig) -> Result<(), BrokerError> {
+        self.call(PartitionRequest::Reconfigure(config))
+            .await
+            .map(|_| ())
+    }
+
+    /// Kafka's OffsetForLeaderEpoch for this partition.
+    pub async fn end_offset_for_epoch(
+        &self,
+        epoch: i32,
+    ) -> Result<Option<(i32, u64)>, BrokerError> {
+        match self
+            .call(PartitionRequest::EndOffsetForEpoch(epoch))
+            .await?
+        {
+            PartitionReply::EpochEnd(end) => Ok(end),
+            other => unreachable!("the epoch query is answered with EpochEnd, not {other:?}"),
+        }
+    }
+
+    /// Whole batches from `offset`, never past the high watermark.
+    pub fn read(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+        min_one_batch: bool,
+    ) -> Result<ReadBatches, BrokerError> {
+        let high_watermark = self.high_watermark();
+        self.reader
+            .read_until(offset, high_watermark, max_bytes, min_one_batch)
+            .map_err(Into::into)
+    }
+
+    /// The first visible batch whose max timestamp is at or after `timestamp_ms`.
+    pub fn find_by_timestamp(
+        &self,
+        timestamp_ms: i64,
+    ) -> Result<Option<TimestampHit>, BrokerError> {
+        let high_watermark = self.high_watermark();
+        Ok(self
+            .reader
+            .find_by_timestamp(timestamp_ms)?
+            .filter(|hit| (hit.header.base_offset as u64) < high_watermark))
+    }
+
+    /// Finishes pending work, saves producer state and closes the log.
+    pub async fn close(&self) -> Result<(), BrokerError> {
+        match self.owner.close().await {
+            Ok(()) | Err(StorageError::OwnerGone) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! The one typed configuration of the `sluice` binary.
+//!
+//! Layers, each overriding the one before: built-in defaults → an optional TOML file
+//! (`--config`) → environment variables (`SLUICE_DATA_DIR`, `SLUICE_KAFKA__LISTEN`, ...: the
+//! prefix `SLUICE_`, sections separated by `__`) → command-line flags. The result is validated
+//! as a whole before anything starts; an error names the key and says what is wrong.
+//!
+//! `sluice.example.toml` at the repository root documents every key; a test keeps it in step
+//! with this file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use sluice_broker::{BrokerConfig, ProducerLimits};
+use sluice_storage::{FsyncPolicy, LogConfig};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where logs, metadata and the lock file live.
+    pub data_dir: PathBuf,
+    /// This node's id in the (future) cluster.
+    pub node_id: u32,
+    /// How long connections may take to finish in-flight work on shutdown.
+    pub shutdown_grace_ms: u64,
+    pub kafka: KafkaSection,
+    pub storage: StorageSection,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSection {
+    pub enabled: bool,
+    pub listen: String,
+    /// Host clients are told to connect to; defaults to the listen address (or the machine's
+    /// hostname when listening on all interfaces).
+    pub advertised_host: Option<String>,
+    /// Port clients are told to connect to; defaults to the bound port.
+    pub advertised_port: Option<u16>,
+    pub auto_create_topics: bool,
+    pub default_partitions: u32,
+    /// Largest request frame accepted; larger frames close the connection before allocation.
+    pub max_request_bytes: usize,
+    /// Concurrent Kafka connections; further ones wait to be accepted.
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSection {
+    /// `always`, `never` or `interval(<ms>ms)`.
+    pub fsync: String,
+    pub segment_bytes: u64,
+    pub segment_ms: i64,
+    /// -1 keeps data forever.
+    pub retention_ms: i64,
+    /// -1 for no size limit.
+    pub retention_bytes: i64,
+    pub index_interval_bytes: u64,
+    pub max_batch_bytes: usize,
+    /// How often partitions run retention and save producer state.
+    pub housekeeping_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// A `tracing` filter: `info`, `debug`, `sluice_storage=debug,info`, ...
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            node_id: 0,
+            shutdown_grace_ms: 10_000,
+            kafka: KafkaSection::default(),
+            storage: StorageSection::default(),
+            log: LogSection::default(),
+        }
+    }
+}
+
+impl Default for KafkaSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "0.0.0.0:9092".into(),
+            advertised_host: None,
+            advertised_port: None,
+            auto_create_topics: true,
+            default_partitions: 1,
+            max_request_bytes: 100 * 1024 * 1024,
+            max_connections: 10_000,
+        }
+    }
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        let log = LogConfig::default();
+        Self {
+            fsync: log.fsync.to_string(),
+            segment_bytes: log.segment_bytes,
+            segment_ms: log.segment_ms,
+            retention_ms: log.retention_ms.unwrap_or(-1),
+            retention_bytes: log.retention_bytes.map_or(-1, |b| b as i64),
+            index_interval_bytes: log.index_interval_bytes,
+            max_batch_bytes: log.max_batch_bytes,
+            housekeeping_interval_ms: 5_000,
+        }
+    }
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// Values given on the command line; `None` means "not given".
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub kafka_listen: Option<String>,
+    pub fsync: Option<String>,
+    pub log_level: Option<String>,
+}
+
+/// Top-level keys that environment variables may set; anything else under `SLUICE_` (such as
+/// variables meant for other tools) is ignored rather than refused.
+const ENV_SECTIONS: &[&str] = &[
+    "data_dir",
+    "node_id",
+    "shutdown_grace_ms",
+    "kafka",
+    "storage",
+    "log",
+];
+
+impl Config {
+    /// Builds the configuration from every layer and validates it.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                bail!("config file {} does not exist", path.display());
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed("SLUICE_").split("__").filter(|key| {
+            ENV_SECTIONS
+                .iter()
+                .any(|s| key.as_str() == *s || key.as_str().starts_with(&format!("{s}.")))
+        }));
+        let mut flags = serde_json::Map::new();
+        if let Some(dir) = &overrides.data_dir {
+            flags.insert("data_dir".into(), dir.to_string_lossy().into_owned().into());
+        }
+        let mut kafka = serde_json::Map::new();
+        if let Some(listen) = &overrides.kafka_listen {
+            kafka.insert("listen".into(), listen.clone().into());
+        }
+        if !kafka.is_empty() {
+            flags.insert("kafka".into(), kafka.into());
+        }
+        let mut storage = serde_json::Map::new();
+        if let Some(fsync) = &overrides.fsync {
+            storage.insert("fsync".into(), fsync.clone().into());
+        }
+        if !storage.is_empty() {
+            flags.insert("storage".into(), storage.into());
+        }
+        let mut log = serde_json::Map::new();
+        if let Some(level) = &overrides.log_level {
+            log.insert("level".into(), level.clone().into());
+        }
+        if !log.is_empty() {
+            flags.insert("log".into(), log.into());
+        }
+        figment = figment.merge(Serialized::defaults(serde_json::Value::Object(flags)));
+        let config: Config = figment.extract().map_err(|error| {
+            let mut message = String::from("invalid configuration");
+            for e in error {
+                message.push_str(&format!("\n  - {e}"));
+            }
+            anyhow::anyhow!(message)
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything serde cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.data_dir.as_os_str().is_empty() {
+            bail!("data_dir must not be empty");
+        }
+        if self.kafka.enabled {
+            self.kafka_listen()?;
+        }
+        if self.kafka.default_partitions == 0
+            || self.kafka.default_partitions > sluice_broker::MAX_PARTITIONS_PER_TOPIC
+        {
+            bail!(
+                "kafka.default_partitions must be between 1 and {}",
+                sluice_broker::MAX_PARTITIONS_PER_TOPIC
+            );
+        }
+        if self.kafka.max_request_bytes < 1024 || self.kafka.max_request_bytes > 1 << 30 {
+            bail!(
+                "kafka.max_request_bytes must be between 1 KiB and 1 GiB, got {}",
+                self.kafka.max_request_bytes
+            );
+        }
+        if self.kafka.max_connections == 0 {
+            bail!("kafka.max_connections must be positive");
+        }
+        if self.storage.housekeeping_interval_ms == 0 {
+            bail!("storage.housekeeping_interval_ms must be positive");
+        }
+        self.log_config().context("invalid [storage] settings")?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .with_context(|| format!("log.level {:?} is not a valid filter", self.log.level))?;
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            bail!(
+                "log.format must be \"text\" or \"json\", got {:?}",
+                self.log.format
+            );
+        }
+        Ok(())
+    }
+
+    pub fn kafka_listen(&self) -> anyhow::Result<SocketAddr> {
+        self.kafka.listen.parse().with_context(|| {
+            format!(
+                "kafka.listen {:?} is not an address like 127.0.0.1:9092",
+                self.kafka.listen
+            )
+        })
+    }
+
+    /// The storage settings of a topic with no overrides.
+    pub fn log_config(&self) -> anyhow::Result<LogConfig> {
+        let storage = &self.storage;
+        let fsync: FsyncPolicy = storage
+            .fsync
+            .parse()
+            .map_err(|error: String| anyhow::anyhow!("storage.fsync: {error}"))?;
+        if storage.retention_ms < -1 {
+            bail!("storage.retention_ms must be -1 (forever) or a duration in ms");
+        }
+        if storage.retention_bytes < -1 {
+            bail!("storage.retention_bytes must be -1 (no limit) or a size in bytes");
+        }
+        let log = LogConfig {
+            segment_bytes: storage.segment_bytes,
+            segment_ms: storage.segment_ms,
+            index_interval_bytes: storage.index_interval_bytes,
+            retention_bytes: (storage.retention_bytes >= 0)
+                .then_some(storage.retention_bytes as u64),
+            retention_ms: (storage.retention_ms >= 0).then_some(storage.retention_ms),
+            max_batch_bytes: storage.max_batch_bytes,
+            fsync,
+        };
+        log.validate().map_err(|error| anyhow::anyhow!("{error}"))?;
+        Ok(log)
+    }
+
+    pub fn broker_config(&self) -> anyhow::Result<BrokerConfig> {
+        let mut broker = BrokerConfig::new(&self.data_dir);
+        broker.node_id = self.node_id;
+        broker.log_defaults = self.log_config()?;
+        broker.auto_create_topics = self.kafka.auto_create_topics;
+        broker.default_partition_count = self.kafka.default_partitions;
+        broker.producer_limits = ProducerLimits {
+            expiration_ms: 24 * 3600 * 1000,
+            max_producer_count: 100_000,
+        };
+        broker.housekeeping_interval = Duration::from_millis(self.storage.housekeeping_interval_ms);
+        Ok(broker)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_override_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sluice.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/from/file\"\n[kafka]\nlisten = \"127.0.0.1:1111\"\ndefault_partitions = 3\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&file), &Overrides::default()).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(config.kafka.default_partitions, 3);
+        let flags = Overrides {
+            kafka_listen: Some("127.0.0.1:2222".into()),
+            ..Overrides::default()
+        };
+        let config = Config::load(Some(&file), &flags).unwrap();
+        assert_eq!(config.kafka.listen, "127.0.0.1:2222");
+        assert_eq!(config.kafka.default_partitions, 3);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "[kafka]\nlisten = \"nowhere\"\n").unwrap();
+        let error = Config::load(Some(&file), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("kafka.listen"), "{error}");
+        std::fs::write(&file, "[storage]\nfsync = \"sometimes\"\n").unwrap();
+        let error = format!(
+            "{:#}",
+            Config::load(Some(&file), &Overrides::default()).unwrap_err()
+        );
+        assert!(error.contains("fsync"), "{error}");
+        std::fs::write(&file, "[kafka]\nlisten_typo = \"x\"\n").unwrap();
+        let error = Config::load(Some(&file), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("listen_typo"), "{error}");
+        assert!(
+            Config::load(Some(Path::new("/no/such/file.toml")), &Overrides::default()).is_err()
+        );
+    }
+
+    #[test]
+    fn the_example_file_is_complete_and_valid() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sluice.example.toml");
+        let config = Config::load(Some(&example), &Overrides::default()).unwrap();
+        // Every key of the defaults appears in the example, so the example documents them all.
+        let text = std::fs::read_to_string(&example).unwrap();
+        let defaults = toml::to_string(&Config::default()).unwrap();
+        for line in defaults.lines() {
+            if let Some((key, _)) = line.split_once(" = ") {
+                assert!(
+                    text.contains(&format!("{key} =")),
+                    "sluice.example.toml lacks {key}"
+                );
+            }
+        }
+        assert_eq!(config.kafka.listen, KafkaSection::default().listen);
+    }
+}

@@ -1,0 +1,176 @@
+//! `sluice serve`: start the broker, its listeners, and wait for a signal or a fatal error.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sluice_broker::{Broker, Supervisor};
+use sluice_storage::SystemClock;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+
+/// Exit status when a core task died (EX_SOFTWARE).
+const EXIT_CORE_TASK_DIED: u8 = 70;
+/// Exit status when the broker could not start.
+const EXIT_STARTUP: u8 = 1;
+
+pub fn run(config: Config, ready_file: Option<PathBuf>) -> ExitCode {
+    init_tracing(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sluice")
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the async runtime");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+    };
+    let code = runtime.block_on(serve(config, ready_file));
+    // Blocking fsync tasks may still be parked; do not wait for them forever.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    code
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if config.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Listeners bound before anything is announced, so the ready file carries real ports.
+struct Bound {
+    addresses: BTreeMap<&'static str, String>,
+}
+
+async fn serve(config: Config, ready_file: Option<PathBuf>) -> ExitCode {
+    let (supervisor, mut fatal) = Supervisor::new();
+    let broker_config = match config.broker_config() {
+        Ok(broker_config) => broker_config,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+    };
+    let broker = match Broker::open(broker_config, Arc::new(SystemClock), supervisor.clone()).await
+    {
+        Ok(broker) => broker,
+        Err(error) => {
+            tracing::error!(data_dir = %config.data_dir.display(), %error, "cannot open the broker");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let bound = match start_listeners(&config, &broker, &shutdown, &connections).await {
+        Ok(bound) => bound,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            let _ = broker.shutdown().await;
+            return ExitCode::from(EXIT_STARTUP);
+        }
+    };
+    if let Some(path) = &ready_file
+        && let Err(error) = write_ready_file(path, &bound)
+    {
+        tracing::error!("{error:#}");
+        let _ = broker.shutdown().await;
+        return ExitCode::from(EXIT_STARTUP);
+    }
+    tracing::info!(data_dir = %config.data_dir.display(), listeners = ?bound.addresses, "sluice is ready");
+
+    let code = tokio::select! {
+        signal = wait_for_signal() => {
+            tracing::info!(signal, "shutting down");
+            None
+        }
+        report = fatal.recv() => {
+            let report = report.map_or_else(|| "unknown".to_owned(), |r| format!("{}: {}", r.task, r.reason));
+            tracing::error!(task = %report, "a core task died; stopping");
+            Some(EXIT_CORE_TASK_DIED)
+        }
+    };
+
+    // Stop accepting, then give connections the grace period to finish what they started.
+    shutdown.cancel();
+    connections.close();
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    if tokio::time::timeout(grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = config.shutdown_grace_ms,
+            "connections still open after the grace period; closing them"
+        );
+    }
+    let closed = broker.shutdown().await;
+    match (code, closed) {
+        (Some(code), _) => ExitCode::from(code),
+        (None, Ok(())) => {
+            tracing::info!("stopped cleanly");
+            ExitCode::SUCCESS
+        }
+        (None, Err(error)) => {
+            tracing::error!(%error, "data may not be fully on disk");
+            ExitCode::from(EXIT_STARTUP)
+        }
+    }
+}
+
+async fn start_listeners(
+    config: &Config,
+    broker: &Broker,
+    shutdown: &CancellationToken,
+    connections: &TaskTracker,
+) -> anyhow::Result<Bound> {
+    let mut addresses = BTreeMap::new();
+    if config.kafka.enabled {
+        let address = config.kafka_listen()?;
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen for Kafka clients on {address}"))?;
+        let local = listener.local_addr().context("kafka listener address")?;
+        addresses.insert("kafka", local.to_string());
+        let _ = (listener, broker, shutdown, connections);
+    }
+    Ok(Bound { addresses })
+}
+
+fn write_ready_file(path: &std::path::Path, bound: &Bound) -> anyhow::Result<()> {
+    let json = serde_json::to_vec(&bound.addresses).context("encode the ready file")?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        },
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM; only SIGINT will stop the broker");
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
+    }
+}
