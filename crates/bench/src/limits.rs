@@ -1,0 +1,355 @@
+//! The machine's own limits, measured with the standard tools so Sluice's figures can be
+//! read as a fraction of what the hardware allows: fio for the disk (buffered sequential
+//! write bandwidth, O_DIRECT sequential write bandwidth, and the rate of write + fdatasync
+//! pairs) and iperf3 for loopback TCP bandwidth.
+//!
+//! A tool that is missing or fails does not fail the whole measurement: that limit is left
+//! out and the reason recorded.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
+
+use crate::error::BenchError;
+
+#[derive(Debug, Clone, PartialEq, clap::Args, Serialize, Deserialize)]
+pub struct LimitsOptions {
+    /// Directory fio writes its test file in (default: the system's temporary directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+
+    /// Bytes fio writes in the buffered sequential write test; match the storage benchmark's
+    /// append budget so the two measure the same thing.
+    #[arg(long, value_parser = crate::storage::parse_bytes, default_value = "2GiB")]
+    pub write_bytes: u64,
+
+    /// Block size of the write + fdatasync test: the batch size being compared.
+    #[arg(long, value_parser = crate::storage::parse_bytes, default_value = "16KiB")]
+    pub sync_block_bytes: u64,
+
+    /// Seconds each time-based test runs (O_DIRECT write, fdatasync rate, iperf3).
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+
+    #[arg(long)]
+    pub no_fio: bool,
+
+    #[arg(long)]
+    pub no_iperf: bool,
+}
+
+impl Default for LimitsOptions {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            write_bytes: 2 << 30,
+            sync_block_bytes: 16 * 1024,
+            seconds: 10,
+            no_fio: false,
+            no_iperf: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LimitsReport {
+    pub dir: PathBuf,
+    pub fio_version: Option<String>,
+    /// Sequential 1 MiB writes through the page cache, no fsync.
+    pub buffered_write_mb_per_s: Option<f64>,
+    pub buffered_write_bytes: u64,
+    /// Sequential 1 MiB writes with O_DIRECT, one at a time.
+    pub direct_write_mb_per_s: Option<f64>,
+    /// Writes of `sync_block_bytes`, each followed by fdatasync, per second.
+    pub fdatasync_per_s: Option<f64>,
+    pub fdatasync_p99_us: Option<f64>,
+    pub sync_block_bytes: u64,
+    pub iperf3_version: Option<String>,
+    /// One TCP stream over loopback.
+    pub loopback_mb_per_s: Option<f64>,
+    /// Limits not measured, with the reason.
+    pub skipped: Vec<String>,
+}
+
+/// Measures every limit `options` asks for.
+pub async fn run(options: &LimitsOptions, quiet: bool) -> LimitsReport {
+    let dir = options.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let mut report = LimitsReport {
+        dir: dir.clone(),
+        buffered_write_bytes: options.write_bytes,
+        sync_block_bytes: options.sync_block_bytes,
+        ..LimitsReport::default()
+    };
+    if options.no_fio {
+        report.skipped.push("fio: not asked for".into());
+    } else {
+        match version("fio", &["--version"]).await {
+            Err(reason) => report.skipped.push(format!("fio: {reason}")),
+            Ok(fio_version) => {
+                report.fio_version = Some(fio_version);
+                measure_disk(options, &dir, &mut report, quiet).await;
+            }
+        }
+    }
+    if options.no_iperf {
+        report.skipped.push("iperf3: not asked for".into());
+    } else {
+        match version("iperf3", &["--version"]).await {
+            Err(reason) => report.skipped.push(format!("iperf3: {reason}")),
+            Ok(iperf_version) => {
+                report.iperf3_version = iperf_version.lines().next().map(str::to_owned);
+                match loopback_bandwidth(options.seconds).await {
+                    Ok(mb_per_s) => {
+                        if !quiet {
+                            eprintln!("limits: iperf3 loopback {mb_per_s:.0} MB/s");
+                        }
+                        report.loopback_mb_per_s = Some(mb_per_s);
+                    }
+                    Err(error) => report.skipped.push(format!("iperf3: {}", error.chain())),
+                }
+            }
+        }
+    }
+    report
+}
+
+async fn measure_disk(options: &LimitsOptions, dir: &Path, report: &mut LimitsReport, quiet: bool) {
+    let common = [
+        format!("--directory={}", dir.display()),
+        "--rw=write".to_owned(),
+        "--ioengine=psync".to_owned(),
+        "--unlink=1".to_owned(),
+    ];
+    let timed = [
+        format!("--runtime={}", options.seconds),
+        "--time_based".to_owned(),
+    ];
+    let buffered = [
+        "--name=buffered-seq-write".to_owned(),
+        "--bs=1M".to_owned(),
+        "--direct=0".to_owned(),
+        "--end_fsync=0".to_owned(),
+        format!("--size={}", options.write_bytes),
+    ];
+    match fio(common.iter().chain(&buffered)).await {
+        Ok(job) => report.buffered_write_mb_per_s = job.write_bytes_per_s.map(|b| b / 1e6),
+        Err(error) => report
+            .skipped
+            .push(format!("fio buffered write: {}", error.chain())),
+    }
+    let direct = [
+        "--name=direct-seq-write".to_owned(),
+        "--bs=1M".to_owned(),
+        "--direct=1".to_owned(),
+        format!("--size={}", options.write_bytes.min(1 << 30)),
+    ];
+    match fio(common.iter().chain(&timed).chain(&direct)).await {
+        Ok(job) => report.direct_write_mb_per_s = job.write_bytes_per_s.map(|b| b / 1e6),
+        Err(error) => report
+            .skipped
+            .push(format!("fio O_DIRECT write: {}", error.chain())),
+    }
+    let sync = [
+        "--name=write-fdatasync".to_owned(),
+        format!("--bs={}", options.sync_block_bytes),
+        "--direct=0".to_owned(),
+        "--fdatasync=1".to_owned(),
+        "--size=256M".to_owned(),
+    ];
+    match fio(common.iter().chain(&timed).chain(&sync)).await {
+        Ok(job) => {
+            report.fdatasync_per_s = job.write_iops;
+            report.fdatasync_p99_us = job.sync_p99_ns.map(|ns| ns / 1000.0);
+        }
+        Err(error) => report
+            .skipped
+            .push(format!("fio fdatasync: {}", error.chain())),
+    }
+    if !quiet {
+        eprintln!(
+            "limits: fio buffered write {} MB/s, O_DIRECT write {} MB/s, write+fdatasync {}/s",
+            show(report.buffered_write_mb_per_s),
+            show(report.direct_write_mb_per_s),
+            show(report.fdatasync_per_s)
+        );
+    }
+}
+
+fn show(value: Option<f64>) -> String {
+    value.map_or("n/a".into(), |v| format!("{v:.0}"))
+}
+
+async fn version(tool: &'static str, args: &[&str]) -> Result<String, String> {
+    match Command::new(tool).args(args).output().await {
+        Ok(output) if output.status.success() => {
+            Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        }
+        Ok(output) => Err(format!("`{tool} --version` exited with {}", output.status)),
+        Err(error) => Err(format!("not installed ({error})")),
+    }
+}
+
+/// What we read from one fio job.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct FioJob {
+    write_bytes_per_s: Option<f64>,
+    write_iops: Option<f64>,
+    sync_p99_ns: Option<f64>,
+}
+
+async fn fio(args: impl Iterator<Item = &String>) -> Result<FioJob, BenchError> {
+    let output = Command::new("fio")
+        .args(args)
+        .arg("--output-format=json")
+        .output()
+        .await
+        .map_err(|error| BenchError::Tool {
+            tool: "fio",
+            reason: error.to_string(),
+        })?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(BenchError::Tool {
+            tool: "fio",
+            reason: format!(
+                "exited with {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        });
+    }
+    parse_fio(&stdout)
+}
+
+fn parse_fio(stdout: &str) -> Result<FioJob, BenchError> {
+    // fio may print notes before its JSON.
+    let json = stdout.find('{').map_or(stdout, |at| &stdout[at..]);
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|source| BenchError::Json {
+            action: "decode",
+            what: "fio output".into(),
+            source,
+        })?;
+    let job = value
+        .get("jobs")
+        .and_then(|jobs| jobs.get(0))
+        .ok_or_else(|| BenchError::Tool {
+            tool: "fio",
+            reason: "its output has no job".into(),
+        })?;
+    let write = job.get("write");
+    Ok(FioJob {
+        write_bytes_per_s: write
+            .and_then(|w| w.get("bw_bytes"))
+            .and_then(serde_json::Value::as_f64),
+        write_iops: write
+            .and_then(|w| w.get("iops"))
+            .and_then(serde_json::Value::as_f64),
+        sync_p99_ns: job
+            .pointer("/sync/lat_ns/percentile/99.000000")
+            .and_then(serde_json::Value::as_f64),
+    })
+}
+
+/// One iperf3 TCP stream over loopback, in MB/s as received.
+async fn loopback_bandwidth(seconds: u64) -> Result<f64, BenchError> {
+    let port = free_port()?;
+    let mut server = Command::new("iperf3")
+        .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|error| BenchError::Tool {
+            tool: "iperf3",
+            reason: format!("cannot start the server: {error}"),
+        })?;
+    // Give the server a moment to listen, then retry the client briefly if it was not ready.
+    let mut last = None;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let output = Command::new("iperf3")
+            .args([
+                "-c",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-J",
+                "-t",
+                &seconds.to_string(),
+            ])
+            .output()
+            .await
+            .map_err(|error| BenchError::Tool {
+                tool: "iperf3",
+                reason: error.to_string(),
+            })?;
+        if output.status.success() {
+            let _ = server.wait().await;
+            return parse_iperf(&String::from_utf8_lossy(&output.stdout));
+        }
+        last = Some(
+            String::from_utf8_lossy(&output.stdout)
+                .chars()
+                .take(400)
+                .collect::<String>(),
+        );
+    }
+    let _ = server.kill().await;
+    Err(BenchError::Tool {
+        tool: "iperf3",
+        reason: format!("the client never connected: {}", last.unwrap_or_default()),
+    })
+}
+
+fn parse_iperf(stdout: &str) -> Result<f64, BenchError> {
+    let value: serde_json::Value =
+        serde_json::from_str(stdout).map_err(|source| BenchError::Json {
+            action: "decode",
+            what: "iperf3 output".into(),
+            source,
+        })?;
+    value
+        .pointer("/end/sum_received/bits_per_second")
+        .and_then(serde_json::Value::as_f64)
+        .map(|bits| bits / 8.0 / 1e6)
+        .ok_or_else(|| BenchError::Tool {
+            tool: "iperf3",
+            reason: "its output has no end.sum_received.bits_per_second".into(),
+        })
+}
+
+fn free_port() -> Result<u16, BenchError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|source| BenchError::io("bind", "127.0.0.1:0", source))?;
+    listener
+        .local_addr()
+        .map(|address| address.port())
+        .map_err(|source| BenchError::io("inspect", "127.0.0.1:0", source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fio_json_is_read_past_leading_notes() {
+        let text = r#"note: both iodepth >= 1 and synchronous I/O engine are selected
+{"jobs":[{"jobname":"x","write":{"bw_bytes":2000000,"iops":30.5},
+  "sync":{"lat_ns":{"percentile":{"99.000000":120000}}}}]}"#;
+        let job = parse_fio(text).unwrap();
+        assert_eq!(job.write_bytes_per_s, Some(2e6));
+        assert_eq!(job.write_iops, Some(30.5));
+        assert_eq!(job.sync_p99_ns, Some(120000.0));
+        assert!(parse_fio("{}").is_err());
+    }
+
+    #[test]
+    fn iperf_json_gives_megabytes_per_second() {
+        let text = r#"{"end":{"sum_received":{"bits_per_second":8e9}}}"#;
+        assert_eq!(parse_iperf(text).unwrap(), 1000.0);
+        assert!(parse_iperf("{}").is_err());
+    }
+}
