@@ -181,6 +181,10 @@ impl Broker {
         &self.shared.clock
     }
 
+    pub fn cluster_id(&self) -> &str {
+        self.shared.metadata.cluster_id()
+    }
+
     pub fn uptime(&self) -> Duration {
         self.shared.started.elapsed()
     }

@@ -118,6 +118,8 @@ impl MetadataState {
 const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const PRODUCER_ID_COUNTER: &str = "next_producer_id_block";
+const IDENTITY: TableDefinition<&str, &str> = TableDefinition::new("identity");
+const CLUSTER_ID_KEY: &str = "cluster_id";
 const PRODUCER_ID_BLOCK: u64 = 1_000;
 
 /// The durable store of definitions.
@@ -127,6 +129,28 @@ pub struct MetadataStore {
     state: RwLock<Arc<MetadataState>>,
     /// Producer ids handed out from the current block: (next, end).
     producer_ids: Mutex<(u64, u64)>,
+    cluster_id: String,
+}
+
+/// A new cluster id in Kafka's form: a random UUID in unpadded URL-safe base64 (22 characters).
+fn new_cluster_id() -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bytes = Uuid::new_v4().into_bytes();
+    let mut bits = 0u32;
+    let mut bit_count = 0;
+    let mut out = String::with_capacity(22);
+    for byte in bytes {
+        bits = (bits << 8) | u32::from(byte);
+        bit_count += 8;
+        while bit_count >= 6 {
+            bit_count -= 6;
+            out.push(ALPHABET[((bits >> bit_count) & 0x3f) as usize] as char);
+        }
+    }
+    if bit_count > 0 {
+        out.push(ALPHABET[((bits << (6 - bit_count)) & 0x3f) as usize] as char);
+    }
+    out
 }
 
 impl MetadataStore {
@@ -143,6 +167,19 @@ impl MetadataStore {
                 .map_err(|e| BrokerError::metadata("open table", e))?;
             txn.open_table(COUNTERS)
                 .map_err(|e| BrokerError::metadata("open table", e))?;
+            let mut identity = txn
+                .open_table(IDENTITY)
+                .map_err(|e| BrokerError::metadata("open table", e))?;
+            let existing = identity
+                .get(CLUSTER_ID_KEY)
+                .map_err(|e| BrokerError::metadata("read cluster id", e))?
+                .is_some();
+            if !existing {
+                let fresh = new_cluster_id();
+                identity
+                    .insert(CLUSTER_ID_KEY, fresh.as_str())
+                    .map_err(|e| BrokerError::metadata("write cluster id", e))?;
+            }
         }
         txn.commit()
             .map_err(|e| BrokerError::metadata("commit", e))?;
@@ -151,6 +188,13 @@ impl MetadataStore {
         let read = db
             .begin_read()
             .map_err(|e| BrokerError::metadata("begin", e))?;
+        let cluster_id = read
+            .open_table(IDENTITY)
+            .map_err(|e| BrokerError::metadata("open table", e))?
+            .get(CLUSTER_ID_KEY)
+            .map_err(|e| BrokerError::metadata("read cluster id", e))?
+            .map(|v| v.value().to_owned())
+            .ok_or_else(|| BrokerError::metadata("read cluster id", "missing"))?;
         let topics = read
             .open_table(TOPICS)
             .map_err(|e| BrokerError::metadata("open table", e))?;
@@ -173,7 +217,13 @@ impl MetadataStore {
             db: Arc::new(db),
             state: RwLock::new(Arc::new(state)),
             producer_ids: Mutex::new((0, 0)),
+            cluster_id,
         })
+    }
+
+    /// The id of the cluster this data directory belongs to, fixed at its creation.
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
     }
 
     /// The database, for other stores that keep their tables in the same file.
@@ -315,6 +365,8 @@ mod tests {
             .apply(&MetadataCommand::DeleteTopic { name: "b".into() })
             .unwrap();
         let first_id = store.next_producer_id().unwrap();
+        let cluster_id = store.cluster_id().to_owned();
+        assert_eq!(cluster_id.len(), 22);
         drop(store);
 
         let store = MetadataStore::open(&path).unwrap();
@@ -325,6 +377,7 @@ mod tests {
         assert_eq!(reloaded.partitions.len(), 3);
         assert_eq!(reloaded.config["retention.ms"], "5");
         assert!(store.next_producer_id().unwrap() > first_id);
+        assert_eq!(store.cluster_id(), cluster_id);
     }
 
     #[test]

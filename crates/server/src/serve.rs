@@ -148,9 +148,38 @@ async fn start_listeners(
             .with_context(|| format!("cannot listen for Kafka clients on {address}"))?;
         let local = listener.local_addr().context("kafka listener address")?;
         addresses.insert("kafka", local.to_string());
-        let _ = (listener, broker, shutdown, connections);
+        let settings = sluice_kafka::KafkaSettings {
+            advertised_host: config
+                .kafka
+                .advertised_host
+                .clone()
+                .unwrap_or_else(|| advertised_host_for(local)),
+            advertised_port: config.kafka.advertised_port.unwrap_or(local.port()),
+            max_request_bytes: config.kafka.max_request_bytes,
+            max_connections: config.kafka.max_connections,
+        };
+        tokio::spawn(sluice_kafka::serve(
+            listener,
+            broker.clone(),
+            settings,
+            shutdown.clone(),
+            connections.clone(),
+        ));
     }
     Ok(Bound { addresses })
+}
+
+/// The host to advertise for a listener: its own address, or the machine's name when it listens
+/// on every interface (an unspecified address means nothing to a client).
+fn advertised_host_for(local: std::net::SocketAddr) -> String {
+    if !local.ip().is_unspecified() {
+        return local.ip().to_string();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 fn write_ready_file(path: &std::path::Path, bound: &Bound) -> anyhow::Result<()> {

@@ -1,0 +1,143 @@
+//! One module per Kafka API (or group of closely related APIs), and the dispatch between them.
+//!
+//! Each handler takes the decoded request and returns the response body; it talks to the
+//! broker through `sluice_broker` only and reports errors through [`crate::errors`].
+
+pub mod api_versions;
+mod cluster;
+mod configs;
+mod fetch;
+mod list_offsets;
+mod metadata;
+mod produce;
+mod producer_ids;
+mod topics;
+
+use std::net::SocketAddr;
+
+use kafka_protocol::messages::{
+    ApiKey, BrokerId, RequestHeader, RequestKind, ResponseKind, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+
+use crate::Context;
+
+/// Who sent a request.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub peer: SocketAddr,
+    pub client_id: String,
+}
+
+/// The versions served of each API: (min, max). Minimums follow Kafka 4 (Produce 3, Fetch
+/// 4); maximums are the newest the codec knows. APIs not listed are refused.
+const SUPPORTED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 13),
+    (ApiKey::Fetch, 4, 18),
+    (ApiKey::ListOffsets, 1, 10),
+    (ApiKey::Metadata, 0, 13),
+    (ApiKey::FindCoordinator, 0, 6),
+    (ApiKey::ApiVersions, 0, 4),
+    (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::DeleteTopics, 1, 6),
+    (ApiKey::DeleteRecords, 0, 2),
+    (ApiKey::InitProducerId, 0, 6),
+    (ApiKey::OffsetForLeaderEpoch, 2, 4),
+    (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::AlterConfigs, 0, 2),
+    (ApiKey::CreatePartitions, 0, 3),
+    (ApiKey::IncrementalAlterConfigs, 0, 1),
+    (ApiKey::DescribeCluster, 0, 2),
+];
+
+/// The (min, max) versions served of `api`, or `None` if it is not served.
+pub fn supported_versions(api: ApiKey) -> Option<(i16, i16)> {
+    SUPPORTED
+        .iter()
+        .find(|(key, _, _)| *key == api)
+        .map(|(_, min, max)| (*min, *max))
+}
+
+/// Every served API with its version range.
+pub fn supported_apis() -> impl Iterator<Item = (ApiKey, i16, i16)> {
+    SUPPORTED.iter().copied()
+}
+
+pub(crate) fn text(value: impl Into<String>) -> StrBytes {
+    StrBytes::from_string(value.into())
+}
+
+pub(crate) fn topic_name(value: &str) -> TopicName {
+    TopicName(text(value))
+}
+
+pub(crate) fn node(ctx: &Context) -> BrokerId {
+    BrokerId(ctx.broker.node_id() as i32)
+}
+
+/// Handles one request. `None` means no response is sent (a produce with acks=0).
+pub(crate) async fn handle(
+    ctx: &Context,
+    client: &Client,
+    header: RequestHeader,
+    request: RequestKind,
+) -> Option<ResponseKind> {
+    let version = header.request_api_version;
+    let _ = client;
+    let response = match request {
+        RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions::response(0)),
+        RequestKind::Metadata(request) => {
+            ResponseKind::Metadata(metadata::handle(ctx, request, version).await)
+        }
+        RequestKind::Produce(request) => {
+            return produce::handle(ctx, request, version)
+                .await
+                .map(ResponseKind::Produce);
+        }
+        RequestKind::Fetch(request) => {
+            ResponseKind::Fetch(fetch::handle(ctx, request, version).await)
+        }
+        RequestKind::ListOffsets(request) => {
+            ResponseKind::ListOffsets(list_offsets::handle(ctx, request, version))
+        }
+        RequestKind::OffsetForLeaderEpoch(request) => ResponseKind::OffsetForLeaderEpoch(
+            list_offsets::offset_for_leader_epoch(ctx, request).await,
+        ),
+        RequestKind::DeleteRecords(request) => {
+            ResponseKind::DeleteRecords(list_offsets::delete_records(ctx, request).await)
+        }
+        RequestKind::CreateTopics(request) => {
+            ResponseKind::CreateTopics(topics::create(ctx, request, version).await)
+        }
+        RequestKind::DeleteTopics(request) => {
+            ResponseKind::DeleteTopics(topics::delete(ctx, request, version).await)
+        }
+        RequestKind::CreatePartitions(request) => {
+            ResponseKind::CreatePartitions(topics::create_partitions(ctx, request).await)
+        }
+        RequestKind::DescribeConfigs(request) => {
+            ResponseKind::DescribeConfigs(configs::describe(ctx, request, version))
+        }
+        RequestKind::AlterConfigs(request) => {
+            ResponseKind::AlterConfigs(configs::alter(ctx, request).await)
+        }
+        RequestKind::IncrementalAlterConfigs(request) => {
+            ResponseKind::IncrementalAlterConfigs(configs::incremental_alter(ctx, request).await)
+        }
+        RequestKind::DescribeCluster(request) => {
+            ResponseKind::DescribeCluster(cluster::describe(ctx, request))
+        }
+        RequestKind::FindCoordinator(request) => {
+            ResponseKind::FindCoordinator(cluster::find_coordinator(ctx, request, version))
+        }
+        RequestKind::InitProducerId(request) => {
+            ResponseKind::InitProducerId(producer_ids::init(ctx, request).await)
+        }
+        other => {
+            // Only APIs in SUPPORTED decode, and each has an arm above.
+            tracing::error!(request = ?std::mem::discriminant(&other), "no handler for a supported API");
+            return None;
+        }
+    };
+    Some(response)
+}

@@ -1,0 +1,121 @@
+//! Produce: append record batches to partitions, as sent (compressed or not).
+//!
+//! Partitions of one request are appended concurrently (each has its own owner task); the
+//! response lists them in request order. With acks=0 nothing is sent back. A single node is
+//! every partition's only in-sync replica, so acks=1 and acks=-1 behave alike: the reply waits
+//! for the append (and, under fsync=always, for the fsync).
+
+use bytes::BytesMut;
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+use sluice_broker::{BrokerError, ProduceOutcome};
+
+use super::text;
+use crate::Context;
+use crate::errors::{KafkaError, kafka_error};
+
+fn partition_response(
+    index: i32,
+    result: Result<ProduceOutcome, KafkaError>,
+    version: i16,
+) -> PartitionProduceResponse {
+    let response = PartitionProduceResponse::default().with_index(index);
+    match result {
+        Ok(outcome) => response
+            .with_base_offset(outcome.base_offset as i64)
+            .with_log_append_time_ms(outcome.log_append_time_ms.unwrap_or(-1))
+            .with_log_start_offset(outcome.log_start_offset as i64),
+        Err(error) => response
+            .with_error_code(error.code)
+            .with_base_offset(-1)
+            .with_log_append_time_ms(-1)
+            .with_log_start_offset(-1)
+            .with_error_message((version >= 8).then(|| text(error.message))),
+    }
+}
+
+pub(crate) async fn handle(
+    ctx: &Context,
+    request: ProduceRequest,
+    version: i16,
+) -> Option<ProduceResponse> {
+    let acks = request.acks;
+    let acks_valid = matches!(acks, -1..=1);
+    let mut pending = Vec::new();
+    for (topic_position, topic) in request.topic_data.iter().enumerate() {
+        let resolved = if version >= 13 {
+            ctx.broker.topic_by_id(topic.topic_id).ok_or_else(|| {
+                KafkaError::new(
+                    ResponseError::UnknownTopicId,
+                    format!("no topic with id {}", topic.topic_id),
+                )
+            })
+        } else {
+            ctx.broker
+                .topic(topic.name.as_str())
+                .ok_or_else(|| kafka_error(&BrokerError::UnknownTopic(topic.name.to_string())))
+        };
+        for partition_data in &topic.partition_data {
+            let index = partition_data.index;
+            let resolved = resolved.clone();
+            let records = partition_data.records.clone();
+            pending.push(async move {
+                let result = async {
+                    if !acks_valid {
+                        return Err(KafkaError::new(
+                            ResponseError::InvalidRequiredAcks,
+                            format!("acks must be -1, 0 or 1, not {acks}"),
+                        ));
+                    }
+                    let topic = resolved?;
+                    let partition = usize::try_from(index)
+                        .ok()
+                        .and_then(|i| topic.partitions.get(i))
+                        .ok_or_else(|| {
+                            kafka_error(&BrokerError::UnknownPartition {
+                                topic: topic.name.to_string(),
+                                partition: index,
+                            })
+                        })?;
+                    let Some(records) = records else {
+                        return Err(KafkaError::new(
+                            ResponseError::CorruptMessage,
+                            "the partition's records are null",
+                        ));
+                    };
+                    partition
+                        .produce(BytesMut::from(&records[..]))
+                        .await
+                        .map_err(|error| kafka_error(&error))
+                }
+                .await;
+                (topic_position, index, result)
+            });
+        }
+    }
+    let results = futures::future::join_all(pending).await;
+    if acks == 0 {
+        return None;
+    }
+    let mut responses: Vec<TopicProduceResponse> = request
+        .topic_data
+        .iter()
+        .map(|topic| {
+            TopicProduceResponse::default()
+                .with_name(topic.name.clone())
+                .with_topic_id(topic.topic_id)
+        })
+        .collect();
+    for (topic_position, index, result) in results {
+        if let Err(error) = &result
+            && error.code != ResponseError::NotLeaderOrFollower.code()
+        {
+            tracing::debug!(topic = %responses[topic_position].name.as_str(), partition = index, code = error.code, message = %error.message, "produce refused");
+        }
+        responses[topic_position]
+            .partition_responses
+            .push(partition_response(index, result, version));
+    }
+    Some(ProduceResponse::default().with_responses(responses))
+}

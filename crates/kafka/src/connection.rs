@@ -1,0 +1,229 @@
+//! One client connection: read a size-prefixed frame, decode it, hand it to its API handler,
+//! write the response, repeat.
+//!
+//! The size is checked before the frame is read: a negative size, or one above
+//! `max_request_bytes`, closes the connection without allocating. A frame whose header or body
+//! does not decode closes the connection too, as Kafka does; there is no way to answer a
+//! request one cannot parse. Responses are flushed when no further request is already
+//! buffered, so pipelined requests share writes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
+use kafka_protocol::protocol::{Decodable, Encodable};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+
+use crate::Context;
+use crate::api::{self, Client};
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {0} bytes is too short for a request header")]
+    TooShort(usize),
+    #[error("unknown API key {0}")]
+    UnknownApiKey(i16),
+    #[error("{api:?} version {version} is not supported")]
+    UnsupportedVersion { api: ApiKey, version: i16 },
+    #[error("malformed {api:?} v{version} request: {reason}")]
+    Malformed {
+        api: ApiKey,
+        version: i16,
+        reason: String,
+    },
+}
+
+/// A decoded frame.
+#[derive(Debug)]
+pub enum Decoded {
+    Request {
+        header: RequestHeader,
+        // Boxed: a request is far larger than the other variant.
+        request: Box<RequestKind>,
+    },
+    /// An ApiVersions request of a version newer than ours: answered in v0 with the error
+    /// UNSUPPORTED_VERSION and our version list, so the client can pick one.
+    ApiVersionsTooNew { correlation_id: i32 },
+}
+
+fn peek_i16(frame: &[u8], at: usize) -> i16 {
+    i16::from_be_bytes([frame[at], frame[at + 1]])
+}
+
+/// Decodes one request frame (without its size prefix). Never panics on any input.
+pub fn decode_request(mut frame: Bytes) -> Result<Decoded, DecodeError> {
+    if frame.len() < 8 {
+        return Err(DecodeError::TooShort(frame.len()));
+    }
+    let raw_key = peek_i16(&frame, 0);
+    let version = peek_i16(&frame, 2);
+    let api = ApiKey::try_from(raw_key).map_err(|()| DecodeError::UnknownApiKey(raw_key))?;
+    let Some(range) = api::supported_versions(api) else {
+        return Err(DecodeError::UnknownApiKey(raw_key));
+    };
+    if version > range.1 && api == ApiKey::ApiVersions {
+        let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+        return Ok(Decoded::ApiVersionsTooNew { correlation_id });
+    }
+    if version < range.0 || version > range.1 {
+        return Err(DecodeError::UnsupportedVersion { api, version });
+    }
+    let malformed = |reason: String| DecodeError::Malformed {
+        api,
+        version,
+        reason,
+    };
+    let header = RequestHeader::decode(&mut frame, api.request_header_version(version))
+        .map_err(|e| malformed(format!("header: {e}")))?;
+    let request =
+        RequestKind::decode(api, &mut frame, version).map_err(|e| malformed(e.to_string()))?;
+    Ok(Decoded::Request {
+        header,
+        request: Box::new(request),
+    })
+}
+
+/// Encodes a response frame, size prefix included.
+pub(crate) fn encode_response(
+    api: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    body: &ResponseKind,
+) -> Result<BytesMut, String> {
+    let mut buf = BytesMut::with_capacity(256);
+    buf.put_i32(0);
+    ResponseHeader::default()
+        .with_correlation_id(correlation_id)
+        .encode(&mut buf, api.response_header_version(version))
+        .map_err(|e| format!("encode {api:?} response header: {e}"))?;
+    body.encode(&mut buf, version)
+        .map_err(|e| format!("encode {api:?} v{version} response: {e}"))?;
+    let size = (buf.len() - 4) as i32;
+    buf[..4].copy_from_slice(&size.to_be_bytes());
+    Ok(buf)
+}
+
+fn api_versions_too_new(correlation_id: i32) -> Result<BytesMut, String> {
+    let body = api::api_versions::response(
+        kafka_protocol::error::ResponseError::UnsupportedVersion.code(),
+    );
+    encode_response(
+        ApiKey::ApiVersions,
+        0,
+        correlation_id,
+        &ResponseKind::ApiVersions(body),
+    )
+}
+
+pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, context: Arc<Context>) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, %error, "cannot set TCP_NODELAY");
+    }
+    let (read_half, write_half) = stream.into_split();
+    let mut reader = BufReader::with_capacity(64 * 1024, read_half);
+    let mut writer = BufWriter::with_capacity(64 * 1024, write_half);
+    let mut client = Client {
+        peer,
+        client_id: String::new(),
+    };
+    let max = context.settings.max_request_bytes;
+    loop {
+        let size = tokio::select! {
+            size = reader.read_i32() => match size {
+                Ok(size) => size,
+                Err(_) => break, // closed by the client
+            },
+            () = context.shutdown.cancelled() => break,
+        };
+        if size < 0 || size as usize > max {
+            tracing::warn!(%peer, size, max, "closing a Kafka connection: frame size out of bounds");
+            break;
+        }
+        let mut frame = BytesMut::zeroed(size as usize);
+        if reader.read_exact(&mut frame).await.is_err() {
+            break;
+        }
+        let encoded = match decode_request(frame.freeze()) {
+            Ok(Decoded::Request { header, request }) => {
+                if let Some(id) = &header.client_id
+                    && client.client_id.as_str() != id.as_str()
+                {
+                    client.client_id = id.to_string();
+                }
+                let api = ApiKey::try_from(header.request_api_key).unwrap_or(ApiKey::ApiVersions);
+                let version = header.request_api_version;
+                let correlation_id = header.correlation_id;
+                match api::handle(&context, &client, header, *request).await {
+                    Some(body) => encode_response(api, version, correlation_id, &body),
+                    None => continue, // acks=0 produce: no response at all
+                }
+            }
+            Ok(Decoded::ApiVersionsTooNew { correlation_id }) => {
+                api_versions_too_new(correlation_id)
+            }
+            Err(error) => {
+                tracing::warn!(%peer, client_id = %client.client_id, %error, "closing a Kafka connection: undecodable request");
+                break;
+            }
+        };
+        let bytes = match encoded {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                // A response we built but cannot encode is a bug; the client cannot be answered.
+                tracing::error!(%peer, %error, "cannot encode a Kafka response; closing the connection");
+                break;
+            }
+        };
+        if writer.write_all(&bytes).await.is_err() {
+            break;
+        }
+        if reader.buffer().is_empty() && writer.flush().await.is_err() {
+            break;
+        }
+    }
+    let _ = writer.flush().await;
+    let _ = writer.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_unknown_and_oversized_inputs_are_errors_not_panics() {
+        assert!(matches!(
+            decode_request(Bytes::from_static(b"\x00\x12")),
+            Err(DecodeError::TooShort(2))
+        ));
+        assert!(matches!(
+            decode_request(Bytes::from_static(b"\x7f\x00\x00\x00\x00\x00\x00\x01")),
+            Err(DecodeError::UnknownApiKey(0x7f00))
+        ));
+        // Metadata v0 claiming 0x033c0c00 topics in a five-byte body.
+        assert!(matches!(
+            decode_request(Bytes::from_static(
+                b"\x00\x03\x00\x00\x00\x00\x00\x07\x00\x00\x03\x3c\x0c\x00\xb6"
+            )),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn too_new_api_versions_gets_the_v0_fallback() {
+        let frame = Bytes::from_static(b"\x00\x12\x00\x63\x00\x00\x00\x2a\x00\x00");
+        match decode_request(frame).unwrap() {
+            Decoded::ApiVersionsTooNew { correlation_id } => assert_eq!(correlation_id, 42),
+            other => panic!("unexpected {other:?}"),
+        }
+        let body = api::api_versions::response(35);
+        assert_eq!(body.error_code, 35);
+        assert!(
+            body.api_keys
+                .iter()
+                .any(|k| k.api_key == ApiKey::Produce as i16)
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! Sluice's Kafka wire-protocol front-end.
+//!
+//! It owns the Kafka listener, connections, request framing, and the translation between
+//! Kafka's messages and the broker's calls: listener → connection → frame → one module per API
+//! group under [`api`]. Encoding and decoding are done by the `kafka-protocol` crate; this crate
+//! never reaches into storage files or broker state except through `sluice_broker`.
+//!
+//! Rules it keeps:
+//! - A frame larger than `max_request_bytes` (or with a negative size) closes the connection
+//!   before anything is allocated for it; so does a frame that does not decode.
+//! - Requests on one connection are handled one at a time, in order, as Kafka does; responses
+//!   go back in the same order. Connections run concurrently.
+//! - Broker errors become Kafka error codes in one place ([`errors`]), per partition where the
+//!   protocol has a per-partition code.
+//! - No input makes the broker panic.
+
+pub mod api;
+mod connection;
+pub mod errors;
+mod records;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use sluice_broker::Broker;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use crate::connection::decode_request;
+
+/// Settings of the Kafka front-end.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// Host given to clients in metadata responses.
+    pub advertised_host: String,
+    /// Port given to clients in metadata responses.
+    pub advertised_port: u16,
+    /// Largest request frame accepted.
+    pub max_request_bytes: usize,
+    /// Connections served at once.
+    pub max_connections: usize,
+}
+
+/// What every connection shares.
+#[derive(Debug)]
+pub struct Context {
+    pub broker: Broker,
+    pub settings: KafkaSettings,
+    pub shutdown: CancellationToken,
+}
+
+/// Accepts Kafka clients on `listener` until `shutdown` is cancelled. Each connection runs as
+/// a task on `tracker`, so the caller can wait for them to finish.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Broker,
+    settings: KafkaSettings,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let context = Arc::new(Context {
+        broker,
+        settings,
+        shutdown: shutdown.clone(),
+    });
+    loop {
+        // Wait for a connection slot first: past the limit, clients wait in the backlog.
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => return,
+        };
+        let (stream, peer): (_, SocketAddr) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Running out of file descriptors must not end the listener; back off briefly.
+                tracing::warn!(%error, "cannot accept a Kafka connection");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let context = Arc::clone(&context);
+        tracker.spawn(async move {
+            connection::run(stream, peer, context).await;
+            drop(permit);
+        });
+    }
+}
