@@ -16,6 +16,7 @@
 //! (one log per partition), and `.lock` (held while a broker uses the directory).
 
 pub mod error;
+pub mod group;
 pub mod metadata;
 pub mod names;
 pub mod offsets;
@@ -38,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 pub use crate::error::BrokerError;
+pub use crate::group::{GroupCoordinator, GroupLimits};
 pub use crate::metadata::{MetadataCommand, MetadataState, NodeId, PartitionRecord, TopicRecord};
 pub use crate::offsets::{CommittedOffset, OffsetEntry};
 pub use crate::partition::{Partition, ProduceOutcome, ProducerLimits};
@@ -68,6 +70,7 @@ pub struct BrokerConfig {
     pub partition_queue_capacity: usize,
     /// How often partitions run retention and save producer state.
     pub housekeeping_interval: Duration,
+    pub group_limits: GroupLimits,
 }
 
 impl BrokerConfig {
@@ -85,6 +88,7 @@ impl BrokerConfig {
             },
             partition_queue_capacity: 1024,
             housekeeping_interval: Duration::from_secs(5),
+            group_limits: GroupLimits::default(),
         }
     }
 }
@@ -146,6 +150,7 @@ impl Shared {
 pub struct Broker {
     shared: Arc<Shared>,
     controller: mpsc::Sender<Command>,
+    groups: GroupCoordinator,
 }
 
 impl Broker {
@@ -166,7 +171,14 @@ impl Broker {
         let (controller, commands) = mpsc::channel(64);
         let task = tokio::spawn(controller::run(Arc::clone(&shared), commands));
         shared.supervisor.watch("controller".into(), task);
-        Ok(Self { shared, controller })
+        let (groups, task) =
+            GroupCoordinator::start(shared.config.group_limits, Arc::clone(&shared.clock));
+        shared.supervisor.watch("group coordinator".into(), task);
+        Ok(Self {
+            shared,
+            controller,
+            groups,
+        })
     }
 
     pub fn config(&self) -> &BrokerConfig {
@@ -179,6 +191,11 @@ impl Broker {
 
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.shared.clock
+    }
+
+    /// The consumer group coordinator.
+    pub fn groups(&self) -> &GroupCoordinator {
+        &self.groups
     }
 
     pub fn cluster_id(&self) -> &str {

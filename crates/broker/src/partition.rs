@@ -107,6 +107,13 @@ impl PartitionHandler {
                     base_offset,
                     last_offset,
                 }) => {
+                    tracing::debug!(
+                        dir = %self.dir.display(),
+                        producer_id = first.producer_id,
+                        base_sequence = first.base_sequence,
+                        base_offset,
+                        "duplicate batch acknowledged with its original offsets"
+                    );
                     let outcome = ProduceOutcome {
                         base_offset,
                         last_offset,

@@ -6,6 +6,7 @@
 
 use kafka_protocol::error::ResponseError;
 use sluice_broker::BrokerError;
+use sluice_broker::group::GroupError;
 use sluice_storage::{BatchError, StorageError};
 
 /// A Kafka error code with the message to send where the response has a field for it.
@@ -52,6 +53,25 @@ pub fn kafka_error(error: &BrokerError) -> KafkaError {
         code: code.code(),
         message: error.to_string(),
     }
+}
+
+/// The Kafka error code for a group membership error.
+pub fn group_code(error: GroupError) -> i16 {
+    let code = match error {
+        GroupError::UnknownMemberId => ResponseError::UnknownMemberId,
+        GroupError::IllegalGeneration => ResponseError::IllegalGeneration,
+        GroupError::RebalanceInProgress => ResponseError::RebalanceInProgress,
+        GroupError::MemberIdRequired => ResponseError::MemberIdRequired,
+        GroupError::InconsistentGroupProtocol => ResponseError::InconsistentGroupProtocol,
+        GroupError::InvalidSessionTimeout => ResponseError::InvalidSessionTimeout,
+        GroupError::FencedInstanceId => ResponseError::FencedInstanceId,
+        GroupError::GroupMaxSizeReached => ResponseError::GroupMaxSizeReached,
+        GroupError::NonEmptyGroup => ResponseError::NonEmptyGroup,
+        GroupError::GroupIdNotFound => ResponseError::GroupIdNotFound,
+        GroupError::InvalidGroupId => ResponseError::InvalidGroupId,
+        GroupError::CoordinatorNotAvailable => ResponseError::CoordinatorNotAvailable,
+    };
+    code.code()
 }
 
 fn storage_code(error: &StorageError) -> ResponseError {

@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-use sluice_broker::{BrokerConfig, ProducerLimits};
+use sluice_broker::{BrokerConfig, GroupLimits, ProducerLimits};
 use sluice_storage::{FsyncPolicy, LogConfig};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,6 +49,12 @@ pub struct KafkaSection {
     pub max_request_bytes: usize,
     /// Concurrent Kafka connections; further ones wait to be accepted.
     pub max_connections: usize,
+    /// How long a consumer group that was empty waits for more members before its first
+    /// rebalance (Kafka's group.initial.rebalance.delay.ms).
+    pub group_initial_rebalance_delay_ms: i64,
+    /// Bounds on the session timeouts consumers may ask for.
+    pub group_min_session_timeout_ms: i32,
+    pub group_max_session_timeout_ms: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +107,9 @@ impl Default for KafkaSection {
             default_partitions: 1,
             max_request_bytes: 100 * 1024 * 1024,
             max_connections: 10_000,
+            group_initial_rebalance_delay_ms: 3_000,
+            group_min_session_timeout_ms: 6_000,
+            group_max_session_timeout_ms: 1_800_000,
         }
     }
 }
@@ -161,9 +170,11 @@ impl Config {
             figment = figment.merge(Toml::file(path));
         }
         figment = figment.merge(Env::prefixed("SLUICE_").split("__").filter(|key| {
+            // The filter runs after the split and before lowercasing: it sees KAFKA.LISTEN.
+            let key = key.as_str().to_ascii_lowercase();
             ENV_SECTIONS
                 .iter()
-                .any(|s| key.as_str() == *s || key.as_str().starts_with(&format!("{s}.")))
+                .any(|section| key == *section || key.starts_with(&format!("{section}.")))
         }));
         let mut flags = serde_json::Map::new();
         if let Some(dir) = &overrides.data_dir {
@@ -227,6 +238,16 @@ impl Config {
         if self.kafka.max_connections == 0 {
             bail!("kafka.max_connections must be positive");
         }
+        if self.kafka.group_initial_rebalance_delay_ms < 0 {
+            bail!("kafka.group_initial_rebalance_delay_ms must not be negative");
+        }
+        if self.kafka.group_min_session_timeout_ms <= 0
+            || self.kafka.group_min_session_timeout_ms > self.kafka.group_max_session_timeout_ms
+        {
+            bail!(
+                "kafka.group_min_session_timeout_ms must be positive and at most kafka.group_max_session_timeout_ms"
+            );
+        }
         if self.storage.housekeeping_interval_ms == 0 {
             bail!("storage.housekeeping_interval_ms must be positive");
         }
@@ -289,6 +310,12 @@ impl Config {
             max_producer_count: 100_000,
         };
         broker.housekeeping_interval = Duration::from_millis(self.storage.housekeeping_interval_ms);
+        broker.group_limits = GroupLimits {
+            min_session_timeout_ms: self.kafka.group_min_session_timeout_ms,
+            max_session_timeout_ms: self.kafka.group_max_session_timeout_ms,
+            initial_rebalance_delay_ms: self.kafka.group_initial_rebalance_delay_ms,
+            ..GroupLimits::default()
+        };
         Ok(broker)
     }
 }
@@ -316,6 +343,35 @@ mod tests {
         let config = Config::load(Some(&file), &flags).unwrap();
         assert_eq!(config.kafka.listen, "127.0.0.1:2222");
         assert_eq!(config.kafka.default_partitions, 3);
+    }
+
+    #[test]
+    // The error type is figment's own; its size is not ours to choose.
+    #[allow(clippy::result_large_err)]
+    fn environment_variables_set_nested_keys_and_ignore_strangers() {
+        // figment::Jail isolates the process environment for the closure.
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SLUICE_LOG__LEVEL", "debug");
+            jail.set_env("SLUICE_KAFKA__DEFAULT_PARTITIONS", "4");
+            jail.set_env("SLUICE_DATA_DIR", "/from/env");
+            jail.set_env("SLUICE_BIN", "/not/a/config/key");
+            let config = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.log.level, "debug");
+            assert_eq!(config.kafka.default_partitions, 4);
+            assert_eq!(config.data_dir, PathBuf::from("/from/env"));
+            let flags = Overrides {
+                log_level: Some("warn".into()),
+                ..Overrides::default()
+            };
+            assert_eq!(
+                Config::load(None, &flags)
+                    .map_err(|e| e.to_string())?
+                    .log
+                    .level,
+                "warn"
+            );
+            Ok(())
+        });
     }
 
     #[test]

@@ -7,8 +7,10 @@ pub mod api_versions;
 mod cluster;
 mod configs;
 mod fetch;
+mod groups;
 mod list_offsets;
 mod metadata;
+mod offsets;
 mod produce;
 mod producer_ids;
 mod topics;
@@ -36,7 +38,15 @@ const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Fetch, 4, 18),
     (ApiKey::ListOffsets, 1, 10),
     (ApiKey::Metadata, 0, 13),
+    (ApiKey::OffsetCommit, 2, 10),
+    (ApiKey::OffsetFetch, 1, 10),
     (ApiKey::FindCoordinator, 0, 6),
+    (ApiKey::JoinGroup, 0, 9),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 5),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::DescribeGroups, 0, 6),
+    (ApiKey::ListGroups, 0, 5),
     (ApiKey::ApiVersions, 0, 4),
     (ApiKey::CreateTopics, 2, 7),
     (ApiKey::DeleteTopics, 1, 6),
@@ -47,6 +57,7 @@ const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::AlterConfigs, 0, 2),
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::IncrementalAlterConfigs, 0, 1),
+    (ApiKey::DeleteGroups, 0, 2),
     (ApiKey::DescribeCluster, 0, 2),
 ];
 
@@ -83,7 +94,6 @@ pub(crate) async fn handle(
     request: RequestKind,
 ) -> Option<ResponseKind> {
     let version = header.request_api_version;
-    let _ = client;
     let response = match request {
         RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions::response(0)),
         RequestKind::Metadata(request) => {
@@ -129,6 +139,33 @@ pub(crate) async fn handle(
         }
         RequestKind::FindCoordinator(request) => {
             ResponseKind::FindCoordinator(cluster::find_coordinator(ctx, request, version))
+        }
+        RequestKind::JoinGroup(request) => {
+            ResponseKind::JoinGroup(groups::join(ctx, client, request, version).await)
+        }
+        RequestKind::SyncGroup(request) => {
+            ResponseKind::SyncGroup(groups::sync(ctx, request).await)
+        }
+        RequestKind::Heartbeat(request) => {
+            ResponseKind::Heartbeat(groups::heartbeat(ctx, request).await)
+        }
+        RequestKind::LeaveGroup(request) => {
+            ResponseKind::LeaveGroup(groups::leave(ctx, request, version).await)
+        }
+        RequestKind::ListGroups(request) => {
+            ResponseKind::ListGroups(groups::list(ctx, request).await)
+        }
+        RequestKind::DescribeGroups(request) => {
+            ResponseKind::DescribeGroups(groups::describe(ctx, request, version).await)
+        }
+        RequestKind::DeleteGroups(request) => {
+            ResponseKind::DeleteGroups(groups::delete(ctx, request).await)
+        }
+        RequestKind::OffsetCommit(request) => {
+            ResponseKind::OffsetCommit(offsets::commit(ctx, request, version).await)
+        }
+        RequestKind::OffsetFetch(request) => {
+            ResponseKind::OffsetFetch(offsets::fetch(ctx, request, version))
         }
         RequestKind::InitProducerId(request) => {
             ResponseKind::InitProducerId(producer_ids::init(ctx, request).await)

@@ -1,0 +1,134 @@
+"""Fixtures that run the real `sluice` binary for integration tests.
+
+Every broker listens on loopback with port 0 and its own data directory; the fixture reads the
+bound addresses from the ready file and stops the process when the test ends, whatever happens.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sluice_binary() -> Path:
+    explicit = os.environ.get("SLUICE_BIN")
+    if explicit:
+        return Path(explicit)
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    return target / "debug" / "sluice"
+
+
+class Sluice:
+    """One broker process. Restartable on the same data directory."""
+
+    def __init__(self, data_dir: Path, log_path: Path, extra_args=(), env=None):
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.extra_args = list(extra_args)
+        self.env = env or {}
+        self.process = None
+        self.addresses = {}
+
+    @property
+    def kafka(self) -> str:
+        return self.addresses["kafka"]
+
+    def start(self, timeout=30.0):
+        ready = self.data_dir.parent / f"{self.data_dir.name}.ready"
+        if ready.exists():
+            ready.unlink()
+        # A restart keeps the ports, so clients reconnect to the same addresses.
+        kafka_listen = self.addresses.get("kafka", "127.0.0.1:0")
+        args = [
+            str(sluice_binary()),
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--kafka-listen",
+            kafka_listen,
+            "--ready-file",
+            str(ready),
+            *self.extra_args,
+        ]
+        env = dict(os.environ)
+        env.update(self.env)
+        env.setdefault("SLUICE_LOG__LEVEL", "info")
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(args, stdout=log, stderr=log, env=env)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"sluice exited with {self.process.returncode}; see {self.log_path}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sluice did not become ready; see {self.log_path}")
+            time.sleep(0.02)
+        self.addresses = json.loads(ready.read_text())
+        return self
+
+    def stop(self, timeout=30.0) -> int:
+        """Graceful stop (SIGTERM); returns the exit status."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def kill(self):
+        """SIGKILL: no chance to flush anything."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def freeze(self):
+        """SIGSTOP: the process holds its connections but does nothing."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self):
+        self.process.send_signal(signal.SIGCONT)
+
+    def kill_and_restart(self, pause=0.0):
+        self.kill()
+        time.sleep(pause)
+        return self.start()
+
+    def log_tail(self, lines=40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@pytest.fixture
+def sluice_factory(tmp_path):
+    started = []
+
+    def make(name="broker", extra_args=(), env=None):
+        broker = Sluice(tmp_path / name, tmp_path / f"{name}.log", extra_args, env)
+        started.append(broker)
+        return broker.start()
+
+    yield make
+    for broker in started:
+        broker.kill()
+
+
+@pytest.fixture
+def sluice(sluice_factory):
+    """A broker with a short initial rebalance delay, so group tests do not idle."""
+    return sluice_factory(env={"SLUICE_KAFKA__GROUP_INITIAL_REBALANCE_DELAY_MS": "200"})
