@@ -211,6 +211,31 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn random_frames_decode_or_fail_but_never_panic(frame in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = decode_request(Bytes::from(frame));
+        }
+
+        /// A valid header for every served API and version, followed by random bytes.
+        #[test]
+        fn random_bodies_behind_valid_headers_never_panic(
+            api_index in 0usize..64,
+            version_pick in 0i16..32,
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+        ) {
+            let apis: Vec<(ApiKey, i16, i16)> = api::supported_apis().collect();
+            let (api, min, max) = apis[api_index % apis.len()];
+            let version = min + version_pick % (max - min + 1);
+            let mut frame = BytesMut::new();
+            frame.put_i16(api as i16);
+            frame.put_i16(version);
+            frame.put_i32(7);
+            frame.put_slice(&body);
+            let _ = decode_request(frame.freeze());
+        }
+    }
+
     #[test]
     fn too_new_api_versions_gets_the_v0_fallback() {
         let frame = Bytes::from_static(b"\x00\x12\x00\x63\x00\x00\x00\x2a\x00\x00");

@@ -17,7 +17,7 @@
 pub mod api;
 mod connection;
 pub mod errors;
-mod records;
+pub mod records;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
