@@ -48,6 +48,8 @@ pub(crate) enum Command {
         validate_only: bool,
         reply: Reply<()>,
     },
+    /// Queues, exchanges, bindings, virtual hosts and users (see [`crate::control`]).
+    Messaging(crate::control::MessagingCommand),
 }
 
 /// Opens the data directory and metadata, and removes log directories no topic owns. Blocking.
@@ -96,6 +98,7 @@ pub(crate) fn load(
         metadata,
         offsets,
         topics: Default::default(),
+        messaging: crate::control::MessagingShared::new(),
         supervisor,
         started: Instant::now(),
         _lock: lock,
@@ -242,6 +245,7 @@ pub(crate) async fn run(
                 let _ =
                     reply.send(set_topic_config(&shared, &name, overrides, validate_only).await);
             }
+            Command::Messaging(command) => crate::control::handle(&shared, command).await,
         }
     }
     Ok(())

@@ -45,6 +45,10 @@ pub enum BrokerError {
     Group { group: String, reason: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// Queues, exchanges, bindings, virtual hosts and users. Boxed: its texts are long and
+    /// the other variants small.
+    #[error(transparent)]
+    Messaging(Box<MessagingError>),
     #[error("metadata store: cannot {op}: {reason}")]
     Metadata { op: &'static str, reason: String },
     #[error("the broker is shutting down")]
@@ -58,4 +62,88 @@ impl BrokerError {
             reason: error.to_string(),
         }
     }
+}
+
+impl From<MessagingError> for BrokerError {
+    fn from(error: MessagingError) -> Self {
+        Self::Messaging(Box::new(error))
+    }
+}
+
+/// What a queue, exchange or binding is, in error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceKind {
+    Queue,
+    Exchange,
+}
+
+impl std::fmt::Display for ResourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Queue => "queue",
+            Self::Exchange => "exchange",
+        })
+    }
+}
+
+/// Errors of queues, exchanges, bindings, virtual hosts and users. The texts are the ones
+/// RabbitMQ gives for the same misuse, since applications and their operators read them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessagingError {
+    #[error("no {kind} '{name}' in vhost '{vhost}'")]
+    NotFound {
+        kind: ResourceKind,
+        vhost: String,
+        name: String,
+    },
+    #[error(
+        "inequivalent arg '{arg}' for {kind} '{name}' in vhost '{vhost}': received {received} but current is {current}"
+    )]
+    Inequivalent {
+        kind: ResourceKind,
+        vhost: String,
+        name: String,
+        arg: String,
+        received: String,
+        current: String,
+    },
+    #[error("invalid arg '{arg}' for {kind} '{name}' in vhost '{vhost}': {reason}")]
+    InvalidArgument {
+        kind: ResourceKind,
+        vhost: String,
+        name: String,
+        arg: String,
+        reason: String,
+    },
+    #[error(
+        "cannot obtain exclusive access to locked queue '{name}' in vhost '{vhost}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration."
+    )]
+    Locked { vhost: String, name: String },
+    #[error("{kind} '{name}' in vhost '{vhost}' in use")]
+    InUse {
+        kind: ResourceKind,
+        vhost: String,
+        name: String,
+    },
+    #[error("queue '{name}' in vhost '{vhost}' not empty")]
+    NotEmpty { vhost: String, name: String },
+    #[error("queue '{name}' in vhost '{vhost}' in exclusive use")]
+    ExclusiveConsume { vhost: String, name: String },
+    /// The user may not do this (permissions, reserved names, the default exchange).
+    #[error("{0}")]
+    AccessRefused(String),
+    /// A precondition of the operation does not hold.
+    #[error("{0}")]
+    PreconditionFailed(String),
+    #[error("invalid exchange type '{0}'")]
+    UnknownExchangeType(String),
+    #[error("vhost {0} not found")]
+    VhostNotFound(String),
+    /// A queue failed (its log stopped accepting writes) and refuses work.
+    #[error("queue '{name}' in vhost '{vhost}' failed: {reason}")]
+    QueueFailed {
+        vhost: String,
+        name: String,
+        reason: String,
+    },
 }

@@ -10,21 +10,32 @@
 //!   validates them, prepares logs, commits the change to the metadata store, and only then
 //!   makes it visible. This is the one place a replicated state machine will wrap.
 //! - Each partition has one owner task for writes; reads go straight to its log files.
+//! - Each queue has one owner task too ([`queue`]); exchanges route through an immutable
+//!   routing table per virtual host ([`vhost`], [`exchange`]).
 //! - Every core task is watched by a [`Supervisor`]; if one dies, the process must stop.
 //!
 //! Data directory layout: `meta.redb` (definitions and committed offsets), `logs/<topic>-<n>/`
-//! (one log per partition), and `.lock` (held while a broker uses the directory).
+//! (one log per partition), `queues/<queue id>/` (one log and acknowledgement journal per
+//! queue), and `.lock` (held while a broker uses the directory).
 
+pub mod alarms;
+pub mod definitions;
 pub mod error;
+pub mod exchange;
 pub mod group;
+pub mod message;
 pub mod metadata;
 pub mod names;
 pub mod offsets;
 pub mod partition;
 pub mod producer;
+pub mod queue;
 pub mod supervisor;
 pub mod topic_config;
+pub mod users;
+pub mod vhost;
 
+mod control;
 mod controller;
 
 use std::collections::BTreeMap;
@@ -38,7 +49,7 @@ use sluice_storage::{Clock, LogConfig, OwnerOptions};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-pub use crate::error::BrokerError;
+pub use crate::error::{BrokerError, MessagingError, ResourceKind};
 pub use crate::group::{GroupCoordinator, GroupLimits};
 pub use crate::metadata::{MetadataCommand, MetadataState, NodeId, PartitionRecord, TopicRecord};
 pub use crate::offsets::{CommittedOffset, OffsetEntry};
@@ -71,6 +82,16 @@ pub struct BrokerConfig {
     /// How often partitions run retention and save producer state.
     pub housekeeping_interval: Duration,
     pub group_limits: GroupLimits,
+    /// Segment size of queue logs: smaller than topics', so space comes back soon after
+    /// consumers acknowledge.
+    pub queue_segment_bytes: u64,
+    /// The largest message body a queue accepts.
+    pub max_message_bytes: usize,
+    /// Resident memory above which publishers are blocked; `None` for no limit.
+    pub memory_high_watermark_bytes: Option<u64>,
+    /// Free disk space (on the data directory's file system) below which publishers are
+    /// blocked.
+    pub disk_free_limit_bytes: u64,
 }
 
 impl BrokerConfig {
@@ -89,6 +110,10 @@ impl BrokerConfig {
             partition_queue_capacity: 1024,
             housekeeping_interval: Duration::from_secs(5),
             group_limits: GroupLimits::default(),
+            queue_segment_bytes: 64 * 1024 * 1024,
+            max_message_bytes: 16 * 1024 * 1024,
+            memory_high_watermark_bytes: None,
+            disk_free_limit_bytes: 50_000_000,
         }
     }
 }
@@ -124,6 +149,7 @@ pub(crate) struct Shared {
     pub metadata: MetadataStore,
     pub offsets: OffsetStore,
     pub topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    pub messaging: crate::control::MessagingShared,
     pub supervisor: Supervisor,
     pub started: Instant,
     /// Held for as long as the broker uses the data directory.
@@ -151,6 +177,7 @@ pub struct Broker {
     shared: Arc<Shared>,
     controller: mpsc::Sender<Command>,
     groups: GroupCoordinator,
+    alarms: tokio::sync::watch::Receiver<alarms::Alarms>,
 }
 
 impl Broker {
@@ -168,9 +195,17 @@ impl Broker {
                 .map_err(|e| BrokerError::metadata("open", e))??;
         let shared = Arc::new(shared);
         controller::start_partitions(&shared).await?;
+        control::start(&shared).await?;
         let (controller, commands) = mpsc::channel(64);
         let task = tokio::spawn(controller::run(Arc::clone(&shared), commands));
         shared.supervisor.watch("controller".into(), task);
+        control::start_services(&shared, controller.clone());
+        let (alarms, task) = alarms::start(
+            shared.config.data_dir.clone(),
+            shared.config.memory_high_watermark_bytes,
+            shared.config.disk_free_limit_bytes,
+        );
+        shared.supervisor.watch("resource monitor".into(), task);
         let (groups, task) =
             GroupCoordinator::start(shared.config.group_limits, Arc::clone(&shared.clock));
         shared.supervisor.watch("group coordinator".into(), task);
@@ -178,6 +213,7 @@ impl Broker {
             shared,
             controller,
             groups,
+            alarms,
         })
     }
 
@@ -191,6 +227,11 @@ impl Broker {
 
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.shared.clock
+    }
+
+    /// Memory and disk alarms: while one is raised, publishers are blocked.
+    pub fn alarms(&self) -> tokio::sync::watch::Receiver<alarms::Alarms> {
+        self.alarms.clone()
     }
 
     /// The consumer group coordinator.
@@ -394,7 +435,7 @@ impl Broker {
                 });
             }
         }
-        let mut first_error = None;
+        let mut first_error = control::shutdown(&self.shared).await.into_iter().next();
         while let Some(joined) = closing.join_next().await {
             match joined {
                 Ok((_, Ok(()))) => {}

@@ -20,6 +20,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::definitions::{self, DefinitionCommand, Definitions};
 use crate::error::BrokerError;
 
 /// A node of the (future) cluster. A single-node broker is node 0.
@@ -47,7 +48,7 @@ pub struct TopicRecord {
 }
 
 /// A change to the durable definitions.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum MetadataCommand {
     CreateTopic(TopicRecord),
     DeleteTopic {
@@ -63,12 +64,15 @@ pub enum MetadataCommand {
         name: String,
         config: BTreeMap<String, String>,
     },
+    /// Queues, exchanges, bindings, virtual hosts and users (see [`crate::definitions`]).
+    Messaging(DefinitionCommand),
 }
 
 /// The definitions at one point in time.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct MetadataState {
     pub topics: BTreeMap<String, TopicRecord>,
+    pub messaging: Definitions,
 }
 
 impl MetadataState {
@@ -110,6 +114,7 @@ impl MetadataState {
                     .ok_or_else(|| BrokerError::UnknownTopic(name.clone()))?;
                 topic.config = config.clone();
             }
+            MetadataCommand::Messaging(command) => next.messaging.apply(command)?,
         }
         Ok(next)
     }
@@ -167,6 +172,7 @@ impl MetadataStore {
                 .map_err(|e| BrokerError::metadata("open table", e))?;
             txn.open_table(COUNTERS)
                 .map_err(|e| BrokerError::metadata("open table", e))?;
+            definitions::create_tables(&txn)?;
             let mut identity = txn
                 .open_table(IDENTITY)
                 .map_err(|e| BrokerError::metadata("open table", e))?;
@@ -212,6 +218,7 @@ impl MetadataStore {
             state.topics.insert(topic.name.clone(), topic);
         }
         drop(topics);
+        state.messaging = definitions::load(&read)?;
         drop(read);
         Ok(Self {
             db: Arc::new(db),
@@ -244,6 +251,18 @@ impl MetadataStore {
     pub fn apply(&self, command: &MetadataCommand) -> Result<Arc<MetadataState>, BrokerError> {
         let current = self.state();
         let next = Arc::new(current.after(command)?);
+        let messaging_changes = match command {
+            MetadataCommand::Messaging(command) => {
+                let changes = definitions::changes(&current.messaging, &next.messaging, command)?;
+                if changes.is_empty() {
+                    // Transient definitions only: nothing to write.
+                    *self.state.write() = Arc::clone(&next);
+                    return Ok(next);
+                }
+                changes
+            }
+            _ => Vec::new(),
+        };
         let txn = self
             .db
             .begin_write()
@@ -258,6 +277,7 @@ impl MetadataStore {
                         .remove(name.as_str())
                         .map_err(|e| BrokerError::metadata("delete topic", e))?;
                 }
+                MetadataCommand::Messaging(_) => definitions::persist(&txn, &messaging_changes)?,
                 MetadataCommand::CreateTopic(TopicRecord { name, .. })
                 | MetadataCommand::AddPartitions { name, .. }
                 | MetadataCommand::SetTopicConfig { name, .. } => {

@@ -44,7 +44,9 @@ pub fn kafka_error(error: &BrokerError) -> KafkaError {
         BrokerError::UnsupportedCompression(_) => ResponseError::UnsupportedCompressionType,
         BrokerError::TransactionsUnsupported => ResponseError::UnsupportedForMessageFormat,
         BrokerError::Group { .. } => ResponseError::InvalidGroupId,
-        BrokerError::Metadata { .. } => ResponseError::UnknownServerError,
+        BrokerError::Metadata { .. } | BrokerError::Messaging(_) => {
+            ResponseError::UnknownServerError
+        }
         // Clients retry this and find the broker again once it is back.
         BrokerError::ShuttingDown => ResponseError::NotLeaderOrFollower,
         BrokerError::Storage(storage) => storage_code(storage),

@@ -1,0 +1,910 @@
+//! The owner task of a queue: carries out what the delivery state machine decides.
+//!
+//! It appends published messages to the queue's log (a batch per request), keeps a bounded
+//! cache of message bodies read ahead from the log, sends deliveries to consumers' connections,
+//! writes settled offsets to the acknowledgement journal, hands dead letters to the forwarder,
+//! and advances the log start past settled prefixes so segments are deleted.
+//!
+//! A failed write stops the queue: every later request gets an error naming the cause; the
+//! broker does not retry silently.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use sluice_storage::batch::BatchHeader;
+use sluice_storage::record::BatchBuilder;
+use sluice_storage::{
+    Clock, Handled, Log, LogConfig, LogHandler, OwnerOptions, OwnerTask, StorageError,
+};
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use super::args::QueueArgs;
+use super::deadletter::{DeadLetter, record_death};
+use super::journal::{AckJournal, COMPACT_AFTER_ENTRIES};
+use super::ranges::RangeSet;
+use super::state::{Admission, ConsumerId, DeathReason, Effect, Meta, QueueCore, QueueEnv};
+use super::{
+    Credit, Delivery, DeliverySink, Got, PublishOutcome, Queue, QueueCounters, QueueEvent,
+    QueueRecord, QueueReply, QueueRequest, QueueStat, Reply, message_priority,
+};
+use crate::error::{BrokerError, MessagingError, ResourceKind};
+use crate::message::codec::{RecordEncoder, StoredMessage, decode_batch};
+use crate::message::value::{self, FieldValue};
+use crate::message::{Message, Properties};
+
+/// Bytes read from the log at a time when the cache misses.
+const READ_AHEAD_BYTES: usize = 256 * 1024;
+/// Bound of the body cache of one queue.
+const CACHE_MAX_BYTES: usize = 4 * 1024 * 1024;
+const CACHE_MAX_ENTRIES: usize = 4096;
+/// Messages appended per batch are cut at about this many bytes.
+const BATCH_TARGET_BYTES: usize = 1024 * 1024;
+
+/// Everything needed to open a queue.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueSpec {
+    pub record: QueueRecord,
+    pub args: QueueArgs,
+    pub dir: PathBuf,
+    pub log_config: LogConfig,
+}
+
+/// What a queue asks of the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum QueueNotice {
+    /// Delete this auto-delete queue if it still has no consumer.
+    AutoDelete { vhost: String, name: String, id: Uuid },
+    /// Delete this queue: unused for longer than `x-expires`.
+    Expired { vhost: String, name: String, id: Uuid },
+}
+
+/// Channels to the rest of the broker.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueServices {
+    pub dead_letters: mpsc::Sender<DeadLetter>,
+    pub notices: mpsc::UnboundedSender<QueueNotice>,
+}
+
+/// A queue's log and state after recovery, ready for its owner task.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    log: Log,
+    core: QueueCore,
+    journal: AckJournal,
+}
+
+fn storage(error: StorageError) -> BrokerError {
+    BrokerError::Storage(error)
+}
+
+/// Opens (recovering) or creates a queue's log and journal. Blocking.
+pub(crate) fn open(spec: &QueueSpec, clock: &dyn Clock) -> Result<Opened, BrokerError> {
+    std::fs::create_dir_all(&spec.dir).map_err(|source| {
+        storage(StorageError::Io {
+            op: "create",
+            path: spec.dir.clone(),
+            source,
+        })
+    })?;
+    let now_ms = clock.now_ms();
+    let (log, report) = Log::open_with_report(&spec.dir, spec.log_config.clone(), now_ms)?;
+    if report.truncated_bytes > 0 {
+        tracing::warn!(queue = %spec.record.name, vhost = %spec.record.vhost, truncated_bytes = report.truncated_bytes, "recovered queue log");
+    }
+    let (mut journal, settled) = AckJournal::open(&spec.dir)?;
+    let start = log.log_start_offset();
+    let end = log.log_end_offset();
+    let ready = settled.complement(start..end);
+    let mut core = QueueCore::new(spec.args.clone(), spec.record.auto_delete, now_ms);
+    if core.needs_message_scan() {
+        scan_ready(&log, &ready, &mut core)?;
+    } else {
+        for range in ready.ranges() {
+            core.restore_ready(0, range, 0);
+        }
+    }
+    // Start the journal afresh with exactly what is settled inside the log.
+    journal.rewrite(&ready.complement(start..end))?;
+    Ok(Opened { log, core, journal })
+}
+
+/// Reads every ready message's priority and size (priority queues and byte limits need them).
+fn scan_ready(log: &Log, ready: &RangeSet, core: &mut QueueCore) -> Result<(), BrokerError> {
+    for range in ready.ranges() {
+        let mut offset = range.start;
+        while offset < range.end {
+            let read = log.read(offset, READ_AHEAD_BYTES, true)?;
+            if read.bytes.is_empty() {
+                break;
+            }
+            let mut next = offset;
+            for_each_batch(&read.bytes, |stored| {
+                next = next.max(stored.offset + 1);
+                if stored.offset >= offset && stored.offset < range.end {
+                    let priority = message_priority(&stored.message.properties);
+                    core.restore_ready(
+                        priority,
+                        stored.offset..stored.offset + 1,
+                        stored.message.body.len() as u64,
+                    );
+                }
+            })?;
+            if next <= offset {
+                break;
+            }
+            offset = next;
+        }
+    }
+    Ok(())
+}
+
+/// Decodes each batch of `bytes` (whole batches, back to back).
+fn for_each_batch(
+    bytes: &bytes::Bytes,
+    mut f: impl FnMut(StoredMessage),
+) -> Result<(), BrokerError> {
+    let mut position = 0;
+    while position < bytes.len() {
+        let header = BatchHeader::parse(&bytes[position..]).map_err(|source| {
+            storage(StorageError::InvalidBatch { position, source })
+        })?;
+        let end = position + header.total_bytes();
+        if end > bytes.len() {
+            break;
+        }
+        let batch = bytes.slice(position..end);
+        let messages = decode_batch(&batch).map_err(|error| BrokerError::Metadata {
+            op: "decode a stored message",
+            reason: error.to_string(),
+        })?;
+        for message in messages {
+            f(message);
+        }
+        position = end;
+    }
+    Ok(())
+}
+
+/// Starts the owner task of an opened queue and the timer that wakes it for expiries.
+pub(crate) fn start(
+    spec: &QueueSpec,
+    opened: Opened,
+    options: OwnerOptions,
+    services: QueueServices,
+) -> (Arc<Queue>, OwnerTask) {
+    let counters = Arc::new(QueueCounters::default());
+    let (timer, deadlines) = watch::channel(None);
+    let clock = Arc::clone(&options.clock);
+    let segment_hint = first_segment_end(&opened.log);
+    let handler = QueueHandler {
+        vhost: Arc::from(spec.record.vhost.as_str()),
+        name: Arc::from(spec.record.name.as_str()),
+        id: spec.record.id,
+        core: opened.core,
+        cache: Cache::default(),
+        journal: opened.journal,
+        consumers: HashMap::new(),
+        encoder: RecordEncoder::default(),
+        services,
+        timer,
+        counters: Arc::clone(&counters),
+        failed: None,
+        fx: Vec::new(),
+        segment_hint,
+        handled_since_hint: 0,
+        notified: false,
+        deleting: false,
+    };
+    let (owner, task) = sluice_storage::owner::spawn(opened.log, handler, options);
+    let queue = Arc::new(Queue {
+        record: spec.record.clone(),
+        args: spec.args.clone(),
+        owner: owner.clone(),
+        counters,
+    });
+    tokio::spawn(run_timer(owner, deadlines, clock));
+    (queue, task)
+}
+
+/// Sleeps until the queue's next deadline (a message or the queue itself expiring) and wakes
+/// the owner. Ends when the owner task ends.
+async fn run_timer(
+    owner: sluice_storage::OwnerHandle<QueueRequest, Reply>,
+    mut deadlines: watch::Receiver<Option<i64>>,
+    clock: Arc<dyn Clock>,
+) {
+    loop {
+        let deadline = *deadlines.borrow_and_update();
+        match deadline {
+            None => {
+                if deadlines.changed().await.is_err() {
+                    return;
+                }
+            }
+            Some(at) => {
+                let wait = (at - clock.now_ms()).max(0) as u64;
+                tokio::select! {
+                    changed = deadlines.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                    () = tokio::time::sleep(std::time::Duration::from_millis(wait)) => {
+                        if owner.call(QueueRequest::Timer).await.is_err() {
+                            return;
+                        }
+                        // The owner publishes the next deadline; avoid spinning on a stale one.
+                        if *deadlines.borrow() == Some(at) && deadlines.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn first_segment_end(log: &Log) -> u64 {
+    let segments = log.reader().segments();
+    if segments.len() >= 2 {
+        segments[0].next_offset
+    } else {
+        u64::MAX
+    }
+}
+
+#[derive(Debug)]
+struct Cached {
+    message: Arc<Message>,
+    meta: Meta,
+}
+
+/// Message bodies read ahead of delivery, and recent publishes waiting for a consumer.
+#[derive(Debug, Default)]
+struct Cache {
+    entries: BTreeMap<u64, Cached>,
+    bytes: usize,
+}
+
+impl Cache {
+    fn has_room(&self) -> bool {
+        self.bytes < CACHE_MAX_BYTES && self.entries.len() < CACHE_MAX_ENTRIES
+    }
+
+    fn insert(&mut self, offset: u64, message: Arc<Message>, meta: Meta) {
+        self.bytes += message.body.len();
+        if let Some(old) = self.entries.insert(offset, Cached { message, meta }) {
+            self.bytes -= old.message.body.len();
+        }
+    }
+
+    fn take(&mut self, offset: u64) -> Option<Cached> {
+        let cached = self.entries.remove(&offset)?;
+        self.bytes -= cached.message.body.len();
+        Some(cached)
+    }
+
+    fn remove_range(&mut self, range: std::ops::Range<u64>) {
+        if range.end - range.start == 1 {
+            self.take(range.start);
+            return;
+        }
+        let doomed: Vec<u64> = self.entries.range(range).map(|(o, _)| *o).collect();
+        for offset in doomed {
+            self.take(offset);
+        }
+    }
+
+    fn remove_below(&mut self, offset: u64) {
+        while let Some((&first, _)) = self.entries.first_key_value() {
+            if first >= offset {
+                break;
+            }
+            self.take(first);
+        }
+    }
+
+    /// Drops the newest entries until the cache fits its bounds again.
+    fn shrink(&mut self) {
+        while !self.entries.is_empty()
+            && (self.bytes > CACHE_MAX_BYTES || self.entries.len() > CACHE_MAX_ENTRIES)
+        {
+            if let Some((&last, _)) = self.entries.last_key_value() {
+                self.take(last);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+}
+
+fn meta_of(stored: &StoredMessage) -> Meta {
+    Meta {
+        bytes: stored.message.body.len() as u32,
+        expires_at_ms: stored.expires_at_ms,
+        priority: message_priority(&stored.message.properties),
+    }
+}
+
+/// Reads the batch holding `offset` and what follows it into the cache. Returns the message
+/// at `offset`, if it could be read.
+fn read_into_cache(log: &Log, cache: &mut Cache, offset: u64) -> Option<(Arc<Message>, Meta)> {
+    let read = match log.read(offset, READ_AHEAD_BYTES, true) {
+        Ok(read) => read,
+        Err(StorageError::OffsetOutOfRange { .. }) => return None,
+        Err(error) => {
+            tracing::error!(dir = %log.dir().display(), offset, %error, "cannot read a queued message");
+            return None;
+        }
+    };
+    let mut found = None;
+    let result = for_each_batch(&read.bytes, |stored| {
+        if stored.offset < offset {
+            return;
+        }
+        let meta = meta_of(&stored);
+        if stored.offset == offset {
+            found = Some((Arc::clone(&stored.message), meta));
+        } else if cache.has_room() && !cache.entries.contains_key(&stored.offset) {
+            cache.insert(stored.offset, stored.message, meta);
+        }
+    });
+    if let Err(error) = result {
+        tracing::error!(dir = %log.dir().display(), offset, %error, "cannot decode a queued message");
+    }
+    found
+}
+
+#[derive(Debug)]
+struct ConsumerEntry {
+    credit: Arc<Credit>,
+    sink: DeliverySink,
+}
+
+/// The state machine's environment: message metadata from the cache or the log, credit from
+/// the consumers' counters.
+struct Env<'a> {
+    log: &'a Log,
+    cache: &'a mut Cache,
+    consumers: &'a HashMap<ConsumerId, ConsumerEntry>,
+}
+
+impl QueueEnv for Env<'_> {
+    fn meta(&mut self, offset: u64) -> Option<Meta> {
+        if let Some(cached) = self.cache.entries.get(&offset) {
+            return Some(cached.meta);
+        }
+        let (message, meta) = read_into_cache(self.log, self.cache, offset)?;
+        self.cache.insert(offset, message, meta);
+        Some(meta)
+    }
+
+    fn take_credit(&mut self, consumer: ConsumerId, bytes: u32) -> bool {
+        self.consumers
+            .get(&consumer)
+            .is_some_and(|entry| entry.credit.take(bytes))
+    }
+}
+
+struct QueueHandler {
+    vhost: Arc<str>,
+    name: Arc<str>,
+    id: Uuid,
+    core: QueueCore,
+    cache: Cache,
+    journal: AckJournal,
+    consumers: HashMap<ConsumerId, ConsumerEntry>,
+    encoder: RecordEncoder,
+    services: QueueServices,
+    timer: watch::Sender<Option<i64>>,
+    counters: Arc<QueueCounters>,
+    failed: Option<String>,
+    fx: Vec<Effect>,
+    /// Offset at which the first segment ends (`u64::MAX` while there is one segment): once
+    /// everything below it is settled, the segment can go.
+    segment_hint: u64,
+    handled_since_hint: u32,
+    notified: bool,
+    deleting: bool,
+}
+
+macro_rules! env {
+    ($self:ident, $log:expr) => {
+        Env {
+            log: $log,
+            cache: &mut $self.cache,
+            consumers: &$self.consumers,
+        }
+    };
+}
+
+impl QueueHandler {
+    fn queue_error(&self, reason: String) -> BrokerError {
+        MessagingError::QueueFailed {
+            vhost: self.vhost.to_string(),
+            name: self.name.to_string(),
+            reason,
+        }
+        .into()
+    }
+
+    fn fail(&mut self, error: &dyn std::fmt::Display) {
+        if self.failed.is_none() {
+            tracing::error!(queue = %self.name, vhost = %self.vhost, %error, "queue stopped accepting work");
+            self.failed = Some(error.to_string());
+        }
+    }
+
+    fn expiry(&self, properties: &Properties, now_ms: i64) -> Option<i64> {
+        let queue_ttl = self.core.args().message_ttl_ms;
+        let message_ttl = properties.ttl_ms();
+        let ttl = match (queue_ttl, message_ttl) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }?;
+        Some(now_ms.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX)))
+    }
+
+    fn publish(
+        &mut self,
+        log: &mut Log,
+        messages: Vec<Arc<Message>>,
+        now_ms: i64,
+    ) -> Result<PublishOutcome, BrokerError> {
+        let mut outcome = PublishOutcome::default();
+        let mut builder = BatchBuilder::new(now_ms);
+        let mut next = log.log_end_offset();
+        for (index, message) in messages.into_iter().enumerate() {
+            match self.core.admit() {
+                Admission::Accept => {}
+                Admission::Reject => {
+                    outcome.rejected.push(index);
+                    continue;
+                }
+                Admission::RejectDeadLetter => {
+                    outcome.rejected.push(index);
+                    self.dead_letter(&message, DeathReason::MaxLen, now_ms);
+                    continue;
+                }
+            }
+            let expires_at_ms = self.expiry(&message.properties, now_ms);
+            let meta = Meta {
+                bytes: message.body.len() as u32,
+                expires_at_ms,
+                priority: message_priority(&message.properties),
+            };
+            self.encoder
+                .push(&mut builder, now_ms, expires_at_ms, &message);
+            let offset = next;
+            next += 1;
+            // The state machine may look at this message before it is in the log.
+            self.cache.insert(offset, message, meta);
+            let mut env = env!(self, log);
+            self.core
+                .enqueue(offset, meta, now_ms, &mut env, &mut self.fx);
+            if builder.len_bytes() >= BATCH_TARGET_BYTES {
+                let full = std::mem::replace(&mut builder, BatchBuilder::new(now_ms));
+                self.append(log, full, now_ms)?;
+            }
+        }
+        if builder.record_count() > 0 {
+            self.append(log, builder, now_ms)?;
+        }
+        outcome.end_offset = next;
+        Ok(outcome)
+    }
+
+    fn append(&mut self, log: &mut Log, builder: BatchBuilder, now_ms: i64) -> Result<(), BrokerError> {
+        let mut batch = bytes::BytesMut::from(&builder.finish()[..]);
+        if let Err(error) = log.append(&mut batch, now_ms) {
+            self.fail(&error);
+            self.fx.clear();
+            return Err(self.queue_error(error.to_string()));
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, log: &Log, offset: u64) -> Option<Arc<Message>> {
+        if let Some(cached) = self.cache.take(offset) {
+            return Some(cached.message);
+        }
+        read_into_cache(log, &mut self.cache, offset).map(|(message, _)| message)
+    }
+
+    fn dead_letter(&mut self, message: &Message, reason: DeathReason, now_ms: i64) {
+        let args = self.core.args();
+        let Some(exchange) = args.dead_letter_exchange.as_deref() else {
+            return;
+        };
+        let dead = record_death(
+            message,
+            &self.name,
+            reason,
+            exchange,
+            args.dead_letter_routing_key.as_deref(),
+            now_ms,
+        );
+        let letter = DeadLetter {
+            vhost: Arc::clone(&self.vhost),
+            message: Arc::new(dead),
+        };
+        if self.services.dead_letters.try_send(letter).is_err() {
+            tracing::warn!(queue = %self.name, vhost = %self.vhost, "dead-letter forwarder is saturated; message dropped");
+        }
+    }
+
+    fn notify(&mut self, notice: QueueNotice) {
+        if !self.notified && !self.deleting {
+            self.notified = true;
+            let _ = self.services.notices.send(notice);
+        }
+    }
+
+    /// Carries out the state machine's effects, then flushes the journal, advances the log
+    /// start, and publishes counters and the next deadline.
+    fn settle_effects(&mut self, log: &mut Log, now_ms: i64) {
+        let mut gone: Vec<ConsumerId> = Vec::new();
+        loop {
+            let effects = std::mem::take(&mut self.fx);
+            if effects.is_empty() && gone.is_empty() {
+                break;
+            }
+            for effect in effects {
+                match effect {
+                    Effect::Deliver {
+                        consumer,
+                        offset,
+                        redelivered,
+                        delivery_count,
+                        settled,
+                    } => {
+                        let Some(mut message) = self.load(log, offset) else {
+                            self.journal.record(offset..offset + 1);
+                            continue;
+                        };
+                        if delivery_count > 0 && self.core.args().delivery_limit.is_some() {
+                            message = Arc::new(with_delivery_count(&message, delivery_count));
+                        }
+                        if settled {
+                            self.journal.record(offset..offset + 1);
+                        }
+                        let delivery = Delivery {
+                            consumer,
+                            offset,
+                            redelivered,
+                            delivery_count,
+                            message,
+                        };
+                        let sent = self
+                            .consumers
+                            .get(&consumer)
+                            .is_some_and(|c| c.sink.send(QueueEvent::Deliver(delivery)).is_ok());
+                        if !sent && !gone.contains(&consumer) {
+                            gone.push(consumer);
+                        }
+                    }
+                    Effect::DeadLetter { offset, reason } => {
+                        if let Some(message) = self.load(log, offset) {
+                            self.dead_letter(&message, reason, now_ms);
+                        }
+                        self.journal.record(offset..offset + 1);
+                    }
+                    Effect::Settle(range) => {
+                        self.cache.remove_range(range.clone());
+                        self.journal.record(range);
+                    }
+                    Effect::AutoDelete => self.notify(QueueNotice::AutoDelete {
+                        vhost: self.vhost.to_string(),
+                        name: self.name.to_string(),
+                        id: self.id,
+                    }),
+                    Effect::Expire => self.notify(QueueNotice::Expired {
+                        vhost: self.vhost.to_string(),
+                        name: self.name.to_string(),
+                        id: self.id,
+                    }),
+                }
+            }
+            for consumer in gone.drain(..) {
+                self.consumers.remove(&consumer);
+                let mut env = env!(self, log);
+                self.core
+                    .consumer_gone(consumer, now_ms, &mut env, &mut self.fx);
+            }
+        }
+        if let Err(error) = self.journal.flush() {
+            self.fail(&error);
+        }
+        let min_unsettled = self
+            .core
+            .min_unsettled()
+            .unwrap_or_else(|| log.log_end_offset());
+        self.cache.remove_below(min_unsettled);
+        self.cache.shrink();
+        self.handled_since_hint += 1;
+        if self.handled_since_hint >= 1024 {
+            self.handled_since_hint = 0;
+            self.segment_hint = first_segment_end(log);
+        }
+        if min_unsettled >= self.segment_hint {
+            self.advance_log_start(log, min_unsettled, now_ms);
+        }
+        self.counters
+            .ready
+            .store(self.core.ready_count(), Ordering::Relaxed);
+        self.counters
+            .unacked
+            .store(self.core.unacked_count() as u64, Ordering::Relaxed);
+        self.counters
+            .consumers
+            .store(self.core.consumer_count() as u64, Ordering::Relaxed);
+        let mut env = env!(self, log);
+        let deadline = self.core.next_deadline(&mut env);
+        self.timer.send_if_modified(|current| {
+            let changed = *current != deadline;
+            *current = deadline;
+            changed
+        });
+    }
+
+    fn advance_log_start(&mut self, log: &mut Log, offset: u64, now_ms: i64) {
+        if offset <= log.log_start_offset() || self.failed.is_some() {
+            return;
+        }
+        if let Err(error) = log.advance_log_start(offset, now_ms) {
+            self.fail(&error);
+        }
+        self.segment_hint = first_segment_end(log);
+    }
+
+    fn handle_request(
+        &mut self,
+        log: &mut Log,
+        request: QueueRequest,
+        now_ms: i64,
+    ) -> Handled<Reply> {
+        if let Some(reason) = &self.failed
+            && !matches!(request, QueueRequest::Deleting | QueueRequest::Stat { .. })
+        {
+            return Handled::now(Err(self.queue_error(reason.clone())));
+        }
+        let reply = match request {
+            QueueRequest::Publish(messages) => self
+                .publish(log, messages, now_ms)
+                .map(QueueReply::Published),
+            QueueRequest::AwaitDurable(end_offset) => {
+                if end_offset > log.flushed_offset() {
+                    return Handled::when_durable(Ok(QueueReply::Done), end_offset);
+                }
+                Ok(QueueReply::Done)
+            }
+            QueueRequest::Consume(consumer) => {
+                let added = self.core.add_consumer(
+                    consumer.id,
+                    consumer.no_ack,
+                    consumer.exclusive,
+                    consumer.priority,
+                    now_ms,
+                );
+                match added {
+                    Ok(()) => {
+                        self.consumers.insert(
+                            consumer.id,
+                            ConsumerEntry {
+                                credit: consumer.credit,
+                                sink: consumer.sink,
+                            },
+                        );
+                        Ok(QueueReply::Done)
+                    }
+                    Err(_) => Err(MessagingError::ExclusiveConsume {
+                        vhost: self.vhost.to_string(),
+                        name: self.name.to_string(),
+                    }
+                    .into()),
+                }
+            }
+            QueueRequest::Cancel(consumer) => {
+                self.consumers.remove(&consumer);
+                self.core.remove_consumer(consumer, now_ms, &mut self.fx);
+                Ok(QueueReply::Done)
+            }
+            QueueRequest::Settle(offsets, op) => {
+                let mut env = env!(self, log);
+                self.core
+                    .settle(&offsets, op, now_ms, &mut env, &mut self.fx);
+                Ok(QueueReply::Done)
+            }
+            QueueRequest::ConsumersGone(consumers) => {
+                for consumer in consumers {
+                    self.consumers.remove(&consumer);
+                    let mut env = env!(self, log);
+                    self.core
+                        .consumer_gone(consumer, now_ms, &mut env, &mut self.fx);
+                }
+                Ok(QueueReply::Done)
+            }
+            QueueRequest::Wake => Ok(QueueReply::Done),
+            QueueRequest::Get { no_ack } => {
+                let mut env = env!(self, log);
+                let got = self.core.get(no_ack, now_ms, &mut env, &mut self.fx);
+                let got = got.and_then(|got| {
+                    let mut message = self.load(log, got.offset)?;
+                    if got.delivery_count > 0 && self.core.args().delivery_limit.is_some() {
+                        message = Arc::new(with_delivery_count(&message, got.delivery_count));
+                    }
+                    Some(Got {
+                        delivery: Delivery {
+                            consumer: 0,
+                            offset: got.offset,
+                            redelivered: got.redelivered,
+                            delivery_count: got.delivery_count,
+                            message,
+                        },
+                        message_count: self.core.ready_count(),
+                    })
+                });
+                Ok(QueueReply::Got(got))
+            }
+            QueueRequest::Purge => {
+                let count = self.core.purge(&mut self.fx);
+                self.cache.clear();
+                Ok(QueueReply::Count(count))
+            }
+            QueueRequest::Stat { touch } => {
+                if touch {
+                    self.core.touch(now_ms);
+                }
+                Ok(QueueReply::Stat(QueueStat {
+                    message_count: self.core.ready_count(),
+                    consumer_count: self.core.consumer_count() as u32,
+                }))
+            }
+            QueueRequest::CheckDelete {
+                if_unused,
+                if_empty,
+            } => {
+                if if_unused && self.core.consumer_count() > 0 {
+                    Err(MessagingError::InUse {
+                        kind: ResourceKind::Queue,
+                        vhost: self.vhost.to_string(),
+                        name: self.name.to_string(),
+                    }
+                    .into())
+                } else if if_empty && self.core.ready_count() > 0 {
+                    Err(MessagingError::NotEmpty {
+                        vhost: self.vhost.to_string(),
+                        name: self.name.to_string(),
+                    }
+                    .into())
+                } else {
+                    Ok(QueueReply::Count(self.core.ready_count()))
+                }
+            }
+            QueueRequest::Deleting => {
+                self.deleting = true;
+                for (consumer, entry) in self.consumers.drain() {
+                    let _ = entry.sink.send(QueueEvent::Cancelled { consumer });
+                    let mut ignored = Vec::new();
+                    self.core.remove_consumer(consumer, now_ms, &mut ignored);
+                }
+                return Handled::now(Ok(QueueReply::Count(self.core.ready_count())));
+            }
+            QueueRequest::Timer => {
+                let mut env = env!(self, log);
+                self.core.tick(now_ms, &mut env, &mut self.fx);
+                Ok(QueueReply::Done)
+            }
+        };
+        if reply.is_ok() {
+            let mut env = env!(self, log);
+            self.core.dispatch(now_ms, &mut env, &mut self.fx);
+        }
+        self.settle_effects(log, now_ms);
+        Handled::now(reply)
+    }
+}
+
+/// A copy of `message` carrying `x-delivery-count`, as quorum queues add on redeliveries.
+fn with_delivery_count(message: &Message, count: u32) -> Message {
+    let mut copy = message.clone();
+    let headers = copy.properties.headers.get_or_insert_with(Vec::new);
+    value::set(headers, "x-delivery-count", FieldValue::I64(i64::from(count)));
+    copy
+}
+
+impl LogHandler for QueueHandler {
+    type Request = QueueRequest;
+    type Reply = Reply;
+
+    fn handle(&mut self, log: &mut Log, request: QueueRequest, now_ms: i64) -> Handled<Reply> {
+        self.handle_request(log, request, now_ms)
+    }
+
+    fn flush_failed(&mut self, _reply: Reply, error: &StorageError) -> Reply {
+        self.fail(error);
+        Err(self.queue_error(error.to_string()))
+    }
+
+    fn on_close(&mut self, log: &mut Log) {
+        if self.deleting {
+            return;
+        }
+        if let Err(error) = self.journal.sync() {
+            tracing::warn!(queue = %self.name, %error, "cannot sync the acknowledgement journal");
+        }
+        // Leave the log as short as it can be, so the next start recovers less. Queue logs
+        // have no time-based retention, so the time passed here does not matter.
+        let min_unsettled = self
+            .core
+            .min_unsettled()
+            .unwrap_or_else(|| log.log_end_offset());
+        if min_unsettled > log.log_start_offset()
+            && let Err(error) = log.advance_log_start(min_unsettled, 0)
+        {
+            tracing::warn!(queue = %self.name, %error, "cannot advance the log start at close");
+        }
+    }
+
+    fn tick(&mut self, log: &mut Log, now_ms: i64) {
+        if self.failed.is_some() || self.deleting {
+            return;
+        }
+        // Consumers whose connection is gone without telling (a crashed connection task).
+        let dead: Vec<ConsumerId> = self
+            .consumers
+            .iter()
+            .filter(|(_, entry)| entry.sink.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for consumer in dead {
+            self.consumers.remove(&consumer);
+            let mut env = env!(self, log);
+            self.core
+                .consumer_gone(consumer, now_ms, &mut env, &mut self.fx);
+        }
+        let mut env = env!(self, log);
+        self.core.tick(now_ms, &mut env, &mut self.fx);
+        self.segment_hint = first_segment_end(log);
+        self.settle_effects(log, now_ms);
+        if let Err(error) = self.journal.sync() {
+            self.fail(&error);
+            return;
+        }
+        if self.journal.entry_count() > COMPACT_AFTER_ENTRIES {
+            let start = log.log_start_offset();
+            let end = log.log_end_offset();
+            let settled = self.core.unsettled().complement(start..end);
+            if let Err(error) = self.journal.rewrite(&settled) {
+                self.fail(&error);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::value::lookup;
+
+    #[test]
+    fn delivery_count_header_is_added() {
+        let message = Message {
+            exchange: "".into(),
+            routing_key: "q".into(),
+            properties: Properties::default(),
+            body: bytes::Bytes::new(),
+        };
+        let counted = with_delivery_count(&message, 2);
+        assert_eq!(
+            lookup(counted.properties.headers.as_ref().unwrap(), "x-delivery-count"),
+            Some(&FieldValue::I64(2))
+        );
+    }
+}
