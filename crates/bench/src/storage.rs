@@ -180,6 +180,9 @@ pub struct AppendResult {
     pub close_ms: f64,
     /// What ended the run: `bytes` (budget reached) or `time`.
     pub stopped_by: String,
+    /// Appends the owner task dropped without applying them, which were sent again.
+    #[serde(default)]
+    pub lost_request_count: u64,
 }
 
 /// Reading a whole log from the page cache.
@@ -199,6 +202,9 @@ pub struct ReopenResult {
     pub segment_count: usize,
     /// Time for the fill's `LogHandle::close` (persists indexes, fsyncs).
     pub close_ms: f64,
+    /// Appends the owner dropped while filling the log, which were sent again.
+    #[serde(default)]
+    pub lost_request_count: u64,
     /// Time for `Log::open` on the closed log: the figure that matters.
     pub open_ms: f64,
     pub rebuilt_index_count: usize,
@@ -255,6 +261,14 @@ impl StorageReport {
                 );
             }
             out.push('\n');
+            let lost: u64 = self.appends.iter().map(|a| a.lost_request_count).sum();
+            if lost > 0 {
+                let _ = writeln!(
+                    out,
+                    "The log's owner task dropped {lost} appends without applying them (they \
+                     were sent again; see `lost_request_count` in the JSON).\n"
+                );
+            }
         }
         if let Some(read) = &self.read {
             let _ = writeln!(
@@ -348,7 +362,7 @@ pub async fn run(options: &StorageOptions, quiet: bool) -> Result<StorageReport,
                     if !quiet {
                         eprintln!(
                             "storage: {} batches, fsync={}, {} appenders: {:.1} MB/s, {:.0} batches/s",
-                            human_bytes(result.batch_bytes),
+                            human_bytes(result.batch_bytes_asked),
                             result.fsync,
                             appenders,
                             result.mb_per_s,
@@ -414,13 +428,19 @@ async fn append_run(
     }
     let mut histogram = ack_histogram()?;
     let mut batch_count = 0u64;
+    let mut lost_request_count = 0u64;
     for appender in appenders {
-        let (count, latencies) = appender
+        let joined = appender
             .await
-            .map_err(|error| BenchError::Task(format!("an appender: {error}")))??;
-        batch_count += count;
+            .map_err(|error| BenchError::Task(format!("an appender: {error}")))?;
+        let tally = match joined {
+            Ok(tally) => tally,
+            Err(error) => return Err(explain_owner_gone(error, owner).await),
+        };
+        batch_count += tally.append_count;
+        lost_request_count += tally.lost_request_count;
         histogram
-            .add(&latencies)
+            .add(&tally.ack_us)
             .map_err(|error| BenchError::Invalid(format!("merging ack latencies: {error}")))?;
     }
     let elapsed_s = started.elapsed().as_secs_f64();
@@ -455,6 +475,7 @@ async fn append_run(
         ack_p99_us: histogram.value_at_quantile(0.99),
         ack_max_us: histogram.max(),
         close_ms,
+        lost_request_count,
         stopped_by: if batch_count >= budget_count {
             "bytes".into()
         } else {
@@ -463,32 +484,85 @@ async fn append_run(
     })
 }
 
+/// An append that failed because the owner task is gone says only that; the task's own
+/// result says why it ended.
+async fn explain_owner_gone(error: BenchError, owner: sluice_storage::OwnerTask) -> BenchError {
+    let gone = matches!(
+        &error,
+        BenchError::Storage {
+            source: sluice_storage::StorageError::OwnerGone,
+            ..
+        }
+    );
+    if !gone {
+        owner.abort();
+        return error;
+    }
+    match owner.await {
+        Ok(Ok(())) => BenchError::Invalid("the log owner stopped without an error".into()),
+        Ok(Err(cause)) => BenchError::storage("the log owner stopped", cause),
+        Err(join_error) => BenchError::Task(format!("the log owner died: {join_error}")),
+    }
+}
+
 fn ack_histogram() -> Result<Histogram<u64>, BenchError> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3)
         .map_err(|error| BenchError::Invalid(format!("ack histogram: {error}")))
 }
 
+/// How often one append is sent again after the owner dropped it (see [`append_loop`]).
+const LOST_REQUEST_RETRIES_MAX: u32 = 3;
+
+/// What one appender did.
+#[derive(Debug)]
+struct AppenderTally {
+    append_count: u64,
+    lost_request_count: u64,
+    ack_us: Histogram<u64>,
+}
+
 /// One appender: claims a batch from the shared budget, appends a fresh copy, waits for the
 /// ack, and again, until the budget or the time is used up.
+///
+/// The owner task drops the request it has just taken off its channel when one drain reaches
+/// `OwnerOptions::drain_max`: the caller gets `OwnerGone` although the owner runs on, and the
+/// request was never applied. That happens whenever appenders keep the channel busy for 256
+/// requests in a row (easily with `fsync = never`). Such an append is sent again and counted,
+/// so the figures stay honest and the loss is reported; an owner that really stopped fails
+/// every retry.
 async fn append_loop(
     handle: &LogHandle,
     batch: &Bytes,
     claimed: &AtomicU64,
     budget_count: u64,
     deadline: Instant,
-) -> Result<(u64, Histogram<u64>), BenchError> {
-    let mut histogram = ack_histogram()?;
-    let mut count = 0u64;
+) -> Result<AppenderTally, BenchError> {
+    let mut tally = AppenderTally {
+        append_count: 0,
+        lost_request_count: 0,
+        ack_us: ack_histogram()?,
+    };
     while Instant::now() < deadline && claimed.fetch_add(1, Ordering::Relaxed) < budget_count {
         let sent_at = Instant::now();
-        handle
-            .append(BytesMut::from(&batch[..]))
-            .await
-            .map_err(|error| BenchError::storage("appending", error))?;
-        histogram.saturating_record((sent_at.elapsed().as_micros() as u64).max(1));
-        count += 1;
+        let mut retries = 0;
+        loop {
+            match handle.append(BytesMut::from(&batch[..])).await {
+                Ok(_) => break,
+                Err(sluice_storage::StorageError::OwnerGone)
+                    if retries < LOST_REQUEST_RETRIES_MAX =>
+                {
+                    retries += 1;
+                    tally.lost_request_count += 1;
+                }
+                Err(error) => return Err(BenchError::storage("appending", error)),
+            }
+        }
+        tally
+            .ack_us
+            .saturating_record((sent_at.elapsed().as_micros() as u64).max(1));
+        tally.append_count += 1;
     }
-    Ok((count, histogram))
+    Ok(tally)
 }
 
 /// Fills a log, closes it, times reopening it, then reads it all back from the page cache.
@@ -506,6 +580,7 @@ async fn reopen_and_read(
     let claimed = Arc::new(AtomicU64::new(0));
     let far = Instant::now() + Duration::from_secs(24 * 3600);
     let mut fillers = Vec::new();
+    let mut lost_request_count = 0u64;
     for _ in 0..FILL_APPENDER_COUNT {
         let handle = handle.clone();
         let batch = batch.clone();
@@ -515,9 +590,13 @@ async fn reopen_and_read(
         }));
     }
     for filler in fillers {
-        filler
+        let joined = filler
             .await
-            .map_err(|error| BenchError::Task(format!("a filler: {error}")))??;
+            .map_err(|error| BenchError::Task(format!("a filler: {error}")))?;
+        match joined {
+            Ok(tally) => lost_request_count += tally.lost_request_count,
+            Err(error) => return Err(explain_owner_gone(error, owner).await),
+        }
     }
     let log_bytes = handle.reader().size_bytes();
     let close_started = Instant::now();
@@ -542,6 +621,7 @@ async fn reopen_and_read(
             log_bytes,
             segment_count: open_report.segment_count,
             close_ms,
+            lost_request_count,
             open_ms,
             rebuilt_index_count: open_report.rebuilt_index_count,
             truncated_bytes: open_report.truncated_bytes,

@@ -659,18 +659,23 @@ async fn run_kafka(
     kafka_options.bootstrap = bootstrap;
     kafka_options.load.broker_pid = targets.pid;
     if workload.half_of_peak {
-        let peak = report
-            .workload(KAFKA_PEAK_ID, "sluice")
-            .and_then(|w| w.outcome.report())
+        let peak_outcome = report.workload(KAFKA_PEAK_ID, "sluice").map(|w| &w.outcome);
+        let peak = peak_outcome
+            .and_then(Outcome::report)
             .and_then(|r| r.send)
             .map(|send| send.msgs_per_s)
             .filter(|rate| *rate > 0.0);
-        match peak {
-            Some(peak) => kafka_options.load.rate = Some(peak / 2.0),
-            None => {
+        match (peak, peak_outcome) {
+            (Some(peak), _) => kafka_options.load.rate = Some(peak / 2.0),
+            (None, Some(Outcome::Skipped { reason } | Outcome::Failed { reason })) => {
+                return Outcome::Skipped {
+                    reason: format!("needs the peak send rate of {KAFKA_PEAK_ID}: {reason}"),
+                };
+            }
+            (None, _) => {
                 return Outcome::Skipped {
                     reason: format!(
-                        "needs the peak send rate of {KAFKA_PEAK_ID}, which did not run"
+                        "needs the peak send rate of {KAFKA_PEAK_ID}, which measured none"
                     ),
                 };
             }
