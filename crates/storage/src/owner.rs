@@ -220,9 +220,15 @@ async fn run<H: LogHandler>(
                 finish_flush(&mut log, &mut handler, &mut waiting, &job, result);
             }
             message = rx.recv(), if closing.is_none() && waiting.len() < options.waiting_max => {
-                let Some(mut message) = message else { break };
+                let Some(first) = message else { break };
                 let now_ms = options.clock.now_ms();
-                for _ in 0..options.drain_max {
+                // Take a message off the channel only when it will be handled in this drain:
+                // one taken and then left behind would be dropped, and its caller told the
+                // owner is gone.
+                let mut next = Some(first);
+                let mut drained = 0;
+                while let Some(message) = next.take() {
+                    drained += 1;
                     match message {
                         Message::Call(request, reply_to) => {
                             let handled = handler.handle(&mut log, request, now_ms);
@@ -240,12 +246,8 @@ async fn run<H: LogHandler>(
                             break;
                         }
                     }
-                    if waiting.len() >= options.waiting_max {
-                        break;
-                    }
-                    match rx.try_recv() {
-                        Ok(next) => message = next,
-                        Err(_) => break,
+                    if drained < options.drain_max && waiting.len() < options.waiting_max {
+                        next = rx.try_recv().ok();
                     }
                 }
             }

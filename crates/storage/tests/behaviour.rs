@@ -306,3 +306,43 @@ async fn concurrent_appends_share_fsyncs() {
     handle.close().await.unwrap();
     task.await.unwrap().unwrap();
 }
+
+/// More concurrent requests than one drain takes: every one is applied and answered, none is
+/// dropped between drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_one_drain_are_all_applied() {
+    for fsync in [FsyncPolicy::Never, FsyncPolicy::Always] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: 1 << 30,
+            fsync,
+            ..common::small_config()
+        };
+        let log = open(dir.path(), config);
+        let options = OwnerOptions {
+            drain_max: 3,
+            waiting_max: 5,
+            channel_capacity: 8,
+            ..OwnerOptions::default()
+        };
+        let (handle, task) = LogHandle::spawn(log, options);
+        let mut tasks = Vec::new();
+        for writer in 0..32u64 {
+            let handle = handle.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..25 {
+                    handle
+                        .append(common::batch(1, 16, 0, writer * 100 + i))
+                        .await
+                        .expect("every append is applied");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(handle.reader().log_end_offset(), 32 * 25, "{fsync}");
+        handle.close().await.unwrap();
+        task.await.unwrap().unwrap();
+    }
+}
