@@ -21,8 +21,7 @@ fuzz_target!(|data: &[u8]| {
     for item in Batches::new(&repaired) {
         let Ok((header, raw)) = item else { break };
         let _ = sluice_storage::record::decode(raw);
-        let _ = sluice_kafka::records::records_of(raw);
-        let _ = sluice_kafka::records::first_at_or_after(raw, 0);
+        let _ = sluice_storage::record::decode_owned(raw, 1 << 20);
         let _ = header.last_sequence();
     }
 });

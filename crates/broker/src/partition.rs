@@ -30,6 +30,10 @@ use crate::topic_config::{EffectiveTopicConfig, TimestampType};
 
 const TOPIC_ID_FILE: &str = "topic-id";
 
+/// Largest decompressed batch body read when looking inside batches (timestamp lookups,
+/// peeks). A batch that expands further is treated as opaque.
+pub const DECOMPRESSED_MAX_BYTES: usize = 64 * 1024 * 1024;
+
 /// Limits of the producer state kept per partition.
 #[derive(Debug, Clone, Copy)]
 pub struct ProducerLimits {
@@ -502,6 +506,77 @@ impl Partition {
             .reader
             .find_by_timestamp(timestamp_ms)?
             .filter(|hit| (hit.header.base_offset as u64) < high_watermark))
+    }
+
+    /// The first visible record whose timestamp is at or after `timestamp_ms`, and its
+    /// timestamp. Falls back to its batch's first offset if the batch cannot be decoded, which
+    /// is at or before the exact answer.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<(u64, i64)>, BrokerError> {
+        let Some(hit) = self.find_by_timestamp(timestamp_ms)? else {
+            return Ok(None);
+        };
+        let log_start = self.log_start_offset();
+        let found = match sluice_storage::record::decode_owned(&hit.batch, DECOMPRESSED_MAX_BYTES) {
+            Ok((_, records)) => records
+                .iter()
+                .find(|r| r.timestamp_ms >= timestamp_ms)
+                .map(|r| (r.offset.max(0) as u64, r.timestamp_ms)),
+            Err(error) => {
+                tracing::warn!(topic = %self.topic, partition = self.index, %error, "cannot read a batch's records; answering with its first offset");
+                Some((hit.header.base_offset as u64, hit.header.max_timestamp))
+            }
+        };
+        // After DeleteRecords a batch's first records may lie below the log start.
+        Ok(found.map(|(offset, ts)| (offset.max(log_start), ts)))
+    }
+
+    /// The visible record with the largest timestamp (Kafka's MAX_TIMESTAMP lookup).
+    pub fn offset_of_max_timestamp(&self) -> Result<Option<(u64, i64)>, BrokerError> {
+        let max = self
+            .reader
+            .segments()
+            .iter()
+            .filter_map(|segment| segment.max_timestamp_ms)
+            .max();
+        let Some(max) = max else { return Ok(None) };
+        let Some(hit) = self.find_by_timestamp(max)? else {
+            return Ok(None);
+        };
+        let exact = sluice_storage::record::decode_owned(&hit.batch, DECOMPRESSED_MAX_BYTES)
+            .ok()
+            .and_then(|(_, records)| records.into_iter().find(|r| r.timestamp_ms == max))
+            .map(|r| (r.offset as u64, r.timestamp_ms));
+        Ok(exact.or(Some((hit.header.last_offset() as u64, hit.header.max_timestamp))))
+    }
+
+    /// Up to `max_records` visible records from `offset`, decoded (for peeks and tools).
+    pub fn read_records(&self, offset: u64, max_records: usize, max_bytes: usize) -> Result<Vec<sluice_storage::record::Record>, BrokerError> {
+        let mut records = Vec::new();
+        let mut next = offset;
+        while records.len() < max_records && next < self.high_watermark() {
+            let read = self.read(next, max_bytes, true)?;
+            if read.bytes.is_empty() {
+                break;
+            }
+            for item in sluice_storage::batch::Batches::new(&read.bytes) {
+                let (header, raw) = item.map_err(|(position, source)| BrokerError::Storage(StorageError::InvalidBatch { position, source }))?;
+                next = header.next_offset() as u64;
+                if header.is_control() {
+                    continue;
+                }
+                let (_, decoded) = sluice_storage::record::decode_owned(raw, DECOMPRESSED_MAX_BYTES).map_err(|error| BrokerError::Storage(StorageError::Corrupt {
+                    path: self.reader.dir().to_owned(),
+                    position: 0,
+                    reason: format!("batch at offset {}: {error}", header.base_offset),
+                }))?;
+                records.extend(decoded.into_iter().filter(|r| r.offset >= offset as i64));
+                if records.len() >= max_records {
+                    records.truncate(max_records);
+                    break;
+                }
+            }
+        }
+        Ok(records)
     }
 
     /// Finishes pending work, saves producer state and closes the log.

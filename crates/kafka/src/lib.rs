@@ -17,7 +17,6 @@
 pub mod api;
 mod connection;
 pub mod errors;
-pub mod records;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

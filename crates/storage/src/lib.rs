@@ -18,6 +18,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod clock;
+pub mod compression;
 pub mod config;
 mod epoch;
 pub mod error;

@@ -19,6 +19,8 @@ use crate::batch::{self, BatchHeader, HEADER_BYTES, LOG_OVERHEAD_BYTES, MAGIC_V2
 pub enum RecordError {
     #[error("batch is compressed ({0:?}); only uncompressed batches can be decoded here")]
     Compressed(batch::Compression),
+    #[error(transparent)]
+    Decompress(#[from] crate::compression::DecompressError),
     #[error("record {index} is malformed: {reason}")]
     Malformed { index: i32, reason: &'static str },
     #[error(transparent)]
@@ -246,6 +248,49 @@ pub fn decode_records<'a>(
         });
     }
     Ok(records)
+}
+
+/// One record, owning its bytes (from a batch that may have been compressed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub offset: i64,
+    pub timestamp_ms: i64,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<(Bytes, Option<Bytes>)>,
+}
+
+/// Decodes every record of a stored batch, compressed or not. The decompressed body may be
+/// at most `decompressed_max_bytes` long.
+pub fn decode_owned(
+    batch: &[u8],
+    decompressed_max_bytes: usize,
+) -> Result<(BatchHeader, Vec<Record>), RecordError> {
+    let header = BatchHeader::parse(batch)?;
+    let end = header.total_bytes().min(batch.len());
+    let raw = &batch[HEADER_BYTES.min(end)..end];
+    let body = Bytes::from(crate::compression::decompress(
+        header.compression(),
+        raw,
+        decompressed_max_bytes,
+    )?);
+    let views = decode_records(&header, &body)?;
+    let slice = |part: &[u8]| body.slice_ref(part);
+    let records = views
+        .iter()
+        .map(|view| Record {
+            offset: view.offset,
+            timestamp_ms: view.timestamp_ms,
+            key: view.key.map(slice),
+            value: view.value.map(slice),
+            headers: view
+                .headers
+                .iter()
+                .map(|(k, v)| (slice(k), v.map(slice)))
+                .collect(),
+        })
+        .collect();
+    Ok((header, records))
 }
 
 struct Cursor<'a> {

@@ -19,7 +19,6 @@ use sluice_broker::Partition;
 
 use crate::Context;
 use crate::errors::{KafkaError, kafka_error};
-use crate::records;
 
 /// Special timestamps of ListOffsets.
 const LATEST: i64 = -1;
@@ -39,33 +38,14 @@ fn lookup(partition: &Partition, timestamp: i64) -> Result<(i64, i64), KafkaErro
         EARLIEST | EARLIEST_LOCAL | EARLIEST_PENDING_UPLOAD => Ok((log_start, -1)),
         // Nothing is tiered: the latest tiered offset is "none".
         LATEST_TIERED => Ok((-1, -1)),
-        MAX_TIMESTAMP => {
-            let max = partition
-                .reader()
-                .segments()
-                .iter()
-                .filter_map(|segment| segment.max_timestamp_ms)
-                .max();
-            let Some(max) = max else { return Ok((-1, -1)) };
-            let hit = partition
-                .find_by_timestamp(max)
-                .map_err(|error| kafka_error(&error))?;
-            Ok(hit
-                .and_then(|hit| records::offset_of_max_timestamp(&hit.batch))
-                .unwrap_or((-1, -1)))
-        }
-        timestamp if timestamp >= 0 => {
-            let hit = partition
-                .find_by_timestamp(timestamp)
-                .map_err(|error| kafka_error(&error))?;
-            let found = hit.and_then(|hit| records::first_at_or_after(&hit.batch, timestamp));
-            Ok(match found {
-                // A batch's first records may lie below the log start after DeleteRecords.
-                Some((offset, ts)) if offset >= log_start => (offset, ts),
-                Some((_, ts)) => (log_start, ts),
-                None => (-1, -1),
-            })
-        }
+        MAX_TIMESTAMP => Ok(partition
+            .offset_of_max_timestamp()
+            .map_err(|error| kafka_error(&error))?
+            .map_or((-1, -1), |(offset, ts)| (offset as i64, ts))),
+        timestamp if timestamp >= 0 => Ok(partition
+            .offset_for_timestamp(timestamp)
+            .map_err(|error| kafka_error(&error))?
+            .map_or((-1, -1), |(offset, ts)| (offset as i64, ts))),
         other => Err(KafkaError::new(
             ResponseError::InvalidRequest,
             format!("unknown special timestamp {other}"),
