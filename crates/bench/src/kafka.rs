@@ -220,9 +220,12 @@ impl KafkaOptions {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false");
-        if let Some(group_id) = &self.group_id {
-            config.set("group.id", format!("{group_id}-{group}"));
-        }
+        match &self.group_id {
+            Some(group_id) => config.set("group.id", format!("{group_id}-{group}")),
+            // librdkafka refuses to assign partitions to a consumer without a group id, even
+            // one that never joins the group; a fresh id keeps runs apart.
+            None => config.set("group.id", fresh_name("sluice-bench-assign")),
+        };
         for (key, value) in self.extra_settings()? {
             config.set(key, value);
         }

@@ -25,7 +25,7 @@ fn the_quick_workloads_move_messages_through_sluice() -> anyhow::Result<()> {
         return Ok(());
     };
     let out = tempfile::tempdir()?;
-    let status = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
         .arg("suite")
         .arg("--smoke")
         .args(["--skip", "limits"])
@@ -36,8 +36,14 @@ fn the_quick_workloads_move_messages_through_sluice() -> anyhow::Result<()> {
         .arg("--scratch-dir")
         .arg(out.path().join("scratch"))
         .arg("--quiet")
-        .status()?;
-    assert!(status.success(), "sluice-bench suite exited with {status}");
+        .output()?;
+    assert!(
+        output.status.success(),
+        "sluice-bench suite exited with {}:\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 
     let report: SuiteReport = read_json(&out.path().join("summary.json"))?;
     let summary = std::fs::read_to_string(out.path().join("summary.md"))?;
