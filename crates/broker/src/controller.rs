@@ -101,6 +101,7 @@ pub(crate) fn load(
         messaging: crate::control::MessagingShared::new(),
         supervisor,
         started: Instant::now(),
+        fsync_latency: Arc::new(sluice_metrics::Histogram::default()),
         _lock: lock,
     })
 }

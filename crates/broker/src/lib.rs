@@ -53,7 +53,7 @@ pub use crate::error::{BrokerError, MessagingError, ResourceKind};
 pub use crate::group::{GroupCoordinator, GroupLimits};
 pub use crate::metadata::{MetadataCommand, MetadataState, NodeId, PartitionRecord, TopicRecord};
 pub use crate::offsets::{CommittedOffset, OffsetEntry};
-pub use crate::partition::{Partition, ProduceOutcome, ProducerLimits};
+pub use crate::partition::{Partition, PartitionStats, ProduceOutcome, ProducerLimits};
 pub use crate::supervisor::{Fatal, Supervisor};
 pub use crate::topic_config::{ConfigEntry, ConfigKind, EffectiveTopicConfig, TimestampType};
 
@@ -152,6 +152,8 @@ pub(crate) struct Shared {
     pub messaging: crate::control::MessagingShared,
     pub supervisor: Supervisor,
     pub started: Instant,
+    /// Durations of fsync rounds, across every log.
+    pub fsync_latency: Arc<sluice_metrics::Histogram>,
     /// Held for as long as the broker uses the data directory.
     _lock: File,
 }
@@ -166,6 +168,7 @@ impl Shared {
             channel_capacity: self.config.partition_queue_capacity,
             tick_interval: self.config.housekeeping_interval,
             clock: Arc::clone(&self.clock),
+            fsync_latency: Some(Arc::clone(&self.fsync_latency)),
             ..OwnerOptions::default()
         }
     }
@@ -237,6 +240,11 @@ impl Broker {
     /// The consumer group coordinator.
     pub fn groups(&self) -> &GroupCoordinator {
         &self.groups
+    }
+
+    /// Durations of fsync rounds, across every log.
+    pub fn fsync_latency(&self) -> &sluice_metrics::Histogram {
+        &self.shared.fsync_latency
     }
 
     pub fn cluster_id(&self) -> &str {

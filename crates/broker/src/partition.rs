@@ -34,6 +34,19 @@ const TOPIC_ID_FILE: &str = "topic-id";
 /// peeks). A batch that expands further is treated as opaque.
 pub const DECOMPRESSED_MAX_BYTES: usize = 64 * 1024 * 1024;
 
+/// Traffic through one partition since the broker started.
+#[derive(Debug, Default)]
+pub struct PartitionStats {
+    /// Records appended (duplicates of earlier batches are not counted again).
+    pub records_in: sluice_metrics::Counter,
+    pub bytes_in: sluice_metrics::Counter,
+    /// Records handed to readers (a record read twice counts twice).
+    pub records_out: sluice_metrics::Counter,
+    pub bytes_out: sluice_metrics::Counter,
+    /// Produce requests refused.
+    pub produce_errors: sluice_metrics::Counter,
+}
+
 /// Limits of the producer state kept per partition.
 #[derive(Debug, Clone, Copy)]
 pub struct ProducerLimits {
@@ -74,6 +87,7 @@ type Reply = Result<PartitionReply, BrokerError>;
 
 struct PartitionHandler {
     dir: PathBuf,
+    stats: Arc<PartitionStats>,
     producers: ProducerStates,
     high_watermark: watch::Sender<u64>,
     config: EffectiveTopicConfig,
@@ -159,6 +173,8 @@ impl PartitionHandler {
             Ok(info) => info,
             Err(error) => return Handled::now(Err(error.into())),
         };
+        self.stats.records_in.add(info.last_offset + 1 - info.base_offset);
+        self.stats.bytes_in.add(info.bytes as u64);
         // Record producer state from the headers as stored (with assigned offsets).
         let mut position = 0;
         for header in &headers {
@@ -295,6 +311,7 @@ impl LogHandler for PartitionHandler {
 /// A live partition.
 #[derive(Debug)]
 pub struct Partition {
+    stats: Arc<PartitionStats>,
     topic: Arc<str>,
     topic_id: Uuid,
     index: u32,
@@ -390,7 +407,9 @@ impl Partition {
     ) -> (Arc<Self>, OwnerTask) {
         let reader = log.reader();
         let (high_watermark, receiver) = watch::channel(log.log_end_offset());
+        let stats = Arc::new(PartitionStats::default());
         let handler = PartitionHandler {
+            stats: Arc::clone(&stats),
             dir: spec.dir.clone(),
             producers,
             high_watermark,
@@ -398,6 +417,7 @@ impl Partition {
         };
         let (owner, task) = sluice_storage::owner::spawn(log, handler, options);
         let partition = Arc::new(Self {
+            stats,
             topic: Arc::clone(&spec.topic),
             topic_id: spec.topic_id,
             index: spec.index,
@@ -424,6 +444,10 @@ impl Partition {
         &self.reader
     }
 
+    pub fn stats(&self) -> &PartitionStats {
+        &self.stats
+    }
+
     /// The offset below which records are visible to consumers.
     pub fn high_watermark(&self) -> u64 {
         *self.high_watermark.borrow()
@@ -448,9 +472,13 @@ impl Partition {
 
     /// Appends the batches of a produce request (one or more v2 batches laid end to end).
     pub async fn produce(&self, batches: BytesMut) -> Result<ProduceOutcome, BrokerError> {
-        match self.call(PartitionRequest::Produce(batches)).await? {
-            PartitionReply::Produced(outcome) => Ok(outcome),
-            other => unreachable!("produce is answered with Produced, not {other:?}"),
+        match self.call(PartitionRequest::Produce(batches)).await {
+            Ok(PartitionReply::Produced(outcome)) => Ok(outcome),
+            Ok(other) => unreachable!("produce is answered with Produced, not {other:?}"),
+            Err(error) => {
+                self.stats.produce_errors.increment();
+                Err(error)
+            }
         }
     }
 
@@ -491,9 +519,32 @@ impl Partition {
         min_one_batch: bool,
     ) -> Result<ReadBatches, BrokerError> {
         let high_watermark = self.high_watermark();
-        self.reader
-            .read_until(offset, high_watermark, max_bytes, min_one_batch)
-            .map_err(Into::into)
+        let read = self
+            .reader
+            .read_until(offset, high_watermark, max_bytes, min_one_batch)?;
+        self.count_out(&read.bytes);
+        Ok(read)
+    }
+
+    /// Counts batches handed to a reader. Batches read together are contiguous, so their
+    /// records run from the first base offset to the last batch's end.
+    fn count_out(&self, bytes: &[u8]) {
+        let Ok(first) = BatchHeader::parse(bytes) else { return };
+        let mut at = 0;
+        let mut end = first.next_offset();
+        while let Ok((_, total)) = BatchHeader::peek_extent(&bytes[at..]) {
+            if let Ok(header) = BatchHeader::parse(&bytes[at..]) {
+                end = header.next_offset();
+            }
+            at += total;
+            if at >= bytes.len() {
+                break;
+            }
+        }
+        self.stats
+            .records_out
+            .add(end.saturating_sub(first.base_offset) as u64);
+        self.stats.bytes_out.add(bytes.len() as u64);
     }
 
     /// The first visible batch whose max timestamp is at or after `timestamp_ms`.

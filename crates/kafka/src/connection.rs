@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 
 use crate::Context;
 use crate::api::{self, Client};
+use crate::observe::ConnectionEntry;
 
 /// Why a frame could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +120,24 @@ fn api_versions_too_new(correlation_id: i32) -> Result<BytesMut, String> {
 }
 
 pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, context: Arc<Context>) {
+    let frontend = Arc::clone(&context.frontend);
+    let entry = frontend
+        .connections
+        .open(peer, context.broker.clock().now_ms(), &context.shutdown);
+    frontend.metrics.connections_open.increment();
+    frontend.metrics.connections_total.increment();
+    serve_connection(stream, peer, &context, &entry).await;
+    frontend.metrics.connections_open.decrement();
+    frontend.connections.remove(entry.id);
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    context: &Context,
+    entry: &ConnectionEntry,
+) {
+    let metrics = &context.frontend.metrics;
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%peer, %error, "cannot set TCP_NODELAY");
     }
@@ -136,9 +155,10 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, context: Arc<Contex
                 Ok(size) => size,
                 Err(_) => break, // closed by the client
             },
-            () = context.shutdown.cancelled() => break,
+            () = entry.closed().cancelled() => break,
         };
         if size < 0 || size as usize > max {
+            metrics.protocol_errors.increment();
             tracing::warn!(%peer, size, max, "closing a Kafka connection: frame size out of bounds");
             break;
         }
@@ -146,17 +166,27 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, context: Arc<Contex
         if reader.read_exact(&mut frame).await.is_err() {
             break;
         }
+        let received = 4 + size as u64;
+        metrics.bytes_in.add(received);
+        entry.bytes_in.add(received);
+        entry.requests.increment();
         let encoded = match decode_request(frame.freeze()) {
             Ok(Decoded::Request { header, request }) => {
                 if let Some(id) = &header.client_id
                     && client.client_id.as_str() != id.as_str()
                 {
                     client.client_id = id.to_string();
+                    *entry.client_id.lock() = client.client_id.clone();
                 }
                 let api = ApiKey::try_from(header.request_api_key).unwrap_or(ApiKey::ApiVersions);
                 let version = header.request_api_version;
                 let correlation_id = header.correlation_id;
-                match api::handle(&context, &client, header, *request).await {
+                let started = std::time::Instant::now();
+                let response = api::handle(context, &client, header, *request).await;
+                if let Some(latency) = metrics.request_latency(api) {
+                    latency.observe(started.elapsed());
+                }
+                match response {
                     Some(body) => encode_response(api, version, correlation_id, &body),
                     None => continue, // acks=0 produce: no response at all
                 }
@@ -165,6 +195,7 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, context: Arc<Contex
                 api_versions_too_new(correlation_id)
             }
             Err(error) => {
+                metrics.protocol_errors.increment();
                 tracing::warn!(%peer, client_id = %client.client_id, %error, "closing a Kafka connection: undecodable request");
                 break;
             }
@@ -177,6 +208,8 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, context: Arc<Contex
                 break;
             }
         };
+        metrics.bytes_out.add(bytes.len() as u64);
+        entry.bytes_out.add(bytes.len() as u64);
         if writer.write_all(&bytes).await.is_err() {
             break;
         }

@@ -17,6 +17,7 @@
 pub mod api;
 mod connection;
 pub mod errors;
+pub mod observe;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use crate::connection::decode_request;
+pub use crate::observe::{ConnectionInfo, KafkaFrontend, KafkaMetrics};
 
 /// Settings of the Kafka front-end.
 #[derive(Debug, Clone)]
@@ -48,14 +50,37 @@ pub struct Context {
     pub broker: Broker,
     pub settings: KafkaSettings,
     pub shutdown: CancellationToken,
+    pub frontend: Arc<KafkaFrontend>,
 }
 
-/// Accepts Kafka clients on `listener` until `shutdown` is cancelled. Each connection runs as
-/// a task on `tracker`, so the caller can wait for them to finish.
+/// Accepts Kafka clients on `listener` until `shutdown` is cancelled, with metrics and the
+/// connection registry of its own.
 pub async fn serve(
     listener: TcpListener,
     broker: Broker,
     settings: KafkaSettings,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    serve_with(
+        listener,
+        broker,
+        settings,
+        Arc::default(),
+        shutdown,
+        tracker,
+    )
+    .await;
+}
+
+/// Accepts Kafka clients on `listener` until `shutdown` is cancelled, recording metrics and
+/// connections in `frontend` (which the admin API reads). Each connection runs as a task on
+/// `tracker`, so the caller can wait for them to finish.
+pub async fn serve_with(
+    listener: TcpListener,
+    broker: Broker,
+    settings: KafkaSettings,
+    frontend: Arc<KafkaFrontend>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -64,6 +89,7 @@ pub async fn serve(
         broker,
         settings,
         shutdown: shutdown.clone(),
+        frontend,
     });
     loop {
         // Wait for a connection slot first: past the limit, clients wait in the backlog.

@@ -97,6 +97,8 @@ pub struct OwnerOptions {
     pub waiting_max: usize,
     pub tick_interval: Duration,
     pub clock: Arc<dyn Clock>,
+    /// Where fsync round durations are recorded (one histogram may serve many logs).
+    pub fsync_latency: Option<Arc<sluice_metrics::Histogram>>,
 }
 
 impl Default for OwnerOptions {
@@ -107,6 +109,7 @@ impl Default for OwnerOptions {
             waiting_max: 4096,
             tick_interval: Duration::from_secs(5),
             clock: Arc::new(SystemClock),
+            fsync_latency: None,
         }
     }
 }
@@ -271,7 +274,15 @@ async fn run<H: LogHandler>(
                 Some(job) => {
                     let job = Arc::new(job);
                     let runner = Arc::clone(&job);
-                    let task = tokio::task::spawn_blocking(move || runner.run());
+                    let latency = options.fsync_latency.clone();
+                    let task = tokio::task::spawn_blocking(move || {
+                        let started = std::time::Instant::now();
+                        let result = runner.run();
+                        if let Some(latency) = latency {
+                            latency.observe(started.elapsed());
+                        }
+                        result
+                    });
                     flushing = Some((job, task));
                 }
                 None => release_without_flush(&log, &mut handler, &mut waiting),

@@ -1,0 +1,364 @@
+// The Sluice console: a small single-page app over the admin API. No framework, no network
+// beyond the broker itself.
+"use strict";
+
+const state = { auth: sessionStorage.getItem("sluice-auth"), timer: null, view: null };
+
+const $ = (selector, root = document) => root.querySelector(selector);
+const h = (tag, attrs = {}, ...children) => {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+    else if (value === true) el.setAttribute(key, "");
+    else if (value !== false && value != null) el.setAttribute(key, value);
+  }
+  for (const child of children.flat()) {
+    if (child == null) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+};
+
+const fmt = {
+  int: (n) => (n == null ? "—" : Math.round(n).toLocaleString()),
+  rate: (n) => (n >= 1e6 ? (n / 1e6).toFixed(2) + " M/s" : n >= 1e3 ? (n / 1e3).toFixed(1) + " k/s" : Math.round(n) + " /s"),
+  bytes: (n) => {
+    if (n == null) return "—";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return (i ? n.toFixed(1) : n) + " " + units[i];
+  },
+  time: (ms) => (ms ? new Date(ms).toLocaleString() : "—"),
+  duration: (ms) => {
+    const s = Math.floor(ms / 1000);
+    const d = Math.floor(s / 86400), hr = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+    return d ? `${d}d ${hr}h` : hr ? `${hr}h ${m}m` : m ? `${m}m ${s % 60}s` : `${s}s`;
+  },
+};
+
+class ApiError extends Error {
+  constructor(status, detail) { super(detail); this.status = status; }
+}
+
+async function api(path, options = {}) {
+  const headers = { "X-Sluice-Console": "1", Authorization: "Basic " + state.auth };
+  if (options.body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {
+    method: options.method || "GET",
+    headers,
+    body: options.body !== undefined ? JSON.stringify(options.body) : undefined,
+  });
+  if (response.status === 401) { logout(); throw new ApiError(401, "Please log in again."); }
+  if (response.status === 204) return null;
+  const text = await response.text();
+  const data = text ? JSON.parse(text) : null;
+  if (!response.ok) throw new ApiError(response.status, (data && data.detail) || response.statusText);
+  return data;
+}
+
+// ---- login ----
+
+function showLogin(message = "") {
+  $("#app").hidden = true;
+  $("#login").hidden = false;
+  $("#login-error").textContent = message;
+}
+
+function logout() {
+  sessionStorage.removeItem("sluice-auth");
+  state.auth = null;
+  clearInterval(state.timer);
+  showLogin();
+}
+
+$("#login-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  state.auth = btoa($("#login-user").value + ":" + $("#login-password").value);
+  try {
+    await api("/api/overview");
+    sessionStorage.setItem("sluice-auth", state.auth);
+    start();
+  } catch (error) {
+    showLogin(error.message);
+  }
+});
+$("#logout").addEventListener("click", logout);
+
+// ---- chart ----
+
+function drawChart(canvas, series, labels) {
+  const ratio = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth, height = canvas.clientHeight;
+  canvas.width = width * ratio; canvas.height = height * ratio;
+  const ctx = canvas.getContext("2d");
+  ctx.scale(ratio, ratio);
+  ctx.clearRect(0, 0, width, height);
+  const pad = { l: 56, r: 10, t: 10, b: 22 };
+  const points = series[0].values.length;
+  const max = Math.max(1, ...series.flatMap((s) => s.values)) * 1.1;
+  ctx.strokeStyle = "#e3e6ec"; ctx.fillStyle = "#6b7385"; ctx.font = "11px system-ui"; ctx.lineWidth = 1;
+  for (let i = 0; i <= 4; i++) {
+    const y = pad.t + ((height - pad.t - pad.b) * i) / 4;
+    ctx.beginPath(); ctx.moveTo(pad.l, y); ctx.lineTo(width - pad.r, y); ctx.stroke();
+    ctx.fillText(fmt.rate((max * (4 - i)) / 4).replace(" /s", "/s"), 4, y + 4);
+  }
+  if (labels.length) {
+    ctx.fillText(labels[0], pad.l, height - 6);
+    const last = labels[labels.length - 1];
+    ctx.fillText(last, width - pad.r - ctx.measureText(last).width, height - 6);
+  }
+  for (const s of series) {
+    ctx.strokeStyle = s.color; ctx.lineWidth = 2; ctx.beginPath();
+    s.values.forEach((v, i) => {
+      const x = pad.l + ((width - pad.l - pad.r) * i) / Math.max(1, points - 1);
+      const y = pad.t + (height - pad.t - pad.b) * (1 - v / max);
+      if (i) ctx.lineTo(x, y); else ctx.moveTo(x, y);
+    });
+    ctx.stroke();
+  }
+}
+
+// ---- views ----
+
+function table(columns, rows, empty) {
+  if (!rows.length) return h("div", { class: "card table-card" }, h("div", { class: "empty" }, empty));
+  return h("div", { class: "card table-card" },
+    h("table", {},
+      h("thead", {}, h("tr", {}, columns.map((c) => h("th", { class: c.num ? "num" : null }, c.title)))),
+      h("tbody", {}, rows.map((row) => h("tr", { "data-row": row._key || null },
+        columns.map((c) => h("td", { class: c.num ? "num" : null }, c.render(row))))))));
+}
+
+function stat(label, value) {
+  return h("div", { class: "stat" }, h("div", { class: "label" }, label), h("div", { class: "value" }, value));
+}
+
+const views = {
+  async overview(root) {
+    const [overview, history] = await Promise.all([api("/api/overview"), api("/api/overview/history")]);
+    $("#node-info").textContent = `node ${overview.node_id} · v${overview.version}`;
+    const t = overview.totals, r = overview.rates;
+    const canvas = h("canvas", { id: "throughput" });
+    root.replaceChildren(
+      h("div", { class: "toolbar" }, h("h1", {}, "Overview"), h("span", { class: "note" }, "up " + fmt.duration(overview.uptime_ms))),
+      h("div", { class: "cards" },
+        stat("Records in", fmt.rate(r.records_in_per_s)),
+        stat("Records out", fmt.rate(r.records_out_per_s)),
+        stat("Bytes in", fmt.bytes(r.bytes_in_per_s) + "/s"),
+        stat("Topics", fmt.int(t.topics)),
+        stat("Partitions", fmt.int(t.partitions)),
+        stat("Records stored", fmt.int(t.records)),
+        stat("Log size", fmt.bytes(t.log_bytes)),
+        stat("Consumer groups", fmt.int(t.consumer_groups)),
+        stat("Connections", fmt.int(t.connections)),
+        stat("Fsync (mean)", overview.fsync_mean_ms.toFixed(2) + " ms")),
+      h("div", { class: "card chart-card" },
+        h("h3", {}, "Throughput, last five minutes"),
+        canvas,
+        h("div", { class: "legend" },
+          h("span", { style: "--c:#2563eb" }, "records in"),
+          h("span", { style: "--c:#16a34a" }, "records out"))),
+      h("div", { class: "card" }, h("h3", {}, "Listeners"),
+        h("div", {}, Object.entries(overview.listeners).map(([k, v]) => h("div", {}, h("b", {}, k), " ", h("code", {}, v))))));
+    const labels = history.length ? [new Date(history[0].at_ms).toLocaleTimeString(), new Date(history[history.length - 1].at_ms).toLocaleTimeString()] : [];
+    drawChart(canvas, [
+      { color: "#2563eb", values: history.map((s) => s.records_in_per_s) },
+      { color: "#16a34a", values: history.map((s) => s.records_out_per_s) },
+    ], labels);
+  },
+
+  async topics(root) {
+    const topics = await api("/api/topics");
+    const name = h("input", { placeholder: "new-topic", id: "new-topic-name", required: true });
+    const partitions = h("input", { type: "number", min: "1", value: "1", id: "new-topic-partitions" });
+    const message = h("p", { class: "error" });
+    const form = h("form", { class: "card form-grid", id: "create-topic" },
+      h("label", {}, "Name", name), h("label", {}, "Partitions", partitions), h("button", { type: "submit" }, "Create topic"), message);
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      try {
+        await api("/api/topics", { method: "POST", body: { name: name.value, partitions: Number(partitions.value) } });
+        location.hash = "#topics/" + encodeURIComponent(name.value);
+      } catch (error) { message.textContent = error.message; }
+    });
+    root.replaceChildren(
+      h("div", { class: "toolbar" }, h("h1", {}, "Topics")),
+      form,
+      table([
+        { title: "Name", render: (t) => h("a", { href: "#topics/" + encodeURIComponent(t.name) }, t.name) },
+        { title: "Partitions", num: true, render: (t) => fmt.int(t.partitions) },
+        { title: "Records", num: true, render: (t) => fmt.int(t.records) },
+        { title: "Size", num: true, render: (t) => fmt.bytes(t.size_bytes) },
+        { title: "In since start", num: true, render: (t) => fmt.int(t.records_in) },
+        { title: "Out since start", num: true, render: (t) => fmt.int(t.records_out) },
+      ], topics.map((t) => ({ ...t, _key: t.name })), "No topics yet."));
+  },
+
+  async topic(root, name) {
+    const topic = await api("/api/topics/" + encodeURIComponent(name));
+    const messages = await api(`/api/topics/${encodeURIComponent(name)}/messages?limit=20`);
+    const key = h("input", { placeholder: "key (optional)", id: "publish-key" });
+    const value = h("textarea", { placeholder: "message value", id: "publish-value", required: true });
+    const result = h("p", { class: "note", id: "publish-result" });
+    const publish = h("form", { class: "card", id: "publish-form" },
+      h("h3", {}, "Publish a test message"),
+      h("div", { class: "form-grid" }, h("label", {}, "Key", key)),
+      h("label", { class: "note" }, "Value", value),
+      h("p", {}, h("button", { type: "submit" }, "Publish")), result);
+    publish.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      try {
+        const body = { value: value.value };
+        if (key.value) body.key = key.value;
+        const out = await api(`/api/topics/${encodeURIComponent(name)}/messages`, { method: "POST", body });
+        result.textContent = `Published to partition ${out.partition} at offset ${out.offset}.`;
+        setTimeout(() => render(), 300);
+      } catch (error) { result.textContent = error.message; }
+    });
+    const remove = h("button", { class: "danger", onclick: async () => {
+      if (!confirm(`Delete topic ${name} and all its data?`)) return;
+      await api("/api/topics/" + encodeURIComponent(name), { method: "DELETE" });
+      location.hash = "#topics";
+    } }, "Delete topic");
+    root.replaceChildren(
+      h("div", { class: "toolbar" }, h("h1", {}, "Topic ", h("code", {}, topic.name)), remove),
+      h("p", { class: "note" }, "id ", h("code", {}, topic.id), " · created " + fmt.time(topic.created_ms)),
+      h("h2", {}, "Partitions"),
+      table([
+        { title: "Partition", render: (p) => p.partition },
+        { title: "Leader", render: (p) => p.leader },
+        { title: "Start offset", num: true, render: (p) => fmt.int(p.log_start_offset) },
+        { title: "High watermark", num: true, render: (p) => fmt.int(p.high_watermark) },
+        { title: "Size", num: true, render: (p) => fmt.bytes(p.size_bytes) },
+        { title: "Segments", num: true, render: (p) => p.segments },
+      ], topic.partitions, "No partitions."),
+      h("div", { class: "two" },
+        publish,
+        h("div", { class: "card" }, h("h3", {}, "Configuration"),
+          h("table", {}, h("tbody", {}, topic.config.map((c) => h("tr", {},
+            h("td", { class: "mono" }, c.name),
+            h("td", { class: "mono" }, c.value, c.is_default ? null : h("span", { class: "badge" }, " override")))))))),
+      h("h2", {}, "Latest messages"),
+      table([
+        { title: "Partition", render: (m) => m.partition },
+        { title: "Offset", num: true, render: (m) => m.offset },
+        { title: "Time", render: (m) => fmt.time(m.timestamp_ms) },
+        { title: "Key", render: (m) => h("code", {}, m.key ?? (m.key_base64 ? "base64:" + m.key_base64 : "—")) },
+        { title: "Value", render: (m) => h("pre", { class: "message mono" }, m.value ?? (m.value_base64 ? "base64:" + m.value_base64 : "null")) },
+      ], messages.map((m) => ({ ...m, _key: m.partition + ":" + m.offset })), "No messages."));
+  },
+
+  async groups(root) {
+    const groups = await api("/api/groups");
+    root.replaceChildren(
+      h("div", { class: "toolbar" }, h("h1", {}, "Consumer groups")),
+      table([
+        { title: "Group", render: (g) => h("a", { href: "#groups/" + encodeURIComponent(g.group_id) }, g.group_id) },
+        { title: "State", render: (g) => h("span", { class: "badge " + (g.state === "Stable" ? "good" : "warn") }, g.state) },
+        { title: "Members", num: true, render: (g) => g.members },
+        { title: "Lag", num: true, render: (g) => fmt.int(g.lag) },
+      ], groups.map((g) => ({ ...g, _key: g.group_id })), "No consumer groups yet."));
+  },
+
+  async group(root, id) {
+    const g = await api("/api/groups/" + encodeURIComponent(id));
+    root.replaceChildren(
+      h("div", { class: "toolbar" }, h("h1", {}, "Group ", h("code", {}, g.group_id)), h("span", { class: "badge" }, g.state)),
+      h("p", { class: "note" }, `protocol ${g.protocol || "—"} · generation ${g.generation} · total lag ${fmt.int(g.lag)}`),
+      h("h2", {}, "Members"),
+      table([
+        { title: "Member", render: (m) => h("code", {}, m.member_id) },
+        { title: "Client", render: (m) => m.client_id + " " + m.client_host },
+        { title: "Assignment", render: (m) => m.assignment.map((a) => `${a.topic} [${a.partitions.join(", ")}]`).join("; ") },
+      ], g.members, "No active members."),
+      h("h2", {}, "Offsets and lag"),
+      table([
+        { title: "Topic", render: (o) => o.topic },
+        { title: "Partition", num: true, render: (o) => o.partition },
+        { title: "Committed", num: true, render: (o) => fmt.int(o.committed) },
+        { title: "High watermark", num: true, render: (o) => fmt.int(o.high_watermark) },
+        { title: "Lag", num: true, render: (o) => fmt.int(o.lag) },
+      ], g.offsets, "No committed offsets."));
+  },
+
+  async queues(root) {
+    let queues;
+    try { queues = await api("/api/queues"); } catch (error) {
+      if (error.status !== 404) throw error;
+      queues = null;
+    }
+    root.replaceChildren(h("div", { class: "toolbar" }, h("h1", {}, "Queues")),
+      queues === null ? h("div", { class: "card empty" }, "AMQP queues are not available on this broker.") :
+      table([
+        { title: "Virtual host", render: (q) => q.vhost },
+        { title: "Name", render: (q) => h("code", {}, q.name) },
+        { title: "Ready", num: true, render: (q) => fmt.int(q.ready) },
+        { title: "Unacked", num: true, render: (q) => fmt.int(q.unacked) },
+        { title: "Consumers", num: true, render: (q) => fmt.int(q.consumers) },
+      ], queues.map((q) => ({ ...q, _key: q.vhost + "/" + q.name })), "No queues yet."));
+  },
+
+  async exchanges(root) {
+    let exchanges;
+    try { exchanges = await api("/api/exchanges"); } catch (error) {
+      if (error.status !== 404) throw error;
+      exchanges = null;
+    }
+    root.replaceChildren(h("div", { class: "toolbar" }, h("h1", {}, "Exchanges")),
+      exchanges === null ? h("div", { class: "card empty" }, "AMQP exchanges are not available on this broker.") :
+      table([
+        { title: "Virtual host", render: (e) => e.vhost },
+        { title: "Name", render: (e) => h("code", {}, e.name || "(default)") },
+        { title: "Type", render: (e) => e.kind },
+        { title: "Durable", render: (e) => (e.durable ? "yes" : "no") },
+      ], exchanges.map((e) => ({ ...e, _key: e.vhost + "/" + e.name })), "No exchanges."));
+  },
+
+  async connections(root) {
+    const connections = await api("/api/connections");
+    root.replaceChildren(h("div", { class: "toolbar" }, h("h1", {}, "Connections")),
+      table([
+        { title: "Id", render: (c) => h("code", {}, c.id) },
+        { title: "Protocol", render: (c) => c.protocol },
+        { title: "Peer", render: (c) => c.peer },
+        { title: "Client", render: (c) => c.client_id },
+        { title: "Since", render: (c) => fmt.time(c.connected_at_ms) },
+        { title: "Requests", num: true, render: (c) => fmt.int(c.requests) },
+        { title: "", render: (c) => h("button", { class: "danger", onclick: async () => {
+          await api("/api/connections/" + encodeURIComponent(c.id), { method: "DELETE" });
+          render();
+        } }, "Close") },
+      ], connections.map((c) => ({ ...c, _key: c.id })), "No client connections."));
+  },
+};
+
+async function render() {
+  const [view, arg] = (location.hash.slice(1) || "overview").split("/");
+  const name = arg ? decodeURIComponent(arg) : null;
+  for (const link of document.querySelectorAll(".sidebar a")) link.classList.toggle("active", link.dataset.view === view);
+  const root = $("#view");
+  try {
+    if (view === "topics" && name) await views.topic(root, name);
+    else if (view === "groups" && name) await views.group(root, name);
+    else await (views[view] || views.overview)(root);
+  } catch (error) {
+    if (error.status !== 401) root.replaceChildren(h("div", { class: "card error" }, error.message));
+  }
+}
+
+function start() {
+  $("#login").hidden = true;
+  $("#app").hidden = false;
+  render();
+  clearInterval(state.timer);
+  // Live views refresh themselves; forms are left alone while someone types in them.
+  state.timer = setInterval(() => {
+    const view = (location.hash.slice(1) || "overview").split("/")[0];
+    const typing = document.activeElement && ["INPUT", "TEXTAREA"].includes(document.activeElement.tagName);
+    if (!typing && ["overview", "groups", "connections"].includes(view)) render();
+  }, 2000);
+}
+
+window.addEventListener("hashchange", render);
+if (state.auth) start(); else showLogin();

@@ -1,0 +1,95 @@
+//! The broker at a glance.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::AdminState;
+use crate::rates::RateSample;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Totals {
+    pub topics: usize,
+    pub partitions: usize,
+    /// Records currently retained across all partitions.
+    pub records: u64,
+    /// Bytes of log on disk across all partitions.
+    pub log_bytes: u64,
+    pub consumer_groups: usize,
+    pub connections: usize,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Overview {
+    pub version: &'static str,
+    pub node_id: u32,
+    pub cluster_id: String,
+    pub uptime_ms: u64,
+    /// Protocol → listening address.
+    pub listeners: BTreeMap<String, String>,
+    pub totals: Totals,
+    /// Traffic over the last second.
+    pub rates: RateSample,
+    /// Fsync rounds and their mean duration since start.
+    pub fsync_count: u64,
+    pub fsync_mean_ms: f64,
+}
+
+#[utoipa::path(get, path = "/api/overview", tag = "overview",
+    responses((status = 200, description = "Version, uptime, totals and current rates", body = Overview)))]
+pub async fn overview(State(state): State<Arc<AdminState>>) -> Json<Overview> {
+    let broker = &state.broker;
+    let topics = broker.topics();
+    let mut partitions = 0;
+    let mut records = 0;
+    let mut log_bytes = 0;
+    for topic in &topics {
+        for partition in &topic.partitions {
+            partitions += 1;
+            records += partition
+                .high_watermark()
+                .saturating_sub(partition.log_start_offset());
+            log_bytes += partition.reader().size_bytes();
+        }
+    }
+    let mut groups = broker.groups_with_offsets().unwrap_or_default();
+    if let Ok(live) = broker.groups().list().await {
+        groups.extend(live.into_iter().map(|g| g.group_id));
+    }
+    groups.sort();
+    groups.dedup();
+    let fsync = broker.fsync_latency();
+    let fsync_count = fsync.count();
+    Json(Overview {
+        version: env!("CARGO_PKG_VERSION"),
+        node_id: broker.node_id(),
+        cluster_id: broker.cluster_id().to_owned(),
+        uptime_ms: broker.uptime().as_millis() as u64,
+        listeners: state.listeners.clone(),
+        totals: Totals {
+            topics: topics.len(),
+            partitions,
+            records,
+            log_bytes,
+            consumer_groups: groups.len(),
+            connections: state.kafka.connections.list().len(),
+        },
+        rates: state.rates.latest(),
+        fsync_count,
+        fsync_mean_ms: if fsync_count == 0 {
+            0.0
+        } else {
+            fsync.sum_seconds() * 1000.0 / fsync_count as f64
+        },
+    })
+}
+
+#[utoipa::path(get, path = "/api/overview/history", tag = "overview",
+    responses((status = 200, description = "Per-second traffic over the last five minutes, oldest first", body = [RateSample])))]
+pub async fn history(State(state): State<Arc<AdminState>>) -> Json<Vec<RateSample>> {
+    Json(state.rates.history())
+}

@@ -1,0 +1,103 @@
+//! Rates over time: a task samples the broker's traffic counters once a second and keeps the
+//! last [`HISTORY_LEN`] samples, for the overview and the console's live charts.
+//!
+//! Bound: the history is a ring of fixed length.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use sluice_broker::Broker;
+use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+
+/// Samples kept: five minutes at one per second.
+pub const HISTORY_LEN: usize = 300;
+
+/// Traffic totals at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub records_in: u64,
+    pub records_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl Totals {
+    pub fn of(broker: &Broker) -> Self {
+        let mut totals = Self::default();
+        for topic in broker.topics() {
+            for partition in &topic.partitions {
+                let stats = partition.stats();
+                totals.records_in += stats.records_in.get();
+                totals.records_out += stats.records_out.get();
+                totals.bytes_in += stats.bytes_in.get();
+                totals.bytes_out += stats.bytes_out.get();
+            }
+        }
+        totals
+    }
+}
+
+/// Per-second rates over one sampling interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, ToSchema)]
+pub struct RateSample {
+    /// When the interval ended, in ms since the Unix epoch.
+    pub at_ms: i64,
+    pub records_in_per_s: f64,
+    pub records_out_per_s: f64,
+    pub bytes_in_per_s: f64,
+    pub bytes_out_per_s: f64,
+}
+
+#[derive(Debug, Default)]
+pub struct Rates {
+    history: Mutex<VecDeque<RateSample>>,
+}
+
+impl Rates {
+    pub fn latest(&self) -> RateSample {
+        self.history.lock().back().copied().unwrap_or_default()
+    }
+
+    pub fn history(&self) -> Vec<RateSample> {
+        self.history.lock().iter().copied().collect()
+    }
+
+    fn push(&self, sample: RateSample) {
+        let mut history = self.history.lock();
+        if history.len() == HISTORY_LEN {
+            history.pop_front();
+        }
+        history.push_back(sample);
+    }
+
+    /// Samples every second until `shutdown`.
+    pub async fn run(self: Arc<Self>, broker: Broker, shutdown: CancellationToken) {
+        let mut previous = Totals::of(&broker);
+        let mut previous_at = std::time::Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let now = std::time::Instant::now();
+            let totals = Totals::of(&broker);
+            let seconds = now.duration_since(previous_at).as_secs_f64().max(1e-3);
+            let rate = |now: u64, then: u64| now.saturating_sub(then) as f64 / seconds;
+            self.push(RateSample {
+                at_ms: broker.clock().now_ms(),
+                records_in_per_s: rate(totals.records_in, previous.records_in),
+                records_out_per_s: rate(totals.records_out, previous.records_out),
+                bytes_in_per_s: rate(totals.bytes_in, previous.bytes_in),
+                bytes_out_per_s: rate(totals.bytes_out, previous.bytes_out),
+            });
+            previous = totals;
+            previous_at = now;
+        }
+    }
+}
