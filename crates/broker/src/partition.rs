@@ -173,7 +173,9 @@ impl PartitionHandler {
             Ok(info) => info,
             Err(error) => return Handled::now(Err(error.into())),
         };
-        self.stats.records_in.add(info.last_offset + 1 - info.base_offset);
+        self.stats
+            .records_in
+            .add(info.last_offset + 1 - info.base_offset);
         self.stats.bytes_in.add(info.bytes as u64);
         // Record producer state from the headers as stored (with assigned offsets).
         let mut position = 0;
@@ -529,7 +531,9 @@ impl Partition {
     /// Counts batches handed to a reader. Batches read together are contiguous, so their
     /// records run from the first base offset to the last batch's end.
     fn count_out(&self, bytes: &[u8]) {
-        let Ok(first) = BatchHeader::parse(bytes) else { return };
+        let Ok(first) = BatchHeader::parse(bytes) else {
+            return;
+        };
         let mut at = 0;
         let mut end = first.next_offset();
         while let Ok((_, total)) = BatchHeader::peek_extent(&bytes[at..]) {
@@ -562,7 +566,10 @@ impl Partition {
     /// The first visible record whose timestamp is at or after `timestamp_ms`, and its
     /// timestamp. Falls back to its batch's first offset if the batch cannot be decoded, which
     /// is at or before the exact answer.
-    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<(u64, i64)>, BrokerError> {
+    pub fn offset_for_timestamp(
+        &self,
+        timestamp_ms: i64,
+    ) -> Result<Option<(u64, i64)>, BrokerError> {
         let Some(hit) = self.find_by_timestamp(timestamp_ms)? else {
             return Ok(None);
         };
@@ -597,11 +604,19 @@ impl Partition {
             .ok()
             .and_then(|(_, records)| records.into_iter().find(|r| r.timestamp_ms == max))
             .map(|r| (r.offset as u64, r.timestamp_ms));
-        Ok(exact.or(Some((hit.header.last_offset() as u64, hit.header.max_timestamp))))
+        Ok(exact.or(Some((
+            hit.header.last_offset() as u64,
+            hit.header.max_timestamp,
+        ))))
     }
 
     /// Up to `max_records` visible records from `offset`, decoded (for peeks and tools).
-    pub fn read_records(&self, offset: u64, max_records: usize, max_bytes: usize) -> Result<Vec<sluice_storage::record::Record>, BrokerError> {
+    pub fn read_records(
+        &self,
+        offset: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<sluice_storage::record::Record>, BrokerError> {
         let mut records = Vec::new();
         let mut next = offset;
         while records.len() < max_records && next < self.high_watermark() {
@@ -610,16 +625,23 @@ impl Partition {
                 break;
             }
             for item in sluice_storage::batch::Batches::new(&read.bytes) {
-                let (header, raw) = item.map_err(|(position, source)| BrokerError::Storage(StorageError::InvalidBatch { position, source }))?;
+                let (header, raw) = item.map_err(|(position, source)| {
+                    BrokerError::Storage(StorageError::InvalidBatch { position, source })
+                })?;
                 next = header.next_offset() as u64;
                 if header.is_control() {
                     continue;
                 }
-                let (_, decoded) = sluice_storage::record::decode_owned(raw, DECOMPRESSED_MAX_BYTES).map_err(|error| BrokerError::Storage(StorageError::Corrupt {
-                    path: self.reader.dir().to_owned(),
-                    position: 0,
-                    reason: format!("batch at offset {}: {error}", header.base_offset),
-                }))?;
+                let (_, decoded) =
+                    sluice_storage::record::decode_owned(raw, DECOMPRESSED_MAX_BYTES).map_err(
+                        |error| {
+                            BrokerError::Storage(StorageError::Corrupt {
+                                path: self.reader.dir().to_owned(),
+                                position: 0,
+                                reason: format!("batch at offset {}: {error}", header.base_offset),
+                            })
+                        },
+                    )?;
                 records.extend(decoded.into_iter().filter(|r| r.offset >= offset as i64));
                 if records.len() >= max_records {
                     records.truncate(max_records);
