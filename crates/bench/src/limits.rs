@@ -116,12 +116,7 @@ pub async fn run(options: &LimitsOptions, quiet: bool) -> LimitsReport {
 }
 
 async fn measure_disk(options: &LimitsOptions, dir: &Path, report: &mut LimitsReport, quiet: bool) {
-    let common = [
-        format!("--directory={}", dir.display()),
-        "--rw=write".to_owned(),
-        "--ioengine=psync".to_owned(),
-        "--unlink=1".to_owned(),
-    ];
+    let common = common_args(dir);
     let timed = [
         format!("--runtime={}", options.seconds),
         "--time_based".to_owned(),
@@ -151,17 +146,10 @@ async fn measure_disk(options: &LimitsOptions, dir: &Path, report: &mut LimitsRe
             .skipped
             .push(format!("fio O_DIRECT write: {}", error.chain())),
     }
-    let sync = [
-        "--name=write-fdatasync".to_owned(),
-        format!("--bs={}", options.sync_block_bytes),
-        "--direct=0".to_owned(),
-        "--fdatasync=1".to_owned(),
-        "--size=256M".to_owned(),
-    ];
-    match fio(common.iter().chain(&timed).chain(&sync)).await {
-        Ok(job) => {
-            report.fdatasync_per_s = job.write_iops;
-            report.fdatasync_p99_us = job.sync_p99_ns.map(|ns| ns / 1000.0);
+    match fdatasync_per_s(dir, options.sync_block_bytes, options.seconds).await {
+        Ok((per_s, p99_us)) => {
+            report.fdatasync_per_s = Some(per_s);
+            report.fdatasync_p99_us = p99_us;
         }
         Err(error) => report
             .skipped
@@ -175,6 +163,68 @@ async fn measure_disk(options: &LimitsOptions, dir: &Path, report: &mut LimitsRe
             show(report.fdatasync_per_s)
         );
     }
+}
+
+/// Arguments every fio job shares. The file is not preallocated (`fallocate=none`) because
+/// the log's segments are not: both then append to a growing file, which is what the
+/// comparison needs (preallocation changes fdatasync rates several times over on ext4).
+fn common_args(dir: &Path) -> [String; 5] {
+    [
+        format!("--directory={}", dir.display()),
+        "--rw=write".to_owned(),
+        "--ioengine=psync".to_owned(),
+        "--unlink=1".to_owned(),
+        "--fallocate=none".to_owned(),
+    ]
+}
+
+/// fio's sequential 1 MiB writes through the page cache, `bytes` in total, no fsync, in MB/s.
+pub async fn buffered_write_mb_per_s(dir: &Path, bytes: u64) -> Result<f64, BenchError> {
+    let buffered = [
+        "--name=buffered-seq-write".to_owned(),
+        "--bs=1M".to_owned(),
+        "--direct=0".to_owned(),
+        "--end_fsync=0".to_owned(),
+        format!("--size={bytes}"),
+    ];
+    let job = fio(common_args(dir).iter().chain(&buffered)).await?;
+    job.write_bytes_per_s
+        .map(|b| b / 1e6)
+        .ok_or_else(|| BenchError::Tool {
+            tool: "fio",
+            reason: "its output has no write bandwidth".into(),
+        })
+}
+
+/// fio's rate of `block_bytes` writes each followed by fdatasync, appending to a growing file
+/// for `seconds`: the most `fsync = always` appends one appender can make. Returns the rate
+/// per second and the fdatasync p99 in microseconds.
+pub async fn fdatasync_per_s(
+    dir: &Path,
+    block_bytes: u64,
+    seconds: u64,
+) -> Result<(f64, Option<f64>), BenchError> {
+    let sync = [
+        "--name=write-fdatasync".to_owned(),
+        format!("--bs={block_bytes}"),
+        "--direct=0".to_owned(),
+        "--fdatasync=1".to_owned(),
+        format!("--runtime={}", seconds.max(1)),
+        "--time_based".to_owned(),
+        // Large enough that the run never wraps around and overwrites.
+        "--size=4G".to_owned(),
+    ];
+    let job = fio(common_args(dir).iter().chain(&sync)).await?;
+    let per_s = job.write_iops.ok_or_else(|| BenchError::Tool {
+        tool: "fio",
+        reason: "its output has no write rate".into(),
+    })?;
+    Ok((per_s, job.sync_p99_ns.map(|ns| ns / 1000.0)))
+}
+
+/// Whether fio can be run here.
+pub async fn fio_available() -> bool {
+    version("fio", &["--version"]).await.is_ok()
 }
 
 fn show(value: Option<f64>) -> String {

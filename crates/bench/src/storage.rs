@@ -183,6 +183,14 @@ pub struct AppendResult {
     /// Appends the owner task dropped without applying them, which were sent again.
     #[serde(default)]
     pub lost_request_count: u64,
+    /// fio's buffered sequential write bandwidth measured right before this run, with the
+    /// same byte count in the same directory, when the suite pairs them (fsync=never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paired_fio_mb_per_s: Option<f64>,
+    /// fio's write + fdatasync rate with blocks of this batch's size, measured right before
+    /// this run when the suite pairs them (fsync=always).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paired_fdatasync_per_s: Option<f64>,
 }
 
 /// Reading a whole log from the page cache.
@@ -397,7 +405,9 @@ fn fresh_dir(base: &Path, label: &str) -> Result<tempfile::TempDir, BenchError> 
         .map_err(|source| BenchError::io("create a directory in", base, source))
 }
 
-async fn append_run(
+/// One append run: a fresh log under `base`, `appender_count` appenders sending copies of
+/// `batch` under `policy` until `options`' byte budget or time limit, then close.
+pub async fn append_run(
     base: &Path,
     batch_bytes_asked: u64,
     batch: &Bytes,
@@ -476,6 +486,8 @@ async fn append_run(
         ack_max_us: histogram.max(),
         close_ms,
         lost_request_count,
+        paired_fio_mb_per_s: None,
+        paired_fdatasync_per_s: None,
         stopped_by: if batch_count >= budget_count {
             "bytes".into()
         } else {
