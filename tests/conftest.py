@@ -39,12 +39,18 @@ class Sluice:
     def kafka(self) -> str:
         return self.addresses["kafka"]
 
+    @property
+    def amqp(self) -> str:
+        """host:port of the AMQP 0-9-1 listener."""
+        return self.addresses["amqp"]
+
     def start(self, timeout=30.0):
         ready = self.data_dir.parent / f"{self.data_dir.name}.ready"
         if ready.exists():
             ready.unlink()
         # A restart keeps the ports, so clients reconnect to the same addresses.
         kafka_listen = self.addresses.get("kafka", "127.0.0.1:0")
+        amqp_listen = self.addresses.get("amqp", "127.0.0.1:0")
         args = [
             str(sluice_binary()),
             "serve",
@@ -52,6 +58,8 @@ class Sluice:
             str(self.data_dir),
             "--kafka-listen",
             kafka_listen,
+            "--amqp-listen",
+            amqp_listen,
             "--ready-file",
             str(ready),
             *self.extra_args,

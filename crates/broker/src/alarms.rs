@@ -74,7 +74,11 @@ pub fn start(
             let now = sample();
             sender.send_if_modified(|current| {
                 if *current != now {
-                    tracing::warn!(memory = now.memory, disk = now.disk, "resource alarms changed");
+                    tracing::warn!(
+                        memory = now.memory,
+                        disk = now.disk,
+                        "resource alarms changed"
+                    );
                     *current = now;
                     true
                 } else {

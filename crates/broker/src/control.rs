@@ -36,7 +36,12 @@ pub(crate) struct MessagingShared {
     pub next_id: AtomicU64,
     pub services: QueueServices,
     /// Taken once, by the tasks that serve them.
-    pub receivers: Mutex<Option<(mpsc::Receiver<DeadLetter>, mpsc::UnboundedReceiver<QueueNotice>)>>,
+    pub receivers: Mutex<
+        Option<(
+            mpsc::Receiver<DeadLetter>,
+            mpsc::UnboundedReceiver<QueueNotice>,
+        )>,
+    >,
 }
 
 impl MessagingShared {
@@ -246,17 +251,16 @@ pub(crate) async fn start(shared: &Arc<Shared>) -> Result<(), BrokerError> {
             live.queues.lock().insert(record.name.clone(), queue);
         }
         live.rebuild(definitions);
-        shared
-            .messaging
-            .vhosts
-            .write()
-            .insert(name.clone(), live);
+        shared.messaging.vhosts.write().insert(name.clone(), live);
     }
     Ok(())
 }
 
 /// Starts the dead-letter forwarder and the task that acts on queues' requests to be deleted.
-pub(crate) fn start_services(shared: &Arc<Shared>, commands: mpsc::Sender<crate::controller::Command>) {
+pub(crate) fn start_services(
+    shared: &Arc<Shared>,
+    commands: mpsc::Sender<crate::controller::Command>,
+) {
     let Some((dead_letters, mut notices)) = shared.messaging.receivers.lock().take() else {
         return;
     };
@@ -474,7 +478,11 @@ async fn delete_queue(
     Ok(count)
 }
 
-async fn bind(shared: &Arc<Shared>, binding: BindingRecord, unbind: bool) -> Result<(), BrokerError> {
+async fn bind(
+    shared: &Arc<Shared>,
+    binding: BindingRecord,
+    unbind: bool,
+) -> Result<(), BrokerError> {
     let definitions = definitions_of(shared, &binding.vhost)
         .ok_or_else(|| MessagingError::VhostNotFound(binding.vhost.clone()))?;
     let key = binding.key();

@@ -49,7 +49,10 @@ pub struct VhostDefinitions {
 
 impl VhostDefinitions {
     fn is_persistent(&self, binding: &BindingRecord) -> bool {
-        let source = self.exchanges.get(&binding.source).is_some_and(|x| x.durable);
+        let source = self
+            .exchanges
+            .get(&binding.source)
+            .is_some_and(|x| x.durable);
         let destination = match &binding.destination {
             Destination::Queue(name) => self.queues.get(name).is_some_and(|q| q.is_persistent()),
             Destination::Exchange(name) => self.exchanges.get(name).is_some_and(|x| x.durable),
@@ -101,17 +104,29 @@ impl VhostDefinitions {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DefinitionCommand {
     /// Creates a virtual host with its default exchanges (no-op if it exists).
-    PutVhost { name: String },
-    DeleteVhost { name: String },
+    PutVhost {
+        name: String,
+    },
+    DeleteVhost {
+        name: String,
+    },
     /// Creates or replaces a user.
     PutUser(UserRecord),
-    DeleteUser { name: String },
+    DeleteUser {
+        name: String,
+    },
     /// Creates or replaces an exchange.
     DeclareExchange(ExchangeRecord),
-    DeleteExchange { vhost: String, name: String },
+    DeleteExchange {
+        vhost: String,
+        name: String,
+    },
     /// Creates or replaces a queue.
     DeclareQueue(QueueRecord),
-    DeleteQueue { vhost: String, name: String },
+    DeleteQueue {
+        vhost: String,
+        name: String,
+    },
     Bind(BindingRecord),
     /// Removes a binding; not an error if it does not exist.
     Unbind(BindingRecord),
@@ -316,7 +331,10 @@ pub(crate) fn changes(
     let Some(vhost) = command.vhost() else {
         return Ok(changes);
     };
-    match (old.vhosts.contains_key(vhost), new.vhosts.contains_key(vhost)) {
+    match (
+        old.vhosts.contains_key(vhost),
+        new.vhosts.contains_key(vhost),
+    ) {
         (false, true) => put(
             &mut changes,
             VHOSTS,
@@ -342,9 +360,7 @@ pub(crate) fn changes(
         }
     }
     for (name, record) in &before.queues {
-        if record.is_persistent()
-            && after.queues.get(name).is_none_or(|q| !q.is_persistent())
-        {
+        if record.is_persistent() && after.queues.get(name).is_none_or(|q| !q.is_persistent()) {
             delete(&mut changes, QUEUES, scoped(vhost, name));
         }
     }
@@ -427,7 +443,9 @@ pub(crate) fn load(txn: &ReadTransaction) -> Result<Definitions, BrokerError> {
     }
     for queue in read_all::<QueueRecord>(txn, QUEUES)? {
         if let Some(vhost) = definitions.vhosts.get_mut(&queue.vhost) {
-            Arc::make_mut(vhost).queues.insert(queue.name.clone(), queue);
+            Arc::make_mut(vhost)
+                .queues
+                .insert(queue.name.clone(), queue);
         }
     }
     for binding in read_all::<BindingRecord>(txn, BINDINGS)? {
@@ -502,8 +520,11 @@ mod tests {
             Destination::Exchange("b".into()),
         )))
         .unwrap();
-        defs.apply(&DefinitionCommand::Bind(bind("b", Destination::Queue("q".into()))))
-            .unwrap();
+        defs.apply(&DefinitionCommand::Bind(bind(
+            "b",
+            Destination::Queue("q".into()),
+        )))
+        .unwrap();
         assert!(
             defs.apply(&DefinitionCommand::Bind(bind(
                 "missing",
@@ -517,7 +538,10 @@ mod tests {
         })
         .unwrap();
         let vhost = &defs.vhosts["/"];
-        assert!(!vhost.exchanges.contains_key("b"), "b lost its last binding");
+        assert!(
+            !vhost.exchanges.contains_key("b"),
+            "b lost its last binding"
+        );
         assert!(!vhost.exchanges.contains_key("a"), "then a lost its own");
         assert!(vhost.bindings.is_empty());
         assert!(vhost.exchanges.contains_key("amq.direct"));

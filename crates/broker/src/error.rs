@@ -135,7 +135,7 @@ pub enum MessagingError {
     /// A precondition of the operation does not hold.
     #[error("{0}")]
     PreconditionFailed(String),
-    #[error("invalid exchange type '{0}'")]
+    #[error("unknown exchange type '{0}'")]
     UnknownExchangeType(String),
     #[error("vhost {0} not found")]
     VhostNotFound(String),

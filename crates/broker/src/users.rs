@@ -94,6 +94,16 @@ struct Compiled {
     read: Option<Regex>,
 }
 
+/// Checks that a permission pattern is a valid regular expression.
+pub fn validate_pattern(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() {
+        return Ok(());
+    }
+    Regex::new(pattern)
+        .map(|_| ())
+        .map_err(|error| error.to_string())
+}
+
 fn compile(pattern: &str) -> Option<Regex> {
     if pattern.is_empty() {
         return None;

@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use sluice_broker::{BrokerConfig, GroupLimits, ProducerLimits};
 use sluice_storage::{FsyncPolicy, LogConfig};
 
+pub use crate::amqp_config::AmqpSection;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -29,6 +31,7 @@ pub struct Config {
     /// How long connections may take to finish in-flight work on shutdown.
     pub shutdown_grace_ms: u64,
     pub kafka: KafkaSection,
+    pub amqp: AmqpSection,
     pub storage: StorageSection,
     pub log: LogSection,
 }
@@ -90,6 +93,7 @@ impl Default for Config {
             node_id: 0,
             shutdown_grace_ms: 10_000,
             kafka: KafkaSection::default(),
+            amqp: AmqpSection::default(),
             storage: StorageSection::default(),
             log: LogSection::default(),
         }
@@ -144,6 +148,7 @@ impl Default for LogSection {
 pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub kafka_listen: Option<String>,
+    pub amqp_listen: Option<String>,
     pub fsync: Option<String>,
     pub log_level: Option<String>,
 }
@@ -155,6 +160,7 @@ const ENV_SECTIONS: &[&str] = &[
     "node_id",
     "shutdown_grace_ms",
     "kafka",
+    "amqp",
     "storage",
     "log",
 ];
@@ -186,6 +192,11 @@ impl Config {
         }
         if !kafka.is_empty() {
             flags.insert("kafka".into(), kafka.into());
+        }
+        if let Some(listen) = &overrides.amqp_listen {
+            let mut amqp = serde_json::Map::new();
+            amqp.insert("listen".into(), listen.clone().into());
+            flags.insert("amqp".into(), amqp.into());
         }
         let mut storage = serde_json::Map::new();
         if let Some(fsync) = &overrides.fsync {
@@ -248,6 +259,7 @@ impl Config {
                 "kafka.group_min_session_timeout_ms must be positive and at most kafka.group_max_session_timeout_ms"
             );
         }
+        self.amqp.validate()?;
         if self.storage.housekeeping_interval_ms == 0 {
             bail!("storage.housekeeping_interval_ms must be positive");
         }
@@ -316,6 +328,10 @@ impl Config {
             initial_rebalance_delay_ms: self.kafka.group_initial_rebalance_delay_ms,
             ..GroupLimits::default()
         };
+        broker.queue_segment_bytes = self.amqp.queue_segment_bytes;
+        broker.max_message_bytes = self.amqp.max_message_bytes;
+        broker.memory_high_watermark_bytes = self.amqp.memory_limit_bytes();
+        broker.disk_free_limit_bytes = self.amqp.disk_free_limit_bytes;
         Ok(broker)
     }
 }

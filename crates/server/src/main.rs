@@ -5,6 +5,7 @@
 //! partition (flush and fsync) → exit 0. If a core task dies, the process exits with status 70
 //! rather than serve half-dead.
 
+mod amqp_config;
 mod config;
 mod serve;
 
@@ -46,6 +47,9 @@ struct ServeArgs {
     /// Kafka listener address, for example 127.0.0.1:9092 (port 0 picks a free port).
     #[arg(long)]
     kafka_listen: Option<String>,
+    /// AMQP 0-9-1 listener address, for example 127.0.0.1:5672 (port 0 picks a free port).
+    #[arg(long)]
+    amqp_listen: Option<String>,
     /// fsync policy: always, never or interval(<ms>ms).
     #[arg(long)]
     fsync: Option<String>,
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
             let overrides = Overrides {
                 data_dir: args.data_dir,
                 kafka_listen: args.kafka_listen,
+                amqp_listen: args.amqp_listen,
                 fsync: args.fsync,
                 log_level: args.log_level,
             };

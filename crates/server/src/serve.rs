@@ -166,6 +166,22 @@ async fn start_listeners(
             connections.clone(),
         ));
     }
+    if config.amqp.enabled {
+        config.amqp.apply(broker).await?;
+        let address = config.amqp.listen_address()?;
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen for AMQP clients on {address}"))?;
+        let local = listener.local_addr().context("amqp listener address")?;
+        addresses.insert("amqp", local.to_string());
+        tokio::spawn(sluice_amqp::serve(
+            listener,
+            broker.clone(),
+            config.amqp.settings(),
+            shutdown.clone(),
+            connections.clone(),
+        ));
+    }
     Ok(Bound { addresses })
 }
 

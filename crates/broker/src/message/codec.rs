@@ -128,9 +128,8 @@ pub fn decode_batch(batch: &Bytes) -> Result<Vec<StoredMessage>, CodecError> {
         for (key, value) in &view.headers {
             match (*key, value) {
                 (b"x", Some(value)) => {
-                    exchange = Some(
-                        std::str::from_utf8(value).map_err(|_| malformed("exchange name"))?,
-                    )
+                    exchange =
+                        Some(std::str::from_utf8(value).map_err(|_| malformed("exchange name"))?)
                 }
                 (b"p", Some(value)) => {
                     properties = decode_properties(value).ok_or(malformed("properties"))?

@@ -19,7 +19,10 @@ pub enum FieldValue {
     I64(i64),
     F32(f32),
     F64(f64),
-    Decimal { scale: u8, value: u32 },
+    Decimal {
+        scale: u8,
+        value: u32,
+    },
     /// A string of bytes, usually UTF-8.
     LongString(Vec<u8>),
     Array(Vec<FieldValue>),
@@ -136,7 +139,10 @@ impl FieldValue {
 
 /// The first value named `key` in `table`.
 pub fn lookup<'a>(table: &'a [(String, FieldValue)], key: &str) -> Option<&'a FieldValue> {
-    table.iter().find(|(name, _)| name == key).map(|(_, value)| value)
+    table
+        .iter()
+        .find(|(name, _)| name == key)
+        .map(|(_, value)| value)
 }
 
 /// Sets `key` to `value`, replacing an existing entry in place or appending a new one.

@@ -119,20 +119,15 @@ pub fn parse(arguments: &FieldTable) -> Result<QueueArgs, ArgError> {
             }
             "x-max-priority" => {
                 let n = non_negative(value).map_err(fail)?;
-                let priority = u8::try_from(n)
-                    .map_err(|_| fail(format!("{{max_value_exceeded,{n}}}")))?;
+                let priority =
+                    u8::try_from(n).map_err(|_| fail(format!("{{max_value_exceeded,{n}}}")))?;
                 args.max_priority = Some(priority);
             }
-            "x-delivery-limit" => {
-                args.delivery_limit = Some(non_negative(value).map_err(fail)?)
-            }
+            "x-delivery-limit" => args.delivery_limit = Some(non_negative(value).map_err(fail)?),
             "x-single-active-consumer" => match value {
                 FieldValue::Bool(b) => args.single_active_consumer = *b,
                 other => {
-                    return Err(fail(format!(
-                        "{{unacceptable_type,{}}}",
-                        other.type_name()
-                    )));
+                    return Err(fail(format!("{{unacceptable_type,{}}}", other.type_name())));
                 }
             },
             "x-queue-type" => match string_arg(value).map_err(fail)?.as_str() {
@@ -227,8 +222,11 @@ mod tests {
         assert_eq!(error.reason, "invalid_overflow");
         let error = parse(&table(&[("x-max-priority", FieldValue::I32(300))])).unwrap_err();
         assert_eq!(error.reason, "{max_value_exceeded,300}");
-        let error =
-            parse(&table(&[("x-dead-letter-routing-key", FieldValue::string("k"))])).unwrap_err();
+        let error = parse(&table(&[(
+            "x-dead-letter-routing-key",
+            FieldValue::string("k"),
+        )]))
+        .unwrap_err();
         assert_eq!(error.reason, "routing_key_but_no_dlx_defined");
         let error = parse(&table(&[("x-max-length", FieldValue::string("5"))])).unwrap_err();
         assert_eq!(error.reason, "\"expected integer, got longstr\"");
@@ -242,8 +240,7 @@ mod tests {
             None
         );
         let (arg, received, existing) =
-            first_difference(&current, &table(&[("x-max-priority", FieldValue::I16(2))]))
-                .unwrap();
+            first_difference(&current, &table(&[("x-max-priority", FieldValue::I16(2))])).unwrap();
         assert_eq!(arg, "x-max-length");
         assert_eq!(received, "none");
         assert_eq!(existing, "the value '5' of type 'long'");

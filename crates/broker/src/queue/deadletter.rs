@@ -82,10 +82,7 @@ pub fn record_death(
                 .collect();
             let mut table: FieldTable = Vec::with_capacity(7);
             if let Some(expiration) = &original_expiration {
-                table.push((
-                    "original-expiration".into(),
-                    FieldValue::string(expiration),
-                ));
+                table.push(("original-expiration".into(), FieldValue::string(expiration)));
             }
             table.extend([
                 ("count".to_owned(), FieldValue::I64(1)),
@@ -112,7 +109,11 @@ pub fn record_death(
             "x-first-death-exchange",
             FieldValue::string(&*message.exchange),
         );
-        value::set(&mut headers, "x-first-death-queue", FieldValue::string(queue));
+        value::set(
+            &mut headers,
+            "x-first-death-queue",
+            FieldValue::string(queue),
+        );
         value::set(
             &mut headers,
             "x-first-death-reason",
@@ -124,7 +125,11 @@ pub fn record_death(
         "x-last-death-exchange",
         FieldValue::string(&*message.exchange),
     );
-    value::set(&mut headers, "x-last-death-queue", FieldValue::string(queue));
+    value::set(
+        &mut headers,
+        "x-last-death-queue",
+        FieldValue::string(queue),
+    );
     value::set(
         &mut headers,
         "x-last-death-reason",
@@ -133,10 +138,8 @@ pub fn record_death(
     properties.headers = Some(headers);
     Message {
         exchange: Arc::from(dead_letter_exchange),
-        routing_key: dead_letter_routing_key.map_or_else(
-            || Arc::clone(&message.routing_key),
-            Arc::from,
-        ),
+        routing_key: dead_letter_routing_key
+            .map_or_else(|| Arc::clone(&message.routing_key), Arc::from),
         properties,
         body: message.body.clone(),
     }
@@ -175,8 +178,7 @@ pub async fn forward(
 ) -> Result<(), String> {
     let mut batch = Vec::with_capacity(256);
     while receiver.recv_many(&mut batch, 256).await > 0 {
-        let mut per_queue: HashMap<usize, (Arc<Queue>, Vec<Arc<Message>>)> =
-            HashMap::new();
+        let mut per_queue: HashMap<usize, (Arc<Queue>, Vec<Arc<Message>>)> = HashMap::new();
         for letter in batch.drain(..) {
             let Some(table) = routing(&letter.vhost) else {
                 continue;
@@ -254,10 +256,16 @@ mod tests {
         assert_eq!(dead.properties.expiration, None);
         let entry = death(&dead, 0);
         assert_eq!(lookup(entry, "count"), Some(&FieldValue::I64(1)));
-        assert_eq!(lookup(entry, "reason"), Some(&FieldValue::string("expired")));
+        assert_eq!(
+            lookup(entry, "reason"),
+            Some(&FieldValue::string("expired"))
+        );
         assert_eq!(lookup(entry, "queue"), Some(&FieldValue::string("q1")));
         assert_eq!(lookup(entry, "time"), Some(&FieldValue::Timestamp(10)));
-        assert_eq!(lookup(entry, "exchange"), Some(&FieldValue::string("orders")));
+        assert_eq!(
+            lookup(entry, "exchange"),
+            Some(&FieldValue::string("orders"))
+        );
         assert_eq!(
             lookup(entry, "routing-keys"),
             Some(&FieldValue::Array(vec![
@@ -284,9 +292,18 @@ mod tests {
         let once = record_death(&message(), "q1", DeathReason::Rejected, "dlx", None, 0);
         let twice = record_death(&once, "q2", DeathReason::Expired, "dlx", Some("k"), 0);
         let thrice = record_death(&twice, "q1", DeathReason::Rejected, "dlx", None, 0);
-        assert_eq!(lookup(death(&thrice, 0), "queue"), Some(&FieldValue::string("q1")));
-        assert_eq!(lookup(death(&thrice, 0), "count"), Some(&FieldValue::I64(2)));
-        assert_eq!(lookup(death(&thrice, 1), "queue"), Some(&FieldValue::string("q2")));
+        assert_eq!(
+            lookup(death(&thrice, 0), "queue"),
+            Some(&FieldValue::string("q1"))
+        );
+        assert_eq!(
+            lookup(death(&thrice, 0), "count"),
+            Some(&FieldValue::I64(2))
+        );
+        assert_eq!(
+            lookup(death(&thrice, 1), "queue"),
+            Some(&FieldValue::string("q2"))
+        );
         assert_eq!(
             thrice.properties.header("x-first-death-queue"),
             Some(&FieldValue::string("q1"))

@@ -56,9 +56,17 @@ pub(crate) struct QueueSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum QueueNotice {
     /// Delete this auto-delete queue if it still has no consumer.
-    AutoDelete { vhost: String, name: String, id: Uuid },
+    AutoDelete {
+        vhost: String,
+        name: String,
+        id: Uuid,
+    },
     /// Delete this queue: unused for longer than `x-expires`.
-    Expired { vhost: String, name: String, id: Uuid },
+    Expired {
+        vhost: String,
+        name: String,
+        id: Uuid,
+    },
 }
 
 /// Channels to the rest of the broker.
@@ -148,9 +156,8 @@ fn for_each_batch(
 ) -> Result<(), BrokerError> {
     let mut position = 0;
     while position < bytes.len() {
-        let header = BatchHeader::parse(&bytes[position..]).map_err(|source| {
-            storage(StorageError::InvalidBatch { position, source })
-        })?;
+        let header = BatchHeader::parse(&bytes[position..])
+            .map_err(|source| storage(StorageError::InvalidBatch { position, source }))?;
         let end = position + header.total_bytes();
         if end > bytes.len() {
             break;
@@ -500,7 +507,12 @@ impl QueueHandler {
         Ok(outcome)
     }
 
-    fn append(&mut self, log: &mut Log, builder: BatchBuilder, now_ms: i64) -> Result<(), BrokerError> {
+    fn append(
+        &mut self,
+        log: &mut Log,
+        builder: BatchBuilder,
+        now_ms: i64,
+    ) -> Result<(), BrokerError> {
         let mut batch = bytes::BytesMut::from(&builder.finish()[..]);
         if let Err(error) = log.append(&mut batch, now_ms) {
             self.fail(&error);
@@ -815,7 +827,11 @@ impl QueueHandler {
 fn with_delivery_count(message: &Message, count: u32) -> Message {
     let mut copy = message.clone();
     let headers = copy.properties.headers.get_or_insert_with(Vec::new);
-    value::set(headers, "x-delivery-count", FieldValue::I64(i64::from(count)));
+    value::set(
+        headers,
+        "x-delivery-count",
+        FieldValue::I64(i64::from(count)),
+    );
     copy
 }
 
@@ -903,7 +919,10 @@ mod tests {
         };
         let counted = with_delivery_count(&message, 2);
         assert_eq!(
-            lookup(counted.properties.headers.as_ref().unwrap(), "x-delivery-count"),
+            lookup(
+                counted.properties.headers.as_ref().unwrap(),
+                "x-delivery-count"
+            ),
             Some(&FieldValue::I64(2))
         );
     }

@@ -112,8 +112,7 @@ impl Credit {
     /// other's write.
     fn take(&self, bytes: u32) -> bool {
         for _ in 0..2 {
-            if self.messages.load(Ordering::SeqCst) > 0 && self.window.load(Ordering::SeqCst) > 0
-            {
+            if self.messages.load(Ordering::SeqCst) > 0 && self.window.load(Ordering::SeqCst) > 0 {
                 self.messages.fetch_sub(1, Ordering::SeqCst);
                 self.window
                     .fetch_sub(Self::window_cost(bytes), Ordering::SeqCst);
@@ -144,7 +143,9 @@ pub struct Delivery {
 pub enum QueueEvent {
     Deliver(Delivery),
     /// The queue cancelled the consumer (it was deleted).
-    Cancelled { consumer: ConsumerId },
+    Cancelled {
+        consumer: ConsumerId,
+    },
 }
 
 /// Where a queue sends a consumer's deliveries. One per connection.
@@ -203,10 +204,17 @@ pub(crate) enum QueueRequest {
     Settle(Vec<u64>, SettleOp),
     ConsumersGone(Vec<ConsumerId>),
     Wake,
-    Get { no_ack: bool },
+    Get {
+        no_ack: bool,
+    },
     Purge,
-    Stat { touch: bool },
-    CheckDelete { if_unused: bool, if_empty: bool },
+    Stat {
+        touch: bool,
+    },
+    CheckDelete {
+        if_unused: bool,
+        if_empty: bool,
+    },
     /// The queue is being deleted: cancel every consumer; reply with the ready count.
     Deleting,
     Timer,
@@ -302,7 +310,9 @@ impl Queue {
     }
 
     pub async fn settle(&self, offsets: Vec<u64>, op: SettleOp) -> Result<(), BrokerError> {
-        self.call(QueueRequest::Settle(offsets, op)).await.map(|_| ())
+        self.call(QueueRequest::Settle(offsets, op))
+            .await
+            .map(|_| ())
     }
 
     /// Consumers whose channel went away: removes them and requeues what they held.

@@ -477,9 +477,7 @@ impl QueueCore {
         priority: i32,
         now_ms: i64,
     ) -> Result<(), ConsumeError> {
-        if self.consumers.iter().any(|c| c.exclusive)
-            || (exclusive && !self.consumers.is_empty())
-        {
+        if self.consumers.iter().any(|c| c.exclusive) || (exclusive && !self.consumers.is_empty()) {
             return Err(ConsumeError::ExclusiveInUse);
         }
         self.consumers.push(Consumer {
@@ -633,7 +631,8 @@ impl QueueCore {
             level.clear();
         }
         let unacked = &self.unacked;
-        self.returned.retain(|offset, _| unacked.contains_key(offset));
+        self.returned
+            .retain(|offset, _| unacked.contains_key(offset));
         self.ready_bytes = 0;
         count
     }

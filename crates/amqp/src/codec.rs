@@ -1,0 +1,337 @@
+//! AMQP 0-9-1 framing: splitting bytes into frames and writing frames, without I/O.
+//!
+//! A frame is `type: u8, channel: u16, size: u32, payload, 0xCE`. The 7-byte header is read
+//! first and the size checked against the negotiated `frame_max` before anything is buffered
+//! for the payload. Method and content-header payloads are decoded, and encoded, by the
+//! `amq-protocol` crate (its field-table parser is patched to bound nesting, see
+//! `vendor/README.md`); body payloads are sliced out of the read buffer without copying.
+//!
+//! Nothing here panics on any input: every decoder returns a [`FrameError`] that names the
+//! AMQP error the connection closes with.
+
+use amq_protocol::frame::parsing::parse_content_header;
+use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, WriteContext, gen_frame};
+use amq_protocol::protocol::{AMQPClass, BasicProperties, parse_class};
+use bytes::{Buf, Bytes, BytesMut};
+
+pub const FRAME_METHOD: u8 = 1;
+pub const FRAME_HEADER: u8 = 2;
+pub const FRAME_BODY: u8 = 3;
+pub const FRAME_HEARTBEAT: u8 = 8;
+pub const FRAME_END: u8 = 0xCE;
+/// Header and end marker around every payload.
+pub const FRAME_OVERHEAD: usize = 8;
+/// The smallest `frame_max` a peer may negotiate.
+pub const FRAME_MIN_SIZE: u32 = 4096;
+/// The protocol header a client sends first, and the one we answer a wrong one with.
+pub const PROTOCOL_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
+
+/// A frame that cannot be accepted; the connection closes with `code`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{text}")]
+pub struct FrameError {
+    /// 501 FRAME_ERROR, 502 SYNTAX_ERROR, 503 COMMAND_INVALID or 505 UNEXPECTED_FRAME.
+    pub code: u16,
+    pub text: String,
+}
+
+impl FrameError {
+    fn frame(text: String) -> Self {
+        Self { code: 501, text }
+    }
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    Method(u16, Box<AMQPClass>),
+    Header(u16, Box<AMQPContentHeader>),
+    Body(u16, Bytes),
+    Heartbeat(u16),
+}
+
+impl Frame {
+    pub fn channel(&self) -> u16 {
+        match self {
+            Self::Method(channel, _)
+            | Self::Header(channel, _)
+            | Self::Body(channel, _)
+            | Self::Heartbeat(channel) => *channel,
+        }
+    }
+}
+
+fn snippet(payload: &[u8]) -> String {
+    let shown = &payload[..payload.len().min(16)];
+    let which = if payload.len() <= 16 {
+        "all"
+    } else {
+        "first 16"
+    };
+    format!("{which} octets = {shown:?}")
+}
+
+/// Takes the next whole frame from `buffer`, if one is there. A frame whose payload exceeds
+/// `frame_max` is refused as soon as its header is seen.
+pub fn next_frame(buffer: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, FrameError> {
+    if buffer.len() < 7 {
+        return Ok(None);
+    }
+    let kind = buffer[0];
+    let channel = u16::from_be_bytes([buffer[1], buffer[2]]);
+    let size = u32::from_be_bytes([buffer[3], buffer[4], buffer[5], buffer[6]]);
+    // RabbitMQ tolerates payloads up to frame_max; many clients count the overhead wrongly.
+    let limit = frame_max.max(FRAME_MIN_SIZE);
+    if size > limit {
+        return Err(FrameError::frame(format!(
+            "type {kind}, all octets = <<>>: {{frame_too_large,{size},{}}}",
+            limit as usize - FRAME_OVERHEAD
+        )));
+    }
+    let total = size as usize + FRAME_OVERHEAD;
+    if buffer.len() < total {
+        buffer.reserve(total - buffer.len());
+        return Ok(None);
+    }
+    if buffer[total - 1] != FRAME_END {
+        return Err(FrameError::frame(format!(
+            "type {kind}, {}: {{invalid_frame_end_marker,{}}}",
+            snippet(&buffer[7..total - 1]),
+            buffer[total - 1]
+        )));
+    }
+    let mut frame = buffer.split_to(total);
+    frame.advance(7);
+    frame.truncate(size as usize);
+    let payload = frame.freeze();
+    decode_payload(kind, channel, payload).map(Some)
+}
+
+/// Decodes one frame's payload.
+pub fn decode_payload(kind: u8, channel: u16, payload: Bytes) -> Result<Frame, FrameError> {
+    match kind {
+        FRAME_METHOD => match parse_class(&payload[..]) {
+            Ok((&[], method)) => Ok(Frame::Method(channel, Box::new(method))),
+            Ok(_) => Err(FrameError {
+                code: 501,
+                text: format!(
+                    "type {kind}, {}: trailing bytes after method",
+                    snippet(&payload)
+                ),
+            }),
+            Err(_) => {
+                let known = payload.len() >= 4;
+                Err(FrameError {
+                    code: if known { 501 } else { 502 },
+                    text: format!(
+                        "type {kind}, {}: cannot decode method{}",
+                        snippet(&payload),
+                        if known {
+                            format!(
+                                " {}.{}",
+                                u16::from_be_bytes([payload[0], payload[1]]),
+                                u16::from_be_bytes([payload[2], payload[3]])
+                            )
+                        } else {
+                            String::new()
+                        }
+                    ),
+                })
+            }
+        },
+        FRAME_HEADER => match parse_content_header(&payload[..]) {
+            Ok((&[], header)) => Ok(Frame::Header(channel, Box::new(header))),
+            _ => Err(FrameError::frame(format!(
+                "type {kind}, {}: cannot decode content header",
+                snippet(&payload)
+            ))),
+        },
+        FRAME_BODY => Ok(Frame::Body(channel, payload)),
+        FRAME_HEARTBEAT => Ok(Frame::Heartbeat(channel)),
+        other => Err(FrameError::frame(format!(
+            "type {other}, {}: unknown_frame",
+            snippet(&payload)
+        ))),
+    }
+}
+
+/// Decodes every frame in `data` (the fuzz target's entry point). Never panics.
+pub fn decode_all(data: &[u8], frame_max: u32) -> Vec<Result<Frame, FrameError>> {
+    let mut buffer = BytesMut::from(data);
+    let mut out = Vec::new();
+    loop {
+        match next_frame(&mut buffer, frame_max) {
+            Ok(Some(frame)) => out.push(Ok(frame)),
+            Ok(None) => break,
+            Err(error) => {
+                out.push(Err(error));
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// A bug while encoding our own frame: it can only come from a value we built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode a frame: {0}")]
+pub struct EncodeError(String);
+
+fn generate(out: &mut Vec<u8>, frame: &AMQPFrame) -> Result<(), EncodeError> {
+    // The generator takes the buffer by value; on failure it is lost with the connection.
+    let buffer = std::mem::take(out);
+    let context = gen_frame(frame)(WriteContext::from(buffer))
+        .map_err(|error| EncodeError(error.to_string()))?;
+    *out = context.write;
+    Ok(())
+}
+
+/// Appends a method frame.
+pub fn write_method(out: &mut Vec<u8>, channel: u16, method: AMQPClass) -> Result<(), EncodeError> {
+    generate(out, &AMQPFrame::Method(channel, method))
+}
+
+/// Appends a heartbeat frame.
+pub fn write_heartbeat(out: &mut Vec<u8>) {
+    out.extend_from_slice(&[FRAME_HEARTBEAT, 0, 0, 0, 0, 0, 0, FRAME_END]);
+}
+
+/// Appends a content header and the body split into frames of at most `frame_max` bytes.
+pub fn write_content(
+    out: &mut Vec<u8>,
+    channel: u16,
+    properties: BasicProperties,
+    body: &[u8],
+    frame_max: u32,
+) -> Result<(), EncodeError> {
+    let header = AMQPContentHeader {
+        class_id: 60,
+        body_size: body.len() as u64,
+        properties,
+    };
+    generate(out, &AMQPFrame::Header(channel, header))?;
+    let chunk = (frame_max.max(FRAME_MIN_SIZE) as usize) - FRAME_OVERHEAD;
+    for part in body.chunks(chunk) {
+        out.reserve(part.len() + FRAME_OVERHEAD);
+        out.push(FRAME_BODY);
+        out.extend_from_slice(&channel.to_be_bytes());
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part);
+        out.push(FRAME_END);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amq_protocol::protocol::{basic, queue};
+    use proptest::prelude::*;
+
+    fn encoded(frame: AMQPFrame) -> Vec<u8> {
+        let mut out = Vec::new();
+        generate(&mut out, &frame).unwrap();
+        out
+    }
+
+    #[test]
+    fn frames_split_on_boundaries_and_bodies_are_sliced() {
+        let declare = AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "q".into(),
+            durable: true,
+            ..Default::default()
+        }));
+        let mut bytes = encoded(AMQPFrame::Method(1, declare.clone()));
+        let mut content = Vec::new();
+        write_content(&mut content, 1, BasicProperties::default(), b"hello", 4096).unwrap();
+        bytes.extend_from_slice(&content);
+        // Feed a byte at a time: frames appear only once whole.
+        let mut buffer = BytesMut::new();
+        let mut frames = Vec::new();
+        for byte in bytes {
+            buffer.extend_from_slice(&[byte]);
+            while let Some(frame) = next_frame(&mut buffer, 4096).unwrap() {
+                frames.push(frame);
+            }
+        }
+        assert_eq!(frames.len(), 3);
+        assert_eq!(frames[0], Frame::Method(1, Box::new(declare)));
+        assert!(matches!(&frames[1], Frame::Header(1, h) if h.body_size == 5));
+        assert_eq!(frames[2], Frame::Body(1, Bytes::from_static(b"hello")));
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_from_their_header() {
+        let mut buffer = BytesMut::from(&[1u8, 0, 1, 0x7f, 0xff, 0xff, 0xff][..]);
+        let error = next_frame(&mut buffer, 131_072).unwrap_err();
+        assert_eq!(error.code, 501);
+        assert!(
+            buffer.capacity() < 1 << 20,
+            "nothing was allocated for the payload"
+        );
+    }
+
+    #[test]
+    fn bad_end_markers_and_unknown_types_are_frame_errors() {
+        let mut buffer = BytesMut::from(&[8u8, 0, 0, 0, 0, 0, 0, 0xCD][..]);
+        assert_eq!(next_frame(&mut buffer, 4096).unwrap_err().code, 501);
+        let mut buffer = BytesMut::from(&[9u8, 0, 0, 0, 0, 0, 0, 0xCE][..]);
+        assert_eq!(next_frame(&mut buffer, 4096).unwrap_err().code, 501);
+    }
+
+    #[test]
+    fn deeply_nested_tables_are_a_decode_error_not_a_crash() {
+        // basic.consume whose arguments nest 20,000 tables deep (about 120 KiB).
+        let mut table: Vec<u8> = 0u32.to_be_bytes().to_vec();
+        for _ in 0..20_000 {
+            let mut entry = vec![1u8, b'a', b'F'];
+            entry.extend_from_slice(&table);
+            table = (entry.len() as u32).to_be_bytes().to_vec();
+            table.extend_from_slice(&entry);
+        }
+        let mut payload = vec![0, 60, 0, 20, 0, 0, 1, b'q', 0, 0];
+        payload.extend_from_slice(&table);
+        let mut frame = vec![FRAME_METHOD, 0, 1];
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&payload);
+        frame.push(FRAME_END);
+        // Parse on a thread with a small stack, as a runtime worker would.
+        let result = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(move || decode_all(&frame, 1 << 20))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(matches!(result.as_slice(), [Err(_)]));
+        // A legitimate consume still decodes.
+        let consume = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: "q".into(),
+            ..Default::default()
+        }));
+        let bytes = encoded(AMQPFrame::Method(1, consume));
+        assert!(matches!(
+            decode_all(&bytes, 4096).as_slice(),
+            [Ok(Frame::Method(1, _))]
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = decode_all(&data, 4096);
+        }
+
+        #[test]
+        fn random_payloads_never_panic(kind in 1u8..4, payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_payload(kind, 1, Bytes::from(payload));
+        }
+
+        #[test]
+        fn random_methods_after_a_valid_class_id_never_panic(class in prop::sample::select(vec![10u16, 20, 40, 50, 60, 85, 90]), method in 0u16..130, rest in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut payload = class.to_be_bytes().to_vec();
+            payload.extend_from_slice(&method.to_be_bytes());
+            payload.extend_from_slice(&rest);
+            let _ = decode_payload(FRAME_METHOD, 1, Bytes::from(payload));
+        }
+    }
+}
