@@ -44,6 +44,11 @@ class Sluice:
         """host:port of the AMQP 0-9-1 listener."""
         return self.addresses["amqp"]
 
+    @property
+    def http(self) -> str:
+        """Base URL of the admin API, metrics and console."""
+        return "http://" + self.addresses["http"]
+
     def start(self, timeout=30.0):
         ready = self.data_dir.parent / f"{self.data_dir.name}.ready"
         if ready.exists():
@@ -60,6 +65,8 @@ class Sluice:
             kafka_listen,
             "--amqp-listen",
             amqp_listen,
+            "--http-listen",
+            self.addresses.get("http", "127.0.0.1:0"),
             "--ready-file",
             str(ready),
             *self.extra_args,

@@ -49,10 +49,15 @@ async function api(path, options = {}) {
     headers,
     body: options.body !== undefined ? JSON.stringify(options.body) : undefined,
   });
-  if (response.status === 401) { logout(); throw new ApiError(401, "Please log in again."); }
   if (response.status === 204) return null;
   const text = await response.text();
-  const data = text ? JSON.parse(text) : null;
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
+  if (response.status === 401) {
+    const detail = (data && data.detail) || "Please log in.";
+    logout(detail);
+    throw new ApiError(401, detail);
+  }
   if (!response.ok) throw new ApiError(response.status, (data && data.detail) || response.statusText);
   return data;
 }
@@ -65,11 +70,11 @@ function showLogin(message = "") {
   $("#login-error").textContent = message;
 }
 
-function logout() {
+function logout(message = "") {
   sessionStorage.removeItem("sluice-auth");
   state.auth = null;
   clearInterval(state.timer);
-  showLogin();
+  showLogin(message);
 }
 
 $("#login-form").addEventListener("submit", async (event) => {
@@ -83,7 +88,7 @@ $("#login-form").addEventListener("submit", async (event) => {
     showLogin(error.message);
   }
 });
-$("#logout").addEventListener("click", logout);
+$("#logout").addEventListener("click", () => logout());
 
 // ---- chart ----
 
@@ -96,7 +101,9 @@ function drawChart(canvas, series, labels) {
   ctx.clearRect(0, 0, width, height);
   const pad = { l: 56, r: 10, t: 10, b: 22 };
   const points = series[0].values.length;
-  const max = Math.max(1, ...series.flatMap((s) => s.values)) * 1.1;
+  const peak = Math.max(1, ...series.flatMap((s) => s.values));
+  const step = Math.pow(10, Math.floor(Math.log10(peak)));
+  const max = [1, 2, 2.5, 5, 10].map((m) => m * step).find((m) => m >= peak);
   ctx.strokeStyle = "#e3e6ec"; ctx.fillStyle = "#6b7385"; ctx.font = "11px system-ui"; ctx.lineWidth = 1;
   for (let i = 0; i <= 4; i++) {
     const y = pad.t + ((height - pad.t - pad.b) * i) / 4;

@@ -351,7 +351,7 @@ pub async fn run(options: &AmqpOptions, name: &str, quiet: bool) -> Result<RunRe
         map.insert("queues".into(), topology.queues.clone().into());
         map.insert("exchange_name".into(), topology.exchange.clone().into());
     }
-    Ok(RunReport {
+    let mut report = RunReport {
         name: name.to_owned(),
         protocol: "amqp".into(),
         target: options.uri.clone(),
@@ -375,7 +375,10 @@ pub async fn run(options: &AmqpOptions, name: &str, quiet: bool) -> Result<RunRe
         errors: meter.error_samples(),
         broker_rss: sampled.rss,
         timeline: sampled.timeline,
-    })
+        notes: Vec::new(),
+    };
+    report.notes = crate::report::cap_notes(&options.load, options.producers, &report);
+    Ok(report)
 }
 
 /// The clients' part of a run: returns the send time, the expected receive count, the merged

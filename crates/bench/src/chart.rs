@@ -303,6 +303,7 @@ mod tests {
             error_count: 0,
             errors: vec![],
             broker_rss: None,
+            notes: vec![],
             timeline: (1..4)
                 .map(|t| Sample {
                     t_s: f64::from(t),

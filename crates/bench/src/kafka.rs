@@ -375,7 +375,7 @@ fn run_clients(
             (last - first) as f64 / 1e9,
         )
     });
-    Ok(RunReport {
+    let mut report = RunReport {
         name: name.to_owned(),
         protocol: "kafka".into(),
         target: options.bootstrap.clone(),
@@ -394,7 +394,10 @@ fn run_clients(
         errors: meter.error_samples(),
         broker_rss: sampled.rss,
         timeline: sampled.timeline,
-    })
+        notes: Vec::new(),
+    };
+    report.notes = crate::report::cap_notes(&options.load, options.producers, &report);
+    Ok(report)
 }
 
 fn settings_json(options: &KafkaOptions, topic: &str) -> serde_json::Value {

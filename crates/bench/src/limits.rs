@@ -138,6 +138,7 @@ async fn measure_disk(options: &LimitsOptions, dir: &Path, report: &mut LimitsRe
         "--name=direct-seq-write".to_owned(),
         "--bs=1M".to_owned(),
         "--direct=1".to_owned(),
+        "--unlink=1".to_owned(),
         format!("--size={}", options.write_bytes.min(1 << 30)),
     ];
     match fio(common.iter().chain(&timed).chain(&direct)).await {
@@ -168,26 +169,45 @@ async fn measure_disk(options: &LimitsOptions, dir: &Path, report: &mut LimitsRe
 /// Arguments every fio job shares. The file is not preallocated (`fallocate=none`) because
 /// the log's segments are not: both then append to a growing file, which is what the
 /// comparison needs (preallocation changes fdatasync rates several times over on ext4).
-fn common_args(dir: &Path) -> [String; 5] {
+fn common_args(dir: &Path) -> [String; 4] {
     [
         format!("--directory={}", dir.display()),
         "--rw=write".to_owned(),
         "--ioengine=psync".to_owned(),
-        "--unlink=1".to_owned(),
         "--fallocate=none".to_owned(),
     ]
 }
 
 /// fio's sequential 1 MiB writes through the page cache, `bytes` in total, no fsync, in MB/s.
+///
+/// Afterwards the file is fsynced (outside the measurement) and deleted, which leaves the page
+/// cache as an append run leaves it when it closes its log: deleting a file with 2 GiB still
+/// dirty makes the next writer on this machine several times faster than deleting a clean one.
 pub async fn buffered_write_mb_per_s(dir: &Path, bytes: u64) -> Result<f64, BenchError> {
+    let path = dir.join(format!("fio-buffered-{}.0.0", std::process::id()));
     let buffered = [
         "--name=buffered-seq-write".to_owned(),
+        format!("--filename={}", path.display()),
         "--bs=1M".to_owned(),
         "--direct=0".to_owned(),
         "--end_fsync=0".to_owned(),
         format!("--size={bytes}"),
     ];
-    let job = fio(common_args(dir).iter().chain(&buffered)).await?;
+    let result = fio(common_args(dir).iter().chain(&buffered)).await;
+    let settled = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || -> std::io::Result<()> {
+            std::fs::File::open(&path)?.sync_all()?;
+            std::fs::remove_file(&path)
+        }
+    })
+    .await;
+    let job = result?;
+    match settled {
+        Ok(Ok(())) => {}
+        Ok(Err(source)) => return Err(BenchError::io("sync and delete", &path, source)),
+        Err(error) => return Err(BenchError::Task(format!("fio file cleanup: {error}"))),
+    }
     job.write_bytes_per_s
         .map(|b| b / 1e6)
         .ok_or_else(|| BenchError::Tool {
@@ -209,6 +229,7 @@ pub async fn fdatasync_per_s(
         format!("--bs={block_bytes}"),
         "--direct=0".to_owned(),
         "--fdatasync=1".to_owned(),
+        "--unlink=1".to_owned(),
         format!("--runtime={}", seconds.max(1)),
         "--time_based".to_owned(),
         // Large enough that the run never wraps around and overwrites.

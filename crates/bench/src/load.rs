@@ -36,6 +36,11 @@ pub struct LoadOptions {
     #[arg(long, default_value_t = 30.0)]
     pub drain_timeout_s: f64,
 
+    /// With --count, producers stop after this many seconds even if the count is not reached
+    /// (the report says how far they got).
+    #[arg(long)]
+    pub send_timeout_s: Option<f64>,
+
     /// Hard limit on the whole run, so a stuck broker cannot hang a suite.
     #[arg(long, default_value_t = 3600.0)]
     pub run_timeout_s: f64,
@@ -52,6 +57,7 @@ impl Default for LoadOptions {
             count: None,
             rate: None,
             backlog: false,
+            send_timeout_s: None,
             drain_timeout_s: 30.0,
             run_timeout_s: 3600.0,
             broker_pid: None,
@@ -86,6 +92,12 @@ impl LoadOptions {
         }
         if self.backlog && (producer_count == 0 || consumer_count == 0) {
             return fail("--backlog needs both producers and consumers".into());
+        }
+        if self
+            .send_timeout_s
+            .is_some_and(|s| !(s.is_finite() && s > 0.0))
+        {
+            return fail("--send-timeout-s must be positive".into());
         }
         if !(self.drain_timeout_s >= 0.0 && self.run_timeout_s > 0.0) {
             return fail("timeouts must not be negative".into());
@@ -123,13 +135,22 @@ pub fn share(total: u64, parts: usize, index: usize) -> u64 {
 #[derive(Debug, Clone, Copy)]
 pub enum Quota {
     Until(Instant),
-    Count(u64),
+    /// A number of messages, and a time by which to stop anyway.
+    Count {
+        limit: u64,
+        deadline: Option<Instant>,
+    },
 }
 
 impl Quota {
     pub fn for_producer(load: &LoadOptions, start: Instant, parts: usize, index: usize) -> Self {
         match load.count {
-            Some(total) => Self::Count(share(total, parts, index)),
+            Some(total) => Self::Count {
+                limit: share(total, parts, index),
+                deadline: load
+                    .send_timeout_s
+                    .map(|seconds| start + Duration::from_secs_f64(seconds)),
+            },
             None => Self::Until(start + load.duration()),
         }
     }
@@ -137,9 +158,10 @@ impl Quota {
     /// True once `sent` messages fulfil the quota. Checks the clock only every 64 messages:
     /// reading it per message costs more than the send itself for small messages.
     pub fn done(&self, sent: u64) -> bool {
+        let past = |deadline: Instant| sent.is_multiple_of(64) && Instant::now() >= deadline;
         match *self {
-            Self::Count(limit) => sent >= limit,
-            Self::Until(deadline) => sent.is_multiple_of(64) && Instant::now() >= deadline,
+            Self::Count { limit, deadline } => sent >= limit || deadline.is_some_and(past),
+            Self::Until(deadline) => past(deadline),
         }
     }
 }
@@ -214,6 +236,23 @@ mod tests {
         let second = pacer.next_delay();
         assert!(second > Duration::from_millis(50), "{second:?}");
         assert!(second <= Duration::from_millis(100), "{second:?}");
+    }
+
+    #[test]
+    fn a_count_quota_also_stops_at_its_deadline() {
+        let past = Instant::now() - Duration::from_secs(1);
+        let quota = Quota::Count {
+            limit: 1_000,
+            deadline: Some(past),
+        };
+        assert!(quota.done(64));
+        assert!(!quota.done(65), "the clock is read every 64 messages only");
+        let quota = Quota::Count {
+            limit: 1_000,
+            deadline: None,
+        };
+        assert!(!quota.done(64));
+        assert!(quota.done(1_000));
     }
 
     #[test]

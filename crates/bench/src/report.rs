@@ -116,6 +116,10 @@ pub struct RunReport {
     pub errors: Vec<String>,
     pub broker_rss: Option<RssSummary>,
     pub timeline: Vec<Sample>,
+    /// What a reader must know to read the figures, for example that a time cap stopped
+    /// sending before the count was reached.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 impl RunReport {
@@ -176,11 +180,41 @@ impl RunReport {
             );
         }
         row("errors", self.error_count.to_string());
+        for note in &self.notes {
+            row("note", note.replace('|', "\\|"));
+        }
         for error in &self.errors {
             row("error sample", error.replace('|', "\\|"));
         }
         out
     }
+}
+
+/// Notes on a run whose count or drain was cut short by a time cap.
+pub fn cap_notes(
+    load: &crate::load::LoadOptions,
+    producer_count: usize,
+    report: &RunReport,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    let sent = report.send.map_or(0, |s| s.count);
+    if let (Some(count), Some(seconds)) = (load.count, load.send_timeout_s)
+        && producer_count > 0
+        && sent < count
+    {
+        notes.push(format!(
+            "sending stopped at the {seconds:.0} s cap after {sent} of {count} messages"
+        ));
+    }
+    if report.missing_count() > 0 {
+        notes.push(format!(
+            "{} messages were not received before consumers stopped (no progress for {:.0} s, or the run's {:.0} s cap)",
+            report.missing_count(),
+            load.drain_timeout_s,
+            load.run_timeout_s
+        ));
+    }
+    notes
 }
 
 pub fn format_rate(throughput: &Throughput) -> String {
@@ -289,6 +323,7 @@ mod tests {
             errors: vec![],
             broker_rss: None,
             timeline: vec![],
+            notes: vec![],
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/report.json");

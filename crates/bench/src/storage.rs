@@ -183,7 +183,7 @@ pub struct AppendResult {
     /// Appends the owner task dropped without applying them, which were sent again.
     #[serde(default)]
     pub lost_request_count: u64,
-    /// fio's buffered sequential write bandwidth measured right before this run, with the
+    /// fio's buffered sequential write bandwidth measured next to this run, with the
     /// same byte count in the same directory, when the suite pairs them (fsync=never).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paired_fio_mb_per_s: Option<f64>,

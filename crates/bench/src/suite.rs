@@ -118,6 +118,9 @@ struct Scale {
     pair_rounds: usize,
     amqp_backlog_count: u64,
     kafka_backlog_count: u64,
+    /// Seconds a backlog may take to fill, and the whole backlog workload.
+    backlog_send_cap_s: f64,
+    backlog_run_cap_s: f64,
     drain_timeout_s: f64,
     storage: StorageOptions,
     limits: LimitsOptions,
@@ -144,6 +147,8 @@ impl Scale {
                 pair_rounds: 3,
                 amqp_backlog_count: 5_000_000,
                 kafka_backlog_count: 10_000_000,
+                backlog_send_cap_s: 200.0,
+                backlog_run_cap_s: 380.0,
                 drain_timeout_s: 30.0,
                 storage: storage(3.0, 2 << 30, 2 << 30),
                 limits: limits(2 << 30, 10),
@@ -153,6 +158,8 @@ impl Scale {
                 pair_rounds: 1,
                 amqp_backlog_count: 200_000,
                 kafka_backlog_count: 500_000,
+                backlog_send_cap_s: 40.0,
+                backlog_run_cap_s: 70.0,
                 drain_timeout_s: 15.0,
                 storage: storage(1.0, 256 << 20, 256 << 20),
                 limits: limits(256 << 20, 3),
@@ -162,6 +169,8 @@ impl Scale {
                 pair_rounds: 1,
                 amqp_backlog_count: 5_000,
                 kafka_backlog_count: 10_000,
+                backlog_send_cap_s: 30.0,
+                backlog_run_cap_s: 60.0,
                 drain_timeout_s: 10.0,
                 storage: StorageOptions {
                     appenders: vec![1, 8],
@@ -184,11 +193,15 @@ impl Scale {
         }
     }
 
+    /// A backlog of `count` messages, with time caps on filling it and on the whole run so
+    /// that a slow broker cannot stretch the suite past its budget.
     fn backlog(&self, count: u64) -> LoadOptions {
         LoadOptions {
             count: Some(count),
             backlog: true,
             drain_timeout_s: self.drain_timeout_s,
+            send_timeout_s: Some(self.backlog_send_cap_s),
+            run_timeout_s: self.backlog_run_cap_s,
             ..LoadOptions::default()
         }
     }
@@ -393,13 +406,16 @@ pub struct SluiceInfo {
     pub exit: Option<String>,
 }
 
-/// One round of an fsync=never append run and the fio buffered write run just before it.
+/// One round of an fsync=never append run and the fio buffered write run next to it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NeverPair {
     pub batch_bytes: u64,
     pub appender_count: usize,
     pub append_mb_per_s: f64,
     pub fio_mb_per_s: f64,
+    /// Whether fio ran before the append run (else right after it).
+    #[serde(default)]
+    pub fio_first: bool,
 }
 
 /// One round of fsync=always append runs (one per appender count) and the fio write +
@@ -719,9 +735,16 @@ async fn run_storage(
         if asked.fsync.iter().any(|f| f == "never") {
             for &appenders in &asked.appenders {
                 let mut rounds = Vec::with_capacity(rounds_count);
-                for _ in 0..rounds_count {
-                    let fio_mb_per_s =
-                        limits::buffered_write_mb_per_s(&base, asked.append_bytes_max).await?;
+                for round in 0..rounds_count {
+                    // Whichever runs second inherits what the first left behind; alternating
+                    // the order keeps that from favouring one side.
+                    let fio_first = round % 2 == 0;
+                    let mut fio_mb_per_s = None;
+                    if fio_first {
+                        fio_mb_per_s = Some(
+                            limits::buffered_write_mb_per_s(&base, asked.append_bytes_max).await?,
+                        );
+                    }
                     let mut run = storage::append_run(
                         &base,
                         batch_bytes,
@@ -731,19 +754,31 @@ async fn run_storage(
                         &asked,
                     )
                     .await?;
+                    let fio_mb_per_s = match fio_mb_per_s {
+                        Some(measured) => measured,
+                        None => {
+                            limits::buffered_write_mb_per_s(&base, asked.append_bytes_max).await?
+                        }
+                    };
                     run.paired_fio_mb_per_s = Some(fio_mb_per_s);
                     report.never_pairs.push(NeverPair {
                         batch_bytes,
                         appender_count: appenders,
                         append_mb_per_s: run.mb_per_s,
                         fio_mb_per_s,
+                        fio_first,
                     });
                     say(
                         options,
                         &format!(
-                            "storage: {} batches, fsync=never, {appenders} appenders: {:.0} MB/s; fio just before: {fio_mb_per_s:.0} MB/s",
+                            "storage: {} batches, fsync=never, {appenders} appenders: {:.0} MB/s; fio {}: {fio_mb_per_s:.0} MB/s",
                             human_bytes(batch_bytes),
-                            run.mb_per_s
+                            run.mb_per_s,
+                            if fio_first {
+                                "just before"
+                            } else {
+                                "just after"
+                            }
                         ),
                     );
                     rounds.push(run);
@@ -1078,7 +1113,7 @@ fn storage_rows(storage: &StorageReport, limits: Option<&LimitsReport>, rows: &m
         match append.fsync.as_str() {
             "never" => {
                 let limit = match append.paired_fio_mb_per_s {
-                    Some(fio) => Some((fio, "fio buffered write just before".to_owned())),
+                    Some(fio) => Some((fio, "fio buffered write, same round".to_owned())),
                     None => buffered.map(|v| (v, "fio buffered write".to_owned())),
                 };
                 add(label, "MB/s", Some(append.mb_per_s), limit, true);
@@ -1163,7 +1198,7 @@ pub fn storage_targets(report: &SuiteReport) -> Vec<TargetCheck> {
                         if best.appender_count == 1 { "" } else { "s" },
                         fio,
                         if best.paired_fio_mb_per_s.is_some() {
-                            " measured just before"
+                            " in the same round"
                         } else {
                             ""
                         }
@@ -1373,19 +1408,21 @@ pub fn summary_markdown(report: &SuiteReport) -> String {
         let _ = writeln!(
             out,
             "\n## fsync=never appends beside fio, round by round\n\n\
-             Each round runs fio's buffered write, then the append run, with the same byte count \
-             in the same directory; the table above shows the median round.\n\n\
-             | batch | appenders | append MB/s | fio MB/s just before | ratio |\n\
-             | --- | --- | ---: | ---: | ---: |"
+             Each round runs fio's buffered write and the append run with the same byte count in \
+             the same directory, one right after the other, alternating which goes first; both \
+             leave their data fsynced and deleted. The table above shows the median round.\n\n\
+             | batch | appenders | append MB/s | fio MB/s | fio ran | ratio |\n\
+             | --- | --- | ---: | ---: | --- | ---: |"
         );
         for pair in &report.never_pairs {
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} | {:.0} | {:.2}× |",
+                "| {} | {} | {:.0} | {:.0} | {} | {:.2}× |",
                 human_bytes(pair.batch_bytes),
                 pair.appender_count,
                 pair.append_mb_per_s,
                 pair.fio_mb_per_s,
+                if pair.fio_first { "first" } else { "second" },
                 pair.append_mb_per_s / pair.fio_mb_per_s.max(1e-9)
             );
         }
@@ -1437,27 +1474,33 @@ pub fn summary_markdown(report: &SuiteReport) -> String {
             );
         }
     }
-    let errors: Vec<&WorkloadResult> = report
+    let flagged: Vec<&WorkloadResult> = report
         .workloads
         .iter()
         .filter(|w| {
             w.outcome
                 .report()
-                .is_some_and(|r| r.error_count > 0 || r.missing_count() > 0)
+                .is_some_and(|r| r.error_count > 0 || r.missing_count() > 0 || !r.notes.is_empty())
         })
         .collect();
-    if !errors.is_empty() {
-        let _ = writeln!(out, "\n## Runs with errors or missing messages\n");
-        for workload in errors {
+    if !flagged.is_empty() {
+        let _ = writeln!(out, "\n## Runs with notes, errors or missing messages\n");
+        for workload in flagged {
             if let Some(run) = workload.outcome.report() {
                 let _ = writeln!(
                     out,
-                    "- {} on {}: {} errors, {} missing; first: {}",
+                    "- {} on {}: {} errors, {} missing{}{}",
                     workload.id,
                     workload.broker,
                     run.error_count,
                     run.missing_count(),
-                    run.errors.first().map_or("-", String::as_str)
+                    run.errors
+                        .first()
+                        .map_or(String::new(), |e| format!("; first error: {e}")),
+                    run.notes
+                        .iter()
+                        .map(|n| format!("; {n}"))
+                        .collect::<String>()
                 );
             }
         }

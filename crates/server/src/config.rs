@@ -34,6 +34,24 @@ pub struct Config {
     pub amqp: AmqpSection,
     pub storage: StorageSection,
     pub log: LogSection,
+    pub http: HttpSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    /// Serve the admin API, /metrics and the console.
+    pub enabled: bool,
+    pub listen: String,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "0.0.0.0:8080".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +114,7 @@ impl Default for Config {
             amqp: AmqpSection::default(),
             storage: StorageSection::default(),
             log: LogSection::default(),
+            http: HttpSection::default(),
         }
     }
 }
@@ -151,6 +170,7 @@ pub struct Overrides {
     pub amqp_listen: Option<String>,
     pub fsync: Option<String>,
     pub log_level: Option<String>,
+    pub http_listen: Option<String>,
 }
 
 /// Top-level keys that environment variables may set; anything else under `SLUICE_` (such as
@@ -163,6 +183,7 @@ const ENV_SECTIONS: &[&str] = &[
     "amqp",
     "storage",
     "log",
+    "http",
 ];
 
 impl Config {
@@ -212,6 +233,9 @@ impl Config {
         if !log.is_empty() {
             flags.insert("log".into(), log.into());
         }
+        if let Some(listen) = &overrides.http_listen {
+            flags.insert("http".into(), serde_json::json!({ "listen": listen }));
+        }
         figment = figment.merge(Serialized::defaults(serde_json::Value::Object(flags)));
         let config: Config = figment.extract().map_err(|error| {
             let mut message = String::from("invalid configuration");
@@ -231,6 +255,9 @@ impl Config {
         }
         if self.kafka.enabled {
             self.kafka_listen()?;
+        }
+        if self.http.enabled {
+            self.http_listen()?;
         }
         if self.kafka.default_partitions == 0
             || self.kafka.default_partitions > sluice_broker::MAX_PARTITIONS_PER_TOPIC
@@ -273,6 +300,15 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    pub fn http_listen(&self) -> anyhow::Result<SocketAddr> {
+        self.http.listen.parse().with_context(|| {
+            format!(
+                "http.listen {:?} is not an address like 127.0.0.1:8080",
+                self.http.listen
+            )
+        })
     }
 
     pub fn kafka_listen(&self) -> anyhow::Result<SocketAddr> {

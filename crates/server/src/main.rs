@@ -6,6 +6,7 @@
 //! rather than serve half-dead.
 
 mod amqp_config;
+mod cli;
 mod config;
 mod serve;
 
@@ -34,6 +35,8 @@ struct Cli {
 enum Command {
     /// Run the broker.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Admin(cli::AdminCommand),
 }
 
 #[derive(Debug, Args)]
@@ -50,6 +53,9 @@ struct ServeArgs {
     /// AMQP 0-9-1 listener address, for example 127.0.0.1:5672 (port 0 picks a free port).
     #[arg(long)]
     amqp_listen: Option<String>,
+    /// Admin API, metrics and console address, for example 127.0.0.1:8080.
+    #[arg(long)]
+    http_listen: Option<String>,
     /// fsync policy: always, never or interval(<ms>ms).
     #[arg(long)]
     fsync: Option<String>,
@@ -71,6 +77,7 @@ fn main() -> ExitCode {
                 amqp_listen: args.amqp_listen,
                 fsync: args.fsync,
                 log_level: args.log_level,
+                http_listen: args.http_listen,
             };
             let config = match Config::load(args.config.as_deref(), &overrides) {
                 Ok(config) => config,
@@ -81,5 +88,6 @@ fn main() -> ExitCode {
             };
             serve::run(config, args.ready_file)
         }
+        Command::Admin(command) => cli::run(command),
     }
 }

@@ -57,6 +57,7 @@ fn init_tracing(config: &Config) {
 /// Listeners bound before anything is announced, so the ready file carries real ports.
 struct Bound {
     addresses: BTreeMap<&'static str, String>,
+    admin: Option<Arc<sluice_admin::AdminState>>,
 }
 
 async fn serve(config: Config, ready_file: Option<PathBuf>) -> ExitCode {
@@ -93,6 +94,9 @@ async fn serve(config: Config, ready_file: Option<PathBuf>) -> ExitCode {
         let _ = broker.shutdown().await;
         return ExitCode::from(EXIT_STARTUP);
     }
+    if let Some(admin) = &bound.admin {
+        admin.set_ready(true);
+    }
     tracing::info!(data_dir = %config.data_dir.display(), listeners = ?bound.addresses, "sluice is ready");
 
     let code = tokio::select! {
@@ -108,6 +112,9 @@ async fn serve(config: Config, ready_file: Option<PathBuf>) -> ExitCode {
     };
 
     // Stop accepting, then give connections the grace period to finish what they started.
+    if let Some(admin) = &bound.admin {
+        admin.set_ready(false);
+    }
     shutdown.cancel();
     connections.close();
     let grace = Duration::from_millis(config.shutdown_grace_ms);
@@ -141,6 +148,7 @@ async fn start_listeners(
     connections: &TaskTracker,
 ) -> anyhow::Result<Bound> {
     let mut addresses = BTreeMap::new();
+    let kafka_frontend = Arc::new(sluice_kafka::KafkaFrontend::default());
     if config.kafka.enabled {
         let address = config.kafka_listen()?;
         let listener = TcpListener::bind(address)
@@ -158,10 +166,11 @@ async fn start_listeners(
             max_request_bytes: config.kafka.max_request_bytes,
             max_connections: config.kafka.max_connections,
         };
-        tokio::spawn(sluice_kafka::serve(
+        tokio::spawn(sluice_kafka::serve_with(
             listener,
             broker.clone(),
             settings,
+            Arc::clone(&kafka_frontend),
             shutdown.clone(),
             connections.clone(),
         ));
@@ -182,7 +191,27 @@ async fn start_listeners(
             connections.clone(),
         ));
     }
-    Ok(Bound { addresses })
+    let mut admin = None;
+    if config.http.enabled {
+        let address = config.http_listen()?;
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen for HTTP on {address}"))?;
+        let local = listener.local_addr().context("http listener address")?;
+        addresses.insert("http", local.to_string());
+        let listeners = addresses
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        let state = sluice_admin::AdminState::new(broker.clone(), kafka_frontend, listeners);
+        connections.spawn(sluice_admin::serve(
+            listener,
+            Arc::clone(&state),
+            shutdown.clone(),
+        ));
+        admin = Some(state);
+    }
+    Ok(Bound { addresses, admin })
 }
 
 /// The host to advertise for a listener: its own address, or the machine's name when it listens

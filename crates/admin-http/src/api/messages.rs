@@ -43,6 +43,25 @@ pub struct PublishMessage {
     pub encoding: Encoding,
 }
 
+/// One message, or many published in order.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum PublishBody {
+    One(PublishMessage),
+    Many(Vec<PublishMessage>),
+}
+
+/// Where one message, or each of many, landed.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum PublishReply {
+    One(Published),
+    Many(Vec<Published>),
+}
+
+/// Messages one publish request may carry.
+const PUBLISH_MAX: usize = 10_000;
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Published {
     pub topic: String,
@@ -116,18 +135,34 @@ pub fn murmur2(data: &[u8]) -> u32 {
 
 static ROTATION: AtomicU32 = AtomicU32::new(0);
 
-#[utoipa::path(post, path = "/api/topics/{topic}/messages", tag = "topics", request_body = PublishMessage,
+#[utoipa::path(post, path = "/api/topics/{topic}/messages", tag = "topics", request_body = PublishBody,
     params(("topic" = String, Path, description = "Topic name")),
     responses(
-        (status = 200, description = "Where the message landed", body = Published),
+        (status = 200, description = "Where the message (or each message of an array) landed", body = PublishReply),
         (status = 400, description = "Bad partition or encoding", body = crate::error::Problem),
         (status = 404, description = "No such topic", body = crate::error::Problem)))]
 pub async fn publish(
     State(state): State<Arc<AdminState>>,
     Path(topic): Path<String>,
-    Json(message): Json<PublishMessage>,
-) -> ApiResult<Json<Published>> {
+    Json(body): Json<PublishBody>,
+) -> ApiResult<Json<PublishReply>> {
     let found = find(&state, &topic)?;
+    match body {
+        PublishBody::One(message) => Ok(Json(PublishReply::One(publish_one(&state, &found, &topic, message).await?))),
+        PublishBody::Many(messages) => {
+            if messages.len() > PUBLISH_MAX {
+                return Err(ApiError::bad_request(format!("at most {PUBLISH_MAX} messages per request, not {}", messages.len())));
+            }
+            let mut out = Vec::with_capacity(messages.len());
+            for message in messages {
+                out.push(publish_one(&state, &found, &topic, message).await?);
+            }
+            Ok(Json(PublishReply::Many(out)))
+        }
+    }
+}
+
+async fn publish_one(state: &AdminState, found: &sluice_broker::Topic, topic: &str, message: PublishMessage) -> ApiResult<Published> {
     let count = found.partitions.len() as u32;
     let key = message
         .key
@@ -162,12 +197,12 @@ pub async fn publish(
         .partitions
         .get(partition as usize)
         .ok_or_else(|| ApiError::internal("partition vanished"))?;
-    let outcome = target.produce(BytesMut::from(&batch[..])).await?;
-    Ok(Json(Published {
-        topic,
+        let outcome = target.produce(BytesMut::from(&batch[..])).await?;
+    Ok(Published {
+        topic: topic.to_owned(),
         partition,
         offset: outcome.base_offset,
-    }))
+    })
 }
 
 fn text_or_base64(bytes: Option<&[u8]>) -> (Option<String>, Option<String>) {
