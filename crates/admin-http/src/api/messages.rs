@@ -148,10 +148,15 @@ pub async fn publish(
 ) -> ApiResult<Json<PublishReply>> {
     let found = find(&state, &topic)?;
     match body {
-        PublishBody::One(message) => Ok(Json(PublishReply::One(publish_one(&state, &found, &topic, message).await?))),
+        PublishBody::One(message) => Ok(Json(PublishReply::One(
+            publish_one(&state, &found, &topic, message).await?,
+        ))),
         PublishBody::Many(messages) => {
             if messages.len() > PUBLISH_MAX {
-                return Err(ApiError::bad_request(format!("at most {PUBLISH_MAX} messages per request, not {}", messages.len())));
+                return Err(ApiError::bad_request(format!(
+                    "at most {PUBLISH_MAX} messages per request, not {}",
+                    messages.len()
+                )));
             }
             let mut out = Vec::with_capacity(messages.len());
             for message in messages {
@@ -162,7 +167,12 @@ pub async fn publish(
     }
 }
 
-async fn publish_one(state: &AdminState, found: &sluice_broker::Topic, topic: &str, message: PublishMessage) -> ApiResult<Published> {
+async fn publish_one(
+    state: &AdminState,
+    found: &sluice_broker::Topic,
+    topic: &str,
+    message: PublishMessage,
+) -> ApiResult<Published> {
     let count = found.partitions.len() as u32;
     let key = message
         .key
@@ -197,7 +207,7 @@ async fn publish_one(state: &AdminState, found: &sluice_broker::Topic, topic: &s
         .partitions
         .get(partition as usize)
         .ok_or_else(|| ApiError::internal("partition vanished"))?;
-        let outcome = target.produce(BytesMut::from(&batch[..])).await?;
+    let outcome = target.produce(BytesMut::from(&batch[..])).await?;
     Ok(Published {
         topic: topic.to_owned(),
         partition,
