@@ -133,6 +133,8 @@ pub struct Connection {
     publish_count: usize,
     publish_bytes: usize,
     pub settle_batches: Vec<SettleBatch>,
+    /// Scratch space for routing results.
+    pub route_scratch: Vec<Arc<Queue>>,
     /// The connection has published; it is blocked while an alarm lasts.
     pub published: bool,
     /// `connection.blocked` was sent.
@@ -188,6 +190,7 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         publish_count: 0,
         publish_bytes: 0,
         settle_batches: Vec::new(),
+        route_scratch: Vec::new(),
         published: false,
         blocked_sent: false,
         alarms,

@@ -343,7 +343,9 @@ impl Connection {
             properties: props,
             body,
         };
-        let mut queues = Vec::new();
+        // Reuse one vector for routing results: most publishes go to one queue.
+        let mut queues = std::mem::take(&mut self.route_scratch);
+        queues.clear();
         let mut reply_address = None;
         if exchange_name.is_empty() && routing_key.starts_with(reply_to::ADDRESS_PREFIX) {
             reply_address = Some(routing_key.to_owned());
@@ -405,6 +407,8 @@ impl Connection {
         if confirm.is_some() && queues.is_empty() {
             self.emit_confirms(channel);
         }
+        queues.clear();
+        self.route_scratch = queues;
         Ok(())
     }
 

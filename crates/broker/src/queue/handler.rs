@@ -105,8 +105,18 @@ pub(crate) fn open(spec: &QueueSpec, clock: &dyn Clock) -> Result<Opened, Broker
     let (mut journal, settled) = AckJournal::open(&spec.dir)?;
     let start = log.log_start_offset();
     let end = log.log_end_offset();
+    // A transient queue starts empty every time; its settlements need no journal.
+    let settled = if spec.record.is_persistent() {
+        settled
+    } else {
+        RangeSet::new()
+    };
     let ready = settled.complement(start..end);
     let mut core = QueueCore::new(spec.args.clone(), spec.record.auto_delete, now_ms);
+    if !ready.is_empty() {
+        // Recovered messages may carry per-message expiries; check deadlines from now on.
+        core.note_expiry();
+    }
     if core.needs_message_scan() {
         scan_ready(&log, &ready, &mut core)?;
     } else {
@@ -193,6 +203,7 @@ pub(crate) fn start(
         core: opened.core,
         cache: Cache::default(),
         journal: opened.journal,
+        journaling: spec.record.is_persistent(),
         consumers: HashMap::new(),
         encoder: RecordEncoder::default(),
         services,
@@ -406,6 +417,8 @@ struct QueueHandler {
     core: QueueCore,
     cache: Cache,
     journal: AckJournal,
+    /// Only durable queues keep their settlements on disk; transient ones start empty.
+    journaling: bool,
     consumers: HashMap<ConsumerId, ConsumerEntry>,
     encoder: RecordEncoder,
     services: QueueServices,
@@ -513,7 +526,11 @@ impl QueueHandler {
         builder: BatchBuilder,
         now_ms: i64,
     ) -> Result<(), BrokerError> {
-        let mut batch = bytes::BytesMut::from(&builder.finish()[..]);
+        // The builder's buffer is ours alone: take it back without copying.
+        let mut batch = builder
+            .finish()
+            .try_into_mut()
+            .unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
         if let Err(error) = log.append(&mut batch, now_ms) {
             self.fail(&error);
             self.fx.clear();
@@ -551,6 +568,12 @@ impl QueueHandler {
         }
     }
 
+    fn settled(&mut self, range: std::ops::Range<u64>) {
+        if self.journaling {
+            self.journal.record(range);
+        }
+    }
+
     fn notify(&mut self, notice: QueueNotice) {
         if !self.notified && !self.deleting {
             self.notified = true;
@@ -577,14 +600,14 @@ impl QueueHandler {
                         settled,
                     } => {
                         let Some(mut message) = self.load(log, offset) else {
-                            self.journal.record(offset..offset + 1);
+                            self.settled(offset..offset + 1);
                             continue;
                         };
                         if delivery_count > 0 && self.core.args().delivery_limit.is_some() {
                             message = Arc::new(with_delivery_count(&message, delivery_count));
                         }
                         if settled {
-                            self.journal.record(offset..offset + 1);
+                            self.settled(offset..offset + 1);
                         }
                         let delivery = Delivery {
                             consumer,
@@ -605,11 +628,11 @@ impl QueueHandler {
                         if let Some(message) = self.load(log, offset) {
                             self.dead_letter(&message, reason, now_ms);
                         }
-                        self.journal.record(offset..offset + 1);
+                        self.settled(offset..offset + 1);
                     }
                     Effect::Settle(range) => {
                         self.cache.remove_range(range.clone());
-                        self.journal.record(range);
+                        self.settled(range);
                     }
                     Effect::AutoDelete => self.notify(QueueNotice::AutoDelete {
                         vhost: self.vhost.to_string(),
@@ -630,7 +653,9 @@ impl QueueHandler {
                     .consumer_gone(consumer, now_ms, &mut env, &mut self.fx);
             }
         }
-        if let Err(error) = self.journal.flush() {
+        if self.journaling
+            && let Err(error) = self.journal.flush()
+        {
             self.fail(&error);
         }
         let min_unsettled = self
@@ -656,8 +681,12 @@ impl QueueHandler {
         self.counters
             .consumers
             .store(self.core.consumer_count() as u64, Ordering::Relaxed);
-        let mut env = env!(self, log);
-        let deadline = self.core.next_deadline(&mut env);
+        let deadline = if self.core.may_expire() {
+            let mut env = env!(self, log);
+            self.core.next_deadline(&mut env)
+        } else {
+            None
+        };
         self.timer.send_if_modified(|current| {
             let changed = *current != deadline;
             *current = deadline;
@@ -852,7 +881,9 @@ impl LogHandler for QueueHandler {
         if self.deleting {
             return;
         }
-        if let Err(error) = self.journal.sync() {
+        if self.journaling
+            && let Err(error) = self.journal.sync()
+        {
             tracing::warn!(queue = %self.name, %error, "cannot sync the acknowledgement journal");
         }
         // Leave the log as short as it can be, so the next start recovers less. Queue logs
@@ -889,6 +920,9 @@ impl LogHandler for QueueHandler {
         self.core.tick(now_ms, &mut env, &mut self.fx);
         self.segment_hint = first_segment_end(log);
         self.settle_effects(log, now_ms);
+        if !self.journaling {
+            return;
+        }
         if let Err(error) = self.journal.sync() {
             self.fail(&error);
             return;

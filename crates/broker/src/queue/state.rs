@@ -161,6 +161,8 @@ pub struct QueueCore {
     auto_delete: bool,
     had_consumer: bool,
     last_used_ms: i64,
+    /// Some message, or the queue itself, can expire: deadlines are worth computing.
+    may_expire: bool,
 }
 
 impl QueueCore {
@@ -180,7 +182,24 @@ impl QueueCore {
             auto_delete,
             had_consumer: false,
             last_used_ms: now_ms,
+            may_expire: false,
         }
+        .with_expiry_from_args()
+    }
+
+    fn with_expiry_from_args(mut self) -> Self {
+        self.may_expire = self.args.message_ttl_ms.is_some() || self.args.expires_ms.is_some();
+        self
+    }
+
+    /// Whether anything in this queue can ever expire (else [`Self::next_deadline`] is `None`).
+    pub fn may_expire(&self) -> bool {
+        self.may_expire
+    }
+
+    /// Notes that a restored message carries an expiry.
+    pub fn note_expiry(&mut self) {
+        self.may_expire = true;
     }
 
     pub fn args(&self) -> &QueueArgs {
@@ -277,6 +296,9 @@ impl QueueCore {
         env: &mut dyn QueueEnv,
         fx: &mut Vec<Effect>,
     ) {
+        if meta.expires_at_ms.is_some() {
+            self.may_expire = true;
+        }
         let level = self.level_of(meta.priority);
         let nothing_ahead = self.levels.iter().all(RangeSet::is_empty);
         if nothing_ahead
@@ -354,20 +376,25 @@ impl QueueCore {
             let id = self.consumers[0].id;
             return env.take_credit(id, bytes).then_some(0);
         }
-        let mut priorities: Vec<i32> = self.consumers.iter().map(|c| c.priority).collect();
-        priorities.sort_unstable_by(|a, b| b.cmp(a));
-        priorities.dedup();
-        for priority in priorities {
+        // Highest consumer priority first; round-robin among equals. Walk the priority levels
+        // downwards without allocating: the common case is a single level.
+        let mut level = self.consumers.iter().map(|c| c.priority).max()?;
+        loop {
             for step in 0..count {
                 let index = (self.next_consumer + step) % count;
                 let consumer = &self.consumers[index];
-                if consumer.priority == priority && env.take_credit(consumer.id, bytes) {
+                if consumer.priority == level && env.take_credit(consumer.id, bytes) {
                     self.next_consumer = (index + 1) % count;
                     return Some(index);
                 }
             }
+            level = self
+                .consumers
+                .iter()
+                .map(|c| c.priority)
+                .filter(|p| *p < level)
+                .max()?;
         }
-        None
     }
 
     fn deliver_to(
