@@ -162,8 +162,20 @@ async fn serve_connection(
             tracing::warn!(%peer, size, max, "closing a Kafka connection: frame size out of bounds");
             break;
         }
-        let mut frame = BytesMut::zeroed(size as usize);
-        if reader.read_exact(&mut frame).await.is_err() {
+        // Read into spare capacity: zeroing the buffer first would cost a pass over every byte.
+        let mut frame = BytesMut::with_capacity(size as usize);
+        let mut complete = true;
+        while frame.len() < size as usize {
+            let wanted = (size as usize - frame.len()) as u64;
+            match (&mut reader).take(wanted).read_buf(&mut frame).await {
+                Ok(0) | Err(_) => {
+                    complete = false;
+                    break;
+                }
+                Ok(_) => {}
+            }
+        }
+        if !complete {
             break;
         }
         let received = 4 + size as u64;

@@ -53,30 +53,10 @@ pub struct Context {
     pub frontend: Arc<KafkaFrontend>,
 }
 
-/// Accepts Kafka clients on `listener` until `shutdown` is cancelled, with metrics and the
-/// connection registry of its own.
-pub async fn serve(
-    listener: TcpListener,
-    broker: Broker,
-    settings: KafkaSettings,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    serve_with(
-        listener,
-        broker,
-        settings,
-        Arc::default(),
-        shutdown,
-        tracker,
-    )
-    .await;
-}
-
 /// Accepts Kafka clients on `listener` until `shutdown` is cancelled, recording metrics and
 /// connections in `frontend` (which the admin API reads). Each connection runs as a task on
 /// `tracker`, so the caller can wait for them to finish.
-pub async fn serve_with(
+pub async fn serve(
     listener: TcpListener,
     broker: Broker,
     settings: KafkaSettings,

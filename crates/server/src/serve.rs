@@ -166,7 +166,7 @@ async fn start_listeners(
             max_request_bytes: config.kafka.max_request_bytes,
             max_connections: config.kafka.max_connections,
         };
-        tokio::spawn(sluice_kafka::serve_with(
+        tokio::spawn(sluice_kafka::serve(
             listener,
             broker.clone(),
             settings,
