@@ -265,6 +265,7 @@ fn draw_bars_inner(
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .label_font((FONT_FAMILY, 14))

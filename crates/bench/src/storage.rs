@@ -536,12 +536,11 @@ struct AppenderTally {
 /// One appender: claims a batch from the shared budget, appends a fresh copy, waits for the
 /// ack, and again, until the budget or the time is used up.
 ///
-/// The owner task drops the request it has just taken off its channel when one drain reaches
-/// `OwnerOptions::drain_max`: the caller gets `OwnerGone` although the owner runs on, and the
-/// request was never applied. That happens whenever appenders keep the channel busy for 256
-/// requests in a row (easily with `fsync = never`). Such an append is sent again and counted,
-/// so the figures stay honest and the loss is reported; an owner that really stopped fails
-/// every retry.
+/// An owner task that drops a request without applying it answers `OwnerGone` while it runs
+/// on; the owner did exactly that whenever a drain reached `OwnerOptions::drain_max` until
+/// commit c9a7172 ("the owner no longer drops a request at the end of a drain"). Such an
+/// append is sent again and counted (`lost_request_count`), so the figures stay honest and any
+/// return of the bug shows in the report; an owner that really stopped fails every retry.
 async fn append_loop(
     handle: &LogHandle,
     batch: &Bytes,

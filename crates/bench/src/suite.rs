@@ -38,6 +38,8 @@ const SLUICE_START_TIMEOUT: Duration = Duration::from_secs(60);
 const SLUICE_STOP_GRACE: Duration = Duration::from_secs(30);
 /// Id of the Kafka workload whose send rate sets the load of the latency workload.
 const KAFKA_PEAK_ID: &str = "kafka-produce-100b-acks1";
+/// Id of the Kafka workload whose drain rate caps that load.
+const KAFKA_CONSUME_PEAK_ID: &str = "kafka-consume-backlog";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SuiteOptions {
@@ -334,6 +336,8 @@ fn kafka_workloads(scale: &Scale) -> Vec<KafkaWorkload> {
         KafkaWorkload {
             id: "kafka-latency-half-peak",
             title: "Kafka end-to-end latency at half of peak, 100 B, acks=1",
+            // Runs after the produce and backlog workloads: its rate is half the lower of
+            // their peaks.
             options: KafkaOptions {
                 record_bytes: 100,
                 load: scale.timed(),
@@ -885,6 +889,19 @@ async fn run_kafka(
             .and_then(|r| r.send)
             .map(|send| send.msgs_per_s)
             .filter(|rate| *rate > 0.0);
+        // The end-to-end peak is the lower of what one producer and one consumer managed on
+        // their own; offering half of the producer's alone would already overrun a consumer
+        // slower than it, and measure a growing queue instead of latency.
+        let consume_peak = report
+            .workload(KAFKA_CONSUME_PEAK_ID, "sluice")
+            .and_then(|w| w.outcome.report())
+            .and_then(|r| r.receive)
+            .map(|receive| receive.msgs_per_s)
+            .filter(|rate| *rate > 0.0);
+        let peak = match (peak, consume_peak) {
+            (Some(produce), Some(consume)) => Some(produce.min(consume)),
+            (peak, _) => peak,
+        };
         match (peak, peak_outcome) {
             (Some(peak), _) => kafka_options.load.rate = Some(peak / 2.0),
             (None, Some(Outcome::Skipped { reason } | Outcome::Failed { reason })) => {
