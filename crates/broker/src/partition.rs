@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use sluice_storage::batch::{self, BatchHeader};
 use sluice_storage::{
     Clock, Handled, Log, LogHandler, LogReader, OwnerHandle, OwnerOptions, OwnerTask, ReadBatches,
@@ -68,7 +68,7 @@ pub struct ProduceOutcome {
 
 #[derive(Debug)]
 pub enum PartitionRequest {
-    Produce(BytesMut),
+    Produce(Bytes),
     DeleteRecords(u64),
     Reconfigure(EffectiveTopicConfig),
     BeginLeaderEpoch(i32),
@@ -104,7 +104,7 @@ impl PartitionHandler {
         }
     }
 
-    fn produce(&mut self, log: &mut Log, mut batches: BytesMut, now_ms: i64) -> Handled<Reply> {
+    fn produce(&mut self, log: &mut Log, batches: Bytes, now_ms: i64) -> Handled<Reply> {
         // Header-level checks first; the log checks structure and CRC when it appends.
         let headers = match parse_headers(&batches) {
             Ok(headers) => headers,
@@ -160,16 +160,18 @@ impl PartitionHandler {
                 }));
             }
         }
-        let log_append_time_ms = match self.config.timestamp_type {
-            TimestampType::CreateTime => None,
+        // Only LogAppendTime topics rewrite the producer's bytes (and so need a copy of them).
+        let (batches, log_append_time_ms) = match self.config.timestamp_type {
+            TimestampType::CreateTime => (batches, None),
             TimestampType::LogAppendTime => {
-                if let Err(error) = stamp_append_time(&mut batches, &headers, now_ms) {
+                let mut stamped = BytesMut::from(&batches[..]);
+                if let Err(error) = stamp_append_time(&mut stamped, &headers, now_ms) {
                     return Handled::now(Err(error));
                 }
-                Some(now_ms)
+                (stamped.freeze(), Some(now_ms))
             }
         };
-        let info = match log.append(&mut batches, now_ms) {
+        let info = match log.append(&batches, now_ms) {
             Ok(info) => info,
             Err(error) => return Handled::now(Err(error.into())),
         };
@@ -473,7 +475,7 @@ impl Partition {
     }
 
     /// Appends the batches of a produce request (one or more v2 batches laid end to end).
-    pub async fn produce(&self, batches: BytesMut) -> Result<ProduceOutcome, BrokerError> {
+    pub async fn produce(&self, batches: Bytes) -> Result<ProduceOutcome, BrokerError> {
         match self.call(PartitionRequest::Produce(batches)).await {
             Ok(PartitionReply::Produced(outcome)) => Ok(outcome),
             Ok(other) => unreachable!("produce is answered with Produced, not {other:?}"),

@@ -358,9 +358,10 @@ impl Log {
     }
 
     /// Validates and appends one or more batches laid end to end in `batches`, assigning their
-    /// offsets and leader epoch by patching the headers in place (the CRC does not cover them).
-    /// Nothing is appended unless every batch is valid.
-    pub fn append(&mut self, batches: &mut [u8], now_ms: i64) -> Result<AppendInfo, StorageError> {
+    /// offsets and leader epoch (the CRC does not cover those fields: they are written from the
+    /// assigned values, while `batches` itself is left as it is). Nothing is appended unless
+    /// every batch is valid.
+    pub fn append(&mut self, batches: &[u8], now_ms: i64) -> Result<AppendInfo, StorageError> {
         self.check_writable()?;
         if batches.is_empty() {
             return Err(StorageError::InvalidBatch {
@@ -384,10 +385,7 @@ impl Log {
         let epoch = self.epochs.current();
         let base_offset = self.log_end_offset();
         let mut next = base_offset;
-        for (header, at) in &mut headers {
-            let bytes = &mut batches[*at..];
-            batch::set_base_offset(bytes, next as i64);
-            batch::set_partition_leader_epoch(bytes, epoch);
+        for (header, _) in &mut headers {
             header.base_offset = next as i64;
             header.partition_leader_epoch = epoch;
             next = header.next_offset() as u64;

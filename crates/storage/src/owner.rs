@@ -407,7 +407,7 @@ impl LogHandler for BasicHandler {
 
     fn handle(&mut self, log: &mut Log, request: LogRequest, now_ms: i64) -> Handled<Self::Reply> {
         match request {
-            LogRequest::Append(mut bytes) => match log.append(&mut bytes, now_ms) {
+            LogRequest::Append(bytes) => match log.append(&bytes, now_ms) {
                 Ok(info) => {
                     let end = info.last_offset + 1;
                     Handled::after_append(log, Ok(LogResponse::Appended(info)), end)

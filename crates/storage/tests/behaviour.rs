@@ -19,8 +19,8 @@ fn append_at(log: &mut Log, timestamps: &[i64]) -> Vec<u64> {
         .iter()
         .enumerate()
         .map(|(i, ts)| {
-            let mut batch = common::batch(1, 100, *ts, i as u64);
-            log.append(&mut batch, 0).unwrap().base_offset
+            let batch = common::batch(1, 100, *ts, i as u64);
+            log.append(&batch, 0).unwrap().base_offset
         })
         .collect()
 }
@@ -99,8 +99,8 @@ fn time_retention_deletes_expired_segments_and_moves_start() {
     assert_eq!(outcome.deleted_segment_count, 1);
     assert_eq!(log.log_start_offset(), log.log_end_offset());
     assert_eq!(log.reader().size_bytes(), 0);
-    let mut batch = common::batch(1, 5, 20_000, 1);
-    assert_eq!(log.append(&mut batch, 0).unwrap().base_offset, new[1] + 1);
+    let batch = common::batch(1, 5, 20_000, 1);
+    assert_eq!(log.append(&batch, 0).unwrap().base_offset, new[1] + 1);
 }
 
 #[test]
@@ -131,8 +131,8 @@ fn truncation_cuts_mid_segment_across_segments_and_below_start() {
     let mut bases = Vec::new();
     for i in 0..40u64 {
         // Three records per batch so truncation can land inside a batch.
-        let mut batch = common::batch(3, 80, i as i64, i);
-        bases.push(log.append(&mut batch, 0).unwrap().base_offset);
+        let batch = common::batch(3, 80, i as i64, i);
+        bases.push(log.append(&batch, 0).unwrap().base_offset);
     }
     let segments_before = log.reader().segments().len();
     // Inside batch 30: the whole batch goes.
@@ -143,8 +143,8 @@ fn truncation_cuts_mid_segment_across_segments_and_below_start() {
     let mut log = open(dir.path(), config.clone());
     assert_eq!(log.log_end_offset(), bases[30]);
     // Appends continue from the cut, and the time index forgot the cut batches.
-    let mut batch = common::batch(1, 10, 1_000, 1);
-    assert_eq!(log.append(&mut batch, 0).unwrap().base_offset, bases[30]);
+    let batch = common::batch(1, 10, 1_000, 1);
+    assert_eq!(log.append(&batch, 0).unwrap().base_offset, bases[30]);
     let hit = log.reader().find_by_timestamp(31).unwrap().unwrap();
     assert_eq!(hit.header.base_offset as u64, bases[30]);
     // Below the log start offset: the log restarts empty at the given offset.
@@ -192,9 +192,9 @@ fn reads_return_whole_batches_within_max_bytes() {
     let mut log = open(dir.path(), config);
     let mut sizes = Vec::new();
     for i in 0..10u64 {
-        let mut batch = common::batch(2, 200, 0, i);
+        let batch = common::batch(2, 200, 0, i);
         sizes.push(batch.len());
-        log.append(&mut batch, 0).unwrap();
+        log.append(&batch, 0).unwrap();
     }
     let one = sizes[0];
     // An offset in the middle of a batch returns that whole batch.
@@ -232,18 +232,18 @@ fn invalid_input_is_refused_whole() {
     let mut input = BytesMut::new();
     input.extend_from_slice(&good);
     input.extend_from_slice(&bad);
-    match log.append(&mut input, 0) {
+    match log.append(&input, 0) {
         Err(StorageError::InvalidBatch { position, .. }) => assert_eq!(position, good.len()),
         other => panic!("expected an invalid batch error, got {other:?}"),
     }
-    let mut too_big = common::batch(1, 3_000, 0, 3);
+    let too_big = common::batch(1, 3_000, 0, 3);
     assert!(matches!(
-        log.append(&mut too_big, 0),
+        log.append(&too_big, 0),
         Err(StorageError::InvalidBatch { .. })
     ));
-    let mut truncated = BytesMut::from(&good[..good.len() - 3]);
-    assert!(log.append(&mut truncated, 0).is_err());
-    assert!(log.append(&mut BytesMut::new(), 0).is_err());
+    let truncated = BytesMut::from(&good[..good.len() - 3]);
+    assert!(log.append(&truncated, 0).is_err());
+    assert!(log.append(&BytesMut::new(), 0).is_err());
     assert_eq!(log.log_end_offset(), 0, "nothing was appended");
 }
 

@@ -27,13 +27,13 @@ fn build() -> Fixture {
     let path = dir.path().join("log");
     let mut log = Log::open(&path, common::small_config(), 0).unwrap();
     for seed in 0..24u64 {
-        let mut batch = common::batch(
+        let batch = common::batch(
             1 + (seed % 3) as usize,
             150 + (seed as usize * 7) % 200,
             seed as i64,
             seed,
         );
-        log.append(&mut batch, 0).unwrap();
+        log.append(&batch, 0).unwrap();
     }
     let segments = log.reader().segments();
     assert!(
@@ -114,8 +114,8 @@ impl Fixture {
                 .last_offset_delta as u64
             + 1;
         assert_eq!(log.log_end_offset(), expected_end, "{what}: log end");
-        let mut more = common::batch(2, 10, 99, 99);
-        let info = log.append(&mut more, 0).unwrap();
+        let more = common::batch(2, 10, 99, 99);
+        let info = log.append(&more, 0).unwrap();
         assert_eq!(info.base_offset, expected_end, "{what}: next append offset");
         drop(log);
         // And the repaired log reopens cleanly with the new batch.

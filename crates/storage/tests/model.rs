@@ -198,8 +198,8 @@ fn run(ops: Vec<Op>) {
                     })
                     .collect();
                 let counts: Vec<usize> = batches.iter().map(|b| b.0).collect();
-                let mut input: Vec<u8> = raw.concat();
-                let info = current.append(&mut input, 0).unwrap();
+                let input: Vec<u8> = raw.concat();
+                let info = current.append(&input, 0).unwrap();
                 let (first, last) = model.append(&raw, &counts);
                 assert_eq!((info.base_offset, info.last_offset), (first, last));
             }

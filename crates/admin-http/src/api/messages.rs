@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use base64::Engine;
-use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 use sluice_storage::record::{BatchBuilder, Record, RecordHeader};
 use utoipa::{IntoParams, ToSchema};
@@ -207,7 +206,7 @@ async fn publish_one(
         .partitions
         .get(partition as usize)
         .ok_or_else(|| ApiError::internal("partition vanished"))?;
-    let outcome = target.produce(BytesMut::from(&batch[..])).await?;
+    let outcome = target.produce(batch).await?;
     Ok(Published {
         topic: topic.to_owned(),
         partition,

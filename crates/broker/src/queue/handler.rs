@@ -527,11 +527,11 @@ impl QueueHandler {
         now_ms: i64,
     ) -> Result<(), BrokerError> {
         // The builder's buffer is ours alone: take it back without copying.
-        let mut batch = builder
+        let batch = builder
             .finish()
             .try_into_mut()
             .unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
-        if let Err(error) = log.append(&mut batch, now_ms) {
+        if let Err(error) = log.append(&batch, now_ms) {
             self.fail(&error);
             self.fx.clear();
             return Err(self.queue_error(error.to_string()));

@@ -5,7 +5,6 @@
 //! every partition's only in-sync replica, so acks=1 and acks=-1 behave alike: the reply waits
 //! for the append (and, under fsync=always, for the fsync).
 
-use bytes::BytesMut;
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
@@ -85,7 +84,7 @@ pub(crate) async fn handle(
                         ));
                     };
                     partition
-                        .produce(BytesMut::from(&records[..]))
+                        .produce(records)
                         .await
                         .map_err(|error| kafka_error(&error))
                 }
