@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::batch::{self, BatchError, BatchHeader, HEADER_BYTES};
 use crate::error::StorageError;
@@ -596,10 +596,20 @@ impl Segment {
         } else {
             (max_bytes as u64).min(end - start) as usize
         };
-        let mut buf = BytesMut::zeroed(want);
-        self.file
-            .read_exact_at(&mut buf, start)
-            .map_err(|source| StorageError::io("read", &self.path, source))?;
+        // Read into spare capacity: zeroing the buffer first would cost a pass over every byte.
+        let mut buf: Vec<u8> = Vec::with_capacity(want);
+        while buf.len() < want {
+            let at = start + buf.len() as u64;
+            let read = rustix::io::pread(&self.file, rustix::buffer::spare_capacity(&mut buf), at)
+                .map_err(|errno| StorageError::io("read", &self.path, io::Error::from(errno)))?;
+            if read == 0 {
+                return Err(StorageError::io(
+                    "read",
+                    &self.path,
+                    io::Error::from(io::ErrorKind::UnexpectedEof),
+                ));
+            }
+        }
         // Keep whole batches only, and check each one: nothing corrupt is served.
         let mut keep = 0usize;
         while keep < buf.len() {
@@ -616,7 +626,7 @@ impl Segment {
             keep += total;
         }
         buf.truncate(keep);
-        Ok(Some(buf.freeze()))
+        Ok(Some(Bytes::from(buf)))
     }
 
     /// The first batch whose max timestamp is at or after `timestamp_ms` and whose last offset
