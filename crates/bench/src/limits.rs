@@ -84,6 +84,10 @@ pub async fn run(options: &LimitsOptions, quiet: bool) -> LimitsReport {
     };
     if options.no_fio {
         report.skipped.push("fio: not asked for".into());
+    } else if let Err(error) = std::fs::create_dir_all(&dir) {
+        report
+            .skipped
+            .push(format!("fio: cannot create {}: {error}", dir.display()));
     } else {
         match version("fio", &["--version"]).await {
             Err(reason) => report.skipped.push(format!("fio: {reason}")),
@@ -121,15 +125,8 @@ async fn measure_disk(options: &LimitsOptions, dir: &Path, report: &mut LimitsRe
         format!("--runtime={}", options.seconds),
         "--time_based".to_owned(),
     ];
-    let buffered = [
-        "--name=buffered-seq-write".to_owned(),
-        "--bs=1M".to_owned(),
-        "--direct=0".to_owned(),
-        "--end_fsync=0".to_owned(),
-        format!("--size={}", options.write_bytes),
-    ];
-    match fio(common.iter().chain(&buffered)).await {
-        Ok(job) => report.buffered_write_mb_per_s = job.write_bytes_per_s.map(|b| b / 1e6),
+    match buffered_write_mb_per_s(dir, options.write_bytes).await {
+        Ok(mb_per_s) => report.buffered_write_mb_per_s = Some(mb_per_s),
         Err(error) => report
             .skipped
             .push(format!("fio buffered write: {}", error.chain())),
@@ -184,10 +181,12 @@ fn common_args(dir: &Path) -> [String; 4] {
 /// cache as an append run leaves it when it closes its log: deleting a file with 2 GiB still
 /// dirty makes the next writer on this machine several times faster than deleting a clean one.
 pub async fn buffered_write_mb_per_s(dir: &Path, bytes: u64) -> Result<f64, BenchError> {
-    let path = dir.join(format!("fio-buffered-{}.0.0", std::process::id()));
+    // fio puts a relative file name under --directory.
+    let file_name = format!("fio-buffered-{}", std::process::id());
+    let path = dir.join(&file_name);
     let buffered = [
         "--name=buffered-seq-write".to_owned(),
-        format!("--filename={}", path.display()),
+        format!("--filename={file_name}"),
         "--bs=1M".to_owned(),
         "--direct=0".to_owned(),
         "--end_fsync=0".to_owned(),
@@ -415,6 +414,20 @@ mod tests {
         assert_eq!(job.write_iops, Some(30.5));
         assert_eq!(job.sync_p99_ns, Some(120000.0));
         assert!(parse_fio("{}").is_err());
+    }
+
+    #[tokio::test]
+    async fn fio_runs_leave_no_file_behind() {
+        if !fio_available().await {
+            eprintln!("skipped: fio is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mb_per_s = buffered_write_mb_per_s(dir.path(), 8 << 20).await.unwrap();
+        assert!(mb_per_s > 0.0);
+        let (per_s, _) = fdatasync_per_s(dir.path(), 4096, 1).await.unwrap();
+        assert!(per_s > 0.0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
