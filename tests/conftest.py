@@ -147,3 +147,26 @@ def sluice_factory(tmp_path):
 def sluice(sluice_factory):
     """A broker with a short initial rebalance delay, so group tests do not idle."""
     return sluice_factory(env={"SLUICE_KAFKA__GROUP_INITIAL_REBALANCE_DELAY_MS": "200"})
+
+
+@pytest.fixture
+def connect(sluice):
+    """Opens pika connections to the `sluice` broker and closes them when the test ends."""
+    import pika
+
+    opened = []
+
+    def make(broker=None, **kwargs):
+        from amqp_helpers import parameters
+
+        connection = pika.BlockingConnection(parameters(broker or sluice, **kwargs))
+        opened.append(connection)
+        return connection
+
+    yield make
+    for connection in opened:
+        if connection.is_open:
+            try:
+                connection.close()
+            except Exception:
+                pass

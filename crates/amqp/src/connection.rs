@@ -1356,17 +1356,18 @@ impl Connection {
         {
             let now_ms = self.ctx.broker.clock().now_ms();
             let limit = timeout.as_millis() as i64;
-            let expired: Vec<u16> =
-                self.channels
-                    .iter()
-                    .filter(|(_, c)| !c.closing)
-                    .filter(|(_, c)| {
-                        c.unacked.values().next().is_some_and(|u| {
-                            u.consumer.is_some() && now_ms - u.delivered_ms > limit
-                        })
-                    })
-                    .map(|(id, _)| *id)
-                    .collect();
+            let expired: Vec<u16> = self
+                .channels
+                .iter()
+                .filter(|(_, c)| !c.closing)
+                .filter(|(_, c)| {
+                    c.unacked
+                        .values()
+                        .next()
+                        .is_some_and(|u| now_ms - u.delivered_ms > limit)
+                })
+                .map(|(id, _)| *id)
+                .collect();
             for channel in expired {
                 tracing::warn!(peer = %self.peer, channel, timeout_ms = limit, "consumer delivery acknowledgement timed out");
                 self.raise(

@@ -295,7 +295,13 @@ impl Connection {
             .and_then(|c| c.write_allowed.as_deref())
             == Some(exchange_name);
         if !allowed {
-            self.check_access(Access::Write, ResourceKind::Exchange, exchange_name)?;
+            // RabbitMQ checks the default exchange under the name amq.default.
+            let resource = if exchange_name.is_empty() {
+                "amq.default"
+            } else {
+                exchange_name
+            };
+            self.check_access(Access::Write, ResourceKind::Exchange, resource)?;
             if let Some(state) = self.channels.get_mut(&channel) {
                 state.write_allowed = Some(Arc::from(exchange_name));
             }
