@@ -92,6 +92,25 @@ impl From<BrokerError> for ApiError {
                 Self::new(StatusCode::RANGE_NOT_SATISFIABLE, error.to_string())
             }
             E::ShuttingDown => Self::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+            E::Messaging(messaging) => {
+                use sluice_broker::error::MessagingError as M;
+                let status = match **messaging {
+                    M::NotFound { .. } | M::VhostNotFound(_) | M::UserNotFound(_) => {
+                        StatusCode::NOT_FOUND
+                    }
+                    M::Inequivalent { .. }
+                    | M::InvalidArgument { .. }
+                    | M::PreconditionFailed(_)
+                    | M::UnknownExchangeType(_) => StatusCode::BAD_REQUEST,
+                    M::InUse { .. }
+                    | M::NotEmpty { .. }
+                    | M::Locked { .. }
+                    | M::ExclusiveConsume { .. } => StatusCode::CONFLICT,
+                    M::AccessRefused(_) => StatusCode::FORBIDDEN,
+                    M::QueueFailed { .. } => return Self::internal(&error),
+                };
+                Self::new(status, error.to_string())
+            }
             _ => Self::internal(&error),
         }
     }
@@ -121,3 +140,22 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Turns axum's plain-text rejections (a body that is not the JSON asked for, a bad path or
+/// query parameter) into problem documents, so every error of the API has the same shape.
+pub async fn problem_for_rejection(response: Response) -> Response {
+    let status = response.status();
+    let is_plain_error = (status.is_client_error() || status.is_server_error())
+        && response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !is_plain_error {
+        return response;
+    }
+    let detail = match axum::body::to_bytes(response.into_body(), 64 * 1024).await {
+        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    ApiError::new(status, detail).into_response()
+}

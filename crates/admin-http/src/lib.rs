@@ -24,6 +24,7 @@ use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use sluice_amqp::observe::AmqpFrontend;
 use sluice_broker::Broker;
 use sluice_kafka::KafkaFrontend;
 use tokio::net::TcpListener;
@@ -38,6 +39,7 @@ pub use crate::rates::Rates;
 pub struct AdminState {
     pub broker: Broker,
     pub kafka: Arc<KafkaFrontend>,
+    pub amqp: Arc<AmqpFrontend>,
     pub rates: Arc<Rates>,
     /// Protocol → bound address, as in the ready file.
     pub listeners: BTreeMap<String, String>,
@@ -49,11 +51,13 @@ impl AdminState {
     pub fn new(
         broker: Broker,
         kafka: Arc<KafkaFrontend>,
+        amqp: Arc<AmqpFrontend>,
         listeners: BTreeMap<String, String>,
     ) -> Arc<Self> {
         Arc::new(Self {
             broker,
             kafka,
+            amqp,
             rates: Arc::new(Rates::default()),
             listeners,
             ready: AtomicBool::new(false),
@@ -67,13 +71,16 @@ impl AdminState {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Sluice admin API", description = "Inspect and steer a Sluice broker: topics, consumer groups, connections, traffic."),
+    info(title = "Sluice admin API", description = "Inspect and steer a Sluice broker: topics, consumer groups, queues, exchanges, bindings, users, connections, traffic."),
     components(schemas(error::Problem)),
     tags(
         (name = "overview", description = "The broker at a glance"),
         (name = "topics", description = "Topics, partitions, configuration and messages"),
         (name = "groups", description = "Consumer groups, lag and committed offsets"),
-        (name = "connections", description = "Client connections"),
+        (name = "connections", description = "Client connections and AMQP channels"),
+        (name = "queues", description = "Virtual hosts and queues: counts, rates, purge, peek"),
+        (name = "exchanges", description = "Exchanges, bindings, and publishing a message"),
+        (name = "users", description = "Users and permissions"),
     )
 )]
 struct ApiDoc;
@@ -83,10 +90,12 @@ fn api(state: &Arc<AdminState>) -> (Router<Arc<AdminState>>, utoipa::openapi::Op
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(api::routes())
         .split_for_parts();
-    let router = router.layer(axum::middleware::from_fn_with_state(
-        Arc::clone(state),
-        auth::require_user,
-    ));
+    let router = router
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(state),
+            auth::require_user,
+        ))
+        .layer(axum::middleware::map_response(error::problem_for_rejection));
     (router, openapi)
 }
 

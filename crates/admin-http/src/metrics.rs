@@ -8,6 +8,8 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
+use std::sync::atomic::Ordering;
+
 use sluice_metrics::{Kind, TextEncoder};
 
 use crate::AdminState;
@@ -213,6 +215,10 @@ pub async fn render(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
         }
     }
 
+    render_queues(&mut text, broker);
+    render_amqp(&mut text, &state.amqp.metrics);
+    render_resources(&mut text, broker);
+
     text.family(
         "sluice_fsync_duration_seconds",
         "Duration of fsync rounds (one round may cover many appends).",
@@ -227,4 +233,200 @@ pub async fn render(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
         )],
         text.finish(),
     )
+}
+
+/// Per-queue depth and counters, labelled by virtual host and queue.
+fn render_queues(text: &mut TextEncoder, broker: &sluice_broker::Broker) {
+    let mut queues = Vec::new();
+    for vhost in broker.vhost_names() {
+        if let Some(live) = broker.vhost(&vhost) {
+            let mut in_vhost: Vec<_> = live.routing().queues().cloned().collect();
+            in_vhost.sort_by(|a, b| a.name().cmp(b.name()));
+            queues.extend(in_vhost);
+        }
+    }
+    let families: [(&str, &str, Kind); 7] = [
+        (
+            "sluice_queue_messages_ready",
+            "Messages ready for delivery.",
+            Kind::Gauge,
+        ),
+        (
+            "sluice_queue_messages_unacked",
+            "Messages delivered and not yet acknowledged.",
+            Kind::Gauge,
+        ),
+        (
+            "sluice_queue_messages",
+            "Ready plus unacknowledged messages (the queue's depth).",
+            Kind::Gauge,
+        ),
+        (
+            "sluice_queue_consumers",
+            "Consumers of the queue.",
+            Kind::Gauge,
+        ),
+        (
+            "sluice_queue_published_total",
+            "Messages the queue accepted since start.",
+            Kind::Counter,
+        ),
+        (
+            "sluice_queue_delivered_total",
+            "Deliveries to consumers and basic.get since start, redeliveries included.",
+            Kind::Counter,
+        ),
+        (
+            "sluice_queue_acked_total",
+            "Deliveries acknowledged since start.",
+            Kind::Counter,
+        ),
+    ];
+    for (family, help, kind) in families {
+        text.family(family, help, kind);
+        for queue in &queues {
+            let c = queue.counters();
+            let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed) as f64;
+            let value = match family {
+                "sluice_queue_messages_ready" => load(&c.ready),
+                "sluice_queue_messages_unacked" => load(&c.unacked),
+                "sluice_queue_messages" => load(&c.ready) + load(&c.unacked),
+                "sluice_queue_consumers" => load(&c.consumers),
+                "sluice_queue_published_total" => load(&c.published),
+                "sluice_queue_delivered_total" => load(&c.delivered),
+                _ => load(&c.acked),
+            };
+            text.sample(
+                family,
+                &[("vhost", queue.vhost()), ("queue", queue.name())],
+                value,
+            );
+        }
+    }
+}
+
+/// The AMQP listener: connections, channels, traffic and per-method latency.
+fn render_amqp(text: &mut TextEncoder, amqp: &sluice_amqp::observe::AmqpMetrics) {
+    let simple: [(&str, &str, Kind, f64); 8] = [
+        (
+            "sluice_amqp_connections",
+            "Open AMQP connections.",
+            Kind::Gauge,
+            amqp.connections_open.get() as f64,
+        ),
+        (
+            "sluice_amqp_connections_total",
+            "AMQP connections accepted since start.",
+            Kind::Counter,
+            amqp.connections_total.get() as f64,
+        ),
+        (
+            "sluice_amqp_channels",
+            "Open AMQP channels (refreshed once a second per connection).",
+            Kind::Gauge,
+            amqp.channels_open.get() as f64,
+        ),
+        (
+            "sluice_amqp_protocol_errors_total",
+            "AMQP connections closed for a framing or protocol error.",
+            Kind::Counter,
+            amqp.protocol_errors.get() as f64,
+        ),
+        (
+            "sluice_amqp_received_bytes_total",
+            "Bytes received from AMQP clients.",
+            Kind::Counter,
+            amqp.bytes_in.get() as f64,
+        ),
+        (
+            "sluice_amqp_sent_bytes_total",
+            "Bytes sent to AMQP clients.",
+            Kind::Counter,
+            amqp.bytes_out.get() as f64,
+        ),
+        (
+            "sluice_amqp_published_total",
+            "Messages published by AMQP clients (routed or not).",
+            Kind::Counter,
+            amqp.published.get() as f64,
+        ),
+        (
+            "sluice_amqp_delivered_total",
+            "Messages delivered to AMQP consumers and basic.get.",
+            Kind::Counter,
+            amqp.delivered.get() as f64,
+        ),
+    ];
+    for (name, help, kind, value) in simple {
+        text.family(name, help, kind).sample(name, &[], value);
+    }
+    text.family(
+        "sluice_amqp_method_duration_seconds",
+        "Time to handle an AMQP method from a client, by method.",
+        Kind::Histogram,
+    );
+    for (method, histogram) in amqp.method_latencies() {
+        if histogram.count() > 0 {
+            text.histogram(
+                "sluice_amqp_method_duration_seconds",
+                &[("method", method)],
+                histogram,
+            );
+        }
+    }
+}
+
+/// Memory and disk against their watermarks.
+fn render_resources(text: &mut TextEncoder, broker: &sluice_broker::Broker) {
+    let alarms = *broker.alarms().borrow();
+    let config = broker.config();
+    text.family(
+        "sluice_alarm",
+        "1 while a resource alarm is raised and publishers are blocked.",
+        Kind::Gauge,
+    )
+    .sample(
+        "sluice_alarm",
+        &[("resource", "memory")],
+        f64::from(u8::from(alarms.memory)),
+    )
+    .sample(
+        "sluice_alarm",
+        &[("resource", "disk")],
+        f64::from(u8::from(alarms.disk)),
+    );
+    if let Some(resident) = sluice_broker::alarms::resident_bytes() {
+        text.family(
+            "sluice_resident_memory_bytes",
+            "Resident memory of the broker process.",
+            Kind::Gauge,
+        )
+        .sample("sluice_resident_memory_bytes", &[], resident as f64);
+    }
+    if let Some(limit) = config.memory_high_watermark_bytes {
+        text.family(
+            "sluice_memory_high_watermark_bytes",
+            "Resident memory at which publishers are blocked.",
+            Kind::Gauge,
+        )
+        .sample("sluice_memory_high_watermark_bytes", &[], limit as f64);
+    }
+    if let Some(free) = sluice_broker::alarms::free_disk_bytes(&config.data_dir) {
+        text.family(
+            "sluice_disk_free_bytes",
+            "Free space on the data directory's file system.",
+            Kind::Gauge,
+        )
+        .sample("sluice_disk_free_bytes", &[], free as f64);
+    }
+    text.family(
+        "sluice_disk_free_limit_bytes",
+        "Free disk space below which publishers are blocked.",
+        Kind::Gauge,
+    )
+    .sample(
+        "sluice_disk_free_limit_bytes",
+        &[],
+        config.disk_free_limit_bytes as f64,
+    );
 }

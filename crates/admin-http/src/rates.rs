@@ -1,10 +1,13 @@
 //! Rates over time: a task samples the broker's traffic counters once a second and keeps the
 //! last [`HISTORY_LEN`] samples, for the overview and the console's live charts.
 //!
-//! Bound: the history is a ring of fixed length.
+//! Queues get their own publish / deliver / acknowledge rates, kept for the queues that exist.
+//!
+//! Bounds: the history is a ring of fixed length; per-queue rates are one entry per live queue.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -23,11 +26,57 @@ pub struct Totals {
     pub records_out: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    pub messages_published: u64,
+    pub messages_delivered: u64,
+    pub messages_acked: u64,
+}
+
+/// A queue's counters at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct QueueTotals {
+    published: u64,
+    delivered: u64,
+    acked: u64,
+}
+
+/// A queue's rates over the last sampling interval, per second.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, ToSchema)]
+pub struct QueueRates {
+    pub publish_per_s: f64,
+    pub deliver_per_s: f64,
+    pub ack_per_s: f64,
+}
+
+/// Every live queue's counters, by (virtual host, name).
+fn queue_totals(broker: &Broker) -> HashMap<(String, String), QueueTotals> {
+    let mut all = HashMap::new();
+    for vhost in broker.vhost_names() {
+        let Some(live) = broker.vhost(&vhost) else {
+            continue;
+        };
+        for queue in live.routing().queues() {
+            let counters = queue.counters();
+            all.insert(
+                (vhost.clone(), queue.name().to_owned()),
+                QueueTotals {
+                    published: counters.published.load(Ordering::Relaxed),
+                    delivered: counters.delivered.load(Ordering::Relaxed),
+                    acked: counters.acked.load(Ordering::Relaxed),
+                },
+            );
+        }
+    }
+    all
 }
 
 impl Totals {
     pub fn of(broker: &Broker) -> Self {
         let mut totals = Self::default();
+        for queue in queue_totals(broker).values() {
+            totals.messages_published += queue.published;
+            totals.messages_delivered += queue.delivered;
+            totals.messages_acked += queue.acked;
+        }
         for topic in broker.topics() {
             for partition in &topic.partitions {
                 let stats = partition.stats();
@@ -50,11 +99,16 @@ pub struct RateSample {
     pub records_out_per_s: f64,
     pub bytes_in_per_s: f64,
     pub bytes_out_per_s: f64,
+    /// Messages queues accepted, delivered and had acknowledged (AMQP).
+    pub messages_published_per_s: f64,
+    pub messages_delivered_per_s: f64,
+    pub messages_acked_per_s: f64,
 }
 
 #[derive(Debug, Default)]
 pub struct Rates {
     history: Mutex<VecDeque<RateSample>>,
+    queues: Mutex<HashMap<(String, String), QueueRates>>,
 }
 
 impl Rates {
@@ -64,6 +118,15 @@ impl Rates {
 
     pub fn history(&self) -> Vec<RateSample> {
         self.history.lock().iter().copied().collect()
+    }
+
+    /// A queue's latest rates (zero for a queue not sampled yet).
+    pub fn queue(&self, vhost: &str, name: &str) -> QueueRates {
+        self.queues
+            .lock()
+            .get(&(vhost.to_owned(), name.to_owned()))
+            .copied()
+            .unwrap_or_default()
     }
 
     fn push(&self, sample: RateSample) {
@@ -77,6 +140,7 @@ impl Rates {
     /// Samples every second until `shutdown`.
     pub async fn run(self: Arc<Self>, broker: Broker, shutdown: CancellationToken) {
         let mut previous = Totals::of(&broker);
+        let mut previous_queues = queue_totals(&broker);
         let mut previous_at = std::time::Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -95,7 +159,31 @@ impl Rates {
                 records_out_per_s: rate(totals.records_out, previous.records_out),
                 bytes_in_per_s: rate(totals.bytes_in, previous.bytes_in),
                 bytes_out_per_s: rate(totals.bytes_out, previous.bytes_out),
+                messages_published_per_s: rate(
+                    totals.messages_published,
+                    previous.messages_published,
+                ),
+                messages_delivered_per_s: rate(
+                    totals.messages_delivered,
+                    previous.messages_delivered,
+                ),
+                messages_acked_per_s: rate(totals.messages_acked, previous.messages_acked),
             });
+            let queues = queue_totals(&broker);
+            let queue_rates = queues
+                .iter()
+                .map(|(key, now)| {
+                    let then = previous_queues.get(key).copied().unwrap_or(*now);
+                    let rates = QueueRates {
+                        publish_per_s: rate(now.published, then.published),
+                        deliver_per_s: rate(now.delivered, then.delivered),
+                        ack_per_s: rate(now.acked, then.acked),
+                    };
+                    (key.clone(), rates)
+                })
+                .collect();
+            *self.queues.lock() = queue_rates;
+            previous_queues = queues;
             previous = totals;
             previous_at = now;
         }

@@ -63,7 +63,12 @@ async fn fixture() -> Fixture {
         .ensure_user("guest", "guest", vec!["administrator".into()], everything)
         .await
         .unwrap();
-    let state = AdminState::new(broker, Arc::new(KafkaFrontend::default()), BTreeMap::new());
+    let state = AdminState::new(
+        broker,
+        Arc::new(KafkaFrontend::default()),
+        Arc::default(),
+        BTreeMap::new(),
+    );
     let app = app(Arc::clone(&state));
     Fixture {
         _dir: dir,
@@ -616,6 +621,471 @@ async fn connections_list_and_unknown_close() {
     );
 }
 
+#[tokio::test]
+async fn queues_declare_list_publish_peek_purge_delete() {
+    let f = fixture().await;
+    let app = &f.app;
+    let declared = admin(
+        app,
+        Method::PUT,
+        "/api/queues/%2F/jobs",
+        Some(json!({"arguments": {"x-max-length": 100}})),
+    )
+    .await;
+    assert_eq!(declared.status, StatusCode::CREATED, "{}", declared.text);
+    assert_eq!(declared.body["durable"], true);
+    assert_eq!(declared.body["arguments"]["x-max-length"], 100);
+    let again = admin(
+        app,
+        Method::PUT,
+        "/api/queues/%2F/jobs",
+        Some(json!({"arguments": {"x-max-length": 100}})),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_problem(
+        &admin(
+            app,
+            Method::PUT,
+            "/api/queues/%2F/jobs",
+            Some(json!({"durable": false})),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "inequivalent arg 'durable'",
+    );
+    assert_problem(
+        &admin(
+            app,
+            Method::PUT,
+            "/api/queues/%2F/bad",
+            Some(json!({"arguments": {"x-max-length": "many"}})),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "x-max-length",
+    );
+    assert_problem(
+        &admin(app, Method::PUT, "/api/queues/%2F/amq.mine", None).await,
+        StatusCode::FORBIDDEN,
+        "reserved prefix",
+    );
+    assert_problem(
+        &admin(app, Method::PUT, "/api/queues/nowhere/jobs", None).await,
+        StatusCode::NOT_FOUND,
+        "nowhere",
+    );
+    assert_problem(
+        &admin(
+            app,
+            Method::PUT,
+            "/api/queues/%2F/jobs",
+            Some(json!({"colour": "red"})),
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "colour",
+    );
+
+    for i in 0..3 {
+        let published = admin(
+            app,
+            Method::POST,
+            "/api/exchanges/%2F/amq.default/publish",
+            Some(json!({"routing_key": "jobs", "payload": format!("job {i}"),
+                        "properties": {"delivery_mode": 2, "headers": {"n": i}}})),
+        )
+        .await;
+        assert_eq!(
+            published.body,
+            json!({"routed": true, "queues": 1}),
+            "{}",
+            published.text
+        );
+    }
+    let unrouted = admin(
+        app,
+        Method::POST,
+        "/api/exchanges/%2F/amq.direct/publish",
+        Some(json!({"routing_key": "nobody", "payload": "x"})),
+    )
+    .await;
+    assert_eq!(unrouted.body, json!({"routed": false, "queues": 0}));
+    assert_problem(
+        &admin(
+            app,
+            Method::POST,
+            "/api/exchanges/%2F/amq.default/publish",
+            Some(json!({"routing_key": "jobs", "payload": "x", "properties": {"priority": 900}})),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "priority",
+    );
+    assert_problem(
+        &admin(
+            app,
+            Method::POST,
+            "/api/exchanges/%2F/missing/publish",
+            Some(json!({"payload": "x"})),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "missing",
+    );
+
+    let queue = admin(app, Method::GET, "/api/queues/%2F/jobs", None).await;
+    assert_eq!(queue.body["messages_ready"], 3);
+    assert_eq!(queue.body["published"], 3);
+    let peeked = admin(
+        app,
+        Method::POST,
+        "/api/queues/%2F/jobs/get",
+        Some(json!({"count": 2})),
+    )
+    .await;
+    let payloads: Vec<&str> = peeked
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["payload"].as_str().unwrap())
+        .collect();
+    assert_eq!(payloads, ["job 0", "job 1"]);
+    assert_eq!(peeked.body[0]["properties"]["headers"]["n"], 0);
+    assert_eq!(peeked.body[0]["properties"]["delivery_mode"], 2);
+    // Peeking leaves them in the queue.
+    let queue = admin(app, Method::GET, "/api/queues/%2F/jobs", None).await;
+    assert_eq!(queue.body["messages_ready"], 3);
+    let taken = admin(
+        app,
+        Method::POST,
+        "/api/queues/%2F/jobs/get",
+        Some(json!({"count": 1, "requeue": false})),
+    )
+    .await;
+    assert_eq!(taken.body[0]["payload"], "job 0");
+    assert_eq!(taken.body[0]["redelivered"], true);
+    assert_problem(
+        &admin(
+            app,
+            Method::POST,
+            "/api/queues/%2F/jobs/get",
+            Some(json!({"count": 0})),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "count",
+    );
+
+    let listed = admin(app, Method::GET, "/api/queues", None).await;
+    let names: Vec<&str> = listed
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["jobs"]);
+    let vhosts = admin(app, Method::GET, "/api/vhosts", None).await;
+    assert_eq!(vhosts.body[0]["name"], "/");
+    assert_eq!(vhosts.body[0]["messages_ready"], 2);
+
+    let metrics = call(app, Method::GET, "/metrics", None, None, LOCAL)
+        .await
+        .text;
+    assert!(
+        metrics.contains("sluice_queue_messages_ready{vhost=\"/\",queue=\"jobs\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sluice_queue_published_total{vhost=\"/\",queue=\"jobs\"} 3"));
+    assert!(metrics.contains("sluice_alarm{resource=\"disk\"} 0"));
+
+    let purged = admin(app, Method::DELETE, "/api/queues/%2F/jobs/contents", None).await;
+    assert_eq!(purged.body, json!({"messages": 2}));
+    assert_problem(
+        &admin(app, Method::DELETE, "/api/queues/%2F/nope", None).await,
+        StatusCode::NOT_FOUND,
+        "nope",
+    );
+    assert_eq!(
+        admin(app, Method::DELETE, "/api/queues/%2F/jobs", None)
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        admin(app, Method::GET, "/api/queues/%2F/jobs", None)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn exchanges_and_bindings_route_messages() {
+    let f = fixture().await;
+    let app = &f.app;
+    assert_eq!(
+        admin(
+            app,
+            Method::PUT,
+            "/api/exchanges/%2F/logs",
+            Some(json!({"type": "topic"}))
+        )
+        .await
+        .status,
+        StatusCode::CREATED
+    );
+    assert_problem(
+        &admin(
+            app,
+            Method::PUT,
+            "/api/exchanges/%2F/logs",
+            Some(json!({"type": "fanout"})),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "inequivalent arg 'type'",
+    );
+    assert_problem(
+        &admin(
+            app,
+            Method::PUT,
+            "/api/exchanges/%2F/odd",
+            Some(json!({"type": "sideways"})),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "unknown exchange type 'sideways'",
+    );
+    assert_problem(
+        &admin(app, Method::DELETE, "/api/exchanges/%2F/amq.topic", None).await,
+        StatusCode::FORBIDDEN,
+        "not allowed",
+    );
+    admin(app, Method::PUT, "/api/queues/%2F/errors", None).await;
+    let bound = admin(
+        app,
+        Method::POST,
+        "/api/bindings/%2F",
+        Some(json!({"source": "logs", "destination": "errors", "routing_key": "*.error"})),
+    )
+    .await;
+    assert_eq!(bound.status, StatusCode::CREATED, "{}", bound.text);
+    assert_problem(
+        &admin(
+            app,
+            Method::POST,
+            "/api/bindings/%2F",
+            Some(json!({"source": "logs", "destination": "ghost"})),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "ghost",
+    );
+    let bindings = admin(app, Method::GET, "/api/bindings/%2F", None).await;
+    assert_eq!(bindings.body.as_array().unwrap().len(), 1);
+    assert_eq!(bindings.body[0]["routing_key"], "*.error");
+    let exchange = admin(app, Method::GET, "/api/exchanges/%2F/logs", None).await;
+    assert_eq!(exchange.body["type"], "topic");
+    assert_eq!(exchange.body["bindings"], 1);
+    let all = admin(app, Method::GET, "/api/exchanges/%2F", None).await;
+    assert!(
+        all.body
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["name"] == "amq.fanout")
+    );
+
+    let routed = admin(
+        app,
+        Method::POST,
+        "/api/exchanges/%2F/logs/publish",
+        Some(json!({"routing_key": "db.error", "payload": "aGk=", "payload_encoding": "base64"})),
+    )
+    .await;
+    assert_eq!(routed.body["queues"], 1);
+    let peeked = admin(
+        app,
+        Method::POST,
+        "/api/queues/%2F/errors/get",
+        Some(json!({"count": 5})),
+    )
+    .await;
+    assert_eq!(peeked.body[0]["payload"], "hi");
+    assert_eq!(peeked.body[0]["exchange"], "logs");
+
+    let unbind = json!({"source": "logs", "destination": "errors", "routing_key": "*.error"});
+    assert_eq!(
+        admin(
+            app,
+            Method::DELETE,
+            "/api/bindings/%2F",
+            Some(unbind.clone())
+        )
+        .await
+        .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_problem(
+        &admin(app, Method::DELETE, "/api/bindings/%2F", Some(unbind)).await,
+        StatusCode::NOT_FOUND,
+        "no binding",
+    );
+    assert_eq!(
+        admin(app, Method::DELETE, "/api/exchanges/%2F/logs", None)
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_problem(
+        &admin(app, Method::DELETE, "/api/exchanges/%2F/logs", None).await,
+        StatusCode::NOT_FOUND,
+        "logs",
+    );
+}
+
+#[tokio::test]
+async fn users_permissions_and_vhosts() {
+    let f = fixture().await;
+    let app = &f.app;
+    assert_problem(
+        &admin(
+            app,
+            Method::PUT,
+            "/api/users/carol",
+            Some(json!({"tags": ["management"]})),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "needs a password",
+    );
+    assert_eq!(
+        admin(
+            app,
+            Method::PUT,
+            "/api/users/carol",
+            Some(json!({"password": "pw", "tags": ["monitoring"]}))
+        )
+        .await
+        .status,
+        StatusCode::CREATED
+    );
+    // Her password works for the API (monitoring may read).
+    let as_carol = call(
+        app,
+        Method::GET,
+        "/api/queues",
+        Some(&basic("carol", "pw")),
+        None,
+        LOCAL,
+    )
+    .await;
+    assert_eq!(as_carol.status, StatusCode::OK);
+    assert_eq!(
+        admin(app, Method::PUT, "/api/vhosts/staging", None)
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        admin(app, Method::PUT, "/api/vhosts/staging", None)
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        admin(
+            app,
+            Method::PUT,
+            "/api/permissions/staging/carol",
+            Some(json!({"configure": "^$", "write": ".*", "read": ".*"}))
+        )
+        .await
+        .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_problem(
+        &admin(
+            app,
+            Method::PUT,
+            "/api/permissions/staging/carol",
+            Some(json!({"configure": "(", "write": ".*", "read": ".*"})),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "(",
+    );
+    assert_problem(
+        &admin(
+            app,
+            Method::PUT,
+            "/api/permissions/nowhere/carol",
+            Some(json!({"configure": "", "write": "", "read": ""})),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "nowhere",
+    );
+    let permissions = admin(app, Method::GET, "/api/permissions", None).await;
+    assert!(
+        permissions
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["user"] == "carol" && p["vhost"] == "staging" && p["configure"] == "^$")
+    );
+    let carol = admin(app, Method::GET, "/api/users/carol", None).await;
+    assert_eq!(
+        carol.body,
+        json!({"name": "carol", "tags": ["monitoring"], "vhosts": ["staging"]})
+    );
+    assert!(
+        !admin(app, Method::GET, "/api/users", None)
+            .await
+            .text
+            .contains("password")
+    );
+    assert_eq!(
+        admin(app, Method::DELETE, "/api/permissions/staging/carol", None)
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        admin(app, Method::DELETE, "/api/users/carol", None)
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_problem(
+        &admin(app, Method::DELETE, "/api/users/carol", None).await,
+        StatusCode::NOT_FOUND,
+        "carol",
+    );
+    let gone = call(
+        app,
+        Method::GET,
+        "/api/queues",
+        Some(&basic("carol", "pw")),
+        None,
+        LOCAL,
+    )
+    .await;
+    assert_eq!(gone.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        admin(app, Method::GET, "/api/channels", None)
+            .await
+            .body
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
 /// Every operation in the OpenAPI document is served by a route, and every `/api` route the
 /// router knows is documented.
 #[tokio::test]
@@ -632,7 +1102,10 @@ async fn openapi_document_matches_the_routes() {
             let concrete = path
                 .replace("{topic}", "t")
                 .replace("{group}", "g")
-                .replace("{id}", "kafka-1");
+                .replace("{id}", "kafka-1")
+                .replace("{vhost}", "%2F")
+                .replace("{name}", "n")
+                .replace("{user}", "u");
             let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let reply = admin(&f.app, method.clone(), &concrete, Some(json!({}))).await;
             let unrouted = reply.status == StatusCode::METHOD_NOT_ALLOWED

@@ -43,6 +43,7 @@ use crate::channel::{Channel, Consumer, Content};
 use crate::codec::{self, Frame, FrameError};
 use crate::convert::short;
 use crate::errors::{self, Exception};
+use crate::observe::{ChannelInfo, ConnectionEntry, Identity};
 use crate::reply_to::REPLY_OFFSET;
 
 /// Output queued beyond this stops reading from the client until it drains.
@@ -143,6 +144,12 @@ pub struct Connection {
     pub last_read: Instant,
     pub last_write: Instant,
     close_deadline: Option<Instant>,
+    /// This connection in the operators' registry.
+    pub entry: Arc<ConnectionEntry>,
+    /// The client's `connection_name` or product, from `start-ok`.
+    client_name: String,
+    /// Channels in the registry's last snapshot.
+    reported_channels: usize,
 }
 
 impl std::fmt::Debug for Connection {
@@ -165,8 +172,16 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     let mut alarm_watch = ctx.broker.alarms();
     let alarms = *alarm_watch.borrow_and_update();
     let now = Instant::now();
+    let id = ctx.broker.next_id();
+    let entry = ctx
+        .frontend
+        .connections
+        .open(id, peer, ctx.broker.clock().now_ms());
+    let frontend = Arc::clone(&ctx.frontend);
+    frontend.metrics.connections_open.increment();
+    frontend.metrics.connections_total.increment();
     let mut conn = Connection {
-        id: ctx.broker.next_id(),
+        id,
         frame_max: ctx.settings.frame_max,
         channel_max: ctx.settings.channel_max,
         heartbeat_s: 0,
@@ -197,6 +212,9 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         last_read: now,
         last_write: now,
         close_deadline: None,
+        entry: Arc::clone(&entry),
+        client_name: String::new(),
+        reported_channels: 0,
     };
     let mut input = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut inflight: Option<Bytes> = None;
@@ -226,6 +244,8 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
                         conn.last_write = Instant::now();
+                        entry.bytes_out.add(n as u64);
+                        frontend.metrics.bytes_out.add(n as u64);
                         if let Some(bytes) = inflight.as_mut() {
                             let _ = bytes.split_to(n);
                             if bytes.is_empty() {
@@ -238,8 +258,10 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             read = reader.read_buf(&mut input), if reading => {
                 match read {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => {
+                    Ok(n) => {
                         conn.last_read = Instant::now();
+                        entry.bytes_in.add(n as u64);
+                        frontend.metrics.bytes_in.add(n as u64);
                         conn.process_input(&mut input).await;
                         if input.capacity() - input.len() < 1024 {
                             input.reserve(READ_CHUNK_BYTES);
@@ -266,6 +288,13 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                     conn.on_alarms();
                 }
             }
+            () = entry.closed().cancelled(), if conn.state != State::Closing && conn.state != State::Closed => {
+                tracing::info!(peer = %conn.peer, "closing a connection at an operator's request");
+                conn.close_connection(Exception::new(
+                    errors::CONNECTION_FORCED,
+                    "Closed via management plugin",
+                ));
+            }
             () = shutdown.cancelled(), if conn.state != State::Closing && conn.state != State::Closed => {
                 conn.close_connection(Exception::new(
                     errors::CONNECTION_FORCED,
@@ -282,6 +311,12 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     }
     let _ = writer.shutdown().await;
     conn.cleanup().await;
+    frontend
+        .metrics
+        .channels_open
+        .set(frontend.metrics.channels_open.get() - conn.reported_channels as i64);
+    frontend.connections.remove(id);
+    frontend.metrics.connections_open.decrement();
 }
 
 impl Connection {
@@ -372,10 +407,37 @@ impl Connection {
         }
         self.flush_publishes().await;
         self.flush_settles().await;
+        if self.channels.len() != self.reported_channels {
+            self.report_channels();
+        }
+    }
+
+    /// Refreshes this connection's channels in the operators' registry.
+    fn report_channels(&mut self) {
+        let mut channels: Vec<ChannelInfo> = self
+            .channels
+            .values()
+            .map(|c| ChannelInfo {
+                number: c.id,
+                consumers: c.consumers.len(),
+                unacked: c.unacked.len(),
+                prefetch: c.prefetch,
+                confirm: c.confirms.is_some(),
+                transactional: c.tx.is_some(),
+            })
+            .collect();
+        channels.sort_by_key(|c| c.number);
+        let metrics = &self.ctx.frontend.metrics;
+        metrics.channels_open.set(
+            metrics.channels_open.get() + channels.len() as i64 - self.reported_channels as i64,
+        );
+        self.reported_channels = channels.len();
+        *self.entry.channels.lock() = channels;
     }
 
     fn frame_error(&mut self, error: FrameError) {
         tracing::debug!(peer = %self.peer, %error, "closing a connection: bad frame");
+        self.ctx.frontend.metrics.protocol_errors.increment();
         if matches!(self.state, State::AwaitStartOk | State::AwaitHeader) {
             self.state = State::Closed;
             return;
@@ -548,6 +610,17 @@ impl Connection {
                 authentication_failure_close: flag("authentication_failure_close"),
             };
         }
+        let client = start_ok.client_properties.inner();
+        let text = |key: &str| match client.get(key) {
+            Some(AMQPValue::LongString(s)) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
+            Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
+            _ => None,
+        };
+        self.client_name = text("connection_name")
+            .or_else(|| text("product"))
+            .unwrap_or_default();
         let mechanism = start_ok.mechanism.as_str().to_owned();
         self.mechanism = mechanism.clone();
         let (username, password) =
@@ -667,6 +740,11 @@ impl Connection {
             .on(10, 40));
         }
         tracing::debug!(peer = %self.peer, user = %user.name, vhost = %name, "connection opened");
+        *self.entry.identity.lock() = Identity {
+            user: user.name.clone(),
+            vhost: name.clone(),
+            client: std::mem::take(&mut self.client_name),
+        };
         self.vhost = Some(vhost);
         self.routing();
         self.send(
@@ -788,7 +866,16 @@ impl Connection {
             self.flush_publishes().await;
             self.flush_settles().await;
         }
+        let started = std::time::Instant::now();
         let result = self.dispatch(id, method).await;
+        if let Some(histogram) = self
+            .ctx
+            .frontend
+            .metrics
+            .method_latency(class_id, method_id)
+        {
+            histogram.observe(started.elapsed());
+        }
         if let Err(exception) = result {
             let exception = if exception.class_id == 0 {
                 exception.on(class_id, method_id)
@@ -1233,6 +1320,7 @@ impl Connection {
     }
 
     fn deliver(&mut self, delivery: sluice_broker::queue::Delivery, now_ms: i64) {
+        self.ctx.frontend.metrics.delivered.increment();
         let Some(consumer) = self.consumers.get_mut(&delivery.consumer) else {
             return;
         };
@@ -1333,6 +1421,7 @@ impl Connection {
     // ----- timers and alarms --------------------------------------------------------------------
 
     async fn on_tick(&mut self) {
+        self.report_channels();
         let now = Instant::now();
         if let Some(deadline) = self.close_deadline
             && now >= deadline

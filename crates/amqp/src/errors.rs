@@ -111,7 +111,7 @@ pub fn exception(error: &BrokerError) -> Exception {
                     ACCESS_REFUSED
                 }
                 MessagingError::UnknownExchangeType(_) => COMMAND_INVALID,
-                MessagingError::VhostNotFound(_) => NOT_ALLOWED,
+                MessagingError::VhostNotFound(_) | MessagingError::UserNotFound(_) => NOT_ALLOWED,
                 MessagingError::QueueFailed { .. } => INTERNAL_ERROR,
             };
             Exception::new(code, error.to_string())

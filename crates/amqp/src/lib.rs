@@ -16,7 +16,8 @@
 //!   queued output by a high watermark past which the connection stops reading, deliveries in
 //!   flight by consumers' credit.
 //!
-//! State beyond a connection: the registry of direct reply-to consumers ([`reply_to`]).
+//! State beyond a connection: the registry of direct reply-to consumers ([`reply_to`]), and what
+//! operators see ([`observe`]: counters, method latencies, open connections and channels).
 
 pub mod auth;
 pub mod channel;
@@ -25,6 +26,7 @@ pub mod connection;
 pub mod convert;
 pub mod errors;
 pub mod methods;
+pub mod observe;
 pub mod reply_to;
 
 use std::net::SocketAddr;
@@ -75,6 +77,7 @@ impl Default for AmqpSettings {
 #[derive(Debug)]
 pub struct Context {
     pub broker: Broker,
+    pub frontend: Arc<observe::AmqpFrontend>,
     pub settings: AmqpSettings,
     pub shutdown: CancellationToken,
     pub reply_to: reply_to::Registry,
@@ -86,12 +89,14 @@ pub async fn serve(
     listener: TcpListener,
     broker: Broker,
     settings: AmqpSettings,
+    frontend: Arc<observe::AmqpFrontend>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(settings.max_connections));
     let context = Arc::new(Context {
         broker,
+        frontend,
         settings,
         shutdown: shutdown.clone(),
         reply_to: reply_to::Registry::default(),

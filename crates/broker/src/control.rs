@@ -71,6 +71,10 @@ pub(crate) enum MessagingCommand {
         record: UserRecord,
         reply: Reply<()>,
     },
+    DeleteUser {
+        name: String,
+        reply: Reply<()>,
+    },
     DeclareExchange {
         record: ExchangeRecord,
         reply: Reply<()>,
@@ -312,6 +316,9 @@ pub(crate) async fn handle(shared: &Arc<Shared>, command: MessagingCommand) {
         }
         MessagingCommand::PutUser { record, reply } => {
             let _ = reply.send(apply(shared, DefinitionCommand::PutUser(record)).await);
+        }
+        MessagingCommand::DeleteUser { name, reply } => {
+            let _ = reply.send(apply(shared, DefinitionCommand::DeleteUser { name }).await);
         }
         MessagingCommand::DeclareExchange { record, reply } => {
             let _ = reply.send(declare_exchange(shared, record).await);

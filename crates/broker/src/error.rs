@@ -139,6 +139,8 @@ pub enum MessagingError {
     UnknownExchangeType(String),
     #[error("vhost {0} not found")]
     VhostNotFound(String),
+    #[error("user '{0}' not found")]
+    UserNotFound(String),
     /// A queue failed (its log stopped accepting writes) and refuses work.
     #[error("queue '{name}' in vhost '{vhost}' failed: {reason}")]
     QueueFailed {

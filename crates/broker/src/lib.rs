@@ -27,6 +27,7 @@ pub mod message;
 pub mod metadata;
 pub mod names;
 pub mod offsets;
+pub mod operate;
 pub mod partition;
 pub mod producer;
 pub mod queue;

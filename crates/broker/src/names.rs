@@ -1,4 +1,5 @@
-//! Topic names: Kafka's rules, so every client that creates a topic on Kafka can create it here.
+//! Names: topics follow Kafka's rules, so every client that creates a topic on Kafka can create
+//! it here; virtual hosts, users, queues and exchanges follow AMQP's (a short string).
 
 use crate::error::BrokerError;
 
@@ -31,6 +32,34 @@ pub fn validate_topic_name(name: &str) -> Result<(), BrokerError> {
         ));
     }
     Ok(())
+}
+
+/// Checks an AMQP name (queue, exchange, virtual host, user): at most 255 bytes, no control
+/// characters. `what` names the kind in the error.
+pub fn validate_amqp_name(what: &str, name: &str) -> Result<(), String> {
+    if name.len() > 255 {
+        return Err(format!("{what} name is longer than 255 bytes"));
+    }
+    if let Some(bad) = name.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "{what} name contains the control character {bad:?}"
+        ));
+    }
+    Ok(())
+}
+
+pub fn validate_vhost_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("virtual host name is empty".into());
+    }
+    validate_amqp_name("virtual host", name)
+}
+
+pub fn validate_user_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("user name is empty".into());
+    }
+    validate_amqp_name("user", name)
 }
 
 #[cfg(test)]

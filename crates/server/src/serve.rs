@@ -149,6 +149,7 @@ async fn start_listeners(
 ) -> anyhow::Result<Bound> {
     let mut addresses = BTreeMap::new();
     let kafka_frontend = Arc::new(sluice_kafka::KafkaFrontend::default());
+    let amqp_frontend = Arc::new(sluice_amqp::observe::AmqpFrontend::default());
     if config.kafka.enabled {
         let address = config.kafka_listen()?;
         let listener = TcpListener::bind(address)
@@ -187,6 +188,7 @@ async fn start_listeners(
             listener,
             broker.clone(),
             config.amqp.settings(),
+            Arc::clone(&amqp_frontend),
             shutdown.clone(),
             connections.clone(),
         ));
@@ -203,7 +205,8 @@ async fn start_listeners(
             .iter()
             .map(|(k, v)| ((*k).to_owned(), v.clone()))
             .collect();
-        let state = sluice_admin::AdminState::new(broker.clone(), kafka_frontend, listeners);
+        let state =
+            sluice_admin::AdminState::new(broker.clone(), kafka_frontend, amqp_frontend, listeners);
         connections.spawn(sluice_admin::serve(
             listener,
             Arc::clone(&state),

@@ -1,10 +1,14 @@
 //! The `/api` routes, one module per resource. Each handler carries its OpenAPI description.
 
 mod connections;
+mod exchanges;
+mod fields;
 mod groups;
 mod messages;
 mod overview;
+mod queues;
 mod topics;
+mod users;
 
 use std::sync::Arc;
 
@@ -27,4 +31,30 @@ pub fn routes() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(groups::reset_offsets))
         .routes(routes!(connections::list))
         .routes(routes!(connections::close))
+        .routes(routes!(connections::channels))
+        .routes(routes!(queues::list_vhosts))
+        .routes(routes!(queues::put_vhost))
+        .routes(routes!(queues::list_all))
+        .routes(routes!(queues::list_in_vhost))
+        .routes(routes!(queues::describe, queues::declare, queues::delete))
+        .routes(routes!(queues::purge))
+        .routes(routes!(queues::get_messages))
+        .routes(routes!(exchanges::list_all))
+        .routes(routes!(exchanges::list_in_vhost))
+        .routes(routes!(
+            exchanges::describe,
+            exchanges::declare,
+            exchanges::delete
+        ))
+        .routes(routes!(exchanges::publish))
+        .routes(routes!(exchanges::list_bindings))
+        .routes(routes!(
+            exchanges::list_bindings_in_vhost,
+            exchanges::bind,
+            exchanges::unbind
+        ))
+        .routes(routes!(users::list))
+        .routes(routes!(users::describe, users::put, users::delete))
+        .routes(routes!(users::list_permissions))
+        .routes(routes!(users::put_permission, users::delete_permission))
 }

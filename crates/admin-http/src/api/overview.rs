@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::extract::State;
@@ -20,7 +21,19 @@ pub struct Totals {
     /// Bytes of log on disk across all partitions.
     pub log_bytes: u64,
     pub consumer_groups: usize,
+    /// Open client connections, both protocols.
     pub connections: usize,
+    pub vhosts: usize,
+    pub queues: usize,
+    pub exchanges: usize,
+    /// Ready messages across all queues.
+    pub messages_ready: u64,
+    /// Delivered, unacknowledged messages across all queues.
+    pub messages_unacknowledged: u64,
+    /// Open AMQP channels.
+    pub channels: usize,
+    /// Resource alarms raised now: "memory", "disk".
+    pub alarms: Vec<&'static str>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -62,6 +75,29 @@ pub async fn overview(State(state): State<Arc<AdminState>>) -> Json<Overview> {
     }
     groups.sort();
     groups.dedup();
+    let vhosts = broker.vhost_names();
+    let (mut queues, mut exchanges, mut ready, mut unacked) = (0, 0, 0, 0);
+    for vhost in &vhosts {
+        if let Some(live) = broker.vhost(vhost) {
+            for queue in live.routing().queues() {
+                queues += 1;
+                ready += queue.counters().ready.load(Ordering::Relaxed);
+                unacked += queue.counters().unacked.load(Ordering::Relaxed);
+            }
+        }
+        exchanges += broker
+            .vhost_definitions(vhost)
+            .map_or(0, |d| d.exchanges.len());
+    }
+    let amqp_connections = state.amqp.connections.list();
+    let alarm_state = *broker.alarms().borrow();
+    let mut alarms = Vec::new();
+    if alarm_state.memory {
+        alarms.push("memory");
+    }
+    if alarm_state.disk {
+        alarms.push("disk");
+    }
     let fsync = broker.fsync_latency();
     let fsync_count = fsync.count();
     Json(Overview {
@@ -76,7 +112,14 @@ pub async fn overview(State(state): State<Arc<AdminState>>) -> Json<Overview> {
             records,
             log_bytes,
             consumer_groups: groups.len(),
-            connections: state.kafka.connections.list().len(),
+            connections: state.kafka.connections.list().len() + amqp_connections.len(),
+            vhosts: vhosts.len(),
+            queues,
+            exchanges,
+            messages_ready: ready,
+            messages_unacknowledged: unacked,
+            channels: amqp_connections.iter().map(|c| c.channels.len()).sum(),
+            alarms,
         },
         rates: state.rates.latest(),
         fsync_count,

@@ -266,6 +266,7 @@ impl Connection {
             return Err(Exception::new(errors::NOT_IMPLEMENTED, "immediate=true"));
         }
         self.note_publish();
+        self.ctx.frontend.metrics.published.increment();
         let exchange_name = publish.exchange.as_str();
         let routing_key = publish.routing_key.as_str();
         let vhost = self.vhost_name().to_owned();
@@ -440,6 +441,9 @@ impl Connection {
         self.check_access(Access::Read, ResourceKind::Queue, &name)?;
         let queue = self.usable_queue(&name)?;
         let got = queue.get(get.no_ack).await.map_err(raise)?;
+        if got.is_some() {
+            self.ctx.frontend.metrics.delivered.increment();
+        }
         let Some(got) = got else {
             self.send(
                 channel,

@@ -28,7 +28,7 @@ use super::ranges::RangeSet;
 use super::state::{Admission, ConsumerId, DeathReason, Effect, Meta, QueueCore, QueueEnv};
 use super::{
     Credit, Delivery, DeliverySink, Got, PublishOutcome, Queue, QueueCounters, QueueEvent,
-    QueueRecord, QueueReply, QueueRequest, QueueStat, Reply, message_priority,
+    QueueRecord, QueueReply, QueueRequest, QueueStat, Reply, SettleOp, message_priority,
 };
 use crate::error::{BrokerError, MessagingError, ResourceKind};
 use crate::message::codec::{RecordEncoder, StoredMessage, decode_batch};
@@ -480,6 +480,7 @@ impl QueueHandler {
         let mut outcome = PublishOutcome::default();
         let mut builder = BatchBuilder::new(now_ms);
         let mut next = log.log_end_offset();
+        let log_end_before = next;
         for (index, message) in messages.into_iter().enumerate() {
             match self.core.admit() {
                 Admission::Accept => {}
@@ -516,6 +517,9 @@ impl QueueHandler {
         if builder.record_count() > 0 {
             self.append(log, builder, now_ms)?;
         }
+        self.counters
+            .published
+            .fetch_add(next - log_end_before, Ordering::Relaxed);
         outcome.end_offset = next;
         Ok(outcome)
     }
@@ -620,7 +624,9 @@ impl QueueHandler {
                             .consumers
                             .get(&consumer)
                             .is_some_and(|c| c.sink.send(QueueEvent::Deliver(delivery)).is_ok());
-                        if !sent && !gone.contains(&consumer) {
+                        if sent {
+                            self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                        } else if !gone.contains(&consumer) {
                             gone.push(consumer);
                         }
                     }
@@ -757,6 +763,11 @@ impl QueueHandler {
                 Ok(QueueReply::Done)
             }
             QueueRequest::Settle(offsets, op) => {
+                if op == SettleOp::Ack {
+                    self.counters
+                        .acked
+                        .fetch_add(offsets.len() as u64, Ordering::Relaxed);
+                }
                 let mut env = env!(self, log);
                 self.core
                     .settle(&offsets, op, now_ms, &mut env, &mut self.fx);
@@ -791,6 +802,9 @@ impl QueueHandler {
                         message_count: self.core.ready_count(),
                     })
                 });
+                if got.is_some() {
+                    self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(QueueReply::Got(got))
             }
             QueueRequest::Purge => {

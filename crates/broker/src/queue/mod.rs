@@ -193,6 +193,12 @@ pub struct QueueCounters {
     pub ready: AtomicU64,
     pub unacked: AtomicU64,
     pub consumers: AtomicU64,
+    /// Messages the queue accepted since start.
+    pub published: AtomicU64,
+    /// Messages handed to consumers or taken with `get`, redeliveries included.
+    pub delivered: AtomicU64,
+    /// Deliveries acknowledged (automatic acknowledgements excluded).
+    pub acked: AtomicU64,
 }
 
 #[derive(Debug)]

@@ -51,12 +51,133 @@ pub enum Cli {
     Status(Status),
     /// Create, list, inspect, change and delete topics.
     Topic(TopicArgs),
+    /// Declare, list, purge and delete queues.
+    Queue(QueueArgs),
+    /// Declare, list and delete exchanges.
+    Exchange(ExchangeArgs),
+    /// Bind queues and exchanges to exchanges, list and remove bindings.
+    Binding(BindingArgs),
     /// Inspect consumer groups and move their offsets.
     Group(GroupArgs),
     /// Publish lines from standard input or a file to a topic.
     Produce(Produce),
-    /// Read messages from a topic.
+    /// Read messages from a topic, or take them from a queue (--queue).
     Consume(Consume),
+}
+
+#[derive(Debug, Args)]
+pub struct QueueArgs {
+    #[command(subcommand)]
+    command: QueueCommand,
+    /// The virtual host.
+    #[arg(long, global = true, default_value = "/")]
+    vhost: String,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCommand {
+    /// Declare a queue (durable unless --transient).
+    Declare {
+        name: String,
+        #[arg(long)]
+        transient: bool,
+        #[arg(long)]
+        auto_delete: bool,
+        /// A queue argument, `key=value` (numbers and true/false are typed); repeat for more.
+        #[arg(long = "argument", short = 'a', value_parser = key_value)]
+        arguments: Vec<(String, String)>,
+    },
+    /// List queues with their counts.
+    List,
+    /// Drop every ready message of a queue.
+    Purge { name: String },
+    /// Delete a queue and its messages.
+    Delete {
+        name: String,
+        #[arg(long)]
+        if_unused: bool,
+        #[arg(long)]
+        if_empty: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ExchangeArgs {
+    #[command(subcommand)]
+    command: ExchangeCommand,
+    /// The virtual host.
+    #[arg(long, global = true, default_value = "/")]
+    vhost: String,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Debug, Subcommand)]
+enum ExchangeCommand {
+    /// Declare an exchange (durable unless --transient).
+    Declare {
+        name: String,
+        /// direct, fanout, topic or headers.
+        #[arg(long = "type", short = 't', default_value = "direct")]
+        kind: String,
+        #[arg(long)]
+        transient: bool,
+        #[arg(long)]
+        auto_delete: bool,
+        #[arg(long)]
+        internal: bool,
+        /// An exchange argument, `key=value`; repeat for more.
+        #[arg(long = "argument", short = 'a', value_parser = key_value)]
+        arguments: Vec<(String, String)>,
+    },
+    /// List exchanges.
+    List,
+    /// Delete an exchange.
+    Delete {
+        name: String,
+        #[arg(long)]
+        if_unused: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BindingArgs {
+    #[command(subcommand)]
+    command: BindingCommand,
+    /// The virtual host.
+    #[arg(long, global = true, default_value = "/")]
+    vhost: String,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// One binding, as `binding add` and `binding remove` take it.
+#[derive(Debug, Args)]
+struct BindingSpec {
+    /// The source exchange.
+    source: String,
+    /// The queue (or with --to-exchange, the exchange) to bind.
+    destination: String,
+    #[arg(long, short = 'k', default_value = "")]
+    routing_key: String,
+    /// The destination is an exchange, not a queue.
+    #[arg(long)]
+    to_exchange: bool,
+    /// A binding argument, `key=value`; repeat for more.
+    #[arg(long = "argument", short = 'a', value_parser = key_value)]
+    arguments: Vec<(String, String)>,
+}
+
+#[derive(Debug, Subcommand)]
+enum BindingCommand {
+    /// Bind a queue or exchange to an exchange.
+    Add(BindingSpec),
+    /// List bindings.
+    List,
+    /// Remove a binding.
+    Remove(BindingSpec),
 }
 
 #[derive(Debug, Args)]
@@ -167,7 +288,17 @@ pub struct Produce {
 
 #[derive(Debug, Args)]
 pub struct Consume {
+    /// The topic to read (or, with --queue, the queue to take messages from).
     topic: String,
+    /// Take messages from this queue instead: they leave the queue unless --requeue.
+    #[arg(long, conflicts_with_all = ["partition", "from_beginning", "offset", "follow"])]
+    queue: bool,
+    /// With --queue: put the messages back (peek).
+    #[arg(long, requires = "queue")]
+    requeue: bool,
+    /// With --queue: the virtual host.
+    #[arg(long, default_value = "/")]
+    vhost: String,
     #[arg(long, short = 'p')]
     partition: Option<u32>,
     /// Start at each partition's first offset.
@@ -216,8 +347,12 @@ pub fn run(command: Cli) -> ExitCode {
     let result = match command {
         Cli::Status(args) => status(&args.connection),
         Cli::Topic(args) => topic(args.command, &args.connection),
+        Cli::Queue(args) => queue(args.command, &args.vhost, &args.connection),
+        Cli::Exchange(args) => exchange(args.command, &args.vhost, &args.connection),
+        Cli::Binding(args) => binding(args.command, &args.vhost, &args.connection),
         Cli::Group(args) => group(args.command, &args.connection),
         Cli::Produce(args) => produce(&args),
+        Cli::Consume(args) if args.queue => consume_queue(&args),
         Cli::Consume(args) => consume(&args),
     };
     match result {
@@ -251,7 +386,11 @@ fn status(connection: &Connection) -> Result<(), Failure> {
         ("records", cell(&totals["records"])),
         ("log bytes", cell(&totals["log_bytes"])),
         ("consumer groups", cell(&totals["consumer_groups"])),
+        ("queues", cell(&totals["queues"])),
+        ("messages ready", cell(&totals["messages_ready"])),
+        ("messages unacked", cell(&totals["messages_unacknowledged"])),
         ("connections", cell(&totals["connections"])),
+        ("channels", cell(&totals["channels"])),
         (
             "records in/s",
             format!("{:.0}", rates["records_in_per_s"].as_f64().unwrap_or(0.0)),
@@ -259,6 +398,29 @@ fn status(connection: &Connection) -> Result<(), Failure> {
         (
             "records out/s",
             format!("{:.0}", rates["records_out_per_s"].as_f64().unwrap_or(0.0)),
+        ),
+        (
+            "messages published/s",
+            format!(
+                "{:.0}",
+                rates["messages_published_per_s"].as_f64().unwrap_or(0.0)
+            ),
+        ),
+        (
+            "messages delivered/s",
+            format!(
+                "{:.0}",
+                rates["messages_delivered_per_s"].as_f64().unwrap_or(0.0)
+            ),
+        ),
+        (
+            "alarms",
+            match totals["alarms"].as_array() {
+                Some(list) if !list.is_empty() => {
+                    list.iter().map(cell).collect::<Vec<_>>().join(", ")
+                }
+                _ => "none".to_owned(),
+            },
         ),
     ];
     for (field, value) in rows {
@@ -689,6 +851,299 @@ fn consume(args: &Consume) -> Result<(), Failure> {
         }
     }
     if !json_out && !args.follow {
+        print!("{}", table.render());
+    }
+    Ok(())
+}
+
+/// A typed argument value: integers, floats and booleans as such, anything else as text.
+fn typed(value: &str) -> Value {
+    if let Ok(i) = value.parse::<i64>() {
+        return json!(i);
+    }
+    if let Ok(f) = value.parse::<f64>() {
+        return json!(f);
+    }
+    match value {
+        "true" => Value::Bool(true),
+        "false" => Value::Bool(false),
+        _ => Value::String(value.to_owned()),
+    }
+}
+
+fn arguments(pairs: &[(String, String)]) -> Value {
+    Value::Object(pairs.iter().map(|(k, v)| (k.clone(), typed(v))).collect())
+}
+
+fn queue(command: QueueCommand, vhost: &str, connection: &Connection) -> Result<(), Failure> {
+    let api = client(connection);
+    let json_out = connection.output == Output::Json;
+    let vhost_segment = segment(vhost);
+    match command {
+        QueueCommand::Declare {
+            name,
+            transient,
+            auto_delete,
+            arguments: args,
+        } => {
+            let declared = api.send(
+                "PUT",
+                &format!("/api/queues/{vhost_segment}/{}", segment(&name)),
+                Some(&json!({
+                    "durable": !transient,
+                    "auto_delete": auto_delete,
+                    "arguments": arguments(&args),
+                })),
+            )?;
+            if json_out {
+                print_json(&declared);
+            } else {
+                println!(
+                    "declared queue {name} in {vhost} ({} messages)",
+                    cell(&declared["messages"])
+                );
+            }
+        }
+        QueueCommand::List => {
+            let queues = api.get(&format!("/api/queues/{vhost_segment}"))?;
+            if json_out {
+                print_json(&queues);
+            } else {
+                let mut table = Table::new(&[
+                    "name",
+                    "durable",
+                    "ready",
+                    "unacked",
+                    "consumers",
+                    "publish/s",
+                    "deliver/s",
+                ]);
+                for q in queues.as_array().into_iter().flatten() {
+                    table.row(vec![
+                        cell(&q["name"]),
+                        cell(&q["durable"]),
+                        cell(&q["messages_ready"]),
+                        cell(&q["messages_unacknowledged"]),
+                        cell(&q["consumers"]),
+                        format!("{:.0}", q["rates"]["publish_per_s"].as_f64().unwrap_or(0.0)),
+                        format!("{:.0}", q["rates"]["deliver_per_s"].as_f64().unwrap_or(0.0)),
+                    ]);
+                }
+                print!("{}", table.render());
+            }
+        }
+        QueueCommand::Purge { name } => {
+            let purged = api.send(
+                "DELETE",
+                &format!("/api/queues/{vhost_segment}/{}/contents", segment(&name)),
+                None,
+            )?;
+            if json_out {
+                print_json(&purged);
+            } else {
+                println!(
+                    "purged {} messages from queue {name}",
+                    cell(&purged["messages"])
+                );
+            }
+        }
+        QueueCommand::Delete {
+            name,
+            if_unused,
+            if_empty,
+        } => {
+            api.send(
+                "DELETE",
+                &format!(
+                    "/api/queues/{vhost_segment}/{}?if_unused={if_unused}&if_empty={if_empty}",
+                    segment(&name)
+                ),
+                None,
+            )?;
+            if json_out {
+                print_json(&json!({"deleted": name, "vhost": vhost}));
+            } else {
+                println!("deleted queue {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn exchange(command: ExchangeCommand, vhost: &str, connection: &Connection) -> Result<(), Failure> {
+    let api = client(connection);
+    let json_out = connection.output == Output::Json;
+    let vhost_segment = segment(vhost);
+    match command {
+        ExchangeCommand::Declare {
+            name,
+            kind,
+            transient,
+            auto_delete,
+            internal,
+            arguments: args,
+        } => {
+            api.send(
+                "PUT",
+                &format!("/api/exchanges/{vhost_segment}/{}", segment(&name)),
+                Some(&json!({
+                    "type": kind,
+                    "durable": !transient,
+                    "auto_delete": auto_delete,
+                    "internal": internal,
+                    "arguments": arguments(&args),
+                })),
+            )?;
+            if json_out {
+                print_json(&json!({"declared": name, "type": kind, "vhost": vhost}));
+            } else {
+                println!("declared {kind} exchange {name} in {vhost}");
+            }
+        }
+        ExchangeCommand::List => {
+            let exchanges = api.get(&format!("/api/exchanges/{vhost_segment}"))?;
+            if json_out {
+                print_json(&exchanges);
+            } else {
+                let mut table = Table::new(&["name", "type", "durable", "internal", "bindings"]);
+                for x in exchanges.as_array().into_iter().flatten() {
+                    let name = x["name"].as_str().unwrap_or_default();
+                    table.row(vec![
+                        if name.is_empty() {
+                            "(default)".to_owned()
+                        } else {
+                            name.to_owned()
+                        },
+                        cell(&x["type"]),
+                        cell(&x["durable"]),
+                        cell(&x["internal"]),
+                        cell(&x["bindings"]),
+                    ]);
+                }
+                print!("{}", table.render());
+            }
+        }
+        ExchangeCommand::Delete { name, if_unused } => {
+            api.send(
+                "DELETE",
+                &format!(
+                    "/api/exchanges/{vhost_segment}/{}?if_unused={if_unused}",
+                    segment(&name)
+                ),
+                None,
+            )?;
+            if json_out {
+                print_json(&json!({"deleted": name, "vhost": vhost}));
+            } else {
+                println!("deleted exchange {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn binding_body(spec: &BindingSpec) -> Value {
+    json!({
+        "source": spec.source,
+        "destination": spec.destination,
+        "destination_type": if spec.to_exchange { "exchange" } else { "queue" },
+        "routing_key": spec.routing_key,
+        "arguments": arguments(&spec.arguments),
+    })
+}
+
+fn binding(command: BindingCommand, vhost: &str, connection: &Connection) -> Result<(), Failure> {
+    let api = client(connection);
+    let json_out = connection.output == Output::Json;
+    let path = format!("/api/bindings/{}", segment(vhost));
+    match command {
+        BindingCommand::Add(spec) => {
+            let added = api.send("POST", &path, Some(&binding_body(&spec)))?;
+            if json_out {
+                print_json(&added);
+            } else {
+                println!(
+                    "bound {} to {} with routing key {:?}",
+                    spec.destination, spec.source, spec.routing_key
+                );
+            }
+        }
+        BindingCommand::List => {
+            let bindings = api.get(&path)?;
+            if json_out {
+                print_json(&bindings);
+            } else {
+                let mut table =
+                    Table::new(&["source", "destination", "type", "routing key", "arguments"]);
+                for b in bindings.as_array().into_iter().flatten() {
+                    table.row(vec![
+                        cell(&b["source"]),
+                        cell(&b["destination"]),
+                        cell(&b["destination_type"]),
+                        cell(&b["routing_key"]),
+                        b["arguments"].to_string(),
+                    ]);
+                }
+                print!("{}", table.render());
+            }
+        }
+        BindingCommand::Remove(spec) => {
+            api.send("DELETE", &path, Some(&binding_body(&spec)))?;
+            if json_out {
+                print_json(&json!({"removed": binding_body(&spec)}));
+            } else {
+                println!(
+                    "removed the binding of {} to {}",
+                    spec.destination, spec.source
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `consume --queue`: takes up to `count` messages from a queue through the admin API.
+fn consume_queue(args: &Consume) -> Result<(), Failure> {
+    let api = client(&args.connection);
+    let path = format!(
+        "/api/queues/{}/{}/get",
+        segment(&args.vhost),
+        segment(&args.topic)
+    );
+    let json_out = args.connection.output == Output::Json;
+    let mut table = Table::new(&["exchange", "routing key", "redelivered", "payload"]);
+    let mut remaining = args.count;
+    while remaining > 0 {
+        let wanted = remaining.min(100);
+        let batch = api.send(
+            "POST",
+            &path,
+            Some(&json!({"count": wanted, "requeue": args.requeue})),
+        )?;
+        let messages = batch.as_array().cloned().unwrap_or_default();
+        for message in &messages {
+            if json_out {
+                println!("{message}");
+            } else {
+                let payload = match &message["payload"] {
+                    Value::String(text) => text.clone(),
+                    _ => format!("(base64) {}", cell(&message["payload_base64"])),
+                };
+                table.row(vec![
+                    cell(&message["exchange"]),
+                    cell(&message["routing_key"]),
+                    cell(&message["redelivered"]),
+                    payload,
+                ]);
+            }
+        }
+        // Requeued messages come back first: one round is all a peek can show.
+        if messages.len() < wanted || args.requeue {
+            break;
+        }
+        remaining -= messages.len();
+    }
+    if !json_out {
         print!("{}", table.render());
     }
     Ok(())
