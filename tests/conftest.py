@@ -149,6 +149,17 @@ def sluice(sluice_factory):
     return sluice_factory(env={"SLUICE_KAFKA__GROUP_INITIAL_REBALANCE_DELAY_MS": "200"})
 
 
+def amqp_parameters(broker, **kwargs):
+    """pika connection parameters for a broker's AMQP listener, as guest by default."""
+    import pika
+
+    host, port = broker.amqp.rsplit(":", 1)
+    kwargs.setdefault("credentials", pika.PlainCredentials("guest", "guest"))
+    kwargs.setdefault("heartbeat", 30)
+    kwargs.setdefault("blocked_connection_timeout", 30)
+    return pika.ConnectionParameters(host=host, port=int(port), **kwargs)
+
+
 @pytest.fixture
 def connect(sluice):
     """Opens pika connections to the `sluice` broker and closes them when the test ends."""
@@ -157,9 +168,7 @@ def connect(sluice):
     opened = []
 
     def make(broker=None, **kwargs):
-        from amqp_helpers import parameters
-
-        connection = pika.BlockingConnection(parameters(broker or sluice, **kwargs))
+        connection = pika.BlockingConnection(amqp_parameters(broker or sluice, **kwargs))
         opened.append(connection)
         return connection
 

@@ -2,15 +2,7 @@
 
 import time
 
-import pika
-
-
-def parameters(broker, **kwargs):
-    host, port = broker.amqp.rsplit(":", 1)
-    kwargs.setdefault("credentials", pika.PlainCredentials("guest", "guest"))
-    kwargs.setdefault("heartbeat", 30)
-    kwargs.setdefault("blocked_connection_timeout", 30)
-    return pika.ConnectionParameters(host=host, port=int(port), **kwargs)
+from conftest import amqp_parameters as parameters  # noqa: F401 (re-exported for the tests)
 
 
 def drain(channel, queue, expected, timeout=10.0):

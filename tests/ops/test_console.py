@@ -74,3 +74,59 @@ def test_console_login_failure_stays_on_the_login_form(sluice, page):
     page.click("#login-submit")
     page.wait_for_selector("#login-error:has-text('wrong')")
     assert page.locator("#app").is_hidden()
+
+
+def test_console_shows_an_amqp_queue_and_publishes_to_it(sluice, page, connect):
+    import pika
+
+    channel = connect().channel()
+    channel.queue_declare("from-amqp", durable=True)
+    channel.exchange_declare("jobs", exchange_type="direct")
+    channel.queue_bind("from-amqp", "jobs", routing_key="urgent")
+    channel.confirm_delivery()
+    for i in range(5):
+        channel.basic_publish("jobs", "urgent", f"job {i}".encode(), pika.BasicProperties(delivery_mode=2))
+    holder = connect().channel()
+    for _ in range(2):
+        method, _, _ = holder.basic_get("from-amqp")  # held, not acknowledged
+        assert method is not None
+
+    login(page, sluice)
+    assert page.locator(".stat", has_text="Queues").locator(".value").inner_text() == "1"
+    page.click("a[data-view=queues]")
+    row = page.locator("tr[data-row='//from-amqp']")
+    row.wait_for()
+    cells = row.locator("td").all_inner_texts()
+    assert cells[:2] == ["/", "from-amqp"]
+    assert (cells[3], cells[4]) == ("3", "2"), cells
+
+    # The queue's page: counts, its binding, peeking, and publishing.
+    row.locator("a").click()
+    page.wait_for_selector("#queue-publish-form")
+    assert page.locator("#queue-stats .stat", has_text="Published").locator(".value").inner_text() == "5"
+    assert page.locator("td", has_text="urgent").count() == 1
+    page.fill("#queue-get-count", "2")
+    page.click("#queue-get-form button[type=submit]")
+    page.wait_for_selector("#queue-peeked pre:has-text('job 2')")
+    assert page.locator("#queue-peeked pre").all_inner_texts() == ["job 2", "job 3"]
+    page.fill("#queue-publish-body", "hello from the console")
+    page.click("#queue-publish-form button[type=submit]")
+    page.wait_for_selector("#queue-publish-result:has-text('Published.')")
+
+    # A pika consumer gets what is ready, the console's message last.
+    consumer = connect().channel()
+    received = []
+    for _ in range(4):
+        method, properties, body = consumer.basic_get("from-amqp", auto_ack=True)
+        assert method is not None
+        received.append(body)
+    assert received == [b"job 2", b"job 3", b"job 4", b"hello from the console"]
+
+    # Exchanges and connections show up too.
+    page.click("a[data-view=exchanges]")
+    page.locator("tr[data-row='//jobs']").wait_for()
+    assert page.locator("tr[data-row='//jobs'] td").all_inner_texts()[2:] == ["direct", "", "1"]
+    page.click("a[data-view=connections]")
+    page.wait_for_selector("td:has-text('amqp-')")
+    assert page.locator("tr[data-row^='amqp-']:not([data-row*=':'])").count() == 3  # connections
+    assert page.locator("tr[data-row^='amqp-'][data-row*=':']").count() == 3  # their channels

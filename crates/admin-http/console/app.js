@@ -158,20 +158,31 @@ const views = {
         stat("Records stored", fmt.int(t.records)),
         stat("Log size", fmt.bytes(t.log_bytes)),
         stat("Consumer groups", fmt.int(t.consumer_groups)),
+        stat("Messages published", fmt.rate(r.messages_published_per_s)),
+        stat("Messages delivered", fmt.rate(r.messages_delivered_per_s)),
+        stat("Queues", fmt.int(t.queues)),
+        stat("Messages ready", fmt.int(t.messages_ready)),
+        stat("Unacknowledged", fmt.int(t.messages_unacknowledged)),
         stat("Connections", fmt.int(t.connections)),
-        stat("Fsync (mean)", overview.fsync_mean_ms.toFixed(2) + " ms")),
+        stat("Channels", fmt.int(t.channels)),
+        stat("Fsync (mean)", overview.fsync_mean_ms.toFixed(2) + " ms"),
+        stat("Alarms", t.alarms.length ? t.alarms.join(", ") : "none")),
       h("div", { class: "card chart-card" },
         h("h3", {}, "Throughput, last five minutes"),
         canvas,
         h("div", { class: "legend" },
           h("span", { style: "--c:#2563eb" }, "records in"),
-          h("span", { style: "--c:#16a34a" }, "records out"))),
+          h("span", { style: "--c:#16a34a" }, "records out"),
+          h("span", { style: "--c:#d97706" }, "messages published"),
+          h("span", { style: "--c:#9333ea" }, "messages delivered"))),
       h("div", { class: "card" }, h("h3", {}, "Listeners"),
         h("div", {}, Object.entries(overview.listeners).map(([k, v]) => h("div", {}, h("b", {}, k), " ", h("code", {}, v))))));
     const labels = history.length ? [new Date(history[0].at_ms).toLocaleTimeString(), new Date(history[history.length - 1].at_ms).toLocaleTimeString()] : [];
     drawChart(canvas, [
       { color: "#2563eb", values: history.map((s) => s.records_in_per_s) },
       { color: "#16a34a", values: history.map((s) => s.records_out_per_s) },
+      { color: "#d97706", values: history.map((s) => s.messages_published_per_s) },
+      { color: "#9333ea", values: history.map((s) => s.messages_delivered_per_s) },
     ], labels);
   },
 
@@ -290,64 +301,228 @@ const views = {
   },
 
   async queues(root) {
-    let queues;
-    try { queues = await api("/api/queues"); } catch (error) {
-      if (error.status !== 404) throw error;
-      queues = null;
-    }
+    const [queues, vhosts] = await Promise.all([api("/api/queues"), api("/api/vhosts")]);
+    const vhost = h("select", { id: "new-queue-vhost" }, vhosts.map((v) => h("option", { value: v.name }, v.name)));
+    const name = h("input", { placeholder: "new-queue", id: "new-queue-name", required: true });
+    const durable = h("input", { type: "checkbox", id: "new-queue-durable", checked: true });
+    const message = h("p", { class: "error" });
+    const form = h("form", { class: "card form-grid", id: "declare-queue" },
+      h("label", {}, "Virtual host", vhost), h("label", {}, "Name", name),
+      h("label", { class: "check" }, durable, "Durable"), h("button", { type: "submit" }, "Declare queue"), message);
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      try {
+        await api(`/api/queues/${encodeURIComponent(vhost.value)}/${encodeURIComponent(name.value)}`,
+          { method: "PUT", body: { durable: durable.checked } });
+        location.hash = `#queues/${encodeURIComponent(vhost.value)}/${encodeURIComponent(name.value)}`;
+      } catch (error) { message.textContent = error.message; }
+    });
     root.replaceChildren(h("div", { class: "toolbar" }, h("h1", {}, "Queues")),
-      queues === null ? h("div", { class: "card empty" }, "AMQP queues are not available on this broker.") :
+      form,
       table([
         { title: "Virtual host", render: (q) => q.vhost },
-        { title: "Name", render: (q) => h("code", {}, q.name) },
-        { title: "Ready", num: true, render: (q) => fmt.int(q.ready) },
-        { title: "Unacked", num: true, render: (q) => fmt.int(q.unacked) },
+        { title: "Name", render: (q) => h("a", { href: `#queues/${encodeURIComponent(q.vhost)}/${encodeURIComponent(q.name)}` }, q.name) },
+        { title: "Features", render: (q) => [q.durable ? "D" : null, q.auto_delete ? "AD" : null, q.exclusive ? "Excl" : null,
+          Object.keys(q.arguments).length ? "Args" : null].filter(Boolean).join(" ") },
+        { title: "Ready", num: true, render: (q) => fmt.int(q.messages_ready) },
+        { title: "Unacked", num: true, render: (q) => fmt.int(q.messages_unacknowledged) },
         { title: "Consumers", num: true, render: (q) => fmt.int(q.consumers) },
+        { title: "Publish", num: true, render: (q) => fmt.rate(q.rates.publish_per_s) },
+        { title: "Deliver", num: true, render: (q) => fmt.rate(q.rates.deliver_per_s) },
+        { title: "Ack", num: true, render: (q) => fmt.rate(q.rates.ack_per_s) },
       ], queues.map((q) => ({ ...q, _key: q.vhost + "/" + q.name })), "No queues yet."));
   },
 
+  async queue(root, vhost, name) {
+    const path = `/api/queues/${encodeURIComponent(vhost)}/${encodeURIComponent(name)}`;
+    const [q, bindings] = await Promise.all([api(path), api("/api/bindings/" + encodeURIComponent(vhost))]);
+    const body = h("textarea", { placeholder: "message body", id: "queue-publish-body", required: true });
+    const persistent = h("input", { type: "checkbox", id: "queue-publish-persistent", checked: true });
+    const result = h("p", { class: "note", id: "queue-publish-result" });
+    const publish = h("form", { class: "card", id: "queue-publish-form" },
+      h("h3", {}, "Publish a message"),
+      h("p", { class: "note" }, "Sent through the default exchange with the queue's name as routing key."),
+      h("label", { class: "note" }, "Body", body),
+      h("label", { class: "check" }, persistent, "Persistent"),
+      h("p", {}, h("button", { type: "submit" }, "Publish")), result);
+    publish.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      try {
+        const out = await api(`/api/exchanges/${encodeURIComponent(vhost)}/amq.default/publish`, { method: "POST",
+          body: { routing_key: name, payload: body.value, properties: persistent.checked ? { delivery_mode: 2 } : {} } });
+        result.textContent = out.routed ? "Published." : "Not routed: the queue is gone.";
+        body.value = "";
+        setTimeout(() => render(), 300);
+      } catch (error) { result.textContent = error.message; }
+    });
+    const peeked = h("div", { id: "queue-peeked" });
+    const count = h("input", { type: "number", min: "1", max: "100", value: "10", id: "queue-get-count" });
+    const peek = h("form", { class: "card", id: "queue-get-form" },
+      h("h3", {}, "Get messages"),
+      h("p", { class: "note" }, "Messages are put back in the queue (marked redelivered)."),
+      h("div", { class: "form-grid" }, h("label", {}, "Count", count), h("button", { type: "submit" }, "Get messages")));
+    peek.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      try {
+        const messages = await api(path + "/get", { method: "POST", body: { count: Number(count.value) } });
+        peeked.replaceChildren(h("h2", {}, "Messages"), table([
+          { title: "#", num: true, render: (m) => m._key },
+          { title: "Exchange", render: (m) => m.exchange || "(default)" },
+          { title: "Routing key", render: (m) => h("code", {}, m.routing_key) },
+          { title: "Redelivered", render: (m) => (m.redelivered ? "yes" : "no") },
+          { title: "Properties", render: (m) => h("code", {}, JSON.stringify(m.properties)) },
+          { title: "Payload", render: (m) => h("pre", { class: "message mono" }, m.payload ?? "base64:" + m.payload_base64) },
+        ], messages.map((m, i) => ({ ...m, _key: i + 1 })), "The queue is empty."));
+      } catch (error) { peeked.replaceChildren(h("div", { class: "card error" }, error.message)); }
+    });
+    const purge = h("button", { onclick: async () => {
+      if (!confirm(`Drop every ready message of ${name}?`)) return;
+      await api(path + "/contents", { method: "DELETE" });
+      render();
+    } }, "Purge");
+    const remove = h("button", { class: "danger", onclick: async () => {
+      if (!confirm(`Delete queue ${name} and its messages?`)) return;
+      await api(path, { method: "DELETE" });
+      location.hash = "#queues";
+    } }, "Delete queue");
+    root.replaceChildren(
+      h("div", { class: "toolbar" }, h("h1", {}, "Queue ", h("code", {}, q.name)), h("span", {}, purge, " ", remove)),
+      h("p", { class: "note" }, `virtual host ${q.vhost} · ${q.durable ? "durable" : "transient"}` +
+        (q.auto_delete ? " · auto-delete" : "") + (q.exclusive ? " · exclusive" : "") + " · created " + fmt.time(q.created_ms)),
+      h("div", { class: "cards", id: "queue-stats" },
+        stat("Ready", fmt.int(q.messages_ready)),
+        stat("Unacked", fmt.int(q.messages_unacknowledged)),
+        stat("Consumers", fmt.int(q.consumers)),
+        stat("Published", fmt.int(q.published)),
+        stat("Delivered", fmt.int(q.delivered)),
+        stat("Acknowledged", fmt.int(q.acked)),
+        stat("Publish rate", fmt.rate(q.rates.publish_per_s)),
+        stat("Deliver rate", fmt.rate(q.rates.deliver_per_s))),
+      Object.keys(q.arguments).length ? h("div", { class: "card" }, h("h3", {}, "Arguments"), h("code", {}, JSON.stringify(q.arguments))) : null,
+      h("div", { class: "two" }, publish, peek),
+      peeked,
+      h("h2", {}, "Bindings"),
+      table([
+        { title: "From exchange", render: (b) => b.source || "(default)" },
+        { title: "Routing key", render: (b) => h("code", {}, b.routing_key) },
+        { title: "Arguments", render: (b) => h("code", {}, JSON.stringify(b.arguments)) },
+      ], bindings.filter((b) => b.destination_type === "queue" && b.destination === name)
+        .map((b) => ({ ...b, _key: b.source + "/" + b.routing_key })), "Only the default exchange routes to this queue."));
+  },
+
   async exchanges(root) {
-    let exchanges;
-    try { exchanges = await api("/api/exchanges"); } catch (error) {
-      if (error.status !== 404) throw error;
-      exchanges = null;
-    }
+    const exchanges = await api("/api/exchanges");
     root.replaceChildren(h("div", { class: "toolbar" }, h("h1", {}, "Exchanges")),
-      exchanges === null ? h("div", { class: "card empty" }, "AMQP exchanges are not available on this broker.") :
       table([
         { title: "Virtual host", render: (e) => e.vhost },
-        { title: "Name", render: (e) => h("code", {}, e.name || "(default)") },
-        { title: "Type", render: (e) => e.kind },
-        { title: "Durable", render: (e) => (e.durable ? "yes" : "no") },
+        { title: "Name", render: (e) => h("a", { href: `#exchanges/${encodeURIComponent(e.vhost)}/${encodeURIComponent(e.name || "amq.default")}` }, e.name || "(default)") },
+        { title: "Type", render: (e) => e.type },
+        { title: "Features", render: (e) => [e.durable ? "D" : null, e.auto_delete ? "AD" : null, e.internal ? "I" : null].filter(Boolean).join(" ") },
+        { title: "Bindings", num: true, render: (e) => fmt.int(e.bindings) },
       ], exchanges.map((e) => ({ ...e, _key: e.vhost + "/" + e.name })), "No exchanges."));
   },
 
+  async exchange(root, vhost, name) {
+    const path = `/api/exchanges/${encodeURIComponent(vhost)}/${encodeURIComponent(name)}`;
+    const [x, bindings] = await Promise.all([api(path), api("/api/bindings/" + encodeURIComponent(vhost))]);
+    const key = h("input", { placeholder: "routing key", id: "exchange-publish-key" });
+    const body = h("textarea", { placeholder: "message body", id: "exchange-publish-body", required: true });
+    const result = h("p", { class: "note", id: "exchange-publish-result" });
+    const publish = h("form", { class: "card", id: "exchange-publish-form" },
+      h("h3", {}, "Publish a message"),
+      h("div", { class: "form-grid" }, h("label", {}, "Routing key", key)),
+      h("label", { class: "note" }, "Body", body),
+      h("p", {}, h("button", { type: "submit" }, "Publish")), result);
+    publish.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      try {
+        const out = await api(path + "/publish", { method: "POST", body: { routing_key: key.value, payload: body.value } });
+        result.textContent = out.routed ? `Routed to ${out.queues} queue${out.queues === 1 ? "" : "s"}.` : "Not routed to any queue.";
+      } catch (error) { result.textContent = error.message; }
+    });
+    const queue = h("input", { placeholder: "queue", id: "bind-queue", required: true });
+    const bindKey = h("input", { placeholder: "routing key", id: "bind-key" });
+    const bindMessage = h("p", { class: "error" });
+    const bind = h("form", { class: "card", id: "bind-form" },
+      h("h3", {}, "Bind a queue"),
+      h("div", { class: "form-grid" }, h("label", {}, "Queue", queue), h("label", {}, "Routing key", bindKey),
+        h("button", { type: "submit" }, "Bind")), bindMessage);
+    bind.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      try {
+        await api("/api/bindings/" + encodeURIComponent(vhost), { method: "POST",
+          body: { source: x.name, destination: queue.value, destination_type: "queue", routing_key: bindKey.value } });
+        render();
+      } catch (error) { bindMessage.textContent = error.message; }
+    });
+    const builtIn = x.name === "" || x.name.startsWith("amq.");
+    root.replaceChildren(
+      h("div", { class: "toolbar" }, h("h1", {}, "Exchange ", h("code", {}, x.name || "(default)")),
+        builtIn ? null : h("button", { class: "danger", onclick: async () => {
+          if (!confirm(`Delete exchange ${x.name}?`)) return;
+          await api(path, { method: "DELETE" });
+          location.hash = "#exchanges";
+        } }, "Delete exchange")),
+      h("p", { class: "note" }, `${x.type} · virtual host ${x.vhost} · ${x.durable ? "durable" : "transient"}` +
+        (x.internal ? " · internal" : "") + (Object.keys(x.arguments).length ? " · " + JSON.stringify(x.arguments) : "")),
+      h("div", { class: "two" }, x.internal ? null : publish, x.name === "" ? null : bind),
+      h("h2", {}, "Bindings from this exchange"),
+      table([
+        { title: "To", render: (b) => `${b.destination_type} ${b.destination}` },
+        { title: "Routing key", render: (b) => h("code", {}, b.routing_key) },
+        { title: "Arguments", render: (b) => h("code", {}, JSON.stringify(b.arguments)) },
+        { title: "", render: (b) => h("button", { class: "danger", onclick: async () => {
+          await api("/api/bindings/" + encodeURIComponent(vhost), { method: "DELETE",
+            body: { source: b.source, destination: b.destination, destination_type: b.destination_type, routing_key: b.routing_key, arguments: b.arguments } });
+          render();
+        } }, "Unbind") },
+      ], bindings.filter((b) => b.source === x.name).map((b) => ({ ...b, _key: b.destination_type + "/" + b.destination + "/" + b.routing_key })),
+      x.name === "" ? "The default exchange routes to every queue by its name." : "No bindings."));
+  },
+
   async connections(root) {
-    const connections = await api("/api/connections");
+    const [connections, channels] = await Promise.all([api("/api/connections"), api("/api/channels")]);
     root.replaceChildren(h("div", { class: "toolbar" }, h("h1", {}, "Connections")),
       table([
         { title: "Id", render: (c) => h("code", {}, c.id) },
         { title: "Protocol", render: (c) => c.protocol },
         { title: "Peer", render: (c) => c.peer },
         { title: "Client", render: (c) => c.client_id },
+        { title: "User", render: (c) => c.user ?? "—" },
+        { title: "Virtual host", render: (c) => c.vhost ?? "—" },
+        { title: "Channels", num: true, render: (c) => fmt.int(c.channels) },
         { title: "Since", render: (c) => fmt.time(c.connected_at_ms) },
-        { title: "Requests", num: true, render: (c) => fmt.int(c.requests) },
+        { title: "Received", num: true, render: (c) => fmt.bytes(c.bytes_in) },
+        { title: "Sent", num: true, render: (c) => fmt.bytes(c.bytes_out) },
         { title: "", render: (c) => h("button", { class: "danger", onclick: async () => {
           await api("/api/connections/" + encodeURIComponent(c.id), { method: "DELETE" });
-          render();
+          setTimeout(() => render(), 300);
         } }, "Close") },
-      ], connections.map((c) => ({ ...c, _key: c.id })), "No client connections."));
+      ], connections.map((c) => ({ ...c, _key: c.id })), "No client connections."),
+      h("h2", {}, "AMQP channels"),
+      table([
+        { title: "Connection", render: (c) => h("code", {}, c.connection) },
+        { title: "Channel", num: true, render: (c) => c.number },
+        { title: "User", render: (c) => c.user },
+        { title: "Virtual host", render: (c) => c.vhost },
+        { title: "Consumers", num: true, render: (c) => c.consumers },
+        { title: "Unacked", num: true, render: (c) => c.unacknowledged },
+        { title: "Prefetch", num: true, render: (c) => c.prefetch || "∞" },
+        { title: "Mode", render: (c) => [c.confirm ? "confirm" : null, c.transactional ? "tx" : null].filter(Boolean).join(" ") || "—" },
+      ], channels.map((c) => ({ ...c, _key: c.connection + ":" + c.number })), "No open channels."));
   },
 };
 
 async function render() {
-  const [view, arg] = (location.hash.slice(1) || "overview").split("/");
-  const name = arg ? decodeURIComponent(arg) : null;
+  const [view, ...args] = (location.hash.slice(1) || "overview").split("/");
+  const [name, second] = args.map(decodeURIComponent);
   for (const link of document.querySelectorAll(".sidebar a")) link.classList.toggle("active", link.dataset.view === view);
   const root = $("#view");
   try {
     if (view === "topics" && name) await views.topic(root, name);
     else if (view === "groups" && name) await views.group(root, name);
+    else if (view === "queues" && second != null) await views.queue(root, name, second);
+    else if (view === "exchanges" && second != null) await views.exchange(root, name, second);
     else await (views[view] || views.overview)(root);
   } catch (error) {
     if (error.status !== 401) root.replaceChildren(h("div", { class: "card error" }, error.message));
@@ -363,7 +538,7 @@ function start() {
   state.timer = setInterval(() => {
     const view = (location.hash.slice(1) || "overview").split("/")[0];
     const typing = document.activeElement && ["INPUT", "TEXTAREA"].includes(document.activeElement.tagName);
-    if (!typing && ["overview", "groups", "connections"].includes(view)) render();
+    if (!typing && ["overview", "groups", "queues", "connections"].includes(view) && (view === "groups" || !location.hash.includes("/"))) render();
   }, 2000);
 }
 

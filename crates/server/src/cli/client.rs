@@ -72,11 +72,17 @@ impl Client {
                 .get(&url)
                 .header("Authorization", &self.authorization)
                 .call(),
-            ("DELETE", _) => self
+            ("DELETE", None) => self
                 .agent
                 .delete(&url)
                 .header("Authorization", &self.authorization)
                 .call(),
+            ("DELETE", Some(body)) => self
+                .agent
+                .delete(&url)
+                .header("Authorization", &self.authorization)
+                .force_send_body()
+                .send_json(body),
             (method, body) => {
                 let builder = match method {
                     "POST" => self.agent.post(&url),
