@@ -24,6 +24,15 @@ def sluice_binary() -> Path:
     return target / "debug" / "sluice"
 
 
+def run_cli(sluice, *args, input=None, check=True, user="guest", password="guest"):
+    """Runs the `sluice` command line against a broker's admin API; checks success by default."""
+    env = dict(os.environ, SLUICE_URL=sluice.http, SLUICE_USER=user, SLUICE_PASSWORD=password)
+    result = subprocess.run([str(sluice_binary()), *args], input=input, capture_output=True, text=True, env=env, timeout=60)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
 class Sluice:
     """One broker process. Restartable on the same data directory."""
 

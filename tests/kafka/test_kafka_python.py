@@ -2,6 +2,7 @@
 
 import json
 
+import kafka
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic, NewPartitions, ConfigResource, ConfigResourceType
 from kafka.errors import TopicAlreadyExistsError, InvalidTopicError, UnknownTopicOrPartitionError
@@ -63,12 +64,22 @@ def test_admin_topics_partitions_and_configs(sluice):
     described = admin.describe_topics(["orders"])
     assert len(described[0]["partitions"]) == 5
 
-    configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, "orders")], config_filter="all")
-    entries = configs["topic"]["orders"]
-    assert entries["retention.ms"]["value"] == "60000"
-    assert entries["retention.ms"]["config_source"] == "DYNAMIC_TOPIC_CONFIG"
-    assert entries["cleanup.policy"]["value"] == "delete"
-    assert entries["cleanup.policy"]["config_source"] == "DEFAULT_CONFIG"
+    resource = ConfigResource(ConfigResourceType.TOPIC, "orders")
+    if kafka.__version__.startswith("2."):
+        # kafka-python 2.x returns the raw responses: (error, message, type, name, entries),
+        # each entry starting with its name and value.
+        [response] = admin.describe_configs([resource])
+        [(error_code, _, _, name, entries)] = response.resources
+        assert (error_code, name) == (0, "orders")
+        values = {entry[0]: entry[1] for entry in entries}
+        assert values["retention.ms"] == "60000"
+        assert values["cleanup.policy"] == "delete"
+    else:
+        entries = admin.describe_configs([resource], config_filter="all")["topic"]["orders"]
+        assert entries["retention.ms"]["value"] == "60000"
+        assert entries["retention.ms"]["config_source"] == "DYNAMIC_TOPIC_CONFIG"
+        assert entries["cleanup.policy"]["value"] == "delete"
+        assert entries["cleanup.policy"]["config_source"] == "DEFAULT_CONFIG"
 
     admin.delete_topics(["orders"])
     assert "orders" not in admin.list_topics()

@@ -3,8 +3,6 @@ through the admin API, and the CLI's queue, exchange and binding commands."""
 
 import base64
 import json
-import os
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -13,7 +11,7 @@ import pika
 import pytest
 from confluent_kafka import Producer
 
-from conftest import sluice_binary
+from conftest import run_cli as cli
 
 
 def http(sluice, method, path, body=None, user="guest", password="guest"):
@@ -122,14 +120,6 @@ def test_amqp_connections_and_channels_are_listed_and_closed_by_the_api(sluice, 
     while time.monotonic() < deadline and listed():
         time.sleep(0.05)
     assert listed() == []
-
-
-def cli(sluice, *args, check=True):
-    env = dict(os.environ, SLUICE_URL=sluice.http, SLUICE_USER="guest", SLUICE_PASSWORD="guest")
-    result = subprocess.run([str(sluice_binary()), *args], capture_output=True, text=True, env=env, timeout=60)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def test_cli_queues_exchanges_and_bindings(sluice, connect):

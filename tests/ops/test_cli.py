@@ -4,15 +4,7 @@ import json
 import os
 import subprocess
 
-from conftest import sluice_binary
-
-
-def cli(sluice, *args, input=None, check=True):
-    env = dict(os.environ, SLUICE_URL=sluice.http, SLUICE_USER="guest", SLUICE_PASSWORD="guest")
-    result = subprocess.run([str(sluice_binary()), *args], input=input, capture_output=True, text=True, env=env, timeout=60)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
+from conftest import run_cli as cli, sluice_binary
 
 
 def test_topics_produce_and_consume_in_tables_and_json(sluice):

@@ -14,7 +14,10 @@
 //! the run unless `--keep-queues` is given.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
@@ -546,11 +549,19 @@ struct Publisher {
     meter: Arc<Meter>,
 }
 
+/// Publishes one publisher keeps being written at once. lapin resolves a publish once its
+/// frames are written; waiting for each before sending the next would measure the client's
+/// round trip to its own I/O thread, not the broker.
+const WRITE_WINDOW: usize = 64;
+
+type Publishing = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
+
 impl Publisher {
     async fn run(mut self) -> Result<(), BenchError> {
         let mut pacer = Pacer::new(self.rate);
         let mut pending: VecDeque<PublisherConfirm> =
             VecDeque::with_capacity(self.confirm_window.unwrap_or(0));
+        let mut writing: VecDeque<Publishing> = VecDeque::with_capacity(WRITE_WINDOW);
         let body_bytes = self.body.len();
         let mut sequence = 0u64;
         let result = loop {
@@ -563,39 +574,73 @@ impl Publisher {
             }
             payload::stamp(&mut self.body, sequence);
             let routing_key = &self.routing_keys[sequence as usize % self.routing_keys.len()];
-            let published = self
-                .channel
-                .basic_publish(
-                    self.exchange.as_str().into(),
-                    routing_key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &self.body,
-                    self.properties.clone(),
-                )
-                .await;
-            let confirm = match published {
-                Ok(confirm) => confirm,
-                Err(error) => break Err(BenchError::amqp("publishing", error)),
-            };
+            let channel = self.channel.clone();
+            let (exchange, routing_key) = (self.exchange.clone(), routing_key.clone());
+            let (body, properties) = (self.body.clone(), self.properties.clone());
+            let mut publishing: Publishing = Box::pin(async move {
+                channel
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        routing_key.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        properties,
+                    )
+                    .await
+            });
+            // The first poll queues the frames, so they go out in the order published.
+            let first = std::future::poll_fn(|cx| Poll::Ready(publishing.as_mut().poll(cx))).await;
+            let mut done = Vec::new();
+            match first {
+                Poll::Ready(published) => done.push(published),
+                Poll::Pending => writing.push_back(publishing),
+            }
+            while writing.len() >= WRITE_WINDOW {
+                if let Some(oldest) = writing.pop_front() {
+                    done.push(oldest.await);
+                }
+            }
+            if let Err(error) = self.written(done, &mut pending, body_bytes).await {
+                break Err(error);
+            }
+            sequence += 1;
+        };
+        // Messages already published still count once written and confirmed, even if
+        // publishing stopped on an error.
+        let mut done = Vec::new();
+        while let Some(publishing) = writing.pop_front() {
+            done.push(publishing.await);
+        }
+        let flushed = self.written(done, &mut pending, body_bytes).await;
+        while let Some(confirm) = pending.pop_front() {
+            settle(confirm, body_bytes, &self.meter).await;
+        }
+        result.and(flushed)
+    }
+
+    /// Accounts for publishes whose frames were written: counted now without confirms, else
+    /// queued for their confirms (settling the oldest beyond the window).
+    async fn written(
+        &self,
+        done: Vec<lapin::Result<PublisherConfirm>>,
+        pending: &mut VecDeque<PublisherConfirm>,
+        body_bytes: usize,
+    ) -> Result<(), BenchError> {
+        for published in done {
+            let confirm = published.map_err(|error| BenchError::amqp("publishing", error))?;
             match self.confirm_window {
                 Some(window) => {
                     pending.push_back(confirm);
-                    if pending.len() >= window
-                        && let Some(oldest) = pending.pop_front()
-                    {
-                        settle(oldest, body_bytes, &self.meter).await;
+                    while pending.len() >= window {
+                        if let Some(oldest) = pending.pop_front() {
+                            settle(oldest, body_bytes, &self.meter).await;
+                        }
                     }
                 }
                 None => self.meter.sent(body_bytes),
             }
-            sequence += 1;
-        };
-        // Messages already published still count once confirmed, even if publishing stopped
-        // on an error.
-        while let Some(confirm) = pending.pop_front() {
-            settle(confirm, body_bytes, &self.meter).await;
         }
-        result
+        Ok(())
     }
 }
 

@@ -384,6 +384,20 @@ pub async fn list_bindings(State(state): State<Arc<AdminState>>) -> Json<Vec<Bin
     )
 }
 
+/// The connection owning an exclusive destination queue (0 for anything else): an operator
+/// may bind any queue, as its owner could.
+fn exclusive_owner(state: &AdminState, vhost: &str, destination: &Destination) -> u64 {
+    match destination {
+        Destination::Queue(name) => state
+            .broker
+            .vhost(vhost)
+            .and_then(|v| v.queue(name))
+            .and_then(|q| q.exclusive_owner())
+            .unwrap_or(0),
+        Destination::Exchange(_) => 0,
+    }
+}
+
 fn binding_record(vhost: &str, body: &BindingView) -> ApiResult<BindingRecord> {
     let destination = match body.destination_type {
         DestinationType::Queue => Destination::Queue(body.destination.clone()),
@@ -425,15 +439,7 @@ pub async fn bind(
 ) -> ApiResult<(StatusCode, Json<BindingView>)> {
     live_vhost(&state, &vhost)?;
     let record = binding_record(&vhost, &body)?;
-    let owner = match &record.destination {
-        Destination::Queue(name) => state
-            .broker
-            .vhost(&vhost)
-            .and_then(|v| v.queue(name))
-            .and_then(|q| q.exclusive_owner())
-            .unwrap_or(0),
-        Destination::Exchange(_) => 0,
-    };
+    let owner = exclusive_owner(&state, &vhost, &record.destination);
     state.broker.bind(record.clone(), owner).await?;
     Ok((StatusCode::CREATED, Json(binding_view(&record))))
 }
@@ -467,15 +473,7 @@ pub async fn unbind(
             record.routing_key
         )));
     }
-    let owner = match &record.destination {
-        Destination::Queue(name) => state
-            .broker
-            .vhost(&vhost)
-            .and_then(|v| v.queue(name))
-            .and_then(|q| q.exclusive_owner())
-            .unwrap_or(0),
-        Destination::Exchange(_) => 0,
-    };
+    let owner = exclusive_owner(&state, &vhost, &record.destination);
     state.broker.unbind(record, owner).await?;
     Ok(StatusCode::NO_CONTENT)
 }
