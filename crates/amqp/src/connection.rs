@@ -314,7 +314,7 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     frontend
         .metrics
         .channels_open
-        .set(frontend.metrics.channels_open.get() - conn.reported_channels as i64);
+        .add(-(conn.reported_channels as i64));
     frontend.connections.remove(id);
     frontend.metrics.connections_open.decrement();
 }
@@ -428,9 +428,9 @@ impl Connection {
             .collect();
         channels.sort_by_key(|c| c.number);
         let metrics = &self.ctx.frontend.metrics;
-        metrics.channels_open.set(
-            metrics.channels_open.get() + channels.len() as i64 - self.reported_channels as i64,
-        );
+        metrics
+            .channels_open
+            .add(channels.len() as i64 - self.reported_channels as i64);
         self.reported_channels = channels.len();
         *self.entry.channels.lock() = channels;
     }

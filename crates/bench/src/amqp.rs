@@ -514,6 +514,7 @@ async fn consume(
     meter: Arc<Meter>,
 ) -> Result<Latency, BenchError> {
     let mut latency = Latency::new()?;
+    let mut acks: VecDeque<Acking> = VecDeque::with_capacity(WRITE_WINDOW);
     while !meter.consumers_stopped() {
         // The timeout only lets the loop see the stop flag; dropping a pending `next()` loses
         // nothing.
@@ -529,12 +530,35 @@ async fn consume(
         let now_ns = payload::now_ns();
         latency.record(&delivery.data, now_ns);
         meter.received(delivery.data.len(), now_ns);
-        if manual_ack && let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+        if manual_ack {
+            // Each delivery is acknowledged on its own; like publishes, acks are written
+            // without waiting for the one before (see `WRITE_WINDOW`).
+            let mut acking: Acking =
+                Box::pin(async move { delivery.ack(BasicAckOptions::default()).await });
+            let first = std::future::poll_fn(|cx| Poll::Ready(acking.as_mut().poll(cx))).await;
+            match first {
+                Poll::Ready(Err(error)) => meter.error(format!("ack: {error}")),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => acks.push_back(acking),
+            }
+            while acks.len() >= WRITE_WINDOW {
+                if let Some(oldest) = acks.pop_front()
+                    && let Err(error) = oldest.await
+                {
+                    meter.error(format!("ack: {error}"));
+                }
+            }
+        }
+    }
+    for acking in acks {
+        if let Err(error) = acking.await {
             meter.error(format!("ack: {error}"));
         }
     }
     Ok(latency)
 }
+
+type Acking = Pin<Box<dyn Future<Output = lapin::Result<bool>> + Send>>;
 
 struct Publisher {
     channel: Channel,

@@ -220,7 +220,12 @@ impl Broker {
             let offsets = taken.iter().map(|d| d.offset).collect();
             queue.settle(offsets, SettleOp::Requeue).await?;
         }
-        result.map(|()| taken)
+        // Messages taken out of the queue are returned even if a later `get` failed: they are
+        // no longer anywhere else.
+        match result {
+            Err(error) if taken.is_empty() => Err(error),
+            _ => Ok(taken),
+        }
     }
 
     /// Names of the queues of a virtual host with their live counters, sorted by name.
