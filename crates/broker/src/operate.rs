@@ -227,16 +227,6 @@ impl Broker {
             _ => Ok(taken),
         }
     }
-
-    /// Names of the queues of a virtual host with their live counters, sorted by name.
-    pub fn queue_names(&self, vhost: &str) -> Vec<String> {
-        let Some(live) = self.vhost(vhost) else {
-            return Vec::new();
-        };
-        let mut names: Vec<String> = live.queues.lock().keys().cloned().collect();
-        names.sort();
-        names
-    }
 }
 
 fn invalid(reason: impl Into<String>) -> BrokerError {

@@ -334,6 +334,19 @@ fn print_json(value: &Value) {
     );
 }
 
+/// Prints a listing: as JSON for scripts, else one table row per element made by `row`.
+fn print_list(list: &Value, json_out: bool, headers: &[&str], row: impl Fn(&Value) -> Vec<String>) {
+    if json_out {
+        print_json(list);
+        return;
+    }
+    let mut table = Table::new(headers);
+    for item in list.as_array().into_iter().flatten() {
+        table.row(row(item));
+    }
+    print!("{}", table.render());
+}
+
 fn cell(value: &Value) -> String {
     match value {
         Value::Null => "-".to_owned(),
@@ -500,20 +513,19 @@ fn topic(command: TopicCommand, connection: &Connection) -> Result<(), Failure> 
         }
         TopicCommand::List => {
             let topics = api.get("/api/topics")?;
-            if json_out {
-                print_json(&topics);
-            } else {
-                let mut table = Table::new(&["name", "partitions", "records", "size bytes"]);
-                for t in topics.as_array().into_iter().flatten() {
-                    table.row(vec![
+            print_list(
+                &topics,
+                json_out,
+                &["name", "partitions", "records", "size bytes"],
+                |t| {
+                    vec![
                         cell(&t["name"]),
                         cell(&t["partitions"]),
                         cell(&t["records"]),
                         cell(&t["size_bytes"]),
-                    ]);
-                }
-                print!("{}", table.render());
-            }
+                    ]
+                },
+            );
         }
         TopicCommand::Describe { name } => {
             let detail = api.get(&format!("/api/topics/{}", segment(&name)))?;
@@ -581,20 +593,19 @@ fn group(command: GroupCommand, connection: &Connection) -> Result<(), Failure> 
     match command {
         GroupCommand::List => {
             let groups = api.get("/api/groups")?;
-            if json_out {
-                print_json(&groups);
-            } else {
-                let mut table = Table::new(&["group", "state", "members", "lag"]);
-                for g in groups.as_array().into_iter().flatten() {
-                    table.row(vec![
+            print_list(
+                &groups,
+                json_out,
+                &["group", "state", "members", "lag"],
+                |g| {
+                    vec![
                         cell(&g["group_id"]),
                         cell(&g["state"]),
                         cell(&g["members"]),
                         cell(&g["lag"]),
-                    ]);
-                }
-                print!("{}", table.render());
-            }
+                    ]
+                },
+            );
         }
         GroupCommand::Describe { group } => {
             let detail = api.get(&format!("/api/groups/{}", segment(&group)))?;
@@ -906,10 +917,12 @@ fn queue(command: QueueCommand, vhost: &str, connection: &Connection) -> Result<
         }
         QueueCommand::List => {
             let queues = api.get(&format!("/api/queues/{vhost_segment}"))?;
-            if json_out {
-                print_json(&queues);
-            } else {
-                let mut table = Table::new(&[
+            let rate =
+                |q: &Value, key: &str| format!("{:.0}", q["rates"][key].as_f64().unwrap_or(0.0));
+            print_list(
+                &queues,
+                json_out,
+                &[
                     "name",
                     "durable",
                     "ready",
@@ -917,20 +930,19 @@ fn queue(command: QueueCommand, vhost: &str, connection: &Connection) -> Result<
                     "consumers",
                     "publish/s",
                     "deliver/s",
-                ]);
-                for q in queues.as_array().into_iter().flatten() {
-                    table.row(vec![
+                ],
+                |q| {
+                    vec![
                         cell(&q["name"]),
                         cell(&q["durable"]),
                         cell(&q["messages_ready"]),
                         cell(&q["messages_unacknowledged"]),
                         cell(&q["consumers"]),
-                        format!("{:.0}", q["rates"]["publish_per_s"].as_f64().unwrap_or(0.0)),
-                        format!("{:.0}", q["rates"]["deliver_per_s"].as_f64().unwrap_or(0.0)),
-                    ]);
-                }
-                print!("{}", table.render());
-            }
+                        rate(q, "publish_per_s"),
+                        rate(q, "deliver_per_s"),
+                    ]
+                },
+            );
         }
         QueueCommand::Purge { name } => {
             let purged = api.send(
@@ -1002,26 +1014,24 @@ fn exchange(command: ExchangeCommand, vhost: &str, connection: &Connection) -> R
         }
         ExchangeCommand::List => {
             let exchanges = api.get(&format!("/api/exchanges/{vhost_segment}"))?;
-            if json_out {
-                print_json(&exchanges);
-            } else {
-                let mut table = Table::new(&["name", "type", "durable", "internal", "bindings"]);
-                for x in exchanges.as_array().into_iter().flatten() {
-                    let name = x["name"].as_str().unwrap_or_default();
-                    table.row(vec![
-                        if name.is_empty() {
-                            "(default)".to_owned()
-                        } else {
-                            name.to_owned()
-                        },
+            print_list(
+                &exchanges,
+                json_out,
+                &["name", "type", "durable", "internal", "bindings"],
+                |x| {
+                    let name = match x["name"].as_str() {
+                        Some("") | None => "(default)".to_owned(),
+                        Some(name) => name.to_owned(),
+                    };
+                    vec![
+                        name,
                         cell(&x["type"]),
                         cell(&x["durable"]),
                         cell(&x["internal"]),
                         cell(&x["bindings"]),
-                    ]);
-                }
-                print!("{}", table.render());
-            }
+                    ]
+                },
+            );
         }
         ExchangeCommand::Delete { name, if_unused } => {
             api.send(
@@ -1070,22 +1080,20 @@ fn binding(command: BindingCommand, vhost: &str, connection: &Connection) -> Res
         }
         BindingCommand::List => {
             let bindings = api.get(&path)?;
-            if json_out {
-                print_json(&bindings);
-            } else {
-                let mut table =
-                    Table::new(&["source", "destination", "type", "routing key", "arguments"]);
-                for b in bindings.as_array().into_iter().flatten() {
-                    table.row(vec![
+            print_list(
+                &bindings,
+                json_out,
+                &["source", "destination", "type", "routing key", "arguments"],
+                |b| {
+                    vec![
                         cell(&b["source"]),
                         cell(&b["destination"]),
                         cell(&b["destination_type"]),
                         cell(&b["routing_key"]),
                         b["arguments"].to_string(),
-                    ]);
-                }
-                print!("{}", table.render());
-            }
+                    ]
+                },
+            );
         }
         BindingCommand::Remove(spec) => {
             api.send("DELETE", &path, Some(&binding_body(&spec)))?;
