@@ -9,6 +9,7 @@
 //! broker does not retry silently.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -149,6 +150,7 @@ fn scan_ready(log: &Log, ready: &RangeSet, core: &mut QueueCore) -> Result<(), B
                         stored.message.body.len() as u64,
                     );
                 }
+                ControlFlow::Continue(())
             })?;
             if next <= offset {
                 break;
@@ -159,10 +161,11 @@ fn scan_ready(log: &Log, ready: &RangeSet, core: &mut QueueCore) -> Result<(), B
     Ok(())
 }
 
-/// Decodes each batch of `bytes` (whole batches, back to back).
+/// Decodes each batch of `bytes` (whole batches, back to back), handing each message to `f`
+/// until it returns [`ControlFlow::Break`]; the batches after that one are not decoded.
 fn for_each_batch(
     bytes: &bytes::Bytes,
-    mut f: impl FnMut(StoredMessage),
+    mut f: impl FnMut(StoredMessage) -> ControlFlow<()>,
 ) -> Result<(), BrokerError> {
     let mut position = 0;
     while position < bytes.len() {
@@ -177,8 +180,14 @@ fn for_each_batch(
             op: "decode a stored message",
             reason: error.to_string(),
         })?;
+        let mut stop = false;
         for message in messages {
-            f(message);
+            if f(message).is_break() {
+                stop = true;
+            }
+        }
+        if stop {
+            break;
         }
         position = end;
     }
@@ -325,6 +334,20 @@ impl Cache {
         }
     }
 
+    /// Makes room for an entry at `offset` by dropping newer entries that the log already
+    /// holds (below `logged_end`). False if the cache stays full.
+    fn make_room_below(&mut self, offset: u64, logged_end: u64) -> bool {
+        while !self.has_room() {
+            match self.entries.last_key_value() {
+                Some((&last, _)) if last > offset && last < logged_end => {
+                    self.take(last);
+                }
+                _ => return false,
+            }
+        }
+        true
+    }
+
     /// Drops the newest entries until the cache fits its bounds again.
     fn shrink(&mut self) {
         while !self.entries.is_empty()
@@ -352,6 +375,12 @@ fn meta_of(stored: &StoredMessage) -> Meta {
 
 /// Reads the batch holding `offset` and what follows it into the cache. Returns the message
 /// at `offset`, if it could be read.
+///
+/// Messages nearer the head are wanted sooner, so when the cache is full, read-ahead pushes
+/// out the newest entries that are already in the log (recent publishes cached while the
+/// consumers were behind; they are read again when their turn comes). Without that, a cache
+/// full of the tail would make every delivery from the head read and decode a whole
+/// read-ahead window for one message. Decoding stops once nothing more fits.
 fn read_into_cache(log: &Log, cache: &mut Cache, offset: u64) -> Option<(Arc<Message>, Meta)> {
     let read = match log.read(offset, READ_AHEAD_BYTES, true) {
         Ok(read) => read,
@@ -361,17 +390,25 @@ fn read_into_cache(log: &Log, cache: &mut Cache, offset: u64) -> Option<(Arc<Mes
             return None;
         }
     };
+    let logged_end = log.log_end_offset();
     let mut found = None;
     let result = for_each_batch(&read.bytes, |stored| {
         if stored.offset < offset {
-            return;
+            return ControlFlow::Continue(());
         }
         let meta = meta_of(&stored);
         if stored.offset == offset {
             found = Some((Arc::clone(&stored.message), meta));
-        } else if cache.has_room() && !cache.entries.contains_key(&stored.offset) {
-            cache.insert(stored.offset, stored.message, meta);
+            return ControlFlow::Continue(());
         }
+        if cache.entries.contains_key(&stored.offset) {
+            return ControlFlow::Continue(());
+        }
+        if !cache.make_room_below(stored.offset, logged_end) {
+            return ControlFlow::Break(());
+        }
+        cache.insert(stored.offset, stored.message, meta);
+        ControlFlow::Continue(())
     });
     if let Err(error) = result {
         tracing::error!(dir = %log.dir().display(), offset, %error, "cannot decode a queued message");
@@ -956,6 +993,72 @@ impl LogHandler for QueueHandler {
 mod tests {
     use super::*;
     use crate::message::value::lookup;
+
+    /// Appends `count` small messages to `log` in batches of 100.
+    fn append_messages(log: &mut Log, count: u64) {
+        let mut encoder = RecordEncoder::default();
+        let mut builder = BatchBuilder::new(0);
+        for n in 0..count {
+            let message = Message {
+                exchange: "".into(),
+                routing_key: "q".into(),
+                properties: Properties::default(),
+                body: bytes::Bytes::from(n.to_be_bytes().to_vec()),
+            };
+            encoder.push(&mut builder, 0, None, &message);
+            if builder.record_count() == 100 {
+                let full = std::mem::replace(&mut builder, BatchBuilder::new(0));
+                log.append(&full.finish(), 0).unwrap();
+            }
+        }
+        if builder.record_count() > 0 {
+            log.append(&builder.finish(), 0).unwrap();
+        }
+    }
+
+    #[test]
+    fn read_ahead_from_the_head_displaces_a_cached_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), sluice_storage::LogConfig::default(), 0).unwrap();
+        let total = 3 * CACHE_MAX_ENTRIES as u64;
+        append_messages(&mut log, total);
+        // The cache is full of the newest messages, as after publishes to a queue whose
+        // consumer is far behind.
+        let mut cache = Cache::default();
+        let tail_start = total - CACHE_MAX_ENTRIES as u64;
+        for offset in tail_start..total {
+            let (message, meta) = read_into_cache(&log, &mut Cache::default(), offset).unwrap();
+            cache.insert(offset, message, meta);
+        }
+        assert!(!cache.has_room());
+        // Reading the head brings in what follows it, in place of the tail.
+        let (message, _) = read_into_cache(&log, &mut cache, 0).unwrap();
+        assert_eq!(&message.body[..], &0u64.to_be_bytes());
+        assert!(cache.entries.contains_key(&1));
+        assert!(cache.entries.contains_key(&500));
+        assert!(cache.entries.len() <= CACHE_MAX_ENTRIES);
+        assert!(!cache.entries.contains_key(&(total - 1)));
+        // Each cached message is the one at its offset.
+        let cached = &cache.entries[&500].message;
+        assert_eq!(&cached.body[..], &500u64.to_be_bytes());
+    }
+
+    #[test]
+    fn read_ahead_never_displaces_messages_not_yet_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), sluice_storage::LogConfig::default(), 0).unwrap();
+        append_messages(&mut log, 1000);
+        let end = log.log_end_offset();
+        let mut cache = Cache::default();
+        let (message, meta) = read_into_cache(&log, &mut Cache::default(), 0).unwrap();
+        // Entries past the log's end stand for messages being published right now.
+        for offset in end..end + CACHE_MAX_ENTRIES as u64 {
+            cache.insert(offset, Arc::clone(&message), meta);
+        }
+        read_into_cache(&log, &mut cache, 0).unwrap();
+        assert_eq!(cache.entries.len(), CACHE_MAX_ENTRIES);
+        assert!(cache.entries.keys().all(|offset| *offset >= end));
+    }
 
     #[test]
     fn delivery_count_header_is_added() {
