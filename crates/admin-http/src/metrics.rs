@@ -307,7 +307,7 @@ fn render_queues(text: &mut TextEncoder, broker: &sluice_broker::Broker) {
 
 /// The AMQP listener: connections, channels, traffic and per-method latency.
 fn render_amqp(text: &mut TextEncoder, amqp: &sluice_amqp::observe::AmqpMetrics) {
-    let simple: [(&str, &str, Kind, f64); 8] = [
+    let simple: [(&str, &str, Kind, f64); 9] = [
         (
             "sluice_amqp_connections",
             "Open AMQP connections.",
@@ -331,6 +331,12 @@ fn render_amqp(text: &mut TextEncoder, amqp: &sluice_amqp::observe::AmqpMetrics)
             "AMQP connections closed for a framing or protocol error.",
             Kind::Counter,
             amqp.protocol_errors.get() as f64,
+        ),
+        (
+            "sluice_amqp_flow_holds_total",
+            "Times a publishing AMQP connection stopped being read until a queue's consumers caught up.",
+            Kind::Counter,
+            amqp.flow_holds.get() as f64,
         ),
         (
             "sluice_amqp_received_bytes_total",

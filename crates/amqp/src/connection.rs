@@ -35,7 +35,7 @@ use sluice_broker::users::AuthenticatedUser;
 use sluice_broker::vhost::Vhost;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::Context;
@@ -141,6 +141,9 @@ pub struct Connection {
     /// `connection.blocked` was sent.
     pub blocked_sent: bool,
     pub alarms: Alarms,
+    /// A queue this connection published to holds its publishers back until its consumers
+    /// catch up (RabbitMQ's `flow` state): nothing is read meanwhile.
+    pub flow_wait: Option<watch::Receiver<bool>>,
     pub last_read: Instant,
     pub last_write: Instant,
     close_deadline: Option<Instant>,
@@ -209,6 +212,7 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         published: false,
         blocked_sent: false,
         alarms,
+        flow_wait: None,
         last_read: now,
         last_write: now,
         close_deadline: None,
@@ -279,6 +283,15 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             Some(done) = conn.pending.next(), if !conn.pending.is_empty() => {
                 conn.on_completion(done);
             }
+            () = async {
+                match conn.flow_wait.as_mut() {
+                    // A queue that is gone no longer holds anyone back.
+                    Some(flow) => drop(flow.wait_for(|throttled| !*throttled).await),
+                    None => std::future::pending().await,
+                }
+            }, if conn.flow_wait.is_some() => {
+                conn.flow_wait = None;
+            }
             _ = ticker.tick() => {
                 conn.on_tick().await;
             }
@@ -323,7 +336,7 @@ impl Connection {
     fn wants_input(&self) -> bool {
         match self.state {
             State::Closed => false,
-            State::Running => !(self.published && self.alarms.any()),
+            State::Running => !(self.published && self.alarms.any()) && self.flow_wait.is_none(),
             _ => true,
         }
     }
@@ -1167,6 +1180,9 @@ impl Connection {
                 Vec::new()
             };
             let result = batch.queue.publish(batch.messages).await;
+            if result.is_ok() {
+                self.hold_for(&batch.queue);
+            }
             if !wants_confirm {
                 if let Err(error) = result {
                     tracing::debug!(queue = batch.queue.name(), %error, "publish not accepted");
@@ -1215,6 +1231,15 @@ impl Connection {
         }
         for channel in touched_channels {
             self.emit_confirms(channel);
+        }
+    }
+
+    /// Stops reading while `queue` throttles its publishers. A connection that also consumes
+    /// is never held: its own acknowledgements may be what the queue is waiting for.
+    fn hold_for(&mut self, queue: &Arc<Queue>) {
+        if self.flow_wait.is_none() && self.consumers.is_empty() && queue.is_throttled() {
+            self.ctx.frontend.metrics.flow_holds.increment();
+            self.flow_wait = Some(queue.flow());
         }
     }
 

@@ -57,6 +57,8 @@ pub struct AmqpMetrics {
     pub published: Counter,
     /// Messages sent to consumers and `basic.get`.
     pub delivered: Counter,
+    /// Times a publishing connection stopped reading until a queue's consumers caught up.
+    pub flow_holds: Counter,
     methods: Vec<Histogram>,
     index: HashMap<(u16, u16), usize>,
 }
@@ -72,6 +74,7 @@ impl Default for AmqpMetrics {
             bytes_out: Counter::default(),
             published: Counter::default(),
             delivered: Counter::default(),
+            flow_holds: Counter::default(),
             methods: METHODS.iter().map(|_| Histogram::default()).collect(),
             index: METHODS
                 .iter()

@@ -1,5 +1,5 @@
 //! lapin (a Rust AMQP 0-9-1 client) against the real `sluice` binary: publisher confirms and
-//! consumption with acknowledgements.
+//! consumption with acknowledgements, and publisher flow control.
 //!
 //! The binary is found through `SLUICE_BIN`, else `target/debug/sluice` (honouring
 //! `CARGO_TARGET_DIR`). Each test starts it on port 0 with a data directory of its own and
@@ -20,6 +20,7 @@ use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 struct Broker {
     child: Child,
     amqp: String,
+    http: String,
     _dir: tempfile::TempDir,
 }
 
@@ -42,6 +43,11 @@ fn sluice_binary() -> PathBuf {
 }
 
 fn start() -> anyhow::Result<Broker> {
+    start_with(&[])
+}
+
+/// Starts the broker with extra environment variables (configuration keys).
+fn start_with(env: &[(&str, &str)]) -> anyhow::Result<Broker> {
     let dir = tempfile::tempdir()?;
     let ready = dir.path().join("ready.json");
     let child = Command::new(sluice_binary())
@@ -53,10 +59,13 @@ fn start() -> anyhow::Result<Broker> {
             "127.0.0.1:0",
             "--amqp-listen",
             "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
         ])
         .arg("--ready-file")
         .arg(&ready)
         .env("SLUICE_LOG__LEVEL", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -64,16 +73,21 @@ fn start() -> anyhow::Result<Broker> {
     let mut broker = Broker {
         child,
         amqp: String::new(),
+        http: String::new(),
         _dir: dir,
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(text) = std::fs::read_to_string(&ready) {
             let addresses: serde_json::Value = serde_json::from_str(&text)?;
-            broker.amqp = addresses["amqp"]
-                .as_str()
-                .ok_or_else(|| anyhow::anyhow!("no amqp address in {text}"))?
-                .to_owned();
+            let address = |name: &str| {
+                addresses[name]
+                    .as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| anyhow::anyhow!("no {name} address in {text}"))
+            };
+            broker.amqp = address("amqp")?;
+            broker.http = address("http")?;
             return Ok(broker);
         }
         if let Some(status) = broker.child.try_wait()? {
@@ -169,6 +183,170 @@ async fn confirms_then_consumption_with_acks() -> anyhow::Result<()> {
         .await?;
     assert_eq!(declared.message_count(), 0);
     assert_eq!(declared.consumer_count(), 1);
+    connection.close(200, "done".into()).await?;
+    Ok(())
+}
+
+/// One sample from the broker's /metrics.
+async fn metric(broker: &Broker, name: &str) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(&broker.http).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: sluice\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no {name} in /metrics"))
+}
+
+fn queue_arguments() -> FieldTable {
+    FieldTable::default()
+}
+
+/// Publishes `count` numbered messages to `queue` on a connection of its own, keeping 64
+/// in flight; with `confirm`, waits for every confirm.
+async fn publish_numbered(
+    uri: &str,
+    queue: &str,
+    range: std::ops::Range<u64>,
+    confirm: bool,
+) -> anyhow::Result<()> {
+    let connection = Connection::connect(uri, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    if confirm {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+    }
+    let mut in_flight = std::collections::VecDeque::new();
+    for n in range {
+        let pending = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &n.to_be_bytes(),
+                BasicProperties::default(),
+            )
+            .await?;
+        in_flight.push_back(pending);
+        if in_flight.len() >= 64
+            && let Some(oldest) = in_flight.pop_front()
+        {
+            let confirmation = oldest.await?;
+            assert!(!confirm || matches!(confirmation, Confirmation::Ack(_)));
+        }
+    }
+    for pending in in_flight {
+        let confirmation = pending.await?;
+        assert!(!confirm || matches!(confirmation, Confirmation::Ack(_)));
+    }
+    connection.close(200, "done".into()).await?;
+    Ok(())
+}
+
+/// A publisher faster than a streaming consumer is held back (the flow counter moves), and
+/// every message still arrives once, in order.
+#[tokio::test]
+async fn a_publisher_ahead_of_a_streaming_consumer_is_held_back() -> anyhow::Result<()> {
+    let broker = start_with(&[("SLUICE_AMQP__QUEUE_FLOW_READY_HIGH", "50")])?;
+    let uri = format!("amqp://guest:guest@{}/%2f", broker.amqp);
+    let connection = Connection::connect(&uri, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_declare(
+            "flow".into(),
+            QueueDeclareOptions::default(),
+            queue_arguments(),
+        )
+        .await?;
+    channel.basic_qos(20, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(
+            "flow".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    const COUNT: u64 = 100_000;
+    let publisher = tokio::spawn({
+        let uri = uri.clone();
+        async move { publish_numbered(&uri, "flow", 0..COUNT, false).await }
+    });
+    let mut expected = 0u64;
+    while expected < COUNT {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("consumer ended"))??;
+        let n = u64::from_be_bytes(delivery.data[..8].try_into()?);
+        assert_eq!(n, expected, "deliveries out of order or missing");
+        expected += 1;
+        delivery.ack(BasicAckOptions::default()).await?;
+    }
+    publisher.await??;
+    let holds = metric(&broker, "sluice_amqp_flow_holds_total").await?;
+    assert!(holds > 0.0, "the publisher was never held back");
+    connection.close(200, "done".into()).await?;
+    Ok(())
+}
+
+/// A consumer that streams and then stops acknowledging (or never took much) must not hold
+/// publishers: they finish, confirmed, while it sits on its prefetch.
+#[tokio::test]
+async fn a_stalled_consumer_does_not_hold_publishers() -> anyhow::Result<()> {
+    let broker = start_with(&[("SLUICE_AMQP__QUEUE_FLOW_READY_HIGH", "50")])?;
+    let uri = format!("amqp://guest:guest@{}/%2f", broker.amqp);
+    let connection = Connection::connect(&uri, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_declare(
+            "stall".into(),
+            QueueDeclareOptions::default(),
+            queue_arguments(),
+        )
+        .await?;
+    channel.basic_qos(100, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(
+            "stall".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    // Stream 20,000 messages through, acknowledging each, then stop acknowledging.
+    let publisher = tokio::spawn({
+        let uri = uri.clone();
+        async move { publish_numbered(&uri, "stall", 0..20_000, false).await }
+    });
+    for _ in 0..20_000 {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("consumer ended"))??;
+        delivery.ack(BasicAckOptions::default()).await?;
+    }
+    publisher.await??;
+    // The consumer now holds 100 unacknowledged deliveries and takes no more; a publisher
+    // with confirms still gets every message in.
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        publish_numbered(&uri, "stall", 0..20_000, true),
+    )
+    .await??;
+    let declared = channel
+        .queue_declare(
+            "stall".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    assert_eq!(declared.message_count(), 20_000 - 100);
     connection.close(200, "done".into()).await?;
     Ok(())
 }

@@ -133,6 +133,7 @@ fn queue_spec(shared: &Shared, record: &QueueRecord, args: QueueArgs) -> QueueSp
         args,
         dir: queues_dir(shared).join(record.id.to_string()),
         log_config,
+        flow_ready_high: shared.config.queue_flow_ready_high,
     }
 }
 

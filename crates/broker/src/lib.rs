@@ -86,6 +86,9 @@ pub struct BrokerConfig {
     /// Segment size of queue logs: smaller than topics', so space comes back soon after
     /// consumers acknowledge.
     pub queue_segment_bytes: u64,
+    /// Ready messages in a queue above which its publishers wait while its consumers stream
+    /// through it (see `queue::flow`); 0 turns publisher flow control off.
+    pub queue_flow_ready_high: u64,
     /// The largest message body a queue accepts.
     pub max_message_bytes: usize,
     /// Resident memory above which publishers are blocked; `None` for no limit.
@@ -112,6 +115,7 @@ impl BrokerConfig {
             housekeeping_interval: Duration::from_secs(5),
             group_limits: GroupLimits::default(),
             queue_segment_bytes: 64 * 1024 * 1024,
+            queue_flow_ready_high: 200,
             max_message_bytes: 16 * 1024 * 1024,
             memory_high_watermark_bytes: None,
             disk_free_limit_bytes: 50_000_000,

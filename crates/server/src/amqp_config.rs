@@ -34,6 +34,9 @@ pub struct AmqpSection {
     pub disk_free_limit_bytes: u64,
     /// Segment size of queue logs.
     pub queue_segment_bytes: u64,
+    /// Ready messages in a queue above which its publishers wait while its consumers stream
+    /// through it; 0 disables publisher flow control.
+    pub queue_flow_ready_high: u64,
     /// Users that may connect from the loopback interface only.
     pub loopback_users: Vec<String>,
     /// Virtual hosts created at start-up.
@@ -97,6 +100,7 @@ impl Default for AmqpSection {
             memory_high_watermark_bytes: 0,
             disk_free_limit_bytes: 50_000_000,
             queue_segment_bytes: 64 * 1024 * 1024,
+            queue_flow_ready_high: 200,
             loopback_users: vec!["guest".into()],
             vhosts: vec!["/".into()],
             users: vec![UserSection::default()],

@@ -365,6 +365,7 @@ impl Config {
             ..GroupLimits::default()
         };
         broker.queue_segment_bytes = self.amqp.queue_segment_bytes;
+        broker.queue_flow_ready_high = self.amqp.queue_flow_ready_high;
         broker.max_message_bytes = self.amqp.max_message_bytes;
         broker.memory_high_watermark_bytes = self.amqp.memory_limit_bytes();
         broker.disk_free_limit_bytes = self.amqp.disk_free_limit_bytes;

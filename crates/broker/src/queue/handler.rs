@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use super::args::QueueArgs;
 use super::deadletter::{DeadLetter, record_death};
+use super::flow::Flow;
 use super::journal::{AckJournal, COMPACT_AFTER_ENTRIES};
 use super::ranges::RangeSet;
 use super::state::{Admission, ConsumerId, DeathReason, Effect, Meta, QueueCore, QueueEnv};
@@ -51,6 +52,8 @@ pub(crate) struct QueueSpec {
     pub args: QueueArgs,
     pub dir: PathBuf,
     pub log_config: LogConfig,
+    /// Ready messages above which publishers wait while consumers stream (see [`Flow`]).
+    pub flow_ready_high: u64,
 }
 
 /// What a queue asks of the broker.
@@ -205,6 +208,8 @@ pub(crate) fn start(
     let (timer, deadlines) = watch::channel(None);
     let clock = Arc::clone(&options.clock);
     let segment_hint = first_segment_end(&opened.log);
+    let flow = Flow::new(spec.flow_ready_high);
+    let flow_state = flow.subscribe();
     let handler = QueueHandler {
         vhost: Arc::from(spec.record.vhost.as_str()),
         name: Arc::from(spec.record.name.as_str()),
@@ -224,6 +229,7 @@ pub(crate) fn start(
         handled_since_hint: 0,
         notified: false,
         deleting: false,
+        flow,
     };
     let (owner, task) = sluice_storage::owner::spawn(opened.log, handler, options);
     let queue = Arc::new(Queue {
@@ -231,6 +237,7 @@ pub(crate) fn start(
         args: spec.args.clone(),
         owner: owner.clone(),
         counters,
+        flow: flow_state,
     });
     tokio::spawn(run_timer(owner, deadlines, clock));
     (queue, task)
@@ -469,6 +476,7 @@ struct QueueHandler {
     handled_since_hint: u32,
     notified: bool,
     deleting: bool,
+    flow: Flow,
 }
 
 macro_rules! env {
@@ -495,6 +503,7 @@ impl QueueHandler {
         if self.failed.is_none() {
             tracing::error!(queue = %self.name, vhost = %self.vhost, %error, "queue stopped accepting work");
             self.failed = Some(error.to_string());
+            self.flow.release();
         }
     }
 
@@ -626,6 +635,7 @@ impl QueueHandler {
     /// start, and publishes counters and the next deadline.
     fn settle_effects(&mut self, log: &mut Log, now_ms: i64) {
         let mut gone: Vec<ConsumerId> = Vec::new();
+        let mut delivered = 0;
         loop {
             let effects = std::mem::take(&mut self.fx);
             if effects.is_empty() && gone.is_empty() {
@@ -662,6 +672,7 @@ impl QueueHandler {
                             .get(&consumer)
                             .is_some_and(|c| c.sink.send(QueueEvent::Deliver(delivery)).is_ok());
                         if sent {
+                            delivered += 1;
                             self.counters.delivered.fetch_add(1, Ordering::Relaxed);
                         } else if !gone.contains(&consumer) {
                             gone.push(consumer);
@@ -724,11 +735,19 @@ impl QueueHandler {
         self.counters
             .consumers
             .store(self.core.consumer_count() as u64, Ordering::Relaxed);
-        let deadline = if self.core.may_expire() {
+        self.flow.delivered(delivered, now_ms);
+        let recheck = self
+            .flow
+            .update(self.core.ready_count(), self.core.consumer_count(), now_ms);
+        let expiry = if self.core.may_expire() {
             let mut env = env!(self, log);
             self.core.next_deadline(&mut env)
         } else {
             None
+        };
+        let deadline = match (expiry, recheck) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         self.timer.send_if_modified(|current| {
             let changed = *current != deadline;
@@ -881,6 +900,7 @@ impl QueueHandler {
             }
             QueueRequest::Deleting => {
                 self.deleting = true;
+                self.flow.release();
                 for (consumer, entry) in self.consumers.drain() {
                     let _ = entry.sink.send(QueueEvent::Cancelled { consumer });
                     let mut ignored = Vec::new();
@@ -929,6 +949,7 @@ impl LogHandler for QueueHandler {
     }
 
     fn on_close(&mut self, log: &mut Log) {
+        self.flow.release();
         if self.deleting {
             return;
         }

@@ -17,6 +17,7 @@
 
 pub mod args;
 pub mod deadletter;
+pub mod flow;
 pub(crate) mod handler;
 pub mod journal;
 pub mod ranges;
@@ -244,6 +245,8 @@ pub struct Queue {
     args: QueueArgs,
     owner: OwnerHandle<QueueRequest, Reply>,
     counters: Arc<QueueCounters>,
+    /// True while publishers must wait for the consumers (see [`flow`]).
+    flow: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Queue {
@@ -257,6 +260,17 @@ impl Queue {
 
     pub fn vhost(&self) -> &str {
         &self.record.vhost
+    }
+
+    /// Whether publishers must wait for this queue's consumers now.
+    pub fn is_throttled(&self) -> bool {
+        *self.flow.borrow()
+    }
+
+    /// Follows the queue's flow state: a publisher waits until it turns false (or the queue
+    /// is gone).
+    pub fn flow(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.flow.clone()
     }
 
     pub fn is_durable(&self) -> bool {
