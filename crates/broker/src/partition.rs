@@ -18,8 +18,8 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use sluice_storage::batch::{self, BatchHeader};
 use sluice_storage::{
-    Clock, Handled, Log, LogHandler, LogReader, OwnerHandle, OwnerOptions, OwnerTask, ReadBatches,
-    StorageError, TimestampHit,
+    CheckedBatches, Clock, Handled, Log, LogHandler, LogReader, OwnerHandle, OwnerOptions,
+    OwnerTask, ReadBatches, StorageError, TimestampHit,
 };
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -68,7 +68,8 @@ pub struct ProduceOutcome {
 
 #[derive(Debug)]
 pub enum PartitionRequest {
-    Produce(Bytes),
+    /// Batches checked on the producer's connection task ([`PartitionHandle::produce`]).
+    Produce(CheckedBatches),
     DeleteRecords(u64),
     Reconfigure(EffectiveTopicConfig),
     BeginLeaderEpoch(i32),
@@ -104,12 +105,9 @@ impl PartitionHandler {
         }
     }
 
-    fn produce(&mut self, log: &mut Log, batches: Bytes, now_ms: i64) -> Handled<Reply> {
-        // Header-level checks first; the log checks structure and CRC when it appends.
-        let headers = match parse_headers(&batches) {
-            Ok(headers) => headers,
-            Err(error) => return Handled::now(Err(error)),
-        };
+    fn produce(&mut self, log: &mut Log, checked: CheckedBatches, now_ms: i64) -> Handled<Reply> {
+        // Structure and CRC were checked by the caller; here the batches meet the state.
+        let headers: Vec<BatchHeader> = checked.headers().copied().collect();
         for header in &headers {
             if let batch::Compression::Unknown(id) = header.compression() {
                 return Handled::now(Err(BrokerError::UnsupportedCompression(id)));
@@ -161,18 +159,16 @@ impl PartitionHandler {
             }
         }
         // Only LogAppendTime topics rewrite the producer's bytes (and so need a copy of them).
-        let (batches, log_append_time_ms) = match self.config.timestamp_type {
-            TimestampType::CreateTime => (batches, None),
+        let appended = match self.config.timestamp_type {
+            TimestampType::CreateTime => log.append_checked(&checked, now_ms).map(|i| (i, None)),
             TimestampType::LogAppendTime => {
-                let mut stamped = BytesMut::from(&batches[..]);
-                if let Err(error) = stamp_append_time(&mut stamped, &headers, now_ms) {
-                    return Handled::now(Err(error));
-                }
-                (stamped.freeze(), Some(now_ms))
+                let mut stamped = BytesMut::from(&checked.bytes()[..]);
+                stamp_append_time(&mut stamped, &headers, now_ms);
+                log.append(&stamped, now_ms).map(|i| (i, Some(now_ms)))
             }
         };
-        let info = match log.append(&batches, now_ms) {
-            Ok(info) => info,
+        let (info, log_append_time_ms) = match appended {
+            Ok(appended) => appended,
             Err(error) => return Handled::now(Err(error.into())),
         };
         self.stats
@@ -205,43 +201,17 @@ impl PartitionHandler {
     }
 }
 
-/// Parses the header of every batch in a produce payload, without checking CRCs.
-fn parse_headers(batches: &[u8]) -> Result<Vec<BatchHeader>, BrokerError> {
-    let mut headers = Vec::with_capacity(1);
-    let mut position = 0;
-    while position < batches.len() {
-        let header = BatchHeader::parse(&batches[position..]).map_err(|source| {
-            BrokerError::Storage(StorageError::InvalidBatch { position, source })
-        })?;
-        position = position.saturating_add(header.total_bytes());
-        headers.push(header);
-    }
-    if headers.is_empty() {
-        return Err(BrokerError::Storage(StorageError::InvalidBatch {
-            position: 0,
-            source: batch::BatchError::Empty,
-        }));
-    }
-    Ok(headers)
-}
-
 /// Sets the log-append-time attribute and max timestamp of every batch, recomputing the CRC.
-/// The producer's CRC is checked first, so damaged input is never given a fresh checksum.
-fn stamp_append_time(
-    batches: &mut [u8],
-    headers: &[BatchHeader],
-    now_ms: i64,
-) -> Result<(), BrokerError> {
+/// The batches were checked (CRC included) before, so damaged input is never given a fresh
+/// checksum.
+fn stamp_append_time(batches: &mut [u8], headers: &[BatchHeader], now_ms: i64) {
     let mut position = 0;
     for header in headers {
         let end = position + header.total_bytes();
         if end > batches.len() {
-            break; // the log's own validation reports the truncation
+            break;
         }
         let bytes = &mut batches[position..end];
-        batch::verify(bytes).map_err(|source| {
-            BrokerError::Storage(StorageError::InvalidBatch { position, source })
-        })?;
         let attributes = header.attributes | 0x08;
         bytes[21..23].copy_from_slice(&attributes.to_be_bytes());
         bytes[35..43].copy_from_slice(&now_ms.to_be_bytes());
@@ -249,7 +219,6 @@ fn stamp_append_time(
         bytes[17..21].copy_from_slice(&crc.to_be_bytes());
         position = end;
     }
-    Ok(())
 }
 
 impl LogHandler for PartitionHandler {
@@ -475,8 +444,19 @@ impl Partition {
     }
 
     /// Appends the batches of a produce request (one or more v2 batches laid end to end).
+    ///
+    /// Structure and CRC are checked here, on the caller's task, so that producers to one
+    /// partition check in parallel while its owner task only writes. The size limit is the
+    /// topic's, which the owner applies.
     pub async fn produce(&self, batches: Bytes) -> Result<ProduceOutcome, BrokerError> {
-        match self.call(PartitionRequest::Produce(batches)).await {
+        let checked = match CheckedBatches::check(batches, usize::MAX) {
+            Ok(checked) => checked,
+            Err(error) => {
+                self.stats.produce_errors.increment();
+                return Err(error.into());
+            }
+        };
+        match self.call(PartitionRequest::Produce(checked)).await {
             Ok(PartitionReply::Produced(outcome)) => Ok(outcome),
             Ok(other) => unreachable!("produce is answered with Produced, not {other:?}"),
             Err(error) => {

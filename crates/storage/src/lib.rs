@@ -33,8 +33,8 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{FsyncPolicy, LogConfig};
 pub use error::StorageError;
 pub use log::{
-    AppendInfo, FlushJob, Log, LogReader, OpenReport, ReadBatches, RetentionOutcome, SegmentInfo,
-    TimestampHit,
+    AppendInfo, CheckedBatches, FlushJob, Log, LogReader, OpenReport, ReadBatches,
+    RetentionOutcome, SegmentInfo, TimestampHit,
 };
 pub use owner::{
     BasicHandler, Handled, LogHandle, LogHandler, LogRequest, LogResponse, OwnerHandle,

@@ -363,24 +363,46 @@ impl Log {
     /// every batch is valid.
     pub fn append(&mut self, batches: &[u8], now_ms: i64) -> Result<AppendInfo, StorageError> {
         self.check_writable()?;
-        if batches.is_empty() {
-            return Err(StorageError::InvalidBatch {
-                position: 0,
-                source: batch::BatchError::Empty,
-            });
-        }
-        let mut headers: Vec<(BatchHeader, usize)> = Vec::with_capacity(1);
-        let mut position = 0;
-        let mut record_total: u64 = 0;
-        while position < batches.len() {
-            let header =
-                batch::verify_for_append(&batches[position..], self.config.max_batch_bytes)
-                    .map_err(|source| StorageError::InvalidBatch { position, source })?;
-            record_total += header.last_offset_delta as u64 + 1;
-            headers.push((header, position));
-            position += header.total_bytes();
-        }
+        let (headers, record_total) = check_batches(batches, self.config.max_batch_bytes)?;
+        self.append_headers(batches, headers, record_total, now_ms)
+    }
 
+    /// Appends batches checked beforehand ([`CheckedBatches::check`], typically on the
+    /// caller's task so that the owner task does not spend a CRC pass on them). Only the size
+    /// limit, which a config change may have lowered since, is checked again.
+    pub fn append_checked(
+        &mut self,
+        checked: &CheckedBatches,
+        now_ms: i64,
+    ) -> Result<AppendInfo, StorageError> {
+        self.check_writable()?;
+        for (header, position) in &checked.headers {
+            let batch_bytes = header.total_bytes();
+            if batch_bytes > self.config.max_batch_bytes {
+                return Err(StorageError::InvalidBatch {
+                    position: *position,
+                    source: batch::BatchError::TooLarge {
+                        batch_bytes,
+                        limit_bytes: self.config.max_batch_bytes,
+                    },
+                });
+            }
+        }
+        self.append_headers(
+            &checked.bytes,
+            checked.headers.clone(),
+            checked.record_total,
+            now_ms,
+        )
+    }
+
+    fn append_headers(
+        &mut self,
+        batches: &[u8],
+        mut headers: Vec<(BatchHeader, usize)>,
+        record_total: u64,
+        now_ms: i64,
+    ) -> Result<AppendInfo, StorageError> {
         self.maybe_roll(batches.len() as u64, record_total, now_ms)?;
         let epoch = self.epochs.current();
         let base_offset = self.log_end_offset();
@@ -889,5 +911,65 @@ impl LogReader {
             }
         }
         Ok(None)
+    }
+}
+
+/// Checks the structure, size and CRC of every batch laid end to end in `batches`.
+fn check_batches(
+    batches: &[u8],
+    max_batch_bytes: usize,
+) -> Result<(Vec<(BatchHeader, usize)>, u64), StorageError> {
+    if batches.is_empty() {
+        return Err(StorageError::InvalidBatch {
+            position: 0,
+            source: batch::BatchError::Empty,
+        });
+    }
+    let mut headers: Vec<(BatchHeader, usize)> = Vec::with_capacity(1);
+    let mut position = 0;
+    let mut record_total: u64 = 0;
+    while position < batches.len() {
+        let header = batch::verify_for_append(&batches[position..], max_batch_bytes)
+            .map_err(|source| StorageError::InvalidBatch { position, source })?;
+        record_total += header.last_offset_delta as u64 + 1;
+        headers.push((header, position));
+        position += header.total_bytes();
+    }
+    Ok((headers, record_total))
+}
+
+/// Record batches whose structure and CRC have been checked, ready for
+/// [`Log::append_checked`]. The CRC pass over every byte is the costly part of an append;
+/// checking on the producer's or connection's task keeps it off the log's one owner task,
+/// so several callers check in parallel while the owner only writes.
+#[derive(Debug, Clone)]
+pub struct CheckedBatches {
+    bytes: Bytes,
+    headers: Vec<(BatchHeader, usize)>,
+    record_total: u64,
+}
+
+impl CheckedBatches {
+    /// Checks `bytes` (one or more batches end to end), none larger than `max_batch_bytes`.
+    pub fn check(bytes: Bytes, max_batch_bytes: usize) -> Result<Self, StorageError> {
+        let (headers, record_total) = check_batches(&bytes, max_batch_bytes)?;
+        Ok(Self {
+            bytes,
+            headers,
+            record_total,
+        })
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// The header of each batch, in order.
+    pub fn headers(&self) -> impl Iterator<Item = &BatchHeader> {
+        self.headers.iter().map(|(header, _)| header)
+    }
+
+    pub fn record_count(&self) -> u64 {
+        self.record_total
     }
 }

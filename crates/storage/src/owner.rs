@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use crate::clock::{Clock, SystemClock};
 use crate::config::FsyncPolicy;
 use crate::error::StorageError;
-use crate::log::{AppendInfo, FlushJob, Log, LogReader};
+use crate::log::{AppendInfo, CheckedBatches, FlushJob, Log, LogReader};
 
 /// A reply, and the offset the log must be durable up to (exclusive) before it is sent.
 #[derive(Debug)]
@@ -377,7 +377,8 @@ fn release_without_flush_after_close<H: LogHandler>(
 /// Plain log operations, for logs with no state of their own beside the data.
 #[derive(Debug)]
 pub enum LogRequest {
-    Append(BytesMut),
+    /// Batches checked by the sender ([`LogHandle::append`] does it on the caller's task).
+    Append(CheckedBatches),
     Roll,
     Flush,
     AdvanceLogStart(u64),
@@ -407,7 +408,7 @@ impl LogHandler for BasicHandler {
 
     fn handle(&mut self, log: &mut Log, request: LogRequest, now_ms: i64) -> Handled<Self::Reply> {
         match request {
-            LogRequest::Append(bytes) => match log.append(&bytes, now_ms) {
+            LogRequest::Append(checked) => match log.append_checked(&checked, now_ms) {
                 Ok(info) => {
                     let end = info.last_offset + 1;
                     Handled::after_append(log, Ok(LogResponse::Appended(info)), end)
@@ -450,25 +451,37 @@ impl LogHandler for BasicHandler {
 pub struct LogHandle {
     owner: OwnerHandle<LogRequest, Result<LogResponse, StorageError>>,
     reader: LogReader,
+    /// The log's batch size limit when the owner started (the owner checks it again).
+    max_batch_bytes: usize,
 }
 
 impl LogHandle {
     /// Starts the owner task for `log` and returns a handle plus the task to supervise.
     pub fn spawn(log: Log, options: OwnerOptions) -> (Self, OwnerTask) {
         let reader = log.reader();
+        let max_batch_bytes = log.config().max_batch_bytes;
         let handler = BasicHandler {
             dir: log.dir().to_owned(),
         };
         let (owner, task) = spawn(log, handler, options);
-        (Self { owner, reader }, task)
+        (
+            Self {
+                owner,
+                reader,
+                max_batch_bytes,
+            },
+            task,
+        )
     }
 
     pub fn reader(&self) -> &LogReader {
         &self.reader
     }
 
+    /// Appends batches, checking them on the caller's task first.
     pub async fn append(&self, batches: BytesMut) -> Result<AppendInfo, StorageError> {
-        match self.owner.call(LogRequest::Append(batches)).await?? {
+        let checked = CheckedBatches::check(batches.freeze(), self.max_batch_bytes)?;
+        match self.owner.call(LogRequest::Append(checked)).await?? {
             LogResponse::Appended(info) => Ok(info),
             other => unexpected(other),
         }

@@ -6,7 +6,7 @@ mod common;
 
 use bytes::BytesMut;
 use sluice_storage::{
-    BatchHeader, FsyncPolicy, Log, LogConfig, LogHandle, OwnerOptions, StorageError,
+    BatchHeader, CheckedBatches, FsyncPolicy, Log, LogConfig, LogHandle, OwnerOptions, StorageError,
 };
 
 fn open(dir: &std::path::Path, config: LogConfig) -> Log {
@@ -245,6 +245,41 @@ fn invalid_input_is_refused_whole() {
     assert!(log.append(&truncated, 0).is_err());
     assert!(log.append(&BytesMut::new(), 0).is_err());
     assert_eq!(log.log_end_offset(), 0, "nothing was appended");
+}
+
+#[test]
+fn batches_checked_elsewhere_are_appended_and_the_size_limit_is_checked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        max_batch_bytes: 2_000,
+        ..common::small_config()
+    };
+    let mut log = open(dir.path(), config);
+    // A damaged batch never becomes a CheckedBatches.
+    let mut bad = common::batch(1, 10, 0, 2);
+    let at = bad.len() - 1;
+    bad[at] ^= 1;
+    assert!(matches!(
+        CheckedBatches::check(bad.freeze(), usize::MAX),
+        Err(StorageError::InvalidBatch { position: 0, .. })
+    ));
+    let good = CheckedBatches::check(common::batch(3, 10, 0, 1).freeze(), usize::MAX).unwrap();
+    assert_eq!(good.record_count(), 3);
+    let info = log.append_checked(&good, 0).unwrap();
+    assert_eq!((info.base_offset, info.last_offset), (0, 2));
+    // Checked without a limit, refused by the log's own.
+    let big = CheckedBatches::check(common::batch(1, 3_000, 0, 3).freeze(), usize::MAX).unwrap();
+    assert!(matches!(
+        log.append_checked(&big, 0),
+        Err(StorageError::InvalidBatch { .. })
+    ));
+    assert_eq!(log.log_end_offset(), 3);
+    let read = log.read(0, 1 << 20, true).unwrap();
+    assert_eq!(
+        &read.bytes[16..],
+        &good.bytes()[16..],
+        "stored as sent past the patched prefix"
+    );
 }
 
 #[test]
