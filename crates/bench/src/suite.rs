@@ -326,6 +326,12 @@ fn kafka_workloads(scale: &Scale) -> Vec<KafkaWorkload> {
             half_of_peak: false,
         },
         KafkaWorkload {
+            id: "kafka-produce-16k-acks1",
+            title: "Kafka produce, 16 KiB, acks=1",
+            options: produce(16 * 1024, "1"),
+            half_of_peak: false,
+        },
+        KafkaWorkload {
             id: "kafka-consume-backlog",
             title: "Kafka consume from a backlog, 100 B",
             options: KafkaOptions {
@@ -1557,6 +1563,7 @@ mod tests {
         }
         for id in [
             "kafka-produce-1k-acks-all",
+            "kafka-produce-16k-acks1",
             "kafka-consume-backlog",
             "kafka-latency-half-peak",
         ] {
