@@ -183,14 +183,10 @@ fn for_each_batch(
             op: "decode a stored message",
             reason: error.to_string(),
         })?;
-        let mut stop = false;
         for message in messages {
             if f(message).is_break() {
-                stop = true;
+                return Ok(());
             }
-        }
-        if stop {
-            break;
         }
         position = end;
     }
