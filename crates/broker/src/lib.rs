@@ -115,7 +115,7 @@ impl BrokerConfig {
             housekeeping_interval: Duration::from_secs(5),
             group_limits: GroupLimits::default(),
             queue_segment_bytes: 64 * 1024 * 1024,
-            queue_flow_ready_high: 200,
+            queue_flow_ready_high: 100,
             max_message_bytes: 16 * 1024 * 1024,
             memory_high_watermark_bytes: None,
             disk_free_limit_bytes: 50_000_000,

@@ -100,7 +100,7 @@ impl Default for AmqpSection {
             memory_high_watermark_bytes: 0,
             disk_free_limit_bytes: 50_000_000,
             queue_segment_bytes: 64 * 1024 * 1024,
-            queue_flow_ready_high: 200,
+            queue_flow_ready_high: 100,
             loopback_users: vec!["guest".into()],
             vhosts: vec!["/".into()],
             users: vec![UserSection::default()],
