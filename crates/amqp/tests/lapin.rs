@@ -201,8 +201,33 @@ async fn metric(broker: &Broker, name: &str) -> anyhow::Result<f64> {
         .ok_or_else(|| anyhow::anyhow!("no {name} in /metrics"))
 }
 
-fn queue_arguments() -> FieldTable {
-    FieldTable::default()
+/// Declares a transient `queue` and consumes from it with manual acks and `prefetch`.
+async fn consume(
+    uri: &str,
+    queue: &str,
+    prefetch: u16,
+) -> anyhow::Result<(Connection, lapin::Channel, lapin::Consumer)> {
+    let connection = Connection::connect(uri, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((connection, channel, consumer))
 }
 
 /// Publishes `count` numbered messages to `queue` on a connection of its own, keeping 64
@@ -253,24 +278,7 @@ async fn publish_numbered(
 async fn a_publisher_ahead_of_a_streaming_consumer_is_held_back() -> anyhow::Result<()> {
     let broker = start_with(&[("SLUICE_AMQP__QUEUE_FLOW_READY_HIGH", "50")])?;
     let uri = format!("amqp://guest:guest@{}/%2f", broker.amqp);
-    let connection = Connection::connect(&uri, ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .queue_declare(
-            "flow".into(),
-            QueueDeclareOptions::default(),
-            queue_arguments(),
-        )
-        .await?;
-    channel.basic_qos(20, BasicQosOptions::default()).await?;
-    let mut consumer = channel
-        .basic_consume(
-            "flow".into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (connection, _channel, mut consumer) = consume(&uri, "flow", 20).await?;
     const COUNT: u64 = 100_000;
     let publisher = tokio::spawn({
         let uri = uri.clone();
@@ -299,24 +307,7 @@ async fn a_publisher_ahead_of_a_streaming_consumer_is_held_back() -> anyhow::Res
 async fn a_stalled_consumer_does_not_hold_publishers() -> anyhow::Result<()> {
     let broker = start_with(&[("SLUICE_AMQP__QUEUE_FLOW_READY_HIGH", "50")])?;
     let uri = format!("amqp://guest:guest@{}/%2f", broker.amqp);
-    let connection = Connection::connect(&uri, ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .queue_declare(
-            "stall".into(),
-            QueueDeclareOptions::default(),
-            queue_arguments(),
-        )
-        .await?;
-    channel.basic_qos(100, BasicQosOptions::default()).await?;
-    let mut consumer = channel
-        .basic_consume(
-            "stall".into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (connection, channel, mut consumer) = consume(&uri, "stall", 100).await?;
     // Stream 20,000 messages through, acknowledging each, then stop acknowledging.
     let publisher = tokio::spawn({
         let uri = uri.clone();
