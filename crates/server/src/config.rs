@@ -377,25 +377,39 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Runs `test` while no other test changes the process environment: the environment
+    /// test sets SLUICE_* variables inside a figment::Jail, which holds a lock every test
+    /// that loads a configuration must hold too, or it may read them.
+    // The error type is figment's own; its size is not ours to choose.
+    #[allow(clippy::result_large_err)]
+    fn isolated(test: impl FnOnce()) {
+        figment::Jail::expect_with(|_| {
+            test();
+            Ok(())
+        });
+    }
+
     #[test]
     fn layers_override_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("sluice.toml");
-        std::fs::write(
-            &file,
-            "data_dir = \"/from/file\"\n[kafka]\nlisten = \"127.0.0.1:1111\"\ndefault_partitions = 3\n",
-        )
-        .unwrap();
-        let config = Config::load(Some(&file), &Overrides::default()).unwrap();
-        assert_eq!(config.data_dir, PathBuf::from("/from/file"));
-        assert_eq!(config.kafka.default_partitions, 3);
-        let flags = Overrides {
-            kafka_listen: Some("127.0.0.1:2222".into()),
-            ..Overrides::default()
-        };
-        let config = Config::load(Some(&file), &flags).unwrap();
-        assert_eq!(config.kafka.listen, "127.0.0.1:2222");
-        assert_eq!(config.kafka.default_partitions, 3);
+        isolated(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("sluice.toml");
+            std::fs::write(
+                &file,
+                "data_dir = \"/from/file\"\n[kafka]\nlisten = \"127.0.0.1:1111\"\ndefault_partitions = 3\n",
+            )
+            .unwrap();
+            let config = Config::load(Some(&file), &Overrides::default()).unwrap();
+            assert_eq!(config.data_dir, PathBuf::from("/from/file"));
+            assert_eq!(config.kafka.default_partitions, 3);
+            let flags = Overrides {
+                kafka_listen: Some("127.0.0.1:2222".into()),
+                ..Overrides::default()
+            };
+            let config = Config::load(Some(&file), &flags).unwrap();
+            assert_eq!(config.kafka.listen, "127.0.0.1:2222");
+            assert_eq!(config.kafka.default_partitions, 3);
+        });
     }
 
     #[test]
@@ -429,44 +443,48 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("bad.toml");
-        std::fs::write(&file, "[kafka]\nlisten = \"nowhere\"\n").unwrap();
-        let error = Config::load(Some(&file), &Overrides::default())
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("kafka.listen"), "{error}");
-        std::fs::write(&file, "[storage]\nfsync = \"sometimes\"\n").unwrap();
-        let error = format!(
-            "{:#}",
-            Config::load(Some(&file), &Overrides::default()).unwrap_err()
-        );
-        assert!(error.contains("fsync"), "{error}");
-        std::fs::write(&file, "[kafka]\nlisten_typo = \"x\"\n").unwrap();
-        let error = Config::load(Some(&file), &Overrides::default())
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("listen_typo"), "{error}");
-        assert!(
-            Config::load(Some(Path::new("/no/such/file.toml")), &Overrides::default()).is_err()
-        );
+        isolated(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("bad.toml");
+            std::fs::write(&file, "[kafka]\nlisten = \"nowhere\"\n").unwrap();
+            let error = Config::load(Some(&file), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("kafka.listen"), "{error}");
+            std::fs::write(&file, "[storage]\nfsync = \"sometimes\"\n").unwrap();
+            let error = format!(
+                "{:#}",
+                Config::load(Some(&file), &Overrides::default()).unwrap_err()
+            );
+            assert!(error.contains("fsync"), "{error}");
+            std::fs::write(&file, "[kafka]\nlisten_typo = \"x\"\n").unwrap();
+            let error = Config::load(Some(&file), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("listen_typo"), "{error}");
+            assert!(
+                Config::load(Some(Path::new("/no/such/file.toml")), &Overrides::default()).is_err()
+            );
+        });
     }
 
     #[test]
     fn the_example_file_is_complete_and_valid() {
-        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sluice.example.toml");
-        let config = Config::load(Some(&example), &Overrides::default()).unwrap();
-        // Every key of the defaults appears in the example, so the example documents them all.
-        let text = std::fs::read_to_string(&example).unwrap();
-        let defaults = toml::to_string(&Config::default()).unwrap();
-        for line in defaults.lines() {
-            if let Some((key, _)) = line.split_once(" = ") {
-                assert!(
-                    text.contains(&format!("{key} =")),
-                    "sluice.example.toml lacks {key}"
-                );
+        isolated(|| {
+            let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sluice.example.toml");
+            let config = Config::load(Some(&example), &Overrides::default()).unwrap();
+            // Every key of the defaults appears in the example, so the example documents them all.
+            let text = std::fs::read_to_string(&example).unwrap();
+            let defaults = toml::to_string(&Config::default()).unwrap();
+            for line in defaults.lines() {
+                if let Some((key, _)) = line.split_once(" = ") {
+                    assert!(
+                        text.contains(&format!("{key} =")),
+                        "sluice.example.toml lacks {key}"
+                    );
+                }
             }
-        }
-        assert_eq!(config.kafka.listen, KafkaSection::default().listen);
+            assert_eq!(config.kafka.listen, KafkaSection::default().listen);
+        });
     }
 }
