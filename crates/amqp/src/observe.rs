@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use sluice_metrics::{Counter, Gauge, Histogram};
+use sluice_metrics::{Counter, Gauge, Histogram, Registered, Registry};
 use tokio_util::sync::CancellationToken;
 
 /// The methods a client sends on a channel, by (class id, method id).
@@ -135,12 +135,18 @@ pub struct ConnectionEntry {
     close: CancellationToken,
 }
 
-impl ConnectionEntry {
-    /// Asks the connection to close (`connection.close` with CONNECTION_FORCED).
-    pub fn close(&self) {
-        self.close.cancel();
+impl Registered for ConnectionEntry {
+    fn id(&self) -> u64 {
+        self.id
     }
 
+    /// Asks the connection to close (`connection.close` with CONNECTION_FORCED).
+    fn close(&self) {
+        self.close.cancel();
+    }
+}
+
+impl ConnectionEntry {
     pub(crate) fn closed(&self) -> &CancellationToken {
         &self.close
     }
@@ -161,12 +167,12 @@ pub struct ConnectionInfo {
 /// Every open AMQP connection.
 #[derive(Debug, Default)]
 pub struct ConnectionRegistry {
-    entries: Mutex<HashMap<u64, Arc<ConnectionEntry>>>,
+    entries: Registry<ConnectionEntry>,
 }
 
 impl ConnectionRegistry {
     pub(crate) fn open(&self, id: u64, peer: SocketAddr, now_ms: i64) -> Arc<ConnectionEntry> {
-        let entry = Arc::new(ConnectionEntry {
+        self.entries.insert(ConnectionEntry {
             id,
             peer,
             connected_at_ms: now_ms,
@@ -175,43 +181,28 @@ impl ConnectionRegistry {
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             close: CancellationToken::new(),
-        });
-        self.entries.lock().insert(id, Arc::clone(&entry));
-        entry
+        })
     }
 
     pub(crate) fn remove(&self, id: u64) {
-        self.entries.lock().remove(&id);
+        self.entries.remove(id);
     }
 
     pub fn list(&self) -> Vec<ConnectionInfo> {
-        let mut list: Vec<ConnectionInfo> = self
-            .entries
-            .lock()
-            .values()
-            .map(|entry| ConnectionInfo {
-                id: entry.id,
-                peer: entry.peer.to_string(),
-                connected_at_ms: entry.connected_at_ms,
-                identity: entry.identity.lock().clone(),
-                channels: entry.channels.lock().clone(),
-                bytes_in: entry.bytes_in.get(),
-                bytes_out: entry.bytes_out.get(),
-            })
-            .collect();
-        list.sort_by_key(|c| c.id);
-        list
+        self.entries.snapshot(|entry| ConnectionInfo {
+            id: entry.id,
+            peer: entry.peer.to_string(),
+            connected_at_ms: entry.connected_at_ms,
+            identity: entry.identity.lock().clone(),
+            channels: entry.channels.lock().clone(),
+            bytes_in: entry.bytes_in.get(),
+            bytes_out: entry.bytes_out.get(),
+        })
     }
 
     /// Closes the connection with this id. False if there is none.
     pub fn close(&self, id: u64) -> bool {
-        match self.entries.lock().get(&id) {
-            Some(entry) => {
-                entry.close();
-                true
-            }
-            None => false,
-        }
+        self.entries.close(id)
     }
 }
 

@@ -4,14 +4,13 @@
 //! Bounds: one histogram per served API (a fixed set); one registry entry per open
 //! connection, removed when it closes.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use kafka_protocol::messages::ApiKey;
 use parking_lot::Mutex;
-use sluice_metrics::{Counter, Gauge, Histogram};
+use sluice_metrics::{Counter, Gauge, Histogram, Registered, Registry};
 use tokio_util::sync::CancellationToken;
 
 /// Counters and latencies of the Kafka listener.
@@ -71,12 +70,18 @@ pub struct ConnectionEntry {
     close: CancellationToken,
 }
 
-impl ConnectionEntry {
-    /// Asks the connection to close after the request it is handling.
-    pub fn close(&self) {
-        self.close.cancel();
+impl Registered for ConnectionEntry {
+    fn id(&self) -> u64 {
+        self.id
     }
 
+    /// Asks the connection to close after the request it is handling.
+    fn close(&self) {
+        self.close.cancel();
+    }
+}
+
+impl ConnectionEntry {
     pub(crate) fn closed(&self) -> &CancellationToken {
         &self.close
     }
@@ -98,7 +103,7 @@ pub struct ConnectionInfo {
 #[derive(Debug, Default)]
 pub struct ConnectionRegistry {
     next_id: AtomicU64,
-    entries: Mutex<HashMap<u64, Arc<ConnectionEntry>>>,
+    entries: Registry<ConnectionEntry>,
 }
 
 impl ConnectionRegistry {
@@ -108,7 +113,7 @@ impl ConnectionRegistry {
         now_ms: i64,
         shutdown: &CancellationToken,
     ) -> Arc<ConnectionEntry> {
-        let entry = Arc::new(ConnectionEntry {
+        self.entries.insert(ConnectionEntry {
             id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
             peer,
             connected_at_ms: now_ms,
@@ -117,43 +122,28 @@ impl ConnectionRegistry {
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             close: shutdown.child_token(),
-        });
-        self.entries.lock().insert(entry.id, Arc::clone(&entry));
-        entry
+        })
     }
 
     pub(crate) fn remove(&self, id: u64) {
-        self.entries.lock().remove(&id);
+        self.entries.remove(id);
     }
 
     pub fn list(&self) -> Vec<ConnectionInfo> {
-        let mut list: Vec<ConnectionInfo> = self
-            .entries
-            .lock()
-            .values()
-            .map(|entry| ConnectionInfo {
-                id: entry.id,
-                peer: entry.peer.to_string(),
-                client_id: entry.client_id.lock().clone(),
-                connected_at_ms: entry.connected_at_ms,
-                requests: entry.requests.get(),
-                bytes_in: entry.bytes_in.get(),
-                bytes_out: entry.bytes_out.get(),
-            })
-            .collect();
-        list.sort_by_key(|c| c.id);
-        list
+        self.entries.snapshot(|entry| ConnectionInfo {
+            id: entry.id,
+            peer: entry.peer.to_string(),
+            client_id: entry.client_id.lock().clone(),
+            connected_at_ms: entry.connected_at_ms,
+            requests: entry.requests.get(),
+            bytes_in: entry.bytes_in.get(),
+            bytes_out: entry.bytes_out.get(),
+        })
     }
 
     /// Closes the connection with this id. False if there is none.
     pub fn close(&self, id: u64) -> bool {
-        match self.entries.lock().get(&id) {
-            Some(entry) => {
-                entry.close();
-                true
-            }
-            None => false,
-        }
+        self.entries.close(id)
     }
 }
 

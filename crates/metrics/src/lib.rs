@@ -3,7 +3,12 @@
 //! Counters, gauges and histograms are plain atomics, cheap enough for hot paths: recording a
 //! value is one or two relaxed atomic operations, never a lock or an allocation. Each crate keeps
 //! its own metrics next to the state they describe; the admin API walks them at scrape time and
-//! writes them with [`TextEncoder`]. This crate depends on nothing and knows no broker concept.
+//! writes them with [`TextEncoder`]. [`Registry`] holds live things operators list and close
+//! (the front-ends' connections). This crate depends on nothing and knows no broker concept.
+
+mod registry;
+
+pub use registry::{Registered, Registry};
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
