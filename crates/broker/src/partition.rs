@@ -99,9 +99,17 @@ impl PartitionHandler {
         self.config.log.fsync == sluice_storage::FsyncPolicy::Always
     }
 
+    /// Moves the high watermark to what is written (fsync = always: what is durable, see
+    /// `on_durable`), so fetches never wait on or look past an unwritten append.
     fn publish_end(&self, log: &Log) {
         if !self.fsync_always() {
-            self.high_watermark.send_replace(log.log_end_offset());
+            let end = log.written_end_offset();
+            // Called after every drain: wake fetches only when there is more to read.
+            self.high_watermark.send_if_modified(|high_watermark| {
+                let moved = *high_watermark != end;
+                *high_watermark = end;
+                moved
+            });
         }
     }
 
@@ -159,8 +167,10 @@ impl PartitionHandler {
             }
         }
         // Only LogAppendTime topics rewrite the producer's bytes (and so need a copy of them).
+        // Others are deferred: the owner writes every produce of a drain with one system call,
+        // then replies and moves the high watermark (`on_written`).
         let appended = match self.config.timestamp_type {
-            TimestampType::CreateTime => log.append_checked(&checked, now_ms).map(|i| (i, None)),
+            TimestampType::CreateTime => log.append_deferred(checked, now_ms).map(|i| (i, None)),
             TimestampType::LogAppendTime => {
                 let mut stamped = BytesMut::from(&checked.bytes()[..]);
                 stamp_append_time(&mut stamped, &headers, now_ms);
@@ -185,7 +195,6 @@ impl PartitionHandler {
             }
             position += i64::from(header.last_offset_delta) + 1;
         }
-        self.publish_end(log);
         let outcome = ProduceOutcome {
             base_offset: info.base_offset,
             last_offset: info.last_offset,
@@ -262,6 +271,10 @@ impl LogHandler for PartitionHandler {
         if self.fsync_always() {
             self.high_watermark.send_replace(flushed_offset);
         }
+    }
+
+    fn on_written(&mut self, log: &Log) {
+        self.publish_end(log);
     }
 
     fn on_close(&mut self, log: &mut Log) {

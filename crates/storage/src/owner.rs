@@ -28,11 +28,17 @@ use crate::config::FsyncPolicy;
 use crate::error::StorageError;
 use crate::log::{AppendInfo, CheckedBatches, FlushJob, Log, LogReader};
 
-/// A reply, and the offset the log must be durable up to (exclusive) before it is sent.
+/// A reply, and how far the log must be written and made durable (offsets, exclusive) before
+/// it is sent.
 #[derive(Debug)]
 pub struct Handled<R> {
     pub reply: R,
+    /// The reply waits for the fsync that covers this offset.
     pub durable_at: Option<u64>,
+    /// The reply stands only if the drain's deferred appends up to this offset are written
+    /// (see [`Log::append_deferred`]); if writing them fails, the handler's
+    /// [`LogHandler::flush_failed`] reply goes instead.
+    pub written_at: Option<u64>,
 }
 
 impl<R> Handled<R> {
@@ -40,6 +46,7 @@ impl<R> Handled<R> {
         Self {
             reply,
             durable_at: None,
+            written_at: None,
         }
     }
 
@@ -47,15 +54,22 @@ impl<R> Handled<R> {
         Self {
             reply,
             durable_at: Some(end_offset),
+            written_at: None,
         }
     }
 
-    /// The reply to an append that ended at `end_offset`: held for the fsync under
-    /// `fsync = always`, sent at once otherwise.
+    /// The reply to an append that ended at `end_offset`: sent once the append is written
+    /// (at the end of the drain, for a deferred one) and, under `fsync = always`, once an
+    /// fsync covers it.
     pub fn after_append(log: &Log, reply: R, end_offset: u64) -> Self {
-        match log.config().fsync {
-            FsyncPolicy::Always => Self::when_durable(reply, end_offset),
-            _ => Self::now(reply),
+        let durable_at = match log.config().fsync {
+            FsyncPolicy::Always => Some(end_offset),
+            _ => None,
+        };
+        Self {
+            reply,
+            durable_at,
+            written_at: Some(end_offset),
         }
     }
 }
@@ -78,6 +92,11 @@ pub trait LogHandler: Send + 'static {
 
     /// Called when the log has become durable up to `flushed_offset` (exclusive).
     fn on_durable(&mut self, _log: &Log, _flushed_offset: u64) {}
+
+    /// Called after each drain of requests, once its deferred appends are written (see
+    /// [`Log::append_deferred`]): what readers may see has moved to
+    /// [`Log::written_end_offset`].
+    fn on_written(&mut self, _log: &Log) {}
 
     /// Called once, just before the log is closed.
     fn on_close(&mut self, _log: &mut Log) {}
@@ -187,6 +206,9 @@ type FlushTask = JoinHandle<Result<(), StorageError>>;
 
 type Waiting<R> = VecDeque<(u64, oneshot::Sender<R>, R)>;
 
+/// Replies handled in one drain, with where to send them.
+type DrainReplies<R> = Vec<(oneshot::Sender<R>, Handled<R>)>;
+
 async fn run<H: LogHandler>(
     mut log: Log,
     mut handler: H,
@@ -205,6 +227,8 @@ async fn run<H: LogHandler>(
     fsync_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing: Option<oneshot::Sender<Result<(), StorageError>>> = None;
     let mut want_flush = false;
+    // The replies of one drain, held until its deferred appends are written.
+    let mut drain_replies: DrainReplies<H::Reply> = Vec::new();
 
     loop {
         tokio::select! {
@@ -230,27 +254,44 @@ async fn run<H: LogHandler>(
                 // owner is gone.
                 let mut next = Some(first);
                 let mut drained = 0;
+                let drain_max = options
+                    .drain_max
+                    .min(options.waiting_max.saturating_sub(waiting.len()))
+                    .max(1);
                 while let Some(message) = next.take() {
                     drained += 1;
                     match message {
                         Message::Call(request, reply_to) => {
                             let handled = handler.handle(&mut log, request, now_ms);
-                            match handled.durable_at {
-                                Some(offset) if offset > log.flushed_offset() => {
-                                    waiting.push_back((offset, reply_to, handled.reply));
-                                }
-                                _ => {
-                                    let _ = reply_to.send(handled.reply);
-                                }
-                            }
+                            drain_replies.push((reply_to, handled));
                         }
                         Message::Close(reply_to) => {
                             closing = Some(reply_to);
                             break;
                         }
                     }
-                    if drained < options.drain_max && waiting.len() < options.waiting_max {
+                    if drained < drain_max {
                         next = rx.try_recv().ok();
+                    }
+                }
+                let written = log.write_deferred();
+                handler.on_written(&log);
+                let written_end = log.written_end_offset();
+                for (reply_to, handled) in drain_replies.drain(..) {
+                    let reply = match &written {
+                        Err(error) if handled.written_at.is_some_and(|end| end > written_end) => {
+                            let _ = reply_to.send(handler.flush_failed(handled.reply, error));
+                            continue;
+                        }
+                        _ => handled.reply,
+                    };
+                    match handled.durable_at {
+                        Some(offset) if offset > log.flushed_offset() => {
+                            waiting.push_back((offset, reply_to, reply));
+                        }
+                        _ => {
+                            let _ = reply_to.send(reply);
+                        }
                     }
                 }
             }
@@ -408,7 +449,7 @@ impl LogHandler for BasicHandler {
 
     fn handle(&mut self, log: &mut Log, request: LogRequest, now_ms: i64) -> Handled<Self::Reply> {
         match request {
-            LogRequest::Append(checked) => match log.append_checked(&checked, now_ms) {
+            LogRequest::Append(checked) => match log.append_deferred(checked, now_ms) {
                 Ok(info) => {
                     let end = info.last_offset + 1;
                     Handled::after_append(log, Ok(LogResponse::Appended(info)), end)

@@ -30,6 +30,10 @@ pub(crate) const NO_TIMESTAMP: i64 = i64::MIN;
 /// corrupt length field cannot make recovery allocate more than this.
 const SCAN_CHUNK_BYTES: usize = 256 * 1024;
 
+/// Batches laid end to end in a buffer, with the header (offsets assigned) and position of
+/// each inside it: one run of an append.
+pub type AppendPart<'a> = (&'a [u8], &'a [(BatchHeader, usize)]);
+
 pub(crate) fn file_name(base_offset: u64, extension: &str) -> String {
     format!("{base_offset:020}.{extension}")
 }
@@ -470,47 +474,62 @@ impl Segment {
         batches: &[(BatchHeader, usize)],
         index_interval_bytes: u64,
     ) -> Result<(), StorageError> {
-        let position = self.size_bytes.load(Ordering::Relaxed);
-        self.write_patched(data, batches, position)
+        self.append_parts(&[(data, batches)], index_interval_bytes)
+    }
+
+    /// Appends several runs of already-validated batches, in order, with as few system calls
+    /// as the kernel allows: each part is `data` with the headers (offsets assigned) and
+    /// positions of the batches inside it. Writer only.
+    pub fn append_parts(
+        &self,
+        parts: &[AppendPart<'_>],
+        index_interval_bytes: u64,
+    ) -> Result<(), StorageError> {
+        let start = self.size_bytes.load(Ordering::Relaxed);
+        self.write_patched(parts, start)
             .map_err(|source| StorageError::io("write", &self.path, source))?;
         let mut bytes_since_index = self.bytes_since_index.load(Ordering::Relaxed);
         let mut max_timestamp = self.max_timestamp.load(Ordering::Relaxed);
-        for (header, at) in batches {
-            self.index_batch(
-                header,
-                position + *at as u64,
-                index_interval_bytes,
-                &mut bytes_since_index,
-                &mut max_timestamp,
-            );
-            bytes_since_index += header.total_bytes() as u64;
+        let mut position = start;
+        for (data, batches) in parts {
+            for (header, at) in *batches {
+                self.index_batch(
+                    header,
+                    position + *at as u64,
+                    index_interval_bytes,
+                    &mut bytes_since_index,
+                    &mut max_timestamp,
+                );
+                bytes_since_index += header.total_bytes() as u64;
+            }
+            position += data.len() as u64;
         }
         self.bytes_since_index
             .store(bytes_since_index, Ordering::Relaxed);
         self.max_timestamp.store(max_timestamp, Ordering::Release);
-        self.size_bytes
-            .store(position + data.len() as u64, Ordering::Release);
-        if let Some((last, _)) = batches.last() {
+        self.size_bytes.store(position, Ordering::Release);
+        if let Some((last, _)) = parts.iter().rev().find_map(|(_, batches)| batches.last()) {
             self.next_offset
                 .store(last.next_offset() as u64, Ordering::Release);
         }
         Ok(())
     }
 
-    /// Writes the batches laid end to end in `data` at `position`, taking each batch's first
-    /// 16 bytes (base offset, length, leader epoch) from its header instead of from `data`: the
-    /// producer's bytes go to the file without being copied to patch them.
+    /// Writes the batches of every part at `position`, one part after the other, taking each
+    /// batch's first 16 bytes (base offset, length, leader epoch) from its header instead of
+    /// from the data: the producer's bytes go to the file without being copied to patch them.
     fn write_patched(
         &self,
-        data: &[u8],
-        batches: &[(BatchHeader, usize)],
+        parts: &[AppendPart<'_>],
         position: u64,
     ) -> io::Result<()> {
         const PREFIX_BYTES: usize = 16;
         /// Slices per system call, within Linux's IOV_MAX.
         const SLICES_PER_CALL: usize = 1024;
-        let prefixes: Vec<[u8; PREFIX_BYTES]> = batches
+        let batch_count: usize = parts.iter().map(|(_, batches)| batches.len()).sum();
+        let prefixes: Vec<[u8; PREFIX_BYTES]> = parts
             .iter()
+            .flat_map(|(_, batches)| batches.iter())
             .map(|(header, _)| {
                 let mut prefix = [0u8; PREFIX_BYTES];
                 prefix[..8].copy_from_slice(&header.base_offset.to_be_bytes());
@@ -519,12 +538,16 @@ impl Segment {
                 prefix
             })
             .collect();
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batches.len() * 2);
-        for ((header, at), prefix) in batches.iter().zip(&prefixes) {
-            slices.push(IoSlice::new(prefix));
-            slices.push(IoSlice::new(
-                &data[at + PREFIX_BYTES..at + header.total_bytes()],
-            ));
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch_count * 2);
+        let mut prefix = prefixes.iter();
+        for (data, batches) in parts {
+            for (header, at) in *batches {
+                let patched = prefix.next().expect("one prefix per batch");
+                slices.push(IoSlice::new(patched));
+                slices.push(IoSlice::new(
+                    &data[at + PREFIX_BYTES..at + header.total_bytes()],
+                ));
+            }
         }
         let mut offset = position;
         for chunk in slices.chunks_mut(SLICES_PER_CALL) {

@@ -381,3 +381,51 @@ async fn requests_beyond_one_drain_are_all_applied() {
         task.await.unwrap().unwrap();
     }
 }
+
+/// Appends through the owner are written a drain at a time (one write for several appenders'
+/// batches), and an acknowledged append is already written: a reader finds it, intact, the
+/// moment the ack arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_append_is_visible_to_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_bytes: 256 * 1024,
+        ..common::small_config()
+    };
+    let log = open(dir.path(), config);
+    let (handle, task) = LogHandle::spawn(log, OwnerOptions::default());
+    let mut tasks = Vec::new();
+    for writer in 0..32u64 {
+        let handle = handle.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40 {
+                let batch = common::batch(2, 700, 0, writer * 100 + i);
+                let info = handle.append(batch.clone()).await.unwrap();
+                let read = handle
+                    .reader()
+                    .read(info.base_offset, 1, true)
+                    .expect("an acknowledged offset is readable");
+                let found = common::split(&read.bytes);
+                assert_eq!(found.len(), 1, "one whole batch at {}", info.base_offset);
+                assert_eq!(found[0].0, info.base_offset);
+                // Past the base offset, length and leader epoch, the bytes are the ones sent.
+                assert_eq!(
+                    found[0].1[16..],
+                    batch[16..],
+                    "batch at {}",
+                    info.base_offset
+                );
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(handle.reader().log_end_offset(), 32 * 40 * 2);
+    assert!(
+        handle.reader().segments().len() > 1,
+        "the test means to cross segment boundaries"
+    );
+    handle.close().await.unwrap();
+    task.await.unwrap().unwrap();
+}

@@ -1,28 +1,49 @@
-//! Random sequences of append / read / roll / retention / truncation / reopen, checked against
-//! a plain in-memory model of segments and batches.
+//! Random sequences of append (written at once or deferred) / read / roll / retention /
+//! truncation / reopen, checked against a plain in-memory model of segments and batches.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use proptest::prelude::*;
 use sluice_storage::batch::{set_base_offset, set_partition_leader_epoch};
-use sluice_storage::{Log, LogConfig, StorageError};
+use sluice_storage::{CheckedBatches, Log, LogConfig, StorageError};
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { batches: Vec<(usize, usize)> },
-    Read { offset_pick: u64, max_bytes: usize },
+    Append {
+        batches: Vec<(usize, usize)>,
+    },
+    /// `Log::append_deferred`, then `Log::write_deferred` if `write`; otherwise the next
+    /// operation finds the batches deferred.
+    AppendDeferred {
+        batches: Vec<(usize, usize)>,
+        write: bool,
+    },
+    Read {
+        offset_pick: u64,
+        max_bytes: usize,
+    },
     Roll,
-    RetainBytes { limit: u64 },
-    AdvanceStart { offset_pick: u64 },
-    Truncate { offset_pick: u64 },
-    Reopen { clean: bool },
+    RetainBytes {
+        limit: u64,
+    },
+    AdvanceStart {
+        offset_pick: u64,
+    },
+    Truncate {
+        offset_pick: u64,
+    },
+    Reopen {
+        clean: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => proptest::collection::vec((1usize..6, 0usize..400), 1..4)
             .prop_map(|batches| Op::Append { batches }),
+        4 => (proptest::collection::vec((1usize..6, 0usize..400), 1..4), any::<bool>())
+            .prop_map(|(batches, write)| Op::AppendDeferred { batches, write }),
         4 => (any::<u64>(), 0usize..3_000).prop_map(|(offset_pick, max_bytes)| Op::Read { offset_pick, max_bytes }),
         1 => Just(Op::Roll),
         1 => (0u64..6_000).prop_map(|limit| Op::RetainBytes { limit }),
@@ -46,6 +67,14 @@ impl ModelSegment {
     fn next(&self) -> u64 {
         self.batches.last().map_or(self.base, |b| b.1)
     }
+    /// Bytes of the batches that end at or below `end`.
+    fn size_below(&self, end: u64) -> u64 {
+        self.batches
+            .iter()
+            .filter(|b| b.1 <= end)
+            .map(|b| b.2.len() as u64)
+            .sum()
+    }
 }
 
 #[derive(Debug)]
@@ -53,11 +82,35 @@ struct Model {
     segments: Vec<ModelSegment>,
     log_start: u64,
     config: LogConfig,
+    /// The first offset appended by `append_deferred` and not written yet.
+    deferred_from: Option<u64>,
 }
 
 impl Model {
     fn end(&self) -> u64 {
         self.segments.last().unwrap().next()
+    }
+
+    /// The end of what readers see: deferred batches are not written yet.
+    fn visible_end(&self) -> u64 {
+        self.deferred_from.unwrap_or_else(|| self.end())
+    }
+
+    /// Whether appending `total` bytes starts a new segment.
+    fn needs_roll(&self, total: usize) -> bool {
+        let active = self.segments.last().unwrap();
+        !active.batches.is_empty() && active.size() + total as u64 > self.config.segment_bytes
+    }
+
+    fn append_deferred(&mut self, batches: &[Vec<u8>], records: &[usize]) -> (u64, u64) {
+        let total: usize = batches.iter().map(Vec::len).sum();
+        if self.needs_roll(total) {
+            // The log writes what it deferred before it seals the segment.
+            self.deferred_from = None;
+        }
+        let appended = self.append(batches, records);
+        self.deferred_from.get_or_insert(appended.0);
+        appended
     }
 
     fn roll(&mut self) {
@@ -73,8 +126,7 @@ impl Model {
 
     fn append(&mut self, batches: &[Vec<u8>], records: &[usize]) -> (u64, u64) {
         let total: usize = batches.iter().map(Vec::len).sum();
-        let active = self.segments.last().unwrap();
-        if !active.batches.is_empty() && active.size() + total as u64 > self.config.segment_bytes {
+        if self.needs_roll(total) {
             self.roll();
         }
         let first = self.end();
@@ -95,7 +147,8 @@ impl Model {
     }
 
     fn read(&self, offset: u64, max_bytes: usize) -> Result<Vec<u8>, ()> {
-        if offset < self.log_start || offset > self.end() {
+        let end = self.visible_end();
+        if offset < self.log_start || offset > end {
             return Err(());
         }
         let after = self.segments.partition_point(|s| s.base <= offset);
@@ -105,6 +158,9 @@ impl Model {
             };
             let mut out = Vec::new();
             for (index, batch) in segment.batches[first..].iter().enumerate() {
+                if batch.1 > end {
+                    break;
+                }
                 if out.len() + batch.2.len() > max_bytes {
                     if index == 0 {
                         out.extend_from_slice(&batch.2);
@@ -156,6 +212,18 @@ impl Model {
     }
 }
 
+/// Batches of `(record count, value bytes)` each, and their record counts.
+fn make_batches(batches: &[(usize, usize)], step: usize) -> (Vec<Vec<u8>>, Vec<usize>) {
+    let raw = batches
+        .iter()
+        .enumerate()
+        .map(|(i, (records, value))| {
+            common::batch(*records, *value, step as i64, (step * 10 + i) as u64).to_vec()
+        })
+        .collect();
+    (raw, batches.iter().map(|b| b.0).collect())
+}
+
 fn pick(offset_pick: u64, model: &Model) -> u64 {
     // Mostly inside the log, sometimes just outside it.
     let low = model.segments[0].base.saturating_sub(2);
@@ -166,13 +234,27 @@ fn pick(offset_pick: u64, model: &Model) -> u64 {
 fn check_shape(log: &Log, model: &Model) {
     assert_eq!(log.log_start_offset(), model.log_start, "log start offset");
     assert_eq!(log.log_end_offset(), model.end(), "log end offset");
+    assert_eq!(
+        log.has_deferred(),
+        model.deferred_from.is_some(),
+        "deferred appends"
+    );
+    assert_eq!(
+        log.reader().log_end_offset(),
+        model.visible_end(),
+        "log end offset readers see"
+    );
     let actual: Vec<(u64, u64)> = log
         .reader()
         .segments()
         .iter()
         .map(|s| (s.base_offset, s.size_bytes))
         .collect();
-    let expected: Vec<(u64, u64)> = model.segments.iter().map(|s| (s.base, s.size())).collect();
+    let expected: Vec<(u64, u64)> = model
+        .segments
+        .iter()
+        .map(|s| (s.base, s.size_below(model.visible_end())))
+        .collect();
     assert_eq!(actual, expected, "segments (base offset, size)");
 }
 
@@ -184,24 +266,37 @@ fn run(ops: Vec<Op>) {
         segments: vec![ModelSegment::default()],
         log_start: 0,
         config: config.clone(),
+        deferred_from: None,
     };
     for (step, op) in ops.into_iter().enumerate() {
         let current = log.as_mut().unwrap();
+        // Every operation but a read or another deferred append writes deferred batches first
+        // (an unclean reopen loses them).
+        let writes_deferred = match &op {
+            Op::Read { .. } | Op::AppendDeferred { .. } => false,
+            Op::Reopen { clean } => *clean,
+            _ => true,
+        };
+        if writes_deferred {
+            model.deferred_from = None;
+        }
         match op {
             Op::Append { batches } => {
-                let raw: Vec<Vec<u8>> = batches
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (records, value))| {
-                        common::batch(*records, *value, step as i64, (step * 10 + i) as u64)
-                            .to_vec()
-                    })
-                    .collect();
-                let counts: Vec<usize> = batches.iter().map(|b| b.0).collect();
-                let input: Vec<u8> = raw.concat();
-                let info = current.append(&input, 0).unwrap();
+                let (raw, counts) = make_batches(&batches, step);
+                let info = current.append(&raw.concat(), 0).unwrap();
                 let (first, last) = model.append(&raw, &counts);
                 assert_eq!((info.base_offset, info.last_offset), (first, last));
+            }
+            Op::AppendDeferred { batches, write } => {
+                let (raw, counts) = make_batches(&batches, step);
+                let checked = CheckedBatches::check(raw.concat().into(), 1 << 20).unwrap();
+                let info = current.append_deferred(checked, 0).unwrap();
+                let (first, last) = model.append_deferred(&raw, &counts);
+                assert_eq!((info.base_offset, info.last_offset), (first, last));
+                if write {
+                    current.write_deferred().unwrap();
+                    model.deferred_from = None;
+                }
             }
             Op::Read {
                 offset_pick,
@@ -253,6 +348,9 @@ fn run(ops: Vec<Op>) {
                     closing.close().unwrap();
                 } else {
                     drop(closing);
+                    if let Some(offset) = model.deferred_from.take() {
+                        model.truncate(offset);
+                    }
                 }
                 log = Some(Log::open(dir.path(), config.clone(), 0).unwrap());
             }
@@ -260,7 +358,9 @@ fn run(ops: Vec<Op>) {
         check_shape(log.as_ref().unwrap(), &model);
     }
     // Finally, everything visible reads back exactly.
-    let log = log.unwrap();
+    let mut log = log.unwrap();
+    log.write_deferred().unwrap();
+    model.deferred_from = None;
     let mut offset = model.log_start;
     while offset < model.end() {
         let got = log.read(offset, 1 << 20, true).unwrap();
