@@ -518,11 +518,7 @@ impl Segment {
     /// Writes the batches of every part at `position`, one part after the other, taking each
     /// batch's first 16 bytes (base offset, length, leader epoch) from its header instead of
     /// from the data: the producer's bytes go to the file without being copied to patch them.
-    fn write_patched(
-        &self,
-        parts: &[AppendPart<'_>],
-        position: u64,
-    ) -> io::Result<()> {
+    fn write_patched(&self, parts: &[AppendPart<'_>], position: u64) -> io::Result<()> {
         const PREFIX_BYTES: usize = 16;
         /// Slices per system call, within Linux's IOV_MAX.
         const SLICES_PER_CALL: usize = 1024;
