@@ -126,11 +126,9 @@ struct Deferred {
 
 /// Deferred appends are written once they add up to this many bytes, whether or not the drain
 /// is over, and an append that would take them past it is written apart. It bounds what one
-/// write holds back. The size is measured, not derived: on the development machine 64
-/// appenders of 16 KiB batches reached 2.1–2.3 GB/s with writes of up to 1 MiB against
-/// 1.5–2.1 GB/s with 256 KiB, while letting writes grow to 4 MiB made appenders of 1 MiB batches
-/// three to four times slower (the page cache there also took single 1 MiB and 4 MiB writes far
-/// slower than 256 KiB ones; see docs/benchmarks.md).
+/// write holds back; the write itself goes to the kernel in calls of at most 256 KiB (see
+/// `segment::WRITE_BYTES_MAX`). On the development machine 64 appenders of 16 KiB batches
+/// reached 2.1–2.3 GB/s with groups of up to 1 MiB against 1.5–2.1 GB/s with 256 KiB.
 const DEFERRED_BYTES_MAX: u64 = 1024 * 1024;
 
 /// Work to make a log durable up to an offset, runnable on a blocking thread while the writer

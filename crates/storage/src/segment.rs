@@ -520,8 +520,6 @@ impl Segment {
     /// from the data: the producer's bytes go to the file without being copied to patch them.
     fn write_patched(&self, parts: &[AppendPart<'_>], position: u64) -> io::Result<()> {
         const PREFIX_BYTES: usize = 16;
-        /// Slices per system call, within Linux's IOV_MAX.
-        const SLICES_PER_CALL: usize = 1024;
         let batch_count: usize = parts.iter().map(|(_, batches)| batches.len()).sum();
         let prefixes: Vec<[u8; PREFIX_BYTES]> = parts
             .iter()
@@ -534,31 +532,15 @@ impl Segment {
                 prefix
             })
             .collect();
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch_count * 2);
+        let mut pieces: Vec<&[u8]> = Vec::with_capacity(batch_count * 2);
         let mut prefix = prefixes.iter();
         for (data, batches) in parts {
             for (header, at) in *batches {
-                let patched = prefix.next().expect("one prefix per batch");
-                slices.push(IoSlice::new(patched));
-                slices.push(IoSlice::new(
-                    &data[at + PREFIX_BYTES..at + header.total_bytes()],
-                ));
+                pieces.push(prefix.next().expect("one prefix per batch"));
+                pieces.push(&data[at + PREFIX_BYTES..at + header.total_bytes()]);
             }
         }
-        let mut offset = position;
-        for chunk in slices.chunks_mut(SLICES_PER_CALL) {
-            let mut remaining: &mut [IoSlice<'_>] = chunk;
-            while !remaining.is_empty() {
-                let written =
-                    rustix::io::pwritev(&self.file, remaining, offset).map_err(io::Error::from)?;
-                if written == 0 {
-                    return Err(io::Error::from(io::ErrorKind::WriteZero));
-                }
-                offset += written as u64;
-                IoSlice::advance_slices(&mut remaining, written);
-            }
-        }
-        Ok(())
+        write_all_at(&self.file, &pieces, position)
     }
 
     /// Finds the position of the batch that contains `offset`, or `None` if the segment ends
@@ -772,5 +754,104 @@ impl Segment {
             }
         }
         Ok(())
+    }
+}
+
+/// Bytes one write system call carries at most. Measured, not derived: on the development
+/// machine (a virtual machine) the page cache took writes of 256 KiB at about 3 GB/s and
+/// single writes of 1 MiB or more at 0.3–1.6 GB/s, the kernel's copy into the larger page
+/// cache folios it allocates for larger writes being several times slower there. Appends of
+/// 1 MiB batches are written in four calls.
+const WRITE_BYTES_MAX: usize = 256 * 1024;
+/// Slices per system call, within Linux's IOV_MAX.
+const SLICES_PER_CALL: usize = 1024;
+
+/// Writes `pieces` end to end at `position`, in calls of at most [`WRITE_BYTES_MAX`] bytes and
+/// [`SLICES_PER_CALL`] slices, resuming after short writes.
+fn write_all_at(file: &File, mut pieces: &[&[u8]], mut position: u64) -> io::Result<()> {
+    // Bytes of `pieces[0]` already written.
+    let mut skip = 0;
+    let mut call: Vec<IoSlice<'_>> = Vec::with_capacity(SLICES_PER_CALL.min(pieces.len()));
+    loop {
+        while pieces.first().is_some_and(|piece| piece.len() == skip) {
+            pieces = &pieces[1..];
+            skip = 0;
+        }
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        call.clear();
+        let mut call_bytes = 0;
+        for (index, piece) in pieces.iter().enumerate() {
+            if call.len() == SLICES_PER_CALL || call_bytes == WRITE_BYTES_MAX {
+                break;
+            }
+            let piece = if index == 0 { &piece[skip..] } else { piece };
+            let take = piece.len().min(WRITE_BYTES_MAX - call_bytes);
+            call.push(IoSlice::new(&piece[..take]));
+            call_bytes += take;
+        }
+        let mut written = rustix::io::pwritev(file, &call, position).map_err(io::Error::from)?;
+        if written == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        position += written as u64;
+        while written > 0 {
+            let left = pieces[0].len() - skip;
+            if written >= left {
+                written -= left;
+                pieces = &pieces[1..];
+                skip = 0;
+            } else {
+                skip += written;
+                written = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Pieces of every size around the per-call limits land end to end, byte for byte.
+    #[test]
+    fn pieces_are_written_end_to_end_across_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pieces");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let sizes = [
+            16,
+            WRITE_BYTES_MAX - 16,
+            WRITE_BYTES_MAX + 1,
+            1,
+            3 * WRITE_BYTES_MAX + 7,
+            0,
+            4096,
+        ];
+        let owned: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(index, size)| (0..*size).map(|i| (i * 7 + index) as u8).collect())
+            .collect();
+        // Many tiny pieces as well, past the slice limit of one call.
+        let tiny: Vec<Vec<u8>> = (0..SLICES_PER_CALL + 10)
+            .map(|i| vec![i as u8; 3])
+            .collect();
+        let pieces: Vec<&[u8]> = owned.iter().chain(&tiny).map(Vec::as_slice).collect();
+        write_all_at(&file, &pieces, 5).unwrap();
+        let written = std::fs::read(&path).unwrap();
+        let mut expected = vec![0u8; 5];
+        expected.extend(pieces.concat());
+        assert_eq!(written.len(), expected.len());
+        assert!(written == expected, "file content differs from the pieces");
     }
 }
