@@ -86,3 +86,69 @@ def test_malformed_frames_close_only_their_connection(sluice):
     correlation_id, error_code = struct.unpack(">ih", read_frame(healthy)[:6])
     assert (correlation_id, error_code) == (5, 0)
     broker_still_serves(sluice.kafka)
+
+
+def produce_v3(correlation_id, topic, batch):
+    """A Produce v3 request frame, acks=1, one partition."""
+    name = topic.encode()
+    client_id = b"pipeline"
+    header = struct.pack(">hhih", 0, 3, correlation_id, len(client_id)) + client_id
+    body = struct.pack(">hhi", -1, 1, 10_000)  # no transactional id, acks=1, timeout
+    body += struct.pack(">ih", 1, len(name)) + name
+    body += struct.pack(">iii", 1, 0, len(batch)) + batch
+    frame = header + body
+    return struct.pack(">i", len(frame)) + frame
+
+
+def list_offsets_latest_v1(correlation_id, topic):
+    name = topic.encode()
+    client_id = b"pipeline"
+    header = struct.pack(">hhih", 2, 1, correlation_id, len(client_id)) + client_id
+    body = struct.pack(">ii", -1, 1) + struct.pack(">h", len(name)) + name
+    body += struct.pack(">iiq", 1, 0, -1)
+    frame = header + body
+    return struct.pack(">i", len(frame)) + frame
+
+
+def test_pipelined_produce_requests_are_answered_in_order(sluice):
+    """A client may send many Produce requests before reading any answer (librdkafka keeps
+    several in flight). Each is answered, in request order, with consecutive offsets; a
+    ListOffsets sent right behind them is answered last and sees every record."""
+    from confluent_kafka.admin import NewTopic
+    from kafka.record.default_records import DefaultRecordBatchBuilder
+
+    topic = "pipelined"
+    admin = AdminClient({"bootstrap.servers": sluice.kafka})
+    admin.create_topics([NewTopic(topic, num_partitions=1)])["pipelined"].result(timeout=10)
+
+    request_count = 40
+    records_per_batch = 3
+    frames = b""
+    for request in range(request_count):
+        builder = DefaultRecordBatchBuilder(
+            magic=2, compression_type=0, is_transactional=False,
+            producer_id=-1, producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
+        for record in range(records_per_batch):
+            value = b"%d-%d-" % (request, record) + b"x" * 20_000
+            builder.append(record, timestamp=None, key=None, value=value, headers=[])
+        frames += produce_v3(100 + request, topic, bytes(builder.build()))
+    frames += list_offsets_latest_v1(999, topic)
+    sock = connect(sluice.kafka)
+    sock.sendall(frames)
+
+    for request in range(request_count):
+        reply = read_frame(sock)
+        correlation_id, topic_count, name_len = struct.unpack(">iih", reply[:10])
+        assert correlation_id == 100 + request, "responses come back in request order"
+        at = 10 + name_len
+        partition_count, index, error, base_offset = struct.unpack(">iihq", reply[at:at + 18])
+        assert (partition_count, index, error) == (1, 0, 0)
+        assert base_offset == request * records_per_batch
+    reply = read_frame(sock)
+    correlation_id, topic_count, name_len = struct.unpack(">iih", reply[:10])
+    assert correlation_id == 999
+    at = 10 + name_len
+    _, index, error, _timestamp, offset = struct.unpack(">iihqq", reply[at:at + 26])
+    assert (index, error) == (0, 0)
+    assert offset == request_count * records_per_batch
+    sock.close()
