@@ -404,28 +404,11 @@ impl Log {
     }
 
     /// Appends batches checked beforehand ([`CheckedBatches::check`], typically on the
-    /// caller's task so that the owner task does not spend a CRC pass on them). Only the size
-    /// limit, which a config change may have lowered since, is checked again.
-    pub fn append_checked(
-        &mut self,
-        checked: &CheckedBatches,
-        now_ms: i64,
-    ) -> Result<AppendInfo, StorageError> {
-        self.check_writable()?;
-        self.check_size(checked)?;
-        self.write_deferred()?;
-        self.append_headers(
-            &checked.bytes,
-            checked.headers.clone(),
-            checked.record_total,
-            now_ms,
-        )
-    }
-
-    /// Like [`Self::append_checked`], but the batches may stay in memory, with their offsets
-    /// assigned, until [`Self::write_deferred`] writes every deferred append with one system
-    /// call (or until they add up to 1 MiB, or another change to the log needs them
-    /// written). Several small appends then cost the kernel one large write.
+    /// caller's task so that the owner task does not spend a CRC pass on them); only the size
+    /// limit, which a config change may have lowered since, is checked again. The batches may
+    /// stay in memory, with their offsets assigned, until [`Self::write_deferred`] writes every
+    /// deferred append at once (or until they add up to 1 MiB, or another change to the log
+    /// needs them written): several small appends then cost the kernel one large write.
     ///
     /// Until then they are not visible to readers, and a caller must not acknowledge them: a
     /// failed write fails them all. The owner task holds such replies back until its drain's
@@ -1072,7 +1055,7 @@ fn check_batches(
 }
 
 /// Record batches whose structure and CRC have been checked, ready for
-/// [`Log::append_checked`]. The CRC pass over every byte is the costly part of an append;
+/// [`Log::append_deferred`]. The CRC pass over every byte is the costly part of an append;
 /// checking on the producer's or connection's task keeps it off the log's one owner task,
 /// so several callers check in parallel while the owner only writes.
 #[derive(Debug, Clone)]

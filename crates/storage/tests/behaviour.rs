@@ -265,15 +265,16 @@ fn batches_checked_elsewhere_are_appended_and_the_size_limit_is_checked_again() 
     ));
     let good = CheckedBatches::check(common::batch(3, 10, 0, 1).freeze(), usize::MAX).unwrap();
     assert_eq!(good.record_count(), 3);
-    let info = log.append_checked(&good, 0).unwrap();
+    let info = log.append_deferred(good.clone(), 0).unwrap();
     assert_eq!((info.base_offset, info.last_offset), (0, 2));
     // Checked without a limit, refused by the log's own.
     let big = CheckedBatches::check(common::batch(1, 3_000, 0, 3).freeze(), usize::MAX).unwrap();
     assert!(matches!(
-        log.append_checked(&big, 0),
+        log.append_deferred(big, 0),
         Err(StorageError::InvalidBatch { .. })
     ));
     assert_eq!(log.log_end_offset(), 3);
+    log.write_deferred().unwrap();
     let read = log.read(0, 1 << 20, true).unwrap();
     assert_eq!(
         &read.bytes[16..],
