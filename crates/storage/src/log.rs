@@ -421,14 +421,11 @@ impl Log {
         self.check_writable()?;
         self.check_size(&checked)?;
         let bytes = checked.bytes.len() as u64;
-        if !self.deferred.parts.is_empty()
-            && (self.deferred.bytes + bytes > DEFERRED_BYTES_MAX
-                || self.needs_roll(bytes, checked.record_total, now_ms))
-        {
+        if self.needs_roll(bytes, checked.record_total, now_ms) {
+            // Rolling writes what is deferred first, into the segment it belongs to.
+            self.roll(now_ms)?;
+        } else if self.deferred.bytes + bytes > DEFERRED_BYTES_MAX {
             self.write_deferred()?;
-        }
-        if self.deferred.parts.is_empty() {
-            self.maybe_roll(bytes, checked.record_total, now_ms)?;
         }
         let base_offset = self.log_end_offset();
         let next = self.assign_offsets(&mut checked.headers, base_offset);

@@ -94,7 +94,7 @@ pub trait LogHandler: Send + 'static {
     fn on_durable(&mut self, _log: &Log, _flushed_offset: u64) {}
 
     /// Called after each drain of requests, once its deferred appends are written (see
-    /// [`Log::append_deferred`]): what readers may see has moved to
+    /// [`Log::append_deferred`]) or writing them failed: what readers may see is now
     /// [`Log::written_end_offset`].
     fn on_written(&mut self, _log: &Log) {}
 

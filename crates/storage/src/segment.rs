@@ -758,10 +758,10 @@ impl Segment {
 }
 
 /// Bytes one write system call carries at most. Measured, not derived: on the development
-/// machine (a virtual machine) the page cache took writes of 256 KiB at about 3 GB/s and
-/// single writes of 1 MiB or more at 0.3–1.6 GB/s, the kernel's copy into the larger page
-/// cache folios it allocates for larger writes being several times slower there. Appends of
-/// 1 MiB batches are written in four calls.
+/// machine (a virtual machine) the page cache took writes of 256 KiB at about 3 GB/s all day,
+/// while single writes of 1 MiB or more ran at 4 GB/s at one time and 0.3–1.6 GB/s at another,
+/// the kernel's copy into the larger page cache folios it allocates for larger writes being
+/// several times slower then. Appends of 1 MiB batches are written in four calls.
 const WRITE_BYTES_MAX: usize = 256 * 1024;
 /// Slices per system call, within Linux's IOV_MAX.
 const SLICES_PER_CALL: usize = 1024;
