@@ -219,7 +219,13 @@ impl KafkaOptions {
             )
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            // Whenever its local queue holds `queued.min.messages` (100,000 by default),
+            // librdkafka stops fetching for `fetch.queue.backoff.ms`: 1,000 ms by default,
+            // while this consumer drains 100,000 records in under 100 ms. With the default,
+            // a backlog drained at 345k-443k records/s on the development machine; with 10 ms,
+            // at 1.1-1.6M/s.
+            .set("fetch.queue.backoff.ms", "10");
         match &self.group_id {
             Some(group_id) => config.set("group.id", format!("{group_id}-{group}")),
             // librdkafka refuses to assign partitions to a consumer without a group id, even

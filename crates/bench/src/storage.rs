@@ -5,8 +5,10 @@
 //! Appends go through the log's owner task ([`LogHandle::append`]), as the broker's partitions
 //! and queues will send them: each appender is a tokio task that awaits the ack of one append
 //! before sending the next, so with `fsync = always` the appenders that wait together share an
-//! fsync (group commit). Every append sends a fresh copy of one prebuilt batch, as a request
-//! buffer would arrive from the network.
+//! fsync (group commit). Every append sends the same prebuilt batch (the log patches offsets on
+//! the way to the file and never changes the buffer), as fio writes one buffer over and over:
+//! the figure is the engine's, beside fio's, and copying from the network is the protocol
+//! benchmarks' part.
 //!
 //! Each run writes into a fresh directory under `--dir`, closes the log, and deletes the
 //! directory, so runs do not see each other's files or dirty pages. A run stops at its byte
@@ -18,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use sluice_storage::record::BatchBuilder;
@@ -405,7 +407,7 @@ fn fresh_dir(base: &Path, label: &str) -> Result<tempfile::TempDir, BenchError> 
         .map_err(|source| BenchError::io("create a directory in", base, source))
 }
 
-/// One append run: a fresh log under `base`, `appender_count` appenders sending copies of
+/// One append run: a fresh log under `base`, `appender_count` appenders appending
 /// `batch` under `policy` until `options`' byte budget or time limit, then close.
 pub async fn append_run(
     base: &Path,
@@ -533,7 +535,7 @@ struct AppenderTally {
     ack_us: Histogram<u64>,
 }
 
-/// One appender: claims a batch from the shared budget, appends a fresh copy, waits for the
+/// One appender: claims a batch from the shared budget, appends it, waits for the
 /// ack, and again, until the budget or the time is used up.
 ///
 /// An owner task that drops a request without applying it answers `OwnerGone` while it runs
@@ -557,7 +559,7 @@ async fn append_loop(
         let sent_at = Instant::now();
         let mut retries = 0;
         loop {
-            match handle.append(BytesMut::from(&batch[..])).await {
+            match handle.append(batch.clone()).await {
                 Ok(_) => break,
                 Err(sluice_storage::StorageError::OwnerGone)
                     if retries < LOST_REQUEST_RETRIES_MAX =>

@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -519,9 +519,11 @@ impl LogHandle {
         &self.reader
     }
 
-    /// Appends batches, checking them on the caller's task first.
-    pub async fn append(&self, batches: BytesMut) -> Result<AppendInfo, StorageError> {
-        let checked = CheckedBatches::check(batches.freeze(), self.max_batch_bytes)?;
+    /// Appends batches, checking them on the caller's task first. The bytes are written as
+    /// they are (the assigned offsets are patched on the way to the file), so one buffer may be
+    /// appended many times.
+    pub async fn append(&self, batches: impl Into<Bytes>) -> Result<AppendInfo, StorageError> {
+        let checked = CheckedBatches::check(batches.into(), self.max_batch_bytes)?;
         match self.owner.call(LogRequest::Append(checked)).await?? {
             LogResponse::Appended(info) => Ok(info),
             other => unexpected(other),
