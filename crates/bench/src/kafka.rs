@@ -537,6 +537,16 @@ fn start_consumers(
     meter: &Arc<Meter>,
 ) -> Result<Vec<JoinHandle<Result<Latency, BenchError>>>, BenchError> {
     let ready = Arc::new(AtomicUsize::new(0));
+    // A topic named for this run starts empty: consumers that assign themselves its
+    // partitions fetch from offset 0 at once, where `Offset::Beginning` would first ask the
+    // group coordinator for a committed offset and then the leader for the earliest one,
+    // a few hundred milliseconds in which the producers already send and the first records'
+    // latency grows.
+    let start = if options.topic.is_none() {
+        Offset::Offset(0)
+    } else {
+        Offset::Beginning
+    };
     let mut handles = Vec::new();
     for group in 0..options.consumer_groups {
         for index in 0..options.consumers {
@@ -556,7 +566,7 @@ fn start_consumers(
                     (0..partition_count).filter(|p| *p as usize % options.consumers == index)
                 {
                     assignment
-                        .add_partition_offset(topic, partition, Offset::Beginning)
+                        .add_partition_offset(topic, partition, start)
                         .map_err(|error| BenchError::kafka("building an assignment", error))?;
                 }
                 consumer
