@@ -1,5 +1,5 @@
 """Operating the AMQP side: metrics after Kafka and AMQP traffic, connections listed and closed
-through the admin API, and the CLI's queue, exchange and binding commands."""
+through the admin API, and the CLI's queue, exchange, binding, virtual host, user and permission commands."""
 
 import base64
 import json
@@ -11,6 +11,7 @@ import pika
 import pytest
 from confluent_kafka import Producer
 
+from conftest import amqp_parameters
 from conftest import run_cli as cli
 
 
@@ -179,3 +180,63 @@ def test_cli_queue_errors_are_clear(sluice):
     unbound = cli(sluice, "binding", "add", "amq.direct", "ghost", check=False)
     assert unbound.returncode == 1
     assert "no queue 'ghost' in vhost '/'" in unbound.stderr
+
+
+def test_cli_users_permissions_and_virtual_hosts(sluice):
+    assert "created virtual host shop" in cli(sluice, "vhost", "add", "shop").stdout
+    cli(sluice, "user", "add", "alice", "--tag", "management", input="s3cret\n")
+    users = json.loads(cli(sluice, "user", "list", "-o", "json").stdout)
+    assert {"name": "alice", "tags": ["management"], "vhosts": []} in users
+    alice = pika.PlainCredentials("alice", "s3cret")
+    with pytest.raises(pika.exceptions.AMQPConnectionError) as refused:
+        pika.BlockingConnection(amqp_parameters(sluice, credentials=alice, virtual_host="shop"))
+    assert "NOT_ALLOWED - access to vhost 'shop' refused for user 'alice'" in str(refused.value)
+
+    cli(sluice, "permission", "set", "alice", "--vhost", "shop", "--configure", "^orders", "--read", "^orders")
+    listed = json.loads(cli(sluice, "permission", "list", "-o", "json").stdout)
+    assert {"user": "alice", "vhost": "shop", "configure": "^orders", "write": ".*", "read": "^orders"} in listed
+    table = cli(sluice, "permission", "list").stdout
+    assert "alice" in table and "^orders" in table
+
+    connection = pika.BlockingConnection(amqp_parameters(sluice, credentials=alice, virtual_host="shop"))
+    channel = connection.channel()
+    channel.queue_declare("orders", durable=True)
+    channel.confirm_delivery()
+    channel.basic_publish("", "orders", b"one", pika.BasicProperties(delivery_mode=2))
+    consumer = connection.channel()
+    consumer.basic_consume("orders", lambda ch, method, props, body: None, auto_ack=False)
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as denied:
+        channel.queue_declare("billing")
+    assert denied.value.reply_code == 403
+
+    vhosts = json.loads(cli(sluice, "vhost", "list", "-o", "json").stdout)
+    assert any(v["name"] == "shop" and v["queues"] == 1 for v in vhosts)
+
+    # Deleting the virtual host takes its queue and messages, its permissions, and its
+    # connections (CONNECTION_FORCED, as RabbitMQ closes them).
+    assert "deleted virtual host shop" in cli(sluice, "vhost", "delete", "shop").stdout
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as closed:
+        for _ in range(10):
+            connection.process_data_events(time_limit=1)
+    assert closed.value.reply_code == 320
+    assert closed.value.reply_text == "CONNECTION_FORCED - vhost 'shop' is deleted"
+    names = [v["name"] for v in json.loads(cli(sluice, "vhost", "list", "-o", "json").stdout)]
+    assert "shop" not in names
+    assert not any(p["vhost"] == "shop" for p in json.loads(cli(sluice, "permission", "list", "-o", "json").stdout))
+    missing = cli(sluice, "vhost", "delete", "shop", check=False)
+    assert missing.returncode == 1 and "shop" in missing.stderr
+
+    # A virtual host created again under the name starts empty, with no permissions, and so
+    # it stays across a restart.
+    cli(sluice, "vhost", "add", "shop")
+    sluice.restart()
+    names = [v["name"] for v in json.loads(cli(sluice, "vhost", "list", "-o", "json").stdout)]
+    assert "shop" in names
+    status, queues = http(sluice, "GET", "/api/queues/shop")
+    assert status == 200 and queues == []
+    with pytest.raises(pika.exceptions.AMQPConnectionError) as refused:
+        pika.BlockingConnection(amqp_parameters(sluice, credentials=alice, virtual_host="shop"))
+    assert "NOT_ALLOWED - access to vhost 'shop' refused for user 'alice'" in str(refused.value)
+
+    assert "deleted user alice" in cli(sluice, "user", "delete", "alice").stdout
+    assert "alice" not in [u["name"] for u in json.loads(cli(sluice, "user", "list", "-o", "json").stdout)]

@@ -308,6 +308,15 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                     "Closed via management plugin",
                 ));
             }
+            () = async {
+                match conn.vhost.as_ref() {
+                    Some(vhost) => vhost.deleted().cancelled().await,
+                    None => std::future::pending().await,
+                }
+            }, if conn.state != State::Closing && conn.state != State::Closed => {
+                let text = format!("vhost '{}' is deleted", conn.vhost_name());
+                conn.close_connection(Exception::new(errors::CONNECTION_FORCED, text));
+            }
             () = shutdown.cancelled(), if conn.state != State::Closing && conn.state != State::Closed => {
                 conn.close_connection(Exception::new(
                     errors::CONNECTION_FORCED,

@@ -67,6 +67,10 @@ pub(crate) enum MessagingCommand {
         name: String,
         reply: Reply<()>,
     },
+    DeleteVhost {
+        name: String,
+        reply: Reply<()>,
+    },
     PutUser {
         record: UserRecord,
         reply: Reply<()>,
@@ -315,6 +319,9 @@ pub(crate) async fn handle(shared: &Arc<Shared>, command: MessagingCommand) {
             let result = put_vhost(shared, &name).await;
             let _ = reply.send(result);
         }
+        MessagingCommand::DeleteVhost { name, reply } => {
+            let _ = reply.send(delete_vhost(shared, &name).await);
+        }
         MessagingCommand::PutUser { record, reply } => {
             let _ = reply.send(apply(shared, DefinitionCommand::PutUser(record)).await);
         }
@@ -371,6 +378,38 @@ async fn put_vhost(shared: &Arc<Shared>, name: &str) -> Result<(), BrokerError> 
         tracing::info!(vhost = name, "created virtual host");
     }
     republish(shared, name);
+    Ok(())
+}
+
+/// Deletes a virtual host with everything in it: one metadata command drops its exchanges,
+/// queues, bindings and the users' permissions there; then its queues are deleted (consumers
+/// get basic.cancel), their directories removed, and its connections told to close.
+async fn delete_vhost(shared: &Arc<Shared>, name: &str) -> Result<(), BrokerError> {
+    if definitions_of(shared, name).is_none() {
+        return Err(MessagingError::VhostNotFound(name.to_owned()).into());
+    }
+    apply(
+        shared,
+        DefinitionCommand::DeleteVhost {
+            name: name.to_owned(),
+        },
+    )
+    .await?;
+    let Some(live) = shared.messaging.vhosts.write().remove(name) else {
+        return Ok(());
+    };
+    let queues: Vec<Arc<Queue>> = live.queues.lock().drain().map(|(_, q)| q).collect();
+    // Whoever still holds the old routing table finds no exchange to publish to.
+    live.rebuild(&VhostDefinitions::default());
+    live.deleted().cancel();
+    for queue in queues {
+        let _ = queue.deleting().await;
+        if let Err(error) = queue.close().await {
+            tracing::warn!(queue = %queue.record().name, vhost = name, %error, "closing a queue of a deleted virtual host failed");
+        }
+        remove_dir(queue_spec(shared, queue.record(), QueueArgs::default()).dir).await;
+    }
+    tracing::info!(vhost = name, "deleted virtual host");
     Ok(())
 }
 

@@ -188,6 +188,11 @@ impl Definitions {
                 if self.vhosts.remove(name).is_none() {
                     return Err(MessagingError::VhostNotFound(name.clone()).into());
                 }
+                // As in RabbitMQ, permissions in a deleted virtual host go with it: one created
+                // later under the same name starts with none.
+                for user in self.users.values_mut() {
+                    user.permissions.remove(name);
+                }
             }
             DefinitionCommand::PutUser(user) => {
                 self.users.insert(user.name.clone(), user.clone());
@@ -326,6 +331,13 @@ pub(crate) fn changes(
     match command {
         DefinitionCommand::PutUser(user) => put(&mut changes, USERS, user.name.clone(), user)?,
         DefinitionCommand::DeleteUser { name } => delete(&mut changes, USERS, name.clone()),
+        DefinitionCommand::DeleteVhost { .. } => {
+            for (name, user) in &new.users {
+                if old.users.get(name) != Some(user) {
+                    put(&mut changes, USERS, name.clone(), user)?;
+                }
+            }
+        }
         _ => {}
     }
     let Some(vhost) = command.vhost() else {

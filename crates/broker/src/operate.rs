@@ -127,6 +127,17 @@ impl Broker {
         self.ensure_vhost(name).await
     }
 
+    /// Deletes a virtual host and everything in it (exchanges, queues and their messages,
+    /// bindings, users' permissions there); connections to it are closed.
+    pub async fn delete_vhost(&self, name: &str) -> Result<(), BrokerError> {
+        if self.vhost(name).is_none() {
+            return Err(MessagingError::VhostNotFound(name.to_owned()).into());
+        }
+        let name = name.to_owned();
+        self.command(|reply| Command::Messaging(MessagingCommand::DeleteVhost { name, reply }))
+            .await
+    }
+
     /// Publishes one message to an exchange of a virtual host, as a client would (the
     /// default exchange is `""`). Returns how many queues it reached; persistent messages
     /// are on disk in durable queues when this returns.

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine;
 use parking_lot::{Mutex, RwLock};
+use tokio_util::sync::CancellationToken;
 
 use crate::Broker;
 use crate::control::MessagingCommand;
@@ -36,6 +37,7 @@ pub struct Vhost {
     version: AtomicU64,
     /// Live queues by name. Changed by the controller only.
     pub(crate) queues: Mutex<HashMap<String, Arc<Queue>>>,
+    deleted: CancellationToken,
 }
 
 impl Vhost {
@@ -45,7 +47,13 @@ impl Vhost {
             routing: RwLock::new(Arc::new(RoutingTable::default())),
             version: AtomicU64::new(0),
             queues: Mutex::new(HashMap::new()),
+            deleted: CancellationToken::new(),
         }
+    }
+
+    /// Cancelled once the virtual host is deleted: connections to it close.
+    pub fn deleted(&self) -> &CancellationToken {
+        &self.deleted
     }
 
     pub fn name(&self) -> &str {

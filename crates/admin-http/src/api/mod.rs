@@ -33,7 +33,7 @@ pub fn routes() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(connections::close))
         .routes(routes!(connections::channels))
         .routes(routes!(queues::list_vhosts))
-        .routes(routes!(queues::put_vhost))
+        .routes(routes!(queues::put_vhost, queues::delete_vhost))
         .routes(routes!(queues::list_all))
         .routes(routes!(queues::list_in_vhost))
         .routes(routes!(queues::describe, queues::declare, queues::delete))

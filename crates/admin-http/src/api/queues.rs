@@ -210,6 +210,19 @@ pub async fn put_vhost(
     })
 }
 
+#[utoipa::path(delete, path = "/api/vhosts/{vhost}", tag = "queues",
+    params(("vhost" = String, Path, description = "Virtual host name, URL-encoded")),
+    responses(
+        (status = 204, description = "Deleted, with its exchanges, queues, messages, bindings and the users' permissions there; its AMQP connections are closed (CONNECTION_FORCED). A virtual host named in the configuration is created again, empty, at the next start"),
+        (status = 404, description = "No such virtual host", body = crate::error::Problem)))]
+pub async fn delete_vhost(
+    State(state): State<Arc<AdminState>>,
+    Path(vhost): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.broker.delete_vhost(&vhost).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[utoipa::path(get, path = "/api/queues", tag = "queues",
     responses((status = 200, description = "Every queue of every virtual host", body = [QueueView])))]
 pub async fn list_all(State(state): State<Arc<AdminState>>) -> Json<Vec<QueueView>> {

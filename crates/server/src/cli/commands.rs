@@ -59,6 +59,12 @@ pub enum Cli {
     Binding(BindingArgs),
     /// Inspect consumer groups and move their offsets.
     Group(GroupArgs),
+    /// Create, list and delete virtual hosts.
+    Vhost(VhostArgs),
+    /// Create, list and delete users.
+    User(UserArgs),
+    /// Set, list and clear users' permissions in virtual hosts.
+    Permission(PermissionArgs),
     /// Publish lines from standard input or a file to a topic.
     Produce(Produce),
     /// Read messages from a topic, or take them from a queue (--queue).
@@ -227,6 +233,89 @@ enum TopicCommand {
 }
 
 #[derive(Debug, Args)]
+pub struct VhostArgs {
+    #[command(subcommand)]
+    command: VhostCommand,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Debug, Subcommand)]
+enum VhostCommand {
+    /// List virtual hosts with their counts.
+    List,
+    /// Create a virtual host (with its default exchanges); not an error if it exists.
+    Add { name: String },
+    /// Delete a virtual host with its exchanges, queues, messages, bindings and permissions;
+    /// its AMQP connections are closed.
+    Delete { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct UserArgs {
+    #[command(subcommand)]
+    command: UserCommand,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// List users with their tags and the virtual hosts they have permissions in.
+    List,
+    /// Create a user, or change an existing user's password and tags.
+    Add {
+        name: String,
+        /// The new password. Without it, the first line of standard input (an existing user
+        /// keeps its password if that is empty). Not `password`: that is the admin API's.
+        #[arg(value_name = "PASSWORD")]
+        new_password: Option<String>,
+        /// A tag (`administrator`, `monitoring`, `management`); repeat for more.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Delete a user. Its open connections stay open.
+    Delete { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct PermissionArgs {
+    #[command(subcommand)]
+    command: PermissionCommand,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Debug, Subcommand)]
+enum PermissionCommand {
+    /// List every user's permissions in every virtual host.
+    List,
+    /// Let a user into a virtual host: regular expressions over the names of the resources it
+    /// may configure (declare, delete), write (publish to) and read (consume from, bind).
+    Set {
+        /// The user (not `--user`: that is who talks to the admin API).
+        #[arg(value_name = "USER")]
+        username: String,
+        #[arg(long, default_value = "/")]
+        vhost: String,
+        #[arg(long, default_value = ".*")]
+        configure: String,
+        #[arg(long, default_value = ".*")]
+        write: String,
+        #[arg(long, default_value = ".*")]
+        read: String,
+    },
+    /// Take a user's permissions in a virtual host away.
+    Clear {
+        /// The user (not `--user`: that is who talks to the admin API).
+        #[arg(value_name = "USER")]
+        username: String,
+        #[arg(long, default_value = "/")]
+        vhost: String,
+    },
+}
+
+#[derive(Debug, Args)]
 pub struct GroupArgs {
     #[command(subcommand)]
     command: GroupCommand,
@@ -364,6 +453,9 @@ pub fn run(command: Cli) -> ExitCode {
         Cli::Exchange(args) => exchange(args.command, &args.vhost, &args.connection),
         Cli::Binding(args) => binding(args.command, &args.vhost, &args.connection),
         Cli::Group(args) => group(args.command, &args.connection),
+        Cli::Vhost(args) => vhost(args.command, &args.connection),
+        Cli::User(args) => user(args.command, &args.connection),
+        Cli::Permission(args) => permission(args.command, &args.connection),
         Cli::Produce(args) => produce(&args),
         Cli::Consume(args) if args.queue => consume_queue(&args),
         Cli::Consume(args) => consume(&args),
@@ -976,6 +1068,169 @@ fn queue(command: QueueCommand, vhost: &str, connection: &Connection) -> Result<
                 print_json(&json!({"deleted": name, "vhost": vhost}));
             } else {
                 println!("deleted queue {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn vhost(command: VhostCommand, connection: &Connection) -> Result<(), Failure> {
+    let api = client(connection);
+    let json_out = connection.output == Output::Json;
+    match command {
+        VhostCommand::List => {
+            let vhosts = api.get("/api/vhosts")?;
+            print_list(
+                &vhosts,
+                json_out,
+                &["name", "queues", "exchanges", "ready", "unacked"],
+                |v| {
+                    vec![
+                        cell(&v["name"]),
+                        cell(&v["queues"]),
+                        cell(&v["exchanges"]),
+                        cell(&v["messages_ready"]),
+                        cell(&v["messages_unacknowledged"]),
+                    ]
+                },
+            );
+        }
+        VhostCommand::Add { name } => {
+            api.send("PUT", &format!("/api/vhosts/{}", segment(&name)), None)?;
+            if json_out {
+                print_json(&json!({"vhost": name}));
+            } else {
+                println!("created virtual host {name}");
+            }
+        }
+        VhostCommand::Delete { name } => {
+            api.send("DELETE", &format!("/api/vhosts/{}", segment(&name)), None)?;
+            if json_out {
+                print_json(&json!({"deleted": name}));
+            } else {
+                println!("deleted virtual host {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn user(command: UserCommand, connection: &Connection) -> Result<(), Failure> {
+    let api = client(connection);
+    let json_out = connection.output == Output::Json;
+    match command {
+        UserCommand::List => {
+            let users = api.get("/api/users")?;
+            let joined = |value: &Value| {
+                value
+                    .as_array()
+                    .map(|items| items.iter().map(cell).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default()
+            };
+            print_list(&users, json_out, &["name", "tags", "vhosts"], |u| {
+                vec![cell(&u["name"]), joined(&u["tags"]), joined(&u["vhosts"])]
+            });
+        }
+        UserCommand::Add {
+            name,
+            new_password,
+            tags,
+        } => {
+            let password = match new_password {
+                Some(password) => password,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin()
+                        .lock()
+                        .read_line(&mut line)
+                        .map_err(|error| {
+                            Failure::Usage(format!(
+                                "reading the password from standard input: {error}"
+                            ))
+                        })?;
+                    line.trim_end_matches(['\r', '\n']).to_owned()
+                }
+            };
+            let body = if password.is_empty() {
+                json!({"tags": tags})
+            } else {
+                json!({"password": password, "tags": tags})
+            };
+            api.send(
+                "PUT",
+                &format!("/api/users/{}", segment(&name)),
+                Some(&body),
+            )?;
+            if json_out {
+                print_json(&json!({"user": name, "tags": tags}));
+            } else {
+                println!("set user {name}");
+            }
+        }
+        UserCommand::Delete { name } => {
+            api.send("DELETE", &format!("/api/users/{}", segment(&name)), None)?;
+            if json_out {
+                print_json(&json!({"deleted": name}));
+            } else {
+                println!("deleted user {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn permission(command: PermissionCommand, connection: &Connection) -> Result<(), Failure> {
+    let api = client(connection);
+    let json_out = connection.output == Output::Json;
+    match command {
+        PermissionCommand::List => {
+            let permissions = api.get("/api/permissions")?;
+            print_list(
+                &permissions,
+                json_out,
+                &["user", "vhost", "configure", "write", "read"],
+                |p| {
+                    ["user", "vhost", "configure", "write", "read"]
+                        .iter()
+                        .map(|key| cell(&p[*key]))
+                        .collect()
+                },
+            );
+        }
+        PermissionCommand::Set {
+            username: user,
+            vhost,
+            configure,
+            write,
+            read,
+        } => {
+            let body = json!({"configure": configure, "write": write, "read": read});
+            api.send(
+                "PUT",
+                &format!("/api/permissions/{}/{}", segment(&vhost), segment(&user)),
+                Some(&body),
+            )?;
+            if json_out {
+                print_json(
+                    &json!({"user": user, "vhost": vhost, "configure": configure, "write": write, "read": read}),
+                );
+            } else {
+                println!("set permissions of {user} in {vhost}");
+            }
+        }
+        PermissionCommand::Clear {
+            username: user,
+            vhost,
+        } => {
+            api.send(
+                "DELETE",
+                &format!("/api/permissions/{}/{}", segment(&vhost), segment(&user)),
+                None,
+            )?;
+            if json_out {
+                print_json(&json!({"cleared": user, "vhost": vhost}));
+            } else {
+                println!("cleared permissions of {user} in {vhost}");
             }
         }
     }
