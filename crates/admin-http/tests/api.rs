@@ -1076,6 +1076,26 @@ async fn users_permissions_and_vhosts() {
     )
     .await;
     assert_eq!(gone.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        admin(app, Method::DELETE, "/api/vhosts/staging", None)
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    let vhosts = admin(app, Method::GET, "/api/vhosts", None).await;
+    assert!(
+        vhosts
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["name"] != "staging")
+    );
+    assert_problem(
+        &admin(app, Method::DELETE, "/api/vhosts/staging", None).await,
+        StatusCode::NOT_FOUND,
+        "staging",
+    );
     assert!(
         admin(app, Method::GET, "/api/channels", None)
             .await
