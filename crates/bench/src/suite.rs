@@ -1404,7 +1404,7 @@ pub fn summary_markdown(report: &SuiteReport) -> String {
         };
         let _ = writeln!(
             out,
-            "- fio buffered sequential write ({}, the better of 256 KiB and 1 MiB writes): {}",
+            "- fio buffered sequential write ({}, the best of 256 KiB, 1 MiB and 250 KiB writes): {}",
             human_bytes(limits.buffered_write_bytes),
             show(limits.buffered_write_mb_per_s, "MB/s")
         );
