@@ -178,12 +178,11 @@ fn common_args(dir: &Path) -> [String; 4] {
 /// Block sizes of fio's buffered sequential writes; the fastest is the machine's figure.
 ///
 /// The page cache's speed depends on the size and alignment of each write, and not the same
-/// way on every machine or even every hour: on the development machine (Linux 6.18, ext4,
-/// which gives aligned writes large folios), 1 MiB writes ran at 4 GB/s one morning and at
-/// 0.3–1.6 GB/s that afternoon, while 256 KiB writes held about 3 GB/s; later the same day
-/// 256 KiB writes fell to 0.4–1.0 GB/s while 250 KiB ones, which are not page-aligned and so
-/// get mostly small folios, ran at 2.0–2.6 GB/s. Taking the best of three sizes keeps the
-/// reference at what the disk's page cache can really take.
+/// way on every machine or even every hour: on the development machine (Linux 6.18, ext4),
+/// 1 MiB writes ran at 4 GB/s one morning and at 0.3–1.6 GB/s that afternoon, while 256 KiB
+/// writes held about 3 GB/s; later the same day 256 KiB writes fell to 0.4–1.0 GB/s while
+/// 250 KiB ones, which are not page-aligned, ran at 2.0–2.6 GB/s. Taking the best of three
+/// sizes keeps the reference at what the disk's page cache can really take.
 const BUFFERED_BLOCK_SIZES: [&str; 3] = ["256k", "1M", "250k"];
 
 /// fio's sequential writes through the page cache, `bytes` in total, no fsync, in MB/s: the
