@@ -1,4 +1,4 @@
-"""The web console in headless Chromium: it loads, shows what the broker holds, and publishes."""
+"""The web console in headless Chromium: it loads, shows what the broker holds, publishes, and manages users, permissions and virtual hosts."""
 
 import shutil
 
@@ -130,3 +130,62 @@ def test_console_shows_an_amqp_queue_and_publishes_to_it(sluice, page, connect):
     page.wait_for_selector("td:has-text('amqp-')")
     assert page.locator("tr[data-row^='amqp-']:not([data-row*=':'])").count() == 3  # connections
     assert page.locator("tr[data-row^='amqp-'][data-row*=':']").count() == 3  # their channels
+
+
+def test_console_manages_users_permissions_and_virtual_hosts(sluice, page):
+    import pika
+
+    from conftest import amqp_parameters
+
+    login(page, sluice)
+    page.click("a[data-view=admin]")
+    page.wait_for_selector("#add-vhost")
+    page.fill("#new-vhost-name", "shop")
+    page.click("#add-vhost button[type=submit]")
+    page.locator("tr[data-row='vhost:shop']").wait_for()
+
+    page.fill("#new-user-name", "alice")
+    page.fill("#new-user-password", "s3cret")
+    page.fill("#new-user-tags", "management")
+    page.click("#add-user button[type=submit]")
+    row = page.locator("tr[data-row='user:alice']")
+    row.wait_for()
+    assert row.locator("td").all_inner_texts()[:3] == ["alice", "management", "—"]
+
+    page.select_option("#permission-user", "alice")
+    page.select_option("#permission-vhost", "shop")
+    page.fill("#permission-configure", "^orders")
+    page.click("#set-permission button[type=submit]")
+    row = page.locator("tr[data-row='permission:shop/alice']")
+    row.wait_for()
+    assert row.locator("td").all_inner_texts()[:5] == ["alice", "shop", "^orders", ".*", ".*"]
+
+    # The user can now work in the virtual host, within its permissions.
+    alice = pika.PlainCredentials("alice", "s3cret")
+    connection = pika.BlockingConnection(amqp_parameters(sluice, credentials=alice, virtual_host="shop"))
+    channel = connection.channel()
+    channel.queue_declare("orders")
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as denied:
+        channel.queue_declare("billing")
+    assert denied.value.reply_code == 403
+
+    # A bad pattern is refused with the API's reason, shown on the page.
+    page.fill("#permission-configure", "(")
+    page.click("#set-permission button[type=submit]")
+    page.wait_for_selector("#admin-error:not(:empty)")
+    assert page.locator("#admin-error").inner_text().startswith(
+        'the configure pattern "(" is not a valid regular expression: regex parse error:'
+    )
+
+    # Deleting the virtual host asks first, then closes the user's connection.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("tr[data-row='vhost:shop'] button").click()
+    page.locator("tr[data-row='vhost:shop']").wait_for(state="detached")
+    assert page.locator("tr[data-row='permission:shop/alice']").count() == 0
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as closed:
+        for _ in range(10):
+            connection.process_data_events(time_limit=1)
+    assert closed.value.reply_code == 320
+
+    page.locator("tr[data-row='user:alice'] button").click()
+    page.locator("tr[data-row='user:alice']").wait_for(state="detached")

@@ -480,6 +480,81 @@ const views = {
       x.name === "" ? "The default exchange routes to every queue by its name." : "No bindings."));
   },
 
+  async admin(root) {
+    const [vhosts, users, permissions] = await Promise.all([api("/api/vhosts"), api("/api/users"), api("/api/permissions")]);
+    const message = h("p", { class: "error", id: "admin-error", role: "alert" });
+    const attempt = (work) => async (event) => {
+      if (event) event.preventDefault();
+      try { await work(); message.textContent = ""; await render(); } catch (error) { message.textContent = error.message; }
+    };
+    const segment = encodeURIComponent;
+
+    const vhostName = h("input", { placeholder: "new-vhost", id: "new-vhost-name", required: true });
+    const vhostForm = h("form", { class: "card form-grid", id: "add-vhost" },
+      h("label", {}, "Name", vhostName), h("button", { type: "submit" }, "Add virtual host"));
+    vhostForm.addEventListener("submit", attempt(() => api("/api/vhosts/" + segment(vhostName.value), { method: "PUT" })));
+
+    const userName = h("input", { placeholder: "new-user", id: "new-user-name", required: true });
+    const password = h("input", { type: "password", id: "new-user-password", autocomplete: "new-password" });
+    const tags = h("input", { placeholder: "administrator, monitoring", id: "new-user-tags" });
+    const userForm = h("form", { class: "card form-grid", id: "add-user" },
+      h("label", {}, "Name", userName), h("label", {}, "Password", password), h("label", {}, "Tags", tags),
+      h("button", { type: "submit" }, "Add or update user"));
+    userForm.addEventListener("submit", attempt(() => {
+      const body = { tags: tags.value.split(",").map((t) => t.trim()).filter(Boolean) };
+      if (password.value) body.password = password.value;
+      return api("/api/users/" + segment(userName.value), { method: "PUT", body });
+    }));
+
+    const permissionUser = h("select", { id: "permission-user" }, users.map((u) => h("option", { value: u.name }, u.name)));
+    const permissionVhost = h("select", { id: "permission-vhost" }, vhosts.map((v) => h("option", { value: v.name }, v.name)));
+    const pattern = (id) => h("input", { id, value: ".*", required: true });
+    const configure = pattern("permission-configure"), write = pattern("permission-write"), read = pattern("permission-read");
+    const permissionForm = h("form", { class: "card form-grid", id: "set-permission" },
+      h("label", {}, "User", permissionUser), h("label", {}, "Virtual host", permissionVhost),
+      h("label", {}, "Configure", configure), h("label", {}, "Write", write), h("label", {}, "Read", read),
+      h("button", { type: "submit" }, "Set permissions"));
+    permissionForm.addEventListener("submit", attempt(() =>
+      api(`/api/permissions/${segment(permissionVhost.value)}/${segment(permissionUser.value)}`,
+        { method: "PUT", body: { configure: configure.value, write: write.value, read: read.value } })));
+
+    root.replaceChildren(h("div", { class: "toolbar" }, h("h1", {}, "Users and virtual hosts")),
+      message,
+      h("h2", {}, "Virtual hosts"),
+      vhostForm,
+      table([
+        { title: "Name", render: (v) => v.name },
+        { title: "Queues", num: true, render: (v) => fmt.int(v.queues) },
+        { title: "Exchanges", num: true, render: (v) => fmt.int(v.exchanges) },
+        { title: "Ready", num: true, render: (v) => fmt.int(v.messages_ready) },
+        { title: "Unacked", num: true, render: (v) => fmt.int(v.messages_unacknowledged) },
+        { title: "", render: (v) => h("button", { class: "danger", onclick: attempt(() => {
+          if (!confirm(`Delete virtual host ${v.name} with its queues, messages, exchanges and permissions? Its connections are closed.`)) return null;
+          return api("/api/vhosts/" + segment(v.name), { method: "DELETE" });
+        }) }, "Delete") },
+      ], vhosts.map((v) => ({ ...v, _key: "vhost:" + v.name })), "No virtual hosts."),
+      h("h2", {}, "Users"),
+      userForm,
+      table([
+        { title: "Name", render: (u) => u.name },
+        { title: "Tags", render: (u) => u.tags.join(", ") || "—" },
+        { title: "Virtual hosts", render: (u) => u.vhosts.join(", ") || "—" },
+        { title: "", render: (u) => h("button", { class: "danger", onclick: attempt(() =>
+          api("/api/users/" + segment(u.name), { method: "DELETE" })) }, "Delete") },
+      ], users.map((u) => ({ ...u, _key: "user:" + u.name })), "No users."),
+      h("h2", {}, "Permissions"),
+      permissionForm,
+      table([
+        { title: "User", render: (p) => p.user },
+        { title: "Virtual host", render: (p) => p.vhost },
+        { title: "Configure", render: (p) => h("code", {}, p.configure) },
+        { title: "Write", render: (p) => h("code", {}, p.write) },
+        { title: "Read", render: (p) => h("code", {}, p.read) },
+        { title: "", render: (p) => h("button", { class: "danger", onclick: attempt(() =>
+          api(`/api/permissions/${segment(p.vhost)}/${segment(p.user)}`, { method: "DELETE" })) }, "Clear") },
+      ], permissions.map((p) => ({ ...p, _key: "permission:" + p.vhost + "/" + p.user })), "No permissions."));
+  },
+
   async connections(root) {
     const [connections, channels] = await Promise.all([api("/api/connections"), api("/api/channels")]);
     root.replaceChildren(h("div", { class: "toolbar" }, h("h1", {}, "Connections")),

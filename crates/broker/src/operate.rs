@@ -96,8 +96,18 @@ impl Broker {
         }
         match permission {
             Some(permission) => {
-                for pattern in [&permission.configure, &permission.write, &permission.read] {
-                    validate_pattern(pattern).map_err(invalid)?;
+                for (kind, pattern) in [
+                    ("configure", &permission.configure),
+                    ("write", &permission.write),
+                    ("read", &permission.read),
+                ] {
+                    validate_pattern(pattern).map_err(|reason| {
+                        // The regex crate's message spans lines with a caret under the fault.
+                        let reason = reason.split_whitespace().collect::<Vec<_>>().join(" ");
+                        invalid(format!(
+                            "the {kind} pattern {pattern:?} is not a valid regular expression: {reason}"
+                        ))
+                    })?;
                 }
                 record.permissions.insert(vhost.to_owned(), permission);
             }
