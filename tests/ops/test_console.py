@@ -1,4 +1,5 @@
-"""The web console in headless Chromium: it loads, shows what the broker holds, publishes, and manages users, permissions and virtual hosts."""
+"""The web console in headless Chromium: it loads, shows what the broker holds, publishes, and
+manages users, permissions and virtual hosts."""
 
 import shutil
 
