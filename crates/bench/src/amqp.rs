@@ -1,5 +1,5 @@
-//! AMQP 0-9-1 workloads: publishers and consumers through lapin against any AMQP 0-9-1
-//! broker.
+//! AMQP 0-9-1 workloads: publishers and consumers through lapin, or through this tool's lean
+//! client (`--client raw`, [`crate::amqp_raw`]), against any AMQP 0-9-1 broker.
 //!
 //! Each publisher and each consumer has its own connection and channel, as separate
 //! applications would. A publisher stamps each body (see [`crate::payload`]) just before
@@ -26,7 +26,8 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::protocol::{AMQPClass, basic};
+use lapin::types::{FieldTable, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
     PublisherConfirm,
@@ -34,6 +35,7 @@ use lapin::{
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
+use crate::amqp_raw::{self, RawConnection};
 use crate::error::BenchError;
 use crate::load::{LoadOptions, Pacer, Quota, fresh_name};
 use crate::meter::{Latency, Meter, ProgressLength, ProgressPlan, Sampler, wait_for_drain_async};
@@ -56,6 +58,18 @@ pub enum ExchangeChoice {
     Direct,
     Fanout,
     Topic,
+}
+
+/// Which client publishes and consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientChoice {
+    /// lapin, a full AMQP client library.
+    #[default]
+    Lapin,
+    /// This tool's own lean client ([`crate::amqp_raw`]): frames written and read directly,
+    /// many per system call.
+    Raw,
 }
 
 #[derive(Debug, Clone, PartialEq, clap::Args, Serialize, Deserialize)]
@@ -116,6 +130,12 @@ pub struct AmqpOptions {
     #[arg(long)]
     pub keep_queues: bool,
 
+    /// The client of the publishers and consumers (queues are declared through lapin either
+    /// way).
+    #[arg(long, value_enum, default_value_t = ClientChoice::Lapin)]
+    #[serde(default)]
+    pub client: ClientChoice,
+
     #[command(flatten)]
     #[serde(flatten)]
     pub load: LoadOptions,
@@ -138,6 +158,7 @@ impl Default for AmqpOptions {
             producers: 1,
             consumers: 1,
             keep_queues: false,
+            client: ClientChoice::Lapin,
             load: LoadOptions::default(),
         }
     }
@@ -399,7 +420,26 @@ async fn drive(
     }
     let mut producers = Vec::new();
     let mut channels = Vec::new();
+    let properties = if options.persistent {
+        BasicProperties::default().with_delivery_mode(DELIVERY_MODE_PERSISTENT)
+    } else {
+        BasicProperties::default()
+    };
+    let mut raw_connections = Vec::new();
+    for _ in 0..options.producers {
+        if options.client != ClientChoice::Raw {
+            break;
+        }
+        let mut raw = RawConnection::open(&options.uri).await?;
+        if options.confirm {
+            raw.confirm_select().await?;
+        }
+        raw_connections.push(raw);
+    }
     for index in 0..options.producers {
+        if options.client == ClientChoice::Raw {
+            break;
+        }
         let connection = connect(&options.uri, &format!("sluice-bench-publisher-{index}")).await?;
         let channel = connection
             .create_channel()
@@ -415,16 +455,29 @@ async fn drive(
         channels.push(channel);
     }
     let send_started = Instant::now();
+    for (index, raw) in raw_connections.into_iter().enumerate() {
+        let publisher = RawPublisher {
+            exchange: topology.exchange.as_str().into(),
+            routing_keys: topology
+                .routing_keys
+                .iter()
+                .map(|key| key.as_str().into())
+                .collect(),
+            properties: properties.clone(),
+            confirm_window: options.confirm.then_some(options.confirm_window),
+            body: payload::template(options.body_bytes)?,
+            quota: Quota::for_producer(&options.load, send_started, options.producers, index),
+            rate: options.load.rate_per_producer(options.producers),
+            meter: Arc::clone(meter),
+        };
+        producers.push(tokio::spawn(publisher.run(raw)));
+    }
     for (index, channel) in channels.into_iter().enumerate() {
         let publisher = Publisher {
             channel,
             exchange: topology.exchange.clone(),
             routing_keys: topology.routing_keys.clone(),
-            properties: if options.persistent {
-                BasicProperties::default().with_delivery_mode(DELIVERY_MODE_PERSISTENT)
-            } else {
-                BasicProperties::default()
-            },
+            properties: properties.clone(),
             confirm_window: options.confirm.then_some(options.confirm_window),
             body: payload::template(options.body_bytes)?,
             quota: Quota::for_producer(&options.load, send_started, options.producers, index),
@@ -471,6 +524,22 @@ async fn start_consumers(
     let mut handles = Vec::new();
     for queue in &topology.queues {
         for index in 0..options.consumers {
+            if options.client == ClientChoice::Raw {
+                let mut raw = RawConnection::open(&options.uri).await?;
+                raw.consume(
+                    queue,
+                    &format!("sluice-bench-{index}"),
+                    options.prefetch,
+                    !options.manual_ack,
+                )
+                .await?;
+                handles.push(tokio::spawn(consume_raw(
+                    raw,
+                    options.manual_ack,
+                    Arc::clone(meter),
+                )));
+                continue;
+            }
             let connection = connect(
                 &options.uri,
                 &format!("sluice-bench-consumer-{queue}-{index}"),
@@ -668,6 +737,234 @@ impl Publisher {
     }
 }
 
+/// The lean client's consumer: takes every whole delivery the last read brought, then writes
+/// the acks they call for in one go.
+async fn consume_raw(
+    mut conn: RawConnection,
+    manual_ack: bool,
+    meter: Arc<Meter>,
+) -> Result<Latency, BenchError> {
+    let mut latency = Latency::new()?;
+    let mut delivery_tag = 0u64;
+    let mut remaining = 0u64;
+    let mut body: Vec<u8> = Vec::new();
+    while !meter.consumers_stopped() {
+        while let Some(frame) = conn.buffered_frame()? {
+            let finished = match frame {
+                amqp_raw::Frame::Method(method) => {
+                    match amqp_raw::closed_by_broker(method)? {
+                        AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver)) => {
+                            delivery_tag = deliver.delivery_tag;
+                            body.clear();
+                        }
+                        AMQPClass::Basic(basic::AMQPMethod::Cancel(_)) => {
+                            return Err(BenchError::Invalid(
+                                "the broker cancelled the consumer".into(),
+                            ));
+                        }
+                        _ => {}
+                    }
+                    false
+                }
+                amqp_raw::Frame::Header(size) => {
+                    remaining = size;
+                    size == 0
+                }
+                amqp_raw::Frame::Body(bytes) => {
+                    body.extend_from_slice(&bytes);
+                    remaining = remaining.saturating_sub(bytes.len() as u64);
+                    remaining == 0
+                }
+                amqp_raw::Frame::Heartbeat => false,
+            };
+            if finished {
+                let now_ns = payload::now_ns();
+                latency.record(&body, now_ns);
+                meter.received(body.len(), now_ns);
+                if manual_ack {
+                    conn.ack(delivery_tag, false)?;
+                }
+            }
+        }
+        conn.flush().await?;
+        // Reading is cancel-safe: a read cut short by the timeout took nothing.
+        match tokio::time::timeout(POLL_INTERVAL, conn.fill()).await {
+            Err(_) | Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                return Err(BenchError::Invalid(
+                    "the broker closed the consumer's connection".into(),
+                ));
+            }
+            Ok(Err(error)) => return Err(error),
+        }
+    }
+    conn.close().await;
+    Ok(latency)
+}
+
+/// The lean client's publisher: frames of many publishes go out in one write; with confirms it
+/// keeps at most `confirm_window` messages unconfirmed and counts each when acked.
+struct RawPublisher {
+    exchange: ShortString,
+    routing_keys: Vec<ShortString>,
+    properties: BasicProperties,
+    confirm_window: Option<usize>,
+    body: Vec<u8>,
+    quota: Quota,
+    rate: Option<f64>,
+    meter: Arc<Meter>,
+}
+
+/// How long a publisher waits for its last confirms once it has stopped publishing.
+const LAST_CONFIRMS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Delivery tags a raw publisher has had confirmed.
+#[derive(Debug, Default)]
+struct Confirmed {
+    /// Every tag up to this one is settled.
+    through: u64,
+    /// Settled tags above `through`, when the broker acks one at a time out of order.
+    above: std::collections::BTreeSet<u64>,
+}
+
+impl Confirmed {
+    /// Settles `tag` (and every tag below it with `multiple`); returns how many are newly
+    /// settled.
+    fn settle(&mut self, tag: u64, multiple: bool) -> u64 {
+        let before = self.through + self.above.len() as u64;
+        if multiple {
+            self.through = self.through.max(tag);
+            self.above = self.above.split_off(&(self.through + 1));
+        } else if tag > self.through {
+            self.above.insert(tag);
+        }
+        while self.above.remove(&(self.through + 1)) {
+            self.through += 1;
+        }
+        (self.through + self.above.len() as u64).saturating_sub(before)
+    }
+
+    fn count(&self) -> u64 {
+        self.through + self.above.len() as u64
+    }
+}
+
+impl RawPublisher {
+    async fn run(mut self, mut conn: RawConnection) -> Result<(), BenchError> {
+        let mut pacer = Pacer::new(self.rate);
+        let mut sequence = 0u64;
+        let mut unwritten = 0u64;
+        let mut confirmed = Confirmed::default();
+        let body_bytes = self.body.len();
+        let result: Result<(), BenchError> = async {
+            loop {
+                if self.quota.done(sequence) || self.meter.producers_stopped() {
+                    break;
+                }
+                let delay = pacer.next_delay();
+                if !delay.is_zero() {
+                    self.write(&mut conn, &mut unwritten, body_bytes).await?;
+                    tokio::time::sleep(delay).await;
+                }
+                if let Some(window) = self.confirm_window {
+                    while sequence - confirmed.count() >= window as u64 {
+                        self.write(&mut conn, &mut unwritten, body_bytes).await?;
+                        self.take_confirms(&mut conn, &mut confirmed, body_bytes, true)
+                            .await?;
+                    }
+                }
+                payload::stamp(&mut self.body, sequence);
+                let key = &self.routing_keys[sequence as usize % self.routing_keys.len()];
+                conn.publish(&self.exchange, key, &self.properties, &self.body)?;
+                sequence += 1;
+                unwritten += 1;
+                if conn.out.len() >= amqp_raw::WRITE_BATCH_BYTES {
+                    self.write(&mut conn, &mut unwritten, body_bytes).await?;
+                    if !conn.try_fill()? {
+                        return Err(BenchError::Invalid(
+                            "the broker closed the publisher's connection".into(),
+                        ));
+                    }
+                    self.take_confirms(&mut conn, &mut confirmed, body_bytes, false)
+                        .await?;
+                }
+            }
+            self.write(&mut conn, &mut unwritten, body_bytes).await?;
+            if self.confirm_window.is_some() {
+                let deadline = tokio::time::Instant::now() + LAST_CONFIRMS_TIMEOUT;
+                while confirmed.count() < sequence && tokio::time::Instant::now() < deadline {
+                    let waiting = self.take_confirms(&mut conn, &mut confirmed, body_bytes, true);
+                    if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        conn.close().await;
+        result
+    }
+
+    /// Writes the frames gathered so far; without confirms, what is written counts as sent.
+    async fn write(
+        &self,
+        conn: &mut RawConnection,
+        unwritten: &mut u64,
+        body_bytes: usize,
+    ) -> Result<(), BenchError> {
+        conn.flush().await?;
+        if self.confirm_window.is_none() {
+            for _ in 0..*unwritten {
+                self.meter.sent(body_bytes);
+            }
+        }
+        *unwritten = 0;
+        Ok(())
+    }
+
+    /// Handles what the broker sent: confirms, and a close as an error. With `wait`, reads
+    /// until at least one frame came.
+    async fn take_confirms(
+        &self,
+        conn: &mut RawConnection,
+        confirmed: &mut Confirmed,
+        body_bytes: usize,
+        wait: bool,
+    ) -> Result<(), BenchError> {
+        let mut seen = false;
+        loop {
+            while let Some(frame) = conn.buffered_frame()? {
+                seen = true;
+                if let amqp_raw::Frame::Method(method) = frame {
+                    match amqp_raw::closed_by_broker(method)? {
+                        AMQPClass::Basic(basic::AMQPMethod::Ack(ack)) => {
+                            for _ in 0..confirmed.settle(ack.delivery_tag, ack.multiple) {
+                                self.meter.sent(body_bytes);
+                            }
+                        }
+                        AMQPClass::Basic(basic::AMQPMethod::Nack(nack)) => {
+                            let count = confirmed.settle(nack.delivery_tag, nack.multiple);
+                            for _ in 0..count {
+                                self.meter.error("the broker nacked a message");
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if seen || !wait {
+                return Ok(());
+            }
+            if !conn.fill().await? {
+                return Err(BenchError::Invalid(
+                    "the broker closed the publisher's connection".into(),
+                ));
+            }
+        }
+    }
+}
+
 async fn settle(confirm: PublisherConfirm, body_bytes: usize, meter: &Meter) {
     match confirm.await {
         Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => meter.sent(body_bytes),
@@ -739,6 +1036,23 @@ mod tests {
         let topology = Topology::new(&options);
         assert_eq!(topology.routing_keys, vec!["q-0.bench"]);
         assert_eq!(topology.binding_key(ExchangeChoice::Topic, "q-0"), "q-0.#");
+    }
+
+    #[test]
+    fn raw_publisher_confirms_settle_in_any_order_and_with_multiple() {
+        let mut confirmed = Confirmed::default();
+        assert_eq!(confirmed.settle(2, false), 1);
+        assert_eq!(confirmed.count(), 1);
+        assert_eq!(confirmed.through, 0);
+        assert_eq!(confirmed.settle(1, false), 1);
+        assert_eq!((confirmed.through, confirmed.count()), (2, 2));
+        assert_eq!(confirmed.settle(5, false), 1);
+        assert_eq!(confirmed.settle(4, true), 2);
+        assert_eq!((confirmed.through, confirmed.count()), (5, 5));
+        // Settling again changes nothing.
+        assert_eq!(confirmed.settle(3, false), 0);
+        assert_eq!(confirmed.settle(5, true), 0);
+        assert_eq!(confirmed.count(), 5);
     }
 
     #[test]

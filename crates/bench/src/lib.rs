@@ -2,7 +2,8 @@
 //! compared with.
 //!
 //! It owns the client side of every measurement: Kafka producers and consumers through
-//! librdkafka ([`kafka`]), AMQP 0-9-1 publishers and consumers through lapin ([`amqp`]), the
+//! librdkafka ([`kafka`]), AMQP 0-9-1 publishers and consumers through lapin or a lean client
+//! of its own ([`amqp`], [`amqp_raw`]), the
 //! in-process storage engine benchmarks ([`storage`]), the machine's own limits measured with
 //! fio and iperf3 ([`limits`]), and the suite that runs all of them against Sluice and RabbitMQ
 //! in one go and puts the figures side by side ([`suite`]).
@@ -19,6 +20,7 @@
 //!   samples, in-flight confirms, client queues.
 
 pub mod amqp;
+pub mod amqp_raw;
 pub mod chart;
 pub mod error;
 pub mod kafka;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::amqp::{self, AmqpOptions, ExchangeChoice};
+use crate::amqp::{self, AmqpOptions, ClientChoice, ExchangeChoice};
 use crate::chart::{self, BarGroup};
 use crate::error::BenchError;
 use crate::kafka::{self, KafkaOptions};
@@ -265,6 +265,24 @@ fn amqp_workloads(scale: &Scale) -> Vec<AmqpWorkload> {
             id: "amqp-1k-persistent",
             title: "AMQP 1→1, 1 KiB, persistent, confirms, manual ack",
             options: persistent(1024),
+        },
+        // The same two 16 B workloads through the tool's lean client: lapin takes most of the
+        // two CPUs in the ones above, so these show more of what the brokers themselves do.
+        AmqpWorkload {
+            id: "amqp-16b-transient-raw",
+            title: "AMQP 1→1, 16 B, transient, auto-ack, lean client",
+            options: AmqpOptions {
+                client: ClientChoice::Raw,
+                ..transient(16)
+            },
+        },
+        AmqpWorkload {
+            id: "amqp-16b-persistent-raw",
+            title: "AMQP 1→1, 16 B, persistent, confirms, manual ack, lean client",
+            options: AmqpOptions {
+                client: ClientChoice::Raw,
+                ..persistent(16)
+            },
         },
         AmqpWorkload {
             id: "amqp-fanout4",
