@@ -867,7 +867,9 @@ impl RawPublisher {
                     tokio::time::sleep(delay).await;
                 }
                 if let Some(window) = self.confirm_window {
-                    while sequence - confirmed.count() >= window as u64 {
+                    while sequence - confirmed.count() >= window as u64
+                        && !self.meter.producers_stopped()
+                    {
                         self.write(&mut conn, &mut unwritten, body_bytes).await?;
                         self.take_confirms(&mut conn, &mut confirmed, body_bytes, true)
                             .await?;
@@ -892,7 +894,10 @@ impl RawPublisher {
             self.write(&mut conn, &mut unwritten, body_bytes).await?;
             if self.confirm_window.is_some() {
                 let deadline = tokio::time::Instant::now() + LAST_CONFIRMS_TIMEOUT;
-                while confirmed.count() < sequence && tokio::time::Instant::now() < deadline {
+                while confirmed.count() < sequence
+                    && tokio::time::Instant::now() < deadline
+                    && !self.meter.producers_stopped()
+                {
                     let waiting = self.take_confirms(&mut conn, &mut confirmed, body_bytes, true);
                     if tokio::time::timeout_at(deadline, waiting).await.is_err() {
                         break;
@@ -924,7 +929,7 @@ impl RawPublisher {
     }
 
     /// Handles what the broker sent: confirms, and a close as an error. With `wait`, reads
-    /// until at least one frame came.
+    /// until at least one frame came or the publishers are told to stop.
     async fn take_confirms(
         &self,
         conn: &mut RawConnection,
@@ -953,13 +958,18 @@ impl RawPublisher {
                     }
                 }
             }
-            if seen || !wait {
+            if seen || !wait || self.meter.producers_stopped() {
                 return Ok(());
             }
-            if !conn.fill().await? {
-                return Err(BenchError::Invalid(
-                    "the broker closed the publisher's connection".into(),
-                ));
+            // Reading is cancel-safe: a read cut short by the timeout took nothing.
+            match tokio::time::timeout(POLL_INTERVAL, conn.fill()).await {
+                Err(_) | Ok(Ok(true)) => {}
+                Ok(Ok(false)) => {
+                    return Err(BenchError::Invalid(
+                        "the broker closed the publisher's connection".into(),
+                    ));
+                }
+                Ok(Err(error)) => return Err(error),
             }
         }
     }
