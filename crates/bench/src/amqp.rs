@@ -787,16 +787,7 @@ async fn consume_raw(
             }
         }
         conn.flush().await?;
-        // Reading is cancel-safe: a read cut short by the timeout took nothing.
-        match tokio::time::timeout(POLL_INTERVAL, conn.fill()).await {
-            Err(_) | Ok(Ok(true)) => {}
-            Ok(Ok(false)) => {
-                return Err(BenchError::Invalid(
-                    "the broker closed the consumer's connection".into(),
-                ));
-            }
-            Ok(Err(error)) => return Err(error),
-        }
+        conn.fill_within(POLL_INTERVAL).await?;
     }
     conn.close().await;
     Ok(latency)
@@ -882,11 +873,7 @@ impl RawPublisher {
                 unwritten += 1;
                 if conn.out.len() >= amqp_raw::WRITE_BATCH_BYTES {
                     self.write(&mut conn, &mut unwritten, body_bytes).await?;
-                    if !conn.try_fill()? {
-                        return Err(BenchError::Invalid(
-                            "the broker closed the publisher's connection".into(),
-                        ));
-                    }
+                    conn.fill_within(Duration::ZERO).await?;
                     self.take_confirms(&mut conn, &mut confirmed, body_bytes, false)
                         .await?;
                 }
@@ -961,16 +948,7 @@ impl RawPublisher {
             if seen || !wait || self.meter.producers_stopped() {
                 return Ok(());
             }
-            // Reading is cancel-safe: a read cut short by the timeout took nothing.
-            match tokio::time::timeout(POLL_INTERVAL, conn.fill()).await {
-                Err(_) | Ok(Ok(true)) => {}
-                Ok(Ok(false)) => {
-                    return Err(BenchError::Invalid(
-                        "the broker closed the publisher's connection".into(),
-                    ));
-                }
-                Ok(Err(error)) => return Err(error),
-            }
+            conn.fill_within(POLL_INTERVAL).await?;
         }
     }
 }

@@ -314,16 +314,28 @@ impl RawConnection {
         Ok(read > 0)
     }
 
-    /// Reads whatever the socket holds now, without waiting. False when the broker closed it.
-    pub fn try_fill(&mut self) -> Result<bool, BenchError> {
-        if self.input.capacity() - self.input.len() < 16 * 1024 {
-            self.input.reserve(128 * 1024);
-        }
-        match self.stream.try_read_buf(&mut self.input) {
-            Ok(0) => Ok(false),
-            Ok(_) => Ok(true),
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => Ok(true),
-            Err(error) => Err(io_error("reading", error)),
+    /// Reads more bytes, waiting at most `wait` (`Duration::ZERO`: only what the socket holds
+    /// now); reading nothing is not an error, the broker closing the connection is.
+    pub async fn fill_within(&mut self, wait: Duration) -> Result<(), BenchError> {
+        let read = if wait.is_zero() {
+            if self.input.capacity() - self.input.len() < 16 * 1024 {
+                self.input.reserve(128 * 1024);
+            }
+            match self.stream.try_read_buf(&mut self.input) {
+                Ok(read) => Ok(read > 0),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => Ok(true),
+                Err(error) => Err(io_error("reading", error)),
+            }
+        } else {
+            // Reading is cancel-safe: a read cut short by the timeout took nothing.
+            tokio::time::timeout(wait, self.fill())
+                .await
+                .unwrap_or(Ok(true))
+        };
+        if read? {
+            Ok(())
+        } else {
+            Err(protocol_error("the broker closed the connection"))
         }
     }
 
