@@ -418,51 +418,44 @@ async fn drive(
     if !options.load.backlog {
         consumers = start_consumers(options, topology, meter, &mut connections).await?;
     }
-    let mut producers = Vec::new();
-    let mut channels = Vec::new();
     let properties = if options.persistent {
         BasicProperties::default().with_delivery_mode(DELIVERY_MODE_PERSISTENT)
     } else {
         BasicProperties::default()
     };
-    let mut raw_connections = Vec::new();
-    for _ in 0..options.producers {
-        if options.client != ClientChoice::Raw {
-            break;
-        }
-        let mut raw = RawConnection::open(&options.uri).await?;
-        if options.confirm {
-            raw.confirm_select().await?;
-        }
-        raw_connections.push(raw);
-    }
+    let mut links = Vec::new();
     for index in 0..options.producers {
-        if options.client == ClientChoice::Raw {
-            break;
-        }
-        let connection = connect(&options.uri, &format!("sluice-bench-publisher-{index}")).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|error| BenchError::amqp("opening a publisher channel", error))?;
-        if options.confirm {
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(|error| BenchError::amqp("enabling publisher confirms", error))?;
-        }
-        connections.push(connection);
-        channels.push(channel);
+        let link = match options.client {
+            ClientChoice::Raw => {
+                let mut raw = RawConnection::open(&options.uri).await?;
+                if options.confirm {
+                    raw.confirm_select().await?;
+                }
+                PublisherLink::Raw(raw)
+            }
+            ClientChoice::Lapin => {
+                let connection =
+                    connect(&options.uri, &format!("sluice-bench-publisher-{index}")).await?;
+                let channel = connection
+                    .create_channel()
+                    .await
+                    .map_err(|error| BenchError::amqp("opening a publisher channel", error))?;
+                if options.confirm {
+                    channel
+                        .confirm_select(ConfirmSelectOptions::default())
+                        .await
+                        .map_err(|error| BenchError::amqp("enabling publisher confirms", error))?;
+                }
+                connections.push(connection);
+                PublisherLink::Lapin(channel)
+            }
+        };
+        links.push(link);
     }
     let send_started = Instant::now();
-    for (index, raw) in raw_connections.into_iter().enumerate() {
-        let publisher = RawPublisher {
-            exchange: topology.exchange.as_str().into(),
-            routing_keys: topology
-                .routing_keys
-                .iter()
-                .map(|key| key.as_str().into())
-                .collect(),
+    let mut producers = Vec::new();
+    for (index, link) in links.into_iter().enumerate() {
+        let plan = PublishPlan {
             properties: properties.clone(),
             confirm_window: options.confirm.then_some(options.confirm_window),
             body: payload::template(options.body_bytes)?,
@@ -470,21 +463,29 @@ async fn drive(
             rate: options.load.rate_per_producer(options.producers),
             meter: Arc::clone(meter),
         };
-        producers.push(tokio::spawn(publisher.run(raw)));
-    }
-    for (index, channel) in channels.into_iter().enumerate() {
-        let publisher = Publisher {
-            channel,
-            exchange: topology.exchange.clone(),
-            routing_keys: topology.routing_keys.clone(),
-            properties: properties.clone(),
-            confirm_window: options.confirm.then_some(options.confirm_window),
-            body: payload::template(options.body_bytes)?,
-            quota: Quota::for_producer(&options.load, send_started, options.producers, index),
-            rate: options.load.rate_per_producer(options.producers),
-            meter: Arc::clone(meter),
-        };
-        producers.push(tokio::spawn(publisher.run()));
+        producers.push(match link {
+            PublisherLink::Lapin(channel) => tokio::spawn(
+                Publisher {
+                    channel,
+                    exchange: topology.exchange.clone(),
+                    routing_keys: topology.routing_keys.clone(),
+                    plan,
+                }
+                .run(),
+            ),
+            PublisherLink::Raw(raw) => tokio::spawn(
+                RawPublisher {
+                    exchange: topology.exchange.as_str().into(),
+                    routing_keys: topology
+                        .routing_keys
+                        .iter()
+                        .map(|key| key.as_str().into())
+                        .collect(),
+                    plan,
+                }
+                .run(raw),
+            ),
+        });
     }
     for result in join_all(producers, meter, run_deadline, Meter::stop_producers).await {
         if let Err(error) = result {
@@ -629,10 +630,14 @@ async fn consume(
 
 type Acking = Pin<Box<dyn Future<Output = lapin::Result<bool>> + Send>>;
 
-struct Publisher {
-    channel: Channel,
-    exchange: String,
-    routing_keys: Vec<String>,
+/// A publisher's connection, through either client.
+enum PublisherLink {
+    Lapin(Channel),
+    Raw(RawConnection),
+}
+
+/// What every publisher is given, whichever its client.
+struct PublishPlan {
     properties: BasicProperties,
     /// Most unconfirmed messages, when publisher confirms are on.
     confirm_window: Option<usize>,
@@ -640,6 +645,13 @@ struct Publisher {
     quota: Quota,
     rate: Option<f64>,
     meter: Arc<Meter>,
+}
+
+struct Publisher {
+    channel: Channel,
+    exchange: String,
+    routing_keys: Vec<String>,
+    plan: PublishPlan,
 }
 
 /// Publishes one publisher keeps being written at once. lapin resolves a publish once its
@@ -651,25 +663,25 @@ type Publishing = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> +
 
 impl Publisher {
     async fn run(mut self) -> Result<(), BenchError> {
-        let mut pacer = Pacer::new(self.rate);
+        let mut pacer = Pacer::new(self.plan.rate);
         let mut pending: VecDeque<PublisherConfirm> =
-            VecDeque::with_capacity(self.confirm_window.unwrap_or(0));
+            VecDeque::with_capacity(self.plan.confirm_window.unwrap_or(0));
         let mut writing: VecDeque<Publishing> = VecDeque::with_capacity(WRITE_WINDOW);
-        let body_bytes = self.body.len();
+        let body_bytes = self.plan.body.len();
         let mut sequence = 0u64;
         let result = loop {
-            if self.quota.done(sequence) || self.meter.producers_stopped() {
+            if self.plan.quota.done(sequence) || self.plan.meter.producers_stopped() {
                 break Ok(());
             }
             let delay = pacer.next_delay();
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            payload::stamp(&mut self.body, sequence);
+            payload::stamp(&mut self.plan.body, sequence);
             let routing_key = &self.routing_keys[sequence as usize % self.routing_keys.len()];
             let channel = self.channel.clone();
             let (exchange, routing_key) = (self.exchange.clone(), routing_key.clone());
-            let (body, properties) = (self.body.clone(), self.properties.clone());
+            let (body, properties) = (self.plan.body.clone(), self.plan.properties.clone());
             let mut publishing: Publishing = Box::pin(async move {
                 channel
                     .basic_publish(
@@ -706,7 +718,7 @@ impl Publisher {
         }
         let flushed = self.written(done, &mut pending, body_bytes).await;
         while let Some(confirm) = pending.pop_front() {
-            settle(confirm, body_bytes, &self.meter).await;
+            settle(confirm, body_bytes, &self.plan.meter).await;
         }
         result.and(flushed)
     }
@@ -721,16 +733,16 @@ impl Publisher {
     ) -> Result<(), BenchError> {
         for published in done {
             let confirm = published.map_err(|error| BenchError::amqp("publishing", error))?;
-            match self.confirm_window {
+            match self.plan.confirm_window {
                 Some(window) => {
                     pending.push_back(confirm);
                     while pending.len() >= window {
                         if let Some(oldest) = pending.pop_front() {
-                            settle(oldest, body_bytes, &self.meter).await;
+                            settle(oldest, body_bytes, &self.plan.meter).await;
                         }
                     }
                 }
-                None => self.meter.sent(body_bytes),
+                None => self.plan.meter.sent(body_bytes),
             }
         }
         Ok(())
@@ -798,12 +810,7 @@ async fn consume_raw(
 struct RawPublisher {
     exchange: ShortString,
     routing_keys: Vec<ShortString>,
-    properties: BasicProperties,
-    confirm_window: Option<usize>,
-    body: Vec<u8>,
-    quota: Quota,
-    rate: Option<f64>,
-    meter: Arc<Meter>,
+    plan: PublishPlan,
 }
 
 /// How long a publisher waits for its last confirms once it has stopped publishing.
@@ -842,14 +849,14 @@ impl Confirmed {
 
 impl RawPublisher {
     async fn run(mut self, mut conn: RawConnection) -> Result<(), BenchError> {
-        let mut pacer = Pacer::new(self.rate);
+        let mut pacer = Pacer::new(self.plan.rate);
         let mut sequence = 0u64;
         let mut unwritten = 0u64;
         let mut confirmed = Confirmed::default();
-        let body_bytes = self.body.len();
+        let body_bytes = self.plan.body.len();
         let result: Result<(), BenchError> = async {
             loop {
-                if self.quota.done(sequence) || self.meter.producers_stopped() {
+                if self.plan.quota.done(sequence) || self.plan.meter.producers_stopped() {
                     break;
                 }
                 let delay = pacer.next_delay();
@@ -857,18 +864,18 @@ impl RawPublisher {
                     self.write(&mut conn, &mut unwritten, body_bytes).await?;
                     tokio::time::sleep(delay).await;
                 }
-                if let Some(window) = self.confirm_window {
+                if let Some(window) = self.plan.confirm_window {
                     while sequence - confirmed.count() >= window as u64
-                        && !self.meter.producers_stopped()
+                        && !self.plan.meter.producers_stopped()
                     {
                         self.write(&mut conn, &mut unwritten, body_bytes).await?;
                         self.take_confirms(&mut conn, &mut confirmed, body_bytes, true)
                             .await?;
                     }
                 }
-                payload::stamp(&mut self.body, sequence);
+                payload::stamp(&mut self.plan.body, sequence);
                 let key = &self.routing_keys[sequence as usize % self.routing_keys.len()];
-                conn.publish(&self.exchange, key, &self.properties, &self.body)?;
+                conn.publish(&self.exchange, key, &self.plan.properties, &self.plan.body)?;
                 sequence += 1;
                 unwritten += 1;
                 if conn.out.len() >= amqp_raw::WRITE_BATCH_BYTES {
@@ -879,11 +886,11 @@ impl RawPublisher {
                 }
             }
             self.write(&mut conn, &mut unwritten, body_bytes).await?;
-            if self.confirm_window.is_some() {
+            if self.plan.confirm_window.is_some() {
                 let deadline = tokio::time::Instant::now() + LAST_CONFIRMS_TIMEOUT;
                 while confirmed.count() < sequence
                     && tokio::time::Instant::now() < deadline
-                    && !self.meter.producers_stopped()
+                    && !self.plan.meter.producers_stopped()
                 {
                     let waiting = self.take_confirms(&mut conn, &mut confirmed, body_bytes, true);
                     if tokio::time::timeout_at(deadline, waiting).await.is_err() {
@@ -906,9 +913,9 @@ impl RawPublisher {
         body_bytes: usize,
     ) -> Result<(), BenchError> {
         conn.flush().await?;
-        if self.confirm_window.is_none() {
+        if self.plan.confirm_window.is_none() {
             for _ in 0..*unwritten {
-                self.meter.sent(body_bytes);
+                self.plan.meter.sent(body_bytes);
             }
         }
         *unwritten = 0;
@@ -932,20 +939,20 @@ impl RawPublisher {
                     match amqp_raw::closed_by_broker(method)? {
                         AMQPClass::Basic(basic::AMQPMethod::Ack(ack)) => {
                             for _ in 0..confirmed.settle(ack.delivery_tag, ack.multiple) {
-                                self.meter.sent(body_bytes);
+                                self.plan.meter.sent(body_bytes);
                             }
                         }
                         AMQPClass::Basic(basic::AMQPMethod::Nack(nack)) => {
                             let count = confirmed.settle(nack.delivery_tag, nack.multiple);
                             for _ in 0..count {
-                                self.meter.error("the broker nacked a message");
+                                self.plan.meter.error("the broker nacked a message");
                             }
                         }
                         _ => {}
                     }
                 }
             }
-            if seen || !wait || self.meter.producers_stopped() {
+            if seen || !wait || self.plan.meter.producers_stopped() {
                 return Ok(());
             }
             conn.fill_within(POLL_INTERVAL).await?;
