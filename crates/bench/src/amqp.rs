@@ -758,7 +758,8 @@ async fn consume_raw(
 ) -> Result<Latency, BenchError> {
     let mut latency = Latency::new()?;
     let mut delivery_tag = 0u64;
-    let mut remaining = 0u64;
+    // Body bytes still due for the message being received, once its header came.
+    let mut remaining: Option<u64> = None;
     let mut body: Vec<u8> = Vec::new();
     while !meter.consumers_stopped() {
         while let Some(frame) = conn.buffered_frame()? {
@@ -779,17 +780,25 @@ async fn consume_raw(
                     false
                 }
                 amqp_raw::Frame::Header(size) => {
-                    remaining = size;
+                    remaining = Some(size);
                     size == 0
                 }
                 amqp_raw::Frame::Body(bytes) => {
+                    let due = remaining
+                        .and_then(|due| due.checked_sub(bytes.len() as u64))
+                        .ok_or_else(|| {
+                            BenchError::Invalid(
+                                "the broker sent body bytes no content header announced".into(),
+                            )
+                        })?;
                     body.extend_from_slice(&bytes);
-                    remaining = remaining.saturating_sub(bytes.len() as u64);
-                    remaining == 0
+                    remaining = Some(due);
+                    due == 0
                 }
                 amqp_raw::Frame::Heartbeat => false,
             };
             if finished {
+                remaining = None;
                 let now_ns = payload::now_ns();
                 latency.record(&body, now_ns);
                 meter.received(body.len(), now_ns);
@@ -827,8 +836,15 @@ struct Confirmed {
 
 impl Confirmed {
     /// Settles `tag` (and every tag below it with `multiple`); returns how many are newly
-    /// settled.
-    fn settle(&mut self, tag: u64, multiple: bool) -> u64 {
+    /// settled. A tag above `published` names a message never sent: an error, so that no
+    /// broker can make the count pass what was published or grow the set of tags held.
+    fn settle(&mut self, tag: u64, multiple: bool, published: u64) -> Result<u64, BenchError> {
+        if tag > published {
+            return Err(BenchError::Invalid(format!(
+                "the broker confirmed delivery tag {tag}, but only {published} messages were \
+                 published"
+            )));
+        }
         let before = self.through + self.above.len() as u64;
         if multiple {
             self.through = self.through.max(tag);
@@ -839,7 +855,7 @@ impl Confirmed {
         while self.above.remove(&(self.through + 1)) {
             self.through += 1;
         }
-        (self.through + self.above.len() as u64).saturating_sub(before)
+        Ok((self.through + self.above.len() as u64).saturating_sub(before))
     }
 
     fn count(&self) -> u64 {
@@ -869,7 +885,7 @@ impl RawPublisher {
                         && !self.plan.meter.producers_stopped()
                     {
                         self.write(&mut conn, &mut unwritten, body_bytes).await?;
-                        self.take_confirms(&mut conn, &mut confirmed, body_bytes, true)
+                        self.take_confirms(&mut conn, &mut confirmed, sequence, true)
                             .await?;
                     }
                 }
@@ -881,7 +897,7 @@ impl RawPublisher {
                 if conn.out.len() >= amqp_raw::WRITE_BATCH_BYTES {
                     self.write(&mut conn, &mut unwritten, body_bytes).await?;
                     conn.fill_within(Duration::ZERO).await?;
-                    self.take_confirms(&mut conn, &mut confirmed, body_bytes, false)
+                    self.take_confirms(&mut conn, &mut confirmed, sequence, false)
                         .await?;
                 }
             }
@@ -892,7 +908,7 @@ impl RawPublisher {
                     && tokio::time::Instant::now() < deadline
                     && !self.plan.meter.producers_stopped()
                 {
-                    let waiting = self.take_confirms(&mut conn, &mut confirmed, body_bytes, true);
+                    let waiting = self.take_confirms(&mut conn, &mut confirmed, sequence, true);
                     if tokio::time::timeout_at(deadline, waiting).await.is_err() {
                         break;
                     }
@@ -928,9 +944,10 @@ impl RawPublisher {
         &self,
         conn: &mut RawConnection,
         confirmed: &mut Confirmed,
-        body_bytes: usize,
+        published: u64,
         wait: bool,
     ) -> Result<(), BenchError> {
+        let body_bytes = self.plan.body.len();
         let mut seen = false;
         loop {
             while let Some(frame) = conn.buffered_frame()? {
@@ -938,12 +955,15 @@ impl RawPublisher {
                 if let amqp_raw::Frame::Method(method) = frame {
                     match amqp_raw::closed_by_broker(method)? {
                         AMQPClass::Basic(basic::AMQPMethod::Ack(ack)) => {
-                            for _ in 0..confirmed.settle(ack.delivery_tag, ack.multiple) {
+                            for _ in
+                                0..confirmed.settle(ack.delivery_tag, ack.multiple, published)?
+                            {
                                 self.plan.meter.sent(body_bytes);
                             }
                         }
                         AMQPClass::Basic(basic::AMQPMethod::Nack(nack)) => {
-                            let count = confirmed.settle(nack.delivery_tag, nack.multiple);
+                            let count =
+                                confirmed.settle(nack.delivery_tag, nack.multiple, published)?;
                             for _ in 0..count {
                                 self.plan.meter.error("the broker nacked a message");
                             }
@@ -1036,17 +1056,22 @@ mod tests {
     #[test]
     fn raw_publisher_confirms_settle_in_any_order_and_with_multiple() {
         let mut confirmed = Confirmed::default();
-        assert_eq!(confirmed.settle(2, false), 1);
+        let settle = |c: &mut Confirmed, tag, multiple| c.settle(tag, multiple, 6).unwrap();
+        assert_eq!(settle(&mut confirmed, 2, false), 1);
         assert_eq!(confirmed.count(), 1);
         assert_eq!(confirmed.through, 0);
-        assert_eq!(confirmed.settle(1, false), 1);
+        assert_eq!(settle(&mut confirmed, 1, false), 1);
         assert_eq!((confirmed.through, confirmed.count()), (2, 2));
-        assert_eq!(confirmed.settle(5, false), 1);
-        assert_eq!(confirmed.settle(4, true), 2);
+        assert_eq!(settle(&mut confirmed, 5, false), 1);
+        assert_eq!(settle(&mut confirmed, 4, true), 2);
         assert_eq!((confirmed.through, confirmed.count()), (5, 5));
         // Settling again changes nothing.
-        assert_eq!(confirmed.settle(3, false), 0);
-        assert_eq!(confirmed.settle(5, true), 0);
+        assert_eq!(settle(&mut confirmed, 3, false), 0);
+        assert_eq!(settle(&mut confirmed, 5, true), 0);
+        assert_eq!(confirmed.count(), 5);
+        // A tag never published is refused and changes nothing.
+        assert!(confirmed.settle(7, false, 6).is_err());
+        assert!(confirmed.settle(100, true, 6).is_err());
         assert_eq!(confirmed.count(), 5);
     }
 
