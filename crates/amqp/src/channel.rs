@@ -8,12 +8,13 @@
 //! (on disk, for persistent messages in durable queues), and runs of confirmations go out as one
 //! `basic.ack` with `multiple`.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
 use amq_protocol::protocol::{BasicProperties, basic};
 use bytes::{Bytes, BytesMut};
+use foldhash::HashMap;
 use sluice_broker::message::Message;
 use sluice_broker::queue::{ConsumerId, Credit, Queue, SettleOp};
 
@@ -231,8 +232,10 @@ pub struct Channel {
     pub reply: Option<(String, String, ConsumerId)>,
     /// An exchange the user was last found allowed to publish to.
     pub write_allowed: Option<Arc<str>>,
-    /// The exchange name of the last publish, shared by the messages that follow.
+    /// The exchange name and routing key of the last publish, shared by the messages that
+    /// follow with the same ones.
     pub last_exchange: Option<Arc<str>>,
+    pub last_routing_key: Option<Arc<str>>,
 }
 
 impl Channel {

@@ -16,7 +16,6 @@
 //! `connection.close` and waits briefly for `close-ok`. Either way exclusive queues of the
 //! connection are deleted when it ends.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,6 +24,7 @@ use std::time::Duration;
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
 use amq_protocol::types::{AMQPValue, FieldTable as WireTable, LongString};
 use bytes::{Bytes, BytesMut};
+use foldhash::{HashMap, HashMapExt};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use sluice_broker::alarms::Alarms;
@@ -59,6 +59,33 @@ const PUBLISH_BATCH_MESSAGES: usize = 2048;
 const PUBLISH_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// How long to wait for `close-ok` after closing the connection on an error.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What handling a frame without awaiting came to.
+enum Step {
+    Done,
+    /// An exception to raise on a channel (0: on the connection).
+    Raise(Exception, u16),
+    /// The frame needs [`Connection::on_frame`].
+    Wait(Frame),
+}
+
+/// Whether a method on a channel goes ahead.
+enum Gate {
+    Go,
+    /// The channel is closing: only its close handshake counts.
+    Skip,
+}
+
+/// The methods handled without awaiting: publishes and acknowledgements.
+fn is_batched(method: &basic::AMQPMethod) -> bool {
+    matches!(
+        method,
+        basic::AMQPMethod::Publish(_)
+            | basic::AMQPMethod::Ack(_)
+            | basic::AMQPMethod::Nack(_)
+            | basic::AMQPMethod::Reject(_)
+    )
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -418,8 +445,14 @@ impl Connection {
                     return;
                 }
             };
-            if let Err(exception) = self.on_frame(frame).await {
-                self.raise(exception, 0).await;
+            match self.on_frame_now(frame) {
+                Step::Done => {}
+                Step::Raise(exception, channel) => self.raise(exception, channel).await,
+                Step::Wait(frame) => {
+                    if let Err(exception) = self.on_frame(frame).await {
+                        self.raise(exception, 0).await;
+                    }
+                }
             }
             if self.publish_count >= PUBLISH_BATCH_MESSAGES
                 || self.publish_bytes >= PUBLISH_BATCH_BYTES
@@ -469,6 +502,51 @@ impl Connection {
         self.state = State::Closed;
     }
 
+    /// Handles the frames of publishing and acknowledging, the bulk of a busy connection's
+    /// input, without awaiting anything: what they hand to queues is batched until the end
+    /// of the read. Any other frame is given back for [`Self::on_frame`].
+    fn on_frame_now(&mut self, frame: Frame) -> Step {
+        if self.state != State::Running {
+            return Step::Wait(frame);
+        }
+        match frame {
+            Frame::Header(channel, header) => self.on_content_header(channel, *header),
+            Frame::Body(channel, body) => self.on_content_body(channel, body),
+            Frame::Method(channel, method) if channel != 0 => {
+                let method_id = method.get_amqp_method_id();
+                match *method {
+                    AMQPClass::Basic(method) if is_batched(&method) => {
+                        self.on_batched_method(channel, method_id, method)
+                    }
+                    other => Step::Wait(Frame::Method(channel, Box::new(other))),
+                }
+            }
+            frame => Step::Wait(frame),
+        }
+    }
+
+    /// `basic.publish`, `basic.ack`, `basic.nack` and `basic.reject`.
+    fn on_batched_method(
+        &mut self,
+        channel: u16,
+        method_id: u16,
+        method: basic::AMQPMethod,
+    ) -> Step {
+        let class_id = 60;
+        match self.gate(channel, class_id, method_id) {
+            Err(exception) => return Step::Raise(exception, 0),
+            Ok(Gate::Skip) => return Step::Done,
+            Ok(Gate::Go) => {}
+        }
+        let started = std::time::Instant::now();
+        let result = self.basic_method_now(channel, method);
+        self.observe_method(class_id, method_id, started);
+        match result {
+            Ok(()) => Step::Done,
+            Err(exception) => Step::Raise(exception.located(class_id, method_id), channel),
+        }
+    }
+
     async fn on_frame(&mut self, frame: Frame) -> Result<(), Exception> {
         match self.state {
             State::Closing => {
@@ -510,8 +588,9 @@ impl Connection {
                 ),
             )),
             Frame::Method(channel, method) => self.on_channel_method(channel, *method).await,
-            Frame::Header(channel, header) => self.on_content_header(channel, *header).await,
-            Frame::Body(channel, body) => self.on_content_body(channel, body).await,
+            // While running, `on_frame_now` takes content frames; the guard above refuses
+            // them before.
+            Frame::Header(..) | Frame::Body(..) => Ok(()),
         }
     }
 
@@ -854,14 +933,7 @@ impl Connection {
             );
             return Ok(());
         }
-        let Some(state) = self.channels.get(&id) else {
-            return Err(Exception::new(
-                errors::CHANNEL_ERROR,
-                format!("expected 'channel.open' on channel {id}"),
-            )
-            .on(class_id, method_id));
-        };
-        if state.closing {
+        if let Gate::Skip = self.gate(id, class_id, method_id)? {
             match method {
                 AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
                     self.channels.remove(&id);
@@ -876,6 +948,32 @@ impl Connection {
             }
             return Ok(());
         }
+        // Methods other than those `on_frame_now` batches see every earlier publish
+        // delivered and every earlier acknowledgement applied.
+        self.flush_publishes().await;
+        self.flush_settles().await;
+        let started = std::time::Instant::now();
+        let result = self.dispatch(id, method).await;
+        self.observe_method(class_id, method_id, started);
+        if let Err(exception) = result {
+            self.raise(exception.located(class_id, method_id), id).await;
+        }
+        Ok(())
+    }
+
+    /// The checks a method on a channel other than `channel.open` passes first. A closing
+    /// channel skips everything but the close handshake.
+    fn gate(&self, id: u16, class_id: u16, method_id: u16) -> Result<Gate, Exception> {
+        let Some(state) = self.channels.get(&id) else {
+            return Err(Exception::new(
+                errors::CHANNEL_ERROR,
+                format!("expected 'channel.open' on channel {id}"),
+            )
+            .on(class_id, method_id));
+        };
+        if state.closing {
+            return Ok(Gate::Skip);
+        }
         if !matches!(state.content, Content::Idle) {
             return Err(Exception::new(
                 errors::UNEXPECTED_FRAME,
@@ -883,13 +981,10 @@ impl Connection {
             )
             .on(class_id, method_id));
         }
-        if !matches!(method, AMQPClass::Basic(basic::AMQPMethod::Publish(_))) {
-            // Methods other than publish see every earlier publish delivered.
-            self.flush_publishes().await;
-            self.flush_settles().await;
-        }
-        let started = std::time::Instant::now();
-        let result = self.dispatch(id, method).await;
+        Ok(Gate::Go)
+    }
+
+    fn observe_method(&self, class_id: u16, method_id: u16, started: std::time::Instant) {
         if let Some(histogram) = self
             .ctx
             .frontend
@@ -898,15 +993,6 @@ impl Connection {
         {
             histogram.observe(started.elapsed());
         }
-        if let Err(exception) = result {
-            let exception = if exception.class_id == 0 {
-                exception.on(class_id, method_id)
-            } else {
-                exception
-            };
-            self.raise(exception, id).await;
-        }
-        Ok(())
     }
 
     async fn dispatch(&mut self, id: u16, method: AMQPClass) -> Result<(), Exception> {
@@ -1039,38 +1125,47 @@ impl Connection {
 
     // ----- content ----------------------------------------------------------------------------
 
-    async fn on_content_header(
+    fn on_content_header(
         &mut self,
         id: u16,
         header: amq_protocol::frame::AMQPContentHeader,
-    ) -> Result<(), Exception> {
+    ) -> Step {
         let max = self.ctx.settings.max_message_bytes as u64;
         let Some(state) = self.channels.get_mut(&id) else {
-            return Err(Exception::new(
-                errors::CHANNEL_ERROR,
-                format!("expected 'channel.open' on channel {id}"),
-            ));
+            return Step::Raise(
+                Exception::new(
+                    errors::CHANNEL_ERROR,
+                    format!("expected 'channel.open' on channel {id}"),
+                ),
+                0,
+            );
         };
         if state.closing {
-            return Ok(());
+            return Step::Done;
         }
         let Content::Header(publish) = std::mem::take(&mut state.content) else {
-            return Err(Exception::new(
-                errors::UNEXPECTED_FRAME,
-                "type 2, first 16 octets = <<>>: content header without a method",
-            ));
+            return Step::Raise(
+                Exception::new(
+                    errors::UNEXPECTED_FRAME,
+                    "type 2, first 16 octets = <<>>: content header without a method",
+                ),
+                0,
+            );
         };
         if header.class_id != 60 {
-            return Err(Exception::new(
-                errors::FRAME_ERROR,
-                format!(
-                    "content header for class {} on a basic.publish",
-                    header.class_id
+            return Step::Raise(
+                Exception::new(
+                    errors::FRAME_ERROR,
+                    format!(
+                        "content header for class {} on a basic.publish",
+                        header.class_id
+                    ),
                 ),
-            ));
+                0,
+            );
         }
         if header.body_size > max {
-            self.raise(
+            return Step::Raise(
                 Exception::new(
                     errors::PRECONDITION_FAILED,
                     format!(
@@ -1080,16 +1175,11 @@ impl Connection {
                 )
                 .on(60, 40),
                 id,
-            )
-            .await;
-            return Ok(());
+            );
         }
         let properties = Box::new(header.properties);
         if header.body_size == 0 {
-            if let Err(exception) = self.publish(id, *publish, *properties, Bytes::new()).await {
-                self.raise(exception.on(60, 40), id).await;
-            }
-            return Ok(());
+            return self.publish_step(id, *publish, *properties, Bytes::new());
         }
         state.content = Content::Body {
             publish,
@@ -1097,35 +1187,44 @@ impl Connection {
             size: header.body_size,
             body: crate::channel::Body::Empty,
         };
-        Ok(())
+        Step::Done
     }
 
-    async fn on_content_body(&mut self, id: u16, part: Bytes) -> Result<(), Exception> {
+    fn on_content_body(&mut self, id: u16, part: Bytes) -> Step {
         let Some(state) = self.channels.get_mut(&id) else {
-            return Err(Exception::new(
-                errors::CHANNEL_ERROR,
-                format!("expected 'channel.open' on channel {id}"),
-            ));
+            return Step::Raise(
+                Exception::new(
+                    errors::CHANNEL_ERROR,
+                    format!("expected 'channel.open' on channel {id}"),
+                ),
+                0,
+            );
         };
         if state.closing {
-            return Ok(());
+            return Step::Done;
         }
         let Content::Body { body, size, .. } = &mut state.content else {
-            return Err(Exception::new(
-                errors::UNEXPECTED_FRAME,
-                "type 3, first 16 octets = <<>>: content body without a header",
-            ));
+            return Step::Raise(
+                Exception::new(
+                    errors::UNEXPECTED_FRAME,
+                    "type 3, first 16 octets = <<>>: content body without a header",
+                ),
+                0,
+            );
         };
         let total = body.len() as u64 + part.len() as u64;
         if total > *size {
-            return Err(Exception::new(
-                errors::FRAME_ERROR,
-                format!("content body of {total} bytes exceeds the {size} announced"),
-            ));
+            return Step::Raise(
+                Exception::new(
+                    errors::FRAME_ERROR,
+                    format!("content body of {total} bytes exceeds the {size} announced"),
+                ),
+                0,
+            );
         }
         body.push(part, *size as usize);
         if total < *size {
-            return Ok(());
+            return Step::Done;
         }
         let Content::Body {
             publish,
@@ -1134,12 +1233,23 @@ impl Connection {
             ..
         } = std::mem::take(&mut state.content)
         else {
-            return Ok(());
+            return Step::Done;
         };
-        if let Err(exception) = self.publish(id, *publish, *properties, body.freeze()).await {
-            self.raise(exception.on(60, 40), id).await;
+        self.publish_step(id, *publish, *properties, body.freeze())
+    }
+
+    /// A whole message arrived: publishes it; an exception closes its channel.
+    fn publish_step(
+        &mut self,
+        id: u16,
+        publish: amq_protocol::protocol::basic::Publish,
+        properties: amq_protocol::protocol::BasicProperties,
+        body: Bytes,
+    ) -> Step {
+        match self.publish(id, publish, properties, body) {
+            Ok(()) => Step::Done,
+            Err(exception) => Step::Raise(exception.on(60, 40), id),
         }
-        Ok(())
     }
 
     // ----- batching publishes and settlements --------------------------------------------------

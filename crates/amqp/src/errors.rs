@@ -78,6 +78,15 @@ impl Exception {
         self
     }
 
+    /// Names the method that raised it, unless it already names one.
+    pub fn located(self, class_id: u16, method_id: u16) -> Self {
+        if self.class_id == 0 {
+            self.on(class_id, method_id)
+        } else {
+            self
+        }
+    }
+
     /// Whether the connection, not just the channel, must close.
     pub fn is_hard(&self) -> bool {
         !matches!(self.code, 311..=313 | 403..=406)

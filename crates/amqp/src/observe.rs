@@ -5,10 +5,10 @@
 //! open connection, removed when it ends; its channel snapshot is refreshed by the connection
 //! itself once a second and holds one line per open channel (≤ `channel_max`).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use foldhash::HashMap;
 use parking_lot::Mutex;
 use sluice_metrics::{Counter, Gauge, Histogram, Registered, Registry};
 use tokio_util::sync::CancellationToken;

@@ -10,11 +10,11 @@
 //! `rabbit_exchange`): reserved `amq.` names, the default exchange, inequivalent
 //! re-declarations, exclusive queues of other connections.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine;
+use foldhash::{HashMap, HashMapExt};
 use parking_lot::{Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 

@@ -29,6 +29,20 @@ impl Connection {
         method: basic::AMQPMethod,
     ) -> Result<(), Exception> {
         match method {
+            basic::AMQPMethod::Consume(consume) => self.consume(channel, consume).await,
+            basic::AMQPMethod::Cancel(cancel) => self.cancel(channel, cancel).await,
+            basic::AMQPMethod::Get(get) => self.get(channel, get).await,
+            other => self.basic_method_now(channel, other),
+        }
+    }
+
+    /// The `basic.*` methods that wait on nothing: what they hand to queues is batched.
+    pub(crate) fn basic_method_now(
+        &mut self,
+        channel: u16,
+        method: basic::AMQPMethod,
+    ) -> Result<(), Exception> {
+        match method {
             basic::AMQPMethod::Qos(qos) => {
                 if let Some(state) = self.channels.get_mut(&channel) {
                     if qos.global {
@@ -43,15 +57,12 @@ impl Connection {
                 );
                 Ok(())
             }
-            basic::AMQPMethod::Consume(consume) => self.consume(channel, consume).await,
-            basic::AMQPMethod::Cancel(cancel) => self.cancel(channel, cancel).await,
             basic::AMQPMethod::Publish(publish) => {
                 if let Some(state) = self.channels.get_mut(&channel) {
                     state.content = crate::channel::Content::Header(Box::new(publish));
                 }
                 Ok(())
             }
-            basic::AMQPMethod::Get(get) => self.get(channel, get).await,
             basic::AMQPMethod::Ack(ack) => {
                 self.settle(channel, ack.delivery_tag, ack.multiple, SettleOp::Ack)
             }
@@ -255,7 +266,7 @@ impl Connection {
     }
 
     /// A complete `basic.publish`: route it and hand it to its queues (or the transaction).
-    pub(crate) async fn publish(
+    pub(crate) fn publish(
         &mut self,
         channel: u16,
         publish: basic::Publish,
@@ -269,21 +280,24 @@ impl Connection {
         self.ctx.frontend.metrics.published.increment();
         let exchange_name = publish.exchange.as_str();
         let routing_key = publish.routing_key.as_str();
-        let vhost = self.vhost_name().to_owned();
         let table = self.routing();
         if !exchange_name.is_empty() {
             match table.exchange(exchange_name) {
                 None => {
                     return Err(Exception::new(
                         errors::NOT_FOUND,
-                        format!("no exchange '{exchange_name}' in vhost '{vhost}'"),
+                        format!(
+                            "no exchange '{exchange_name}' in vhost '{}'",
+                            self.vhost_name()
+                        ),
                     ));
                 }
                 Some(exchange) if exchange.internal => {
                     return Err(Exception::new(
                         errors::ACCESS_REFUSED,
                         format!(
-                            "cannot publish to internal exchange '{exchange_name}' in vhost '{vhost}'"
+                            "cannot publish to internal exchange '{exchange_name}' in vhost '{}'",
+                            self.vhost_name()
                         ),
                     ));
                 }
@@ -330,23 +344,16 @@ impl Connection {
             .headers
             .as_ref()
             .is_some_and(|h| lookup(h, "CC").is_some() || lookup(h, "BCC").is_some());
-        let exchange: Arc<str> = {
-            let state = self.channels.get_mut(&channel);
-            match state {
-                Some(state) => match &state.last_exchange {
-                    Some(last) if &**last == exchange_name => Arc::clone(last),
-                    _ => {
-                        let name: Arc<str> = Arc::from(exchange_name);
-                        state.last_exchange = Some(Arc::clone(&name));
-                        name
-                    }
-                },
-                None => Arc::from(exchange_name),
-            }
+        let (exchange, routing_key_shared) = match self.channels.get_mut(&channel) {
+            Some(state) => (
+                shared(&mut state.last_exchange, exchange_name),
+                shared(&mut state.last_routing_key, routing_key),
+            ),
+            None => (Arc::from(exchange_name), Arc::from(routing_key)),
         };
         let mut message = Message {
             exchange,
-            routing_key: Arc::from(routing_key),
+            routing_key: routing_key_shared,
             properties: props,
             body,
         };
@@ -563,5 +570,18 @@ impl Connection {
             std::mem::take(&mut state.unacked).into_iter().collect();
         self.apply_settles(channel, SettleOp::Requeue, deliveries);
         Ok(())
+    }
+}
+
+/// `text` as a shared string: the one `last` holds if it is the same, else a new one that
+/// `last` then keeps. Publishers mostly repeat their exchange and routing key.
+fn shared(last: &mut Option<Arc<str>>, text: &str) -> Arc<str> {
+    match last {
+        Some(held) if **held == *text => Arc::clone(held),
+        _ => {
+            let fresh: Arc<str> = Arc::from(text);
+            *last = Some(Arc::clone(&fresh));
+            fresh
+        }
     }
 }

@@ -2,8 +2,9 @@
 //! queue, as an immutable snapshot. The controller builds a new table after each change;
 //! publishers route against whichever table they hold, without locks.
 
-use std::collections::HashMap;
 use std::sync::Arc;
+
+use foldhash::{HashMap, HashMapExt};
 
 use super::headers::HeadersMatch;
 use super::topic::TopicTrie;

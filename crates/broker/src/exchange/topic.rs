@@ -6,7 +6,7 @@
 //! nodes × words even for patterns such as `#.a.#.a.#` that would make a naive backtracking
 //! matcher exponential.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 #[derive(Debug, Clone)]
 struct Node<D> {

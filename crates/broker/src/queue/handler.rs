@@ -8,12 +8,13 @@
 //! A failed write stops the queue: every later request gets an error naming the cause; the
 //! broker does not retry silently.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use foldhash::{HashMap, HashMapExt};
 use sluice_storage::batch::BatchHeader;
 use sluice_storage::record::BatchBuilder;
 use sluice_storage::{

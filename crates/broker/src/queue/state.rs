@@ -24,8 +24,10 @@
 //! Memory: one range per run of consecutive ready offsets, one entry per unacknowledged
 //! message (bounded by consumers' prefetch) and per requeued message.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::Range;
+
+use foldhash::{HashMap, HashMapExt};
 
 use super::args::{Overflow, QueueArgs};
 use super::ranges::RangeSet;
