@@ -1472,7 +1472,7 @@ impl Connection {
             replies.fetch_sub(1, Ordering::Relaxed);
         }
         let channel_id = consumer.channel;
-        let tag = consumer.tag.clone();
+        let consumer_tag = short(&consumer.tag);
         let no_ack = consumer.no_ack;
         let queue = consumer.queue.clone();
         consumer.window_owed += Credit::window_cost(delivery.message.body.len() as u32);
@@ -1514,7 +1514,7 @@ impl Connection {
         self.send(
             channel_id,
             AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
-                consumer_tag: short(&tag),
+                consumer_tag,
                 delivery_tag,
                 redelivered: delivery.redelivered,
                 exchange: short(&message.exchange),
