@@ -40,6 +40,15 @@ pub enum BenchError {
         source: sluice_storage::StorageError,
     },
 
+    /// A record batch a broker sent that a consumer must refuse: a bad CRC, another magic,
+    /// malformed records.
+    #[error("bad record batch in {context}: {source}")]
+    Records {
+        context: String,
+        #[source]
+        source: sluice_storage::record::RecordError,
+    },
+
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,

@@ -1,12 +1,12 @@
-//! Kafka workloads: producers and consumers through librdkafka against any Kafka-protocol
-//! broker.
+//! Kafka workloads: producers through librdkafka, consumers through librdkafka or this tool's
+//! lean consumer (`--client raw`, [`crate::kafka_raw`]), against any Kafka-protocol broker.
 //!
-//! Each producer and each consumer is its own librdkafka client on its own OS thread, as an
-//! application would run them; nothing is shared between them but the [`Meter`]. A producer
-//! stamps each record's value (see [`crate::payload`]) just before handing it to librdkafka
-//! and counts it as sent when the delivery report says the broker took it. Consumers either
-//! assign partitions to themselves (the default: no group coordinator involved) or join
-//! consumer groups (`--group-id`), in which case every group reads every record.
+//! Each producer and each consumer is its own client on its own OS thread, as an application
+//! would run them; nothing is shared between them but the [`Meter`]. A producer stamps each
+//! record's value (see [`crate::payload`]) just before handing it to librdkafka and counts it
+//! as sent when the delivery report says the broker took it. Consumers either assign partitions
+//! to themselves (the default: no group coordinator involved) or join consumer groups
+//! (`--group-id`, librdkafka only); either way every group reads every record.
 //!
 //! Bounds: librdkafka's own producer queue (`queue.buffering.max.messages`, default 100 000)
 //! limits what is in flight; a producer that finds it full waits a millisecond and retries.
@@ -27,6 +27,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::error::BenchError;
+use crate::kafka_raw::{self, StartOffset};
 use crate::load::{LoadOptions, Pacer, Quota, fresh_name};
 use crate::meter::{Latency, Meter, ProgressLength, ProgressPlan, Sampler};
 use crate::net;
@@ -40,6 +41,18 @@ const CONSUMER_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a producer waits for its last deliveries at the end.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Which client consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConsumerClient {
+    /// librdkafka, as applications use it.
+    #[default]
+    Librdkafka,
+    /// This tool's own lean consumer ([`crate::kafka_raw`]): fetches written and read
+    /// directly, the next one in flight while the last is read.
+    Raw,
+}
 
 #[derive(Debug, Clone, PartialEq, clap::Args, Serialize, Deserialize)]
 pub struct KafkaOptions {
@@ -102,6 +115,11 @@ pub struct KafkaOptions {
     #[arg(long = "librdkafka", value_name = "KEY=VALUE")]
     pub extra: Vec<String>,
 
+    /// The client of the consumers (producers always use librdkafka).
+    #[arg(long, value_enum, default_value_t = ConsumerClient::Librdkafka)]
+    #[serde(default)]
+    pub client: ConsumerClient,
+
     #[command(flatten)]
     #[serde(flatten)]
     pub load: LoadOptions,
@@ -125,6 +143,7 @@ impl Default for KafkaOptions {
             consumer_groups: 1,
             group_id: None,
             extra: Vec::new(),
+            client: ConsumerClient::Librdkafka,
             load: LoadOptions::default(),
         }
     }
@@ -140,6 +159,13 @@ impl KafkaOptions {
         if self.consumers > 0 && self.consumer_groups == 0 {
             return Err(BenchError::Config(
                 "--consumer-groups must be at least 1".into(),
+            ));
+        }
+        if self.client == ConsumerClient::Raw && self.group_id.is_some() {
+            return Err(BenchError::Config(
+                "--client raw cannot join consumer groups: its consumers assign partitions \
+                 themselves; leave out --group-id"
+                    .into(),
             ));
         }
         self.acks_setting()?;
@@ -530,6 +556,20 @@ fn produce(
         .map_err(|error| BenchError::kafka("flushing the producer", error))
 }
 
+/// Where consumers that assign partitions themselves start reading.
+fn start_offset(options: &KafkaOptions) -> StartOffset {
+    // A topic named for this run starts empty: consumers that assign themselves its
+    // partitions fetch from offset 0 at once, where `Offset::Beginning` would first ask the
+    // group coordinator for a committed offset and then the leader for the earliest one,
+    // a few hundred milliseconds in which the producers already send and the first records'
+    // latency grows.
+    if options.topic.is_none() {
+        StartOffset::At(0)
+    } else {
+        StartOffset::Earliest
+    }
+}
+
 fn start_consumers(
     options: &KafkaOptions,
     topic: &str,
@@ -537,51 +577,33 @@ fn start_consumers(
     meter: &Arc<Meter>,
 ) -> Result<Vec<JoinHandle<Result<Latency, BenchError>>>, BenchError> {
     let ready = Arc::new(AtomicUsize::new(0));
-    // A topic named for this run starts empty: consumers that assign themselves its
-    // partitions fetch from offset 0 at once, where `Offset::Beginning` would first ask the
-    // group coordinator for a committed offset and then the leader for the earliest one,
-    // a few hundred milliseconds in which the producers already send and the first records'
-    // latency grows.
-    let start = if options.topic.is_none() {
-        Offset::Offset(0)
-    } else {
-        Offset::Beginning
-    };
+    let start = start_offset(options);
     let mut handles = Vec::new();
     for group in 0..options.consumer_groups {
         for index in 0..options.consumers {
-            let consumer: BaseConsumer<MeterContext> = options
-                .consumer_config(group, index)?
-                .create_with_context(MeterContext {
-                    meter: Arc::clone(meter),
-                })
-                .map_err(|error| BenchError::kafka("creating a consumer", error))?;
-            if options.group_id.is_some() {
-                consumer
-                    .subscribe(&[topic])
-                    .map_err(|error| BenchError::kafka(format!("subscribing to {topic}"), error))?;
-            } else {
-                let mut assignment = TopicPartitionList::new();
-                for partition in
-                    (0..partition_count).filter(|p| *p as usize % options.consumers == index)
-                {
-                    assignment
-                        .add_partition_offset(topic, partition, start)
-                        .map_err(|error| BenchError::kafka("building an assignment", error))?;
-                }
-                consumer
-                    .assign(&assignment)
-                    .map_err(|error| BenchError::kafka(format!("assigning {topic}"), error))?;
-            }
-            let meter = Arc::clone(meter);
-            let ready = Arc::clone(&ready);
-            let subscribed = options.group_id.is_some();
-            let handle = std::thread::Builder::new()
-                .name(format!("kafka-consumer-{group}-{index}"))
-                .spawn(move || consume(&consumer, subscribed, &ready, &meter))
-                .map_err(|error| {
-                    BenchError::Task(format!("cannot start a consumer thread: {error}"))
-                })?;
+            let handle = match options.client {
+                ConsumerClient::Raw => kafka_raw::spawn(
+                    kafka_raw::ConsumerPlan {
+                        bootstrap: options.bootstrap.clone(),
+                        topic: topic.to_owned(),
+                        consumer_index: index,
+                        consumer_count: options.consumers,
+                        start,
+                        client_id: format!("sluice-bench-raw-consumer-{group}-{index}"),
+                    },
+                    Arc::clone(&ready),
+                    Arc::clone(meter),
+                )?,
+                ConsumerClient::Librdkafka => spawn_consumer(
+                    options,
+                    topic,
+                    partition_count,
+                    (group, index),
+                    start,
+                    &ready,
+                    meter,
+                )?,
+            };
             handles.push(handle);
         }
     }
@@ -595,6 +617,50 @@ fn start_consumers(
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(handles)
+}
+
+/// Starts librdkafka consumer `index` of group `group` on its own thread.
+fn spawn_consumer(
+    options: &KafkaOptions,
+    topic: &str,
+    partition_count: i32,
+    (group, index): (usize, usize),
+    start: StartOffset,
+    ready: &Arc<AtomicUsize>,
+    meter: &Arc<Meter>,
+) -> Result<JoinHandle<Result<Latency, BenchError>>, BenchError> {
+    let consumer: BaseConsumer<MeterContext> = options
+        .consumer_config(group, index)?
+        .create_with_context(MeterContext {
+            meter: Arc::clone(meter),
+        })
+        .map_err(|error| BenchError::kafka("creating a consumer", error))?;
+    if options.group_id.is_some() {
+        consumer
+            .subscribe(&[topic])
+            .map_err(|error| BenchError::kafka(format!("subscribing to {topic}"), error))?;
+    } else {
+        let offset = match start {
+            StartOffset::At(offset) => Offset::Offset(offset),
+            StartOffset::Earliest => Offset::Beginning,
+        };
+        let mut assignment = TopicPartitionList::new();
+        for partition in (0..partition_count).filter(|p| *p as usize % options.consumers == index) {
+            assignment
+                .add_partition_offset(topic, partition, offset)
+                .map_err(|error| BenchError::kafka("building an assignment", error))?;
+        }
+        consumer
+            .assign(&assignment)
+            .map_err(|error| BenchError::kafka(format!("assigning {topic}"), error))?;
+    }
+    let meter = Arc::clone(meter);
+    let ready = Arc::clone(ready);
+    let subscribed = options.group_id.is_some();
+    std::thread::Builder::new()
+        .name(format!("kafka-consumer-{group}-{index}"))
+        .spawn(move || consume(&consumer, subscribed, &ready, &meter))
+        .map_err(|error| BenchError::Task(format!("cannot start a consumer thread: {error}")))
 }
 
 fn consume(
@@ -687,6 +753,22 @@ mod tests {
             ..KafkaOptions::default()
         };
         assert!(options.validate().is_err());
+    }
+
+    #[test]
+    fn the_lean_consumer_joins_no_group() {
+        let options = KafkaOptions {
+            client: ConsumerClient::Raw,
+            consumers: 2,
+            ..KafkaOptions::default()
+        };
+        options.validate().unwrap();
+        let options = KafkaOptions {
+            group_id: Some("g".into()),
+            ..options
+        };
+        let error = options.validate().unwrap_err();
+        assert!(error.to_string().contains("--group-id"), "{error}");
     }
 
     #[tokio::test]

@@ -2,11 +2,11 @@
 //! compared with.
 //!
 //! It owns the client side of every measurement: Kafka producers and consumers through
-//! librdkafka ([`kafka`]), AMQP 0-9-1 publishers and consumers through lapin or a lean client
-//! of its own ([`amqp`], [`amqp_raw`]), the
-//! in-process storage engine benchmarks ([`storage`]), the machine's own limits measured with
-//! fio and iperf3 ([`limits`]), and the suite that runs all of them against Sluice and RabbitMQ
-//! in one go and puts the figures side by side ([`suite`]).
+//! librdkafka, and consumers through a lean client of its own ([`kafka`], [`kafka_raw`]), AMQP
+//! 0-9-1 publishers and consumers through lapin or a lean client of its own ([`amqp`],
+//! [`amqp_raw`]), the in-process storage engine benchmarks ([`storage`]), the machine's own
+//! limits measured with fio and iperf3 ([`limits`]), and the suite that runs all of them against
+//! Sluice and RabbitMQ in one go and puts the figures side by side ([`suite`]).
 //!
 //! It must never be linked into the broker: it pulls in client libraries the broker has no
 //! business carrying. It never asserts a speed; it measures and reports, and the reader judges.
@@ -24,6 +24,7 @@ pub mod amqp_raw;
 pub mod chart;
 pub mod error;
 pub mod kafka;
+pub mod kafka_raw;
 pub mod limits;
 pub mod load;
 pub mod machine;

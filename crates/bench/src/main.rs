@@ -28,7 +28,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Producers and consumers through librdkafka against any Kafka-protocol broker.
+    /// Producers through librdkafka, consumers through librdkafka or a lean client of the
+    /// tool's own (`--client raw`), against any Kafka-protocol broker.
     Kafka {
         #[command(flatten)]
         options: KafkaOptions,

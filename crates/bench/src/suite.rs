@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::amqp::{self, AmqpOptions, ClientChoice, ExchangeChoice};
 use crate::chart::{self, BarGroup};
 use crate::error::BenchError;
-use crate::kafka::{self, KafkaOptions};
+use crate::kafka::{self, ConsumerClient, KafkaOptions};
 use crate::limits::{self, LimitsOptions, LimitsReport};
 use crate::load::LoadOptions;
 use crate::machine::Machine;
@@ -318,6 +318,11 @@ fn kafka_workloads(scale: &Scale) -> Vec<KafkaWorkload> {
         load: scale.timed(),
         ..KafkaOptions::default()
     };
+    let consume_backlog = KafkaOptions {
+        record_bytes: 100,
+        load: scale.backlog(scale.kafka_backlog_count),
+        ..KafkaOptions::default()
+    };
     vec![
         KafkaWorkload {
             id: KAFKA_PEAK_ID,
@@ -350,12 +355,19 @@ fn kafka_workloads(scale: &Scale) -> Vec<KafkaWorkload> {
             half_of_peak: false,
         },
         KafkaWorkload {
-            id: "kafka-consume-backlog",
+            id: KAFKA_CONSUME_PEAK_ID,
             title: "Kafka consume from a backlog, 100 B",
+            options: consume_backlog.clone(),
+            half_of_peak: false,
+        },
+        // The same drain through the tool's lean consumer: librdkafka's takes most of the two
+        // CPUs in the one above, so this shows more of what the broker itself serves.
+        KafkaWorkload {
+            id: "kafka-consume-backlog-raw",
+            title: "Kafka consume from a backlog, 100 B, lean client",
             options: KafkaOptions {
-                record_bytes: 100,
-                load: scale.backlog(scale.kafka_backlog_count),
-                ..KafkaOptions::default()
+                client: ConsumerClient::Raw,
+                ..consume_backlog
             },
             half_of_peak: false,
         },
@@ -1094,7 +1106,7 @@ pub fn rows(report: &SuiteReport) -> Vec<Row> {
         let p99 = |r: &RunReport| r.latency.as_ref().map(|l| l.p99_us as f64 / 1000.0);
         let p999 = |r: &RunReport| r.latency.as_ref().map(|l| l.p999_us as f64 / 1000.0);
         let rss = |r: &RunReport| r.broker_rss.map(|m| m.peak_bytes as f64 / 1048576.0);
-        if id.ends_with("backlog") {
+        if id.contains("backlog") {
             let fill = if id.starts_with("kafka") {
                 "produce rate (no consumer)"
             } else {
@@ -1583,6 +1595,7 @@ mod tests {
             "kafka-produce-1k-acks-all",
             "kafka-produce-16k-acks1",
             "kafka-consume-backlog",
+            "kafka-consume-backlog-raw",
             "kafka-latency-half-peak",
         ] {
             assert!(kafka.contains(&id), "{id}");
@@ -1592,17 +1605,83 @@ mod tests {
             .find(|w| w.id == "amqp-backlog")
             .unwrap();
         assert_eq!(backlog.options.load.count, Some(5_000_000));
-        let consume = kafka_workloads(&scale)
-            .into_iter()
-            .find(|w| w.id == "kafka-consume-backlog")
-            .unwrap();
-        assert_eq!(consume.options.load.count, Some(10_000_000));
+        for id in ["kafka-consume-backlog", "kafka-consume-backlog-raw"] {
+            let consume = kafka_workloads(&scale)
+                .into_iter()
+                .find(|w| w.id == id)
+                .unwrap();
+            assert_eq!(consume.options.load.count, Some(10_000_000), "{id}");
+            assert!(consume.options.load.backlog, "{id}");
+        }
         for workload in amqp_workloads(&scale) {
             workload.options.validate().unwrap();
         }
         for workload in kafka_workloads(&scale) {
             workload.options.validate().unwrap();
         }
+    }
+
+    #[test]
+    fn both_kafka_backlog_drains_get_the_backlog_figures() {
+        let ran = |id: &str, title: &str| WorkloadResult {
+            id: id.into(),
+            title: title.into(),
+            broker: "sluice".into(),
+            outcome: Outcome::Ran {
+                report: Box::new(RunReport {
+                    name: id.into(),
+                    protocol: "kafka".into(),
+                    target: String::new(),
+                    settings: serde_json::Value::Null,
+                    started_unix_ms: 0,
+                    send: Some(crate::report::Throughput::new(10, 1_000, 1.0)),
+                    receive: Some(crate::report::Throughput::new(10, 1_000, 0.5)),
+                    expected_receive_count: 10,
+                    latency: None,
+                    error_count: 0,
+                    errors: Vec::new(),
+                    broker_rss: None,
+                    timeline: Vec::new(),
+                    notes: Vec::new(),
+                }),
+            },
+            files: Vec::new(),
+        };
+        let report = SuiteReport {
+            started_unix_ms: 0,
+            elapsed_s: 0.0,
+            mode: Mode::Smoke,
+            machine: Machine::default(),
+            sluice: None,
+            sluice_unavailable: None,
+            rabbitmq_uri: None,
+            workloads: vec![
+                ran("kafka-consume-backlog", "librdkafka"),
+                ran("kafka-consume-backlog-raw", "lean"),
+            ],
+            storage: None,
+            storage_error: None,
+            never_pairs: Vec::new(),
+            always_rounds: Vec::new(),
+            limits: None,
+            rows: Vec::new(),
+            storage_targets: Vec::new(),
+        };
+        let rows = rows(&report);
+        let figures = |title: &str| -> Vec<(String, String)> {
+            rows.iter()
+                .filter_map(|row| {
+                    let figure = row.figure.strip_prefix(title)?;
+                    Some((figure.to_owned(), row.unit.clone()))
+                })
+                .collect()
+        };
+        let lean = figures("lean: ");
+        assert_eq!(figures("librdkafka: "), lean);
+        assert!(
+            lean.contains(&("drain rate".to_owned(), "msg/s".to_owned())),
+            "{lean:?}"
+        );
     }
 
     #[test]
