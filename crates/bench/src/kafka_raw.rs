@@ -160,13 +160,7 @@ async fn consume(
         return Ok(latency);
     }
     let topic = TopicName(StrBytes::from_string(plan.topic.clone()));
-    connection
-        .send(
-            ApiKey::Fetch,
-            &fetch_request(&topic, &cursors),
-            FETCH_VERSION,
-        )
-        .await?;
+    connection.send_fetch(&topic, &cursors).await?;
     while !meter.consumers_stopped() {
         let Some(response) = connection
             .receive_within::<FetchResponse>(FETCH_VERSION, POLL_INTERVAL)
@@ -179,13 +173,7 @@ async fn consume(
         // partitions lets each be first in turn, the one whose first batch is returned whole
         // even when it is larger than the partition's limit (KIP-74).
         cursors.rotate_left(1);
-        connection
-            .send(
-                ApiKey::Fetch,
-                &fetch_request(&topic, &cursors),
-                FETCH_VERSION,
-            )
-            .await?;
+        connection.send_fetch(&topic, &cursors).await?;
         for part in fetched {
             read_records(&part.batches, part.from_offset, |value, now_ns| {
                 latency.record(value, now_ns);
@@ -376,6 +364,16 @@ struct Connection {
 }
 
 impl Connection {
+    /// Asks for every partition's records from its cursor on.
+    async fn send_fetch(
+        &mut self,
+        topic: &TopicName,
+        cursors: &[Cursor],
+    ) -> Result<(), BenchError> {
+        self.send(ApiKey::Fetch, &fetch_request(topic, cursors), FETCH_VERSION)
+            .await
+    }
+
     async fn open(bootstrap: &str, client_id: &str) -> Result<Self, BenchError> {
         let mut last_error = None;
         for address in bootstrap.split(',').map(str::trim) {
