@@ -473,18 +473,22 @@ async fn drive(
                 }
                 .run(),
             ),
-            PublisherLink::Raw(raw) => tokio::spawn(
-                RawPublisher {
-                    exchange: topology.exchange.as_str().into(),
-                    routing_keys: topology
-                        .routing_keys
-                        .iter()
-                        .map(|key| key.as_str().into())
-                        .collect(),
-                    plan,
-                }
-                .run(raw),
-            ),
+            PublisherLink::Raw(raw) => {
+                let exchange = ShortString::from(topology.exchange.as_str());
+                let templates = topology
+                    .routing_keys
+                    .iter()
+                    .map(|key| {
+                        amqp_raw::PublishTemplate::new(
+                            &exchange,
+                            &ShortString::from(key.as_str()),
+                            &plan.properties,
+                            plan.body.len(),
+                        )
+                    })
+                    .collect::<Result<_, _>>()?;
+                tokio::spawn(RawPublisher { templates, plan }.run(raw))
+            }
         });
     }
     for result in join_all(producers, meter, run_deadline, Meter::stop_producers).await {
@@ -764,18 +768,18 @@ async fn consume_raw(
     while !meter.consumers_stopped() {
         while let Some(frame) = conn.buffered_frame()? {
             let finished = match frame {
+                amqp_raw::Frame::Deliver(tag) => {
+                    delivery_tag = tag;
+                    body.clear();
+                    false
+                }
                 amqp_raw::Frame::Method(method) => {
-                    match amqp_raw::closed_by_broker(method)? {
-                        AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver)) => {
-                            delivery_tag = deliver.delivery_tag;
-                            body.clear();
-                        }
-                        AMQPClass::Basic(basic::AMQPMethod::Cancel(_)) => {
-                            return Err(BenchError::Invalid(
-                                "the broker cancelled the consumer".into(),
-                            ));
-                        }
-                        _ => {}
+                    if let AMQPClass::Basic(basic::AMQPMethod::Cancel(_)) =
+                        amqp_raw::closed_by_broker(method)?
+                    {
+                        return Err(BenchError::Invalid(
+                            "the broker cancelled the consumer".into(),
+                        ));
                     }
                     false
                 }
@@ -795,7 +799,7 @@ async fn consume_raw(
                     remaining = Some(due);
                     due == 0
                 }
-                amqp_raw::Frame::Heartbeat => false,
+                amqp_raw::Frame::Heartbeat | amqp_raw::Frame::Confirm { .. } => false,
             };
             if finished {
                 remaining = None;
@@ -803,7 +807,7 @@ async fn consume_raw(
                 latency.record(&body, now_ns);
                 meter.received(body.len(), now_ns);
                 if manual_ack {
-                    conn.ack(delivery_tag, false)?;
+                    conn.ack(delivery_tag, false);
                 }
             }
         }
@@ -817,8 +821,8 @@ async fn consume_raw(
 /// The lean client's publisher: frames of many publishes go out in one write; with confirms it
 /// keeps at most `confirm_window` messages unconfirmed and counts each when acked.
 struct RawPublisher {
-    exchange: ShortString,
-    routing_keys: Vec<ShortString>,
+    /// One per routing key, used in turn.
+    templates: Vec<amqp_raw::PublishTemplate>,
     plan: PublishPlan,
 }
 
@@ -890,8 +894,8 @@ impl RawPublisher {
                     }
                 }
                 payload::stamp(&mut self.plan.body, sequence);
-                let key = &self.routing_keys[sequence as usize % self.routing_keys.len()];
-                conn.publish(&self.exchange, key, &self.plan.properties, &self.plan.body)?;
+                let template = &self.templates[sequence as usize % self.templates.len()];
+                conn.publish(template, &self.plan.body)?;
                 sequence += 1;
                 unwritten += 1;
                 if conn.out.len() >= amqp_raw::WRITE_BATCH_BYTES {
@@ -952,24 +956,29 @@ impl RawPublisher {
         loop {
             while let Some(frame) = conn.buffered_frame()? {
                 seen = true;
-                if let amqp_raw::Frame::Method(method) = frame {
-                    match amqp_raw::closed_by_broker(method)? {
-                        AMQPClass::Basic(basic::AMQPMethod::Ack(ack)) => {
-                            for _ in
-                                0..confirmed.settle(ack.delivery_tag, ack.multiple, published)?
-                            {
-                                self.plan.meter.sent(body_bytes);
-                            }
+                match frame {
+                    amqp_raw::Frame::Confirm {
+                        ack: true,
+                        delivery_tag,
+                        multiple,
+                    } => {
+                        for _ in 0..confirmed.settle(delivery_tag, multiple, published)? {
+                            self.plan.meter.sent(body_bytes);
                         }
-                        AMQPClass::Basic(basic::AMQPMethod::Nack(nack)) => {
-                            let count =
-                                confirmed.settle(nack.delivery_tag, nack.multiple, published)?;
-                            for _ in 0..count {
-                                self.plan.meter.error("the broker nacked a message");
-                            }
-                        }
-                        _ => {}
                     }
+                    amqp_raw::Frame::Confirm {
+                        ack: false,
+                        delivery_tag,
+                        multiple,
+                    } => {
+                        for _ in 0..confirmed.settle(delivery_tag, multiple, published)? {
+                            self.plan.meter.error("the broker nacked a message");
+                        }
+                    }
+                    amqp_raw::Frame::Method(method) => {
+                        amqp_raw::closed_by_broker(method)?;
+                    }
+                    _ => {}
                 }
             }
             if seen || !wait || self.plan.meter.producers_stopped() {
