@@ -29,6 +29,8 @@ pub enum Content {
     Body {
         publish: Box<basic::Publish>,
         properties: Box<BasicProperties>,
+        /// The content header's payload as received, kept with the message.
+        encoded: Bytes,
         size: u64,
         body: Body,
     },

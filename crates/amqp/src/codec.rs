@@ -45,7 +45,8 @@ impl FrameError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     Method(u16, Box<AMQPClass>),
-    Header(u16, Box<AMQPContentHeader>),
+    /// A content header, decoded, and its payload as received.
+    Header(u16, Box<AMQPContentHeader>, Bytes),
     Body(u16, Bytes),
     Heartbeat(u16),
 }
@@ -54,7 +55,7 @@ impl Frame {
     pub fn channel(&self) -> u16 {
         match self {
             Self::Method(channel, _)
-            | Self::Header(channel, _)
+            | Self::Header(channel, ..)
             | Self::Body(channel, _)
             | Self::Heartbeat(channel) => *channel,
         }
@@ -140,7 +141,7 @@ pub fn decode_payload(kind: u8, channel: u16, payload: Bytes) -> Result<Frame, F
             }
         },
         FRAME_HEADER => match parse_content_header(&payload[..]) {
-            Ok((&[], header)) => Ok(Frame::Header(channel, Box::new(header))),
+            Ok((&[], header)) => Ok(Frame::Header(channel, Box::new(header), payload)),
             _ => Err(FrameError::frame(format!(
                 "type {kind}, {}: cannot decode content header",
                 snippet(&payload)
@@ -196,6 +197,34 @@ pub fn write_heartbeat(out: &mut Vec<u8>) {
     out.extend_from_slice(&[FRAME_HEARTBEAT, 0, 0, 0, 0, 0, 0, FRAME_END]);
 }
 
+/// Appends a content header whose payload was received from a publisher and is sent back
+/// unchanged (class id, weight, body size, property flags and list), and the body. The payload
+/// must announce `body.len()` bytes; if it does not, the properties are encoded again instead.
+pub fn write_received_content(
+    out: &mut Vec<u8>,
+    channel: u16,
+    header: &[u8],
+    properties: impl FnOnce() -> BasicProperties,
+    body: &[u8],
+    frame_max: u32,
+) -> Result<(), EncodeError> {
+    let announced = header
+        .get(4..12)
+        .and_then(|size| <[u8; 8]>::try_from(size).ok())
+        .map(u64::from_be_bytes);
+    if announced != Some(body.len() as u64) {
+        return write_content(out, channel, properties(), body, frame_max);
+    }
+    out.reserve(header.len() + FRAME_OVERHEAD);
+    out.push(FRAME_HEADER);
+    out.extend_from_slice(&channel.to_be_bytes());
+    out.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    out.extend_from_slice(header);
+    out.push(FRAME_END);
+    write_body(out, channel, body, frame_max);
+    Ok(())
+}
+
 /// Appends a content header and the body split into frames of at most `frame_max` bytes.
 pub fn write_content(
     out: &mut Vec<u8>,
@@ -210,6 +239,12 @@ pub fn write_content(
         properties,
     };
     generate(out, &AMQPFrame::Header(channel, header))?;
+    write_body(out, channel, body, frame_max);
+    Ok(())
+}
+
+/// Appends `body` in body frames of at most `frame_max` bytes.
+fn write_body(out: &mut Vec<u8>, channel: u16, body: &[u8], frame_max: u32) {
     let chunk = (frame_max.max(FRAME_MIN_SIZE) as usize) - FRAME_OVERHEAD;
     for part in body.chunks(chunk) {
         out.reserve(part.len() + FRAME_OVERHEAD);
@@ -219,7 +254,6 @@ pub fn write_content(
         out.extend_from_slice(part);
         out.push(FRAME_END);
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -256,7 +290,7 @@ mod tests {
         }
         assert_eq!(frames.len(), 3);
         assert_eq!(frames[0], Frame::Method(1, Box::new(declare)));
-        assert!(matches!(&frames[1], Frame::Header(1, h) if h.body_size == 5));
+        assert!(matches!(&frames[1], Frame::Header(1, h, _) if h.body_size == 5));
         assert_eq!(frames[2], Frame::Body(1, Bytes::from_static(b"hello")));
     }
 

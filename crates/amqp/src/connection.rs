@@ -402,15 +402,28 @@ impl Connection {
         }
     }
 
-    pub fn send_content(
-        &mut self,
-        channel: u16,
-        properties: amq_protocol::protocol::BasicProperties,
-        body: &[u8],
-    ) {
-        if let Err(error) =
-            codec::write_content(&mut self.out, channel, properties, body, self.frame_max)
-        {
+    /// Appends a message's content header and body; properties that arrived encoded and were
+    /// not changed since go out as they came.
+    pub fn send_content(&mut self, channel: u16, message: &Message) {
+        let properties = &message.properties;
+        let result = match properties.encoded() {
+            Some(header) => codec::write_received_content(
+                &mut self.out,
+                channel,
+                header,
+                || crate::convert::properties_to_wire(properties),
+                &message.body,
+                self.frame_max,
+            ),
+            None => codec::write_content(
+                &mut self.out,
+                channel,
+                crate::convert::properties_to_wire(properties),
+                &message.body,
+                self.frame_max,
+            ),
+        };
+        if let Err(error) = result {
             tracing::error!(peer = %self.peer, %error, "closing a connection: cannot encode content");
             self.state = State::Closed;
         }
@@ -510,7 +523,9 @@ impl Connection {
             return Step::Wait(frame);
         }
         match frame {
-            Frame::Header(channel, header) => self.on_content_header(channel, *header),
+            Frame::Header(channel, header, encoded) => {
+                self.on_content_header(channel, *header, encoded)
+            }
             Frame::Body(channel, body) => self.on_content_body(channel, body),
             Frame::Method(channel, method) if channel != 0 => {
                 let method_id = method.get_amqp_method_id();
@@ -1129,6 +1144,7 @@ impl Connection {
         &mut self,
         id: u16,
         header: amq_protocol::frame::AMQPContentHeader,
+        encoded: Bytes,
     ) -> Step {
         let max = self.ctx.settings.max_message_bytes as u64;
         let Some(state) = self.channels.get_mut(&id) else {
@@ -1179,11 +1195,12 @@ impl Connection {
         }
         let properties = Box::new(header.properties);
         if header.body_size == 0 {
-            return self.publish_step(id, *publish, *properties, Bytes::new());
+            return self.publish_step(id, *publish, *properties, encoded, Bytes::new());
         }
         state.content = Content::Body {
             publish,
             properties,
+            encoded,
             size: header.body_size,
             body: crate::channel::Body::Empty,
         };
@@ -1229,13 +1246,14 @@ impl Connection {
         let Content::Body {
             publish,
             properties,
+            encoded,
             body,
             ..
         } = std::mem::take(&mut state.content)
         else {
             return Step::Done;
         };
-        self.publish_step(id, *publish, *properties, body.freeze())
+        self.publish_step(id, *publish, *properties, encoded, body.freeze())
     }
 
     /// A whole message arrived: publishes it; an exception closes its channel.
@@ -1244,9 +1262,10 @@ impl Connection {
         id: u16,
         publish: amq_protocol::protocol::basic::Publish,
         properties: amq_protocol::protocol::BasicProperties,
+        encoded: Bytes,
         body: Bytes,
     ) -> Step {
-        match self.publish(id, publish, properties, body) {
+        match self.publish(id, publish, properties, encoded, body) {
             Ok(()) => Step::Done,
             Err(exception) => Step::Raise(exception.on(60, 40), id),
         }
@@ -1521,11 +1540,7 @@ impl Connection {
                 routing_key: short(&message.routing_key),
             })),
         );
-        self.send_content(
-            channel_id,
-            crate::convert::properties_to_wire(&message.properties),
-            &message.body,
-        );
+        self.send_content(channel_id, message);
     }
 
     /// A queue cancelled a consumer (it was deleted): tell the client if it listens.

@@ -174,7 +174,7 @@ impl Broker {
         let message = Arc::new(Message {
             exchange: Arc::from(exchange),
             routing_key: Arc::from(routing_key),
-            properties,
+            properties: properties.into(),
             body,
         });
         let keys = message.routing_keys();

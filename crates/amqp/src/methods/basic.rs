@@ -7,7 +7,7 @@ use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use bytes::Bytes;
 use sluice_broker::ResourceKind;
 use sluice_broker::message::value::{self, lookup};
-use sluice_broker::message::{Message, validate_expiration};
+use sluice_broker::message::{Message, MessageProperties, validate_expiration};
 use sluice_broker::queue::{Credit, NewConsumer, SettleOp};
 use sluice_broker::users::Access;
 use sluice_broker::vhost::generated_name;
@@ -15,7 +15,7 @@ use sluice_broker::vhost::generated_name;
 use super::raise;
 use crate::channel::{Consumer, TxPublish, Unacked};
 use crate::connection::{CONSUMER_WINDOW, Connection};
-use crate::convert::{properties_from_wire, properties_to_wire, short, table_from_wire};
+use crate::convert::{properties_from_wire, short, table_from_wire};
 use crate::errors::{self, Exception};
 use crate::reply_to;
 
@@ -271,6 +271,7 @@ impl Connection {
         channel: u16,
         publish: basic::Publish,
         properties: BasicProperties,
+        encoded: Bytes,
         body: Bytes,
     ) -> Result<(), Exception> {
         if publish.immediate {
@@ -322,6 +323,8 @@ impl Connection {
             }
         }
         let mut props = properties_from_wire(&properties);
+        // The received header is delivered as it came unless the broker changes a property.
+        let mut encoded = Some(encoded);
         if let Some(expiration) = &props.expiration
             && let Err(reason) = validate_expiration(expiration)
         {
@@ -339,6 +342,7 @@ impl Connection {
                 ));
             };
             props.reply_to = Some(format!("{}{key}", reply_to::ADDRESS_PREFIX));
+            encoded = None;
         }
         let extra_keys = props
             .headers
@@ -354,7 +358,10 @@ impl Connection {
         let mut message = Message {
             exchange,
             routing_key: routing_key_shared,
-            properties: props,
+            properties: match encoded {
+                Some(encoded) => MessageProperties::with_encoding(props, encoded),
+                None => props.into(),
+            },
             body,
         };
         // Reuse one vector for routing results: most publishes go to one queue.
@@ -436,11 +443,7 @@ impl Connection {
                 routing_key: short(&message.routing_key),
             })),
         );
-        self.send_content(
-            channel,
-            properties_to_wire(&message.properties),
-            &message.body,
-        );
+        self.send_content(channel, message);
     }
 
     async fn get(&mut self, channel: u16, get: basic::Get) -> Result<(), Exception> {
@@ -485,11 +488,7 @@ impl Connection {
                 message_count: got.message_count.min(u64::from(u32::MAX)) as u32,
             })),
         );
-        self.send_content(
-            channel,
-            properties_to_wire(&message.properties),
-            &message.body,
-        );
+        self.send_content(channel, &message);
         Ok(())
     }
 

@@ -69,7 +69,7 @@ impl RecordEncoder {
         message: &Message,
     ) {
         self.scratch.clear();
-        let has_properties = message.properties != Properties::default();
+        let has_properties = *message.properties != Properties::default();
         if has_properties {
             encode_properties(&message.properties, &mut self.scratch);
         }
@@ -155,7 +155,7 @@ pub fn decode_batch(batch: &Bytes) -> Result<Vec<StoredMessage>, CodecError> {
             message: Arc::new(Message {
                 exchange: Arc::from(exchange.unwrap_or("")),
                 routing_key: Arc::from(routing_key),
-                properties,
+                properties: properties.into(),
                 body,
             }),
         });
@@ -519,7 +519,8 @@ mod tests {
                 timestamp: Some(123),
                 cluster_id: Some("c".into()),
                 ..Properties::default()
-            },
+            }
+            .into(),
             body: Bytes::from_static(b"hello"),
         }
     }
@@ -530,7 +531,7 @@ mod tests {
         let mut encoder = RecordEncoder::default();
         let first = sample();
         let second = Message {
-            properties: Properties::default(),
+            properties: Properties::default().into(),
             ..sample()
         };
         encoder.push(&mut builder, 1000, Some(2000), &first);

@@ -11,6 +11,7 @@
 pub mod codec;
 pub mod value;
 
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -56,6 +57,66 @@ impl Properties {
     }
 }
 
+/// A message's properties, and the bytes a front-end received them as, for as long as nothing
+/// has changed them.
+///
+/// The encoding is opaque to the broker: the AMQP 0-9-1 front-end keeps a publish's content
+/// header payload here and sends it back unchanged with every delivery, instead of encoding
+/// the same properties again. Any change through `DerefMut` drops it, so it can never
+/// disagree with the properties; messages read back from disk and messages the broker builds
+/// have none.
+#[derive(Debug, Clone, Default)]
+pub struct MessageProperties {
+    value: Properties,
+    encoded: Option<Bytes>,
+}
+
+impl MessageProperties {
+    /// Properties that arrived as `encoded`, which must encode exactly `value`.
+    pub fn with_encoding(value: Properties, encoded: Bytes) -> Self {
+        Self {
+            value,
+            encoded: Some(encoded),
+        }
+    }
+
+    /// The bytes these properties arrived as, if nothing changed them since.
+    pub fn encoded(&self) -> Option<&Bytes> {
+        self.encoded.as_ref()
+    }
+}
+
+impl From<Properties> for MessageProperties {
+    fn from(value: Properties) -> Self {
+        Self {
+            value,
+            encoded: None,
+        }
+    }
+}
+
+impl Deref for MessageProperties {
+    type Target = Properties;
+
+    fn deref(&self) -> &Properties {
+        &self.value
+    }
+}
+
+impl DerefMut for MessageProperties {
+    fn deref_mut(&mut self) -> &mut Properties {
+        self.encoded = None;
+        &mut self.value
+    }
+}
+
+/// Two messages' properties are equal when their values are, however they arrived.
+impl PartialEq for MessageProperties {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+
 /// Parses an `expiration` property: a non-negative integer of milliseconds, as text. RabbitMQ
 /// refuses anything else at publish time; see [`validate_expiration`].
 pub fn parse_expiration(text: &str) -> Option<u64> {
@@ -80,7 +141,7 @@ pub struct Message {
     /// The exchange it was published to ("" for the default exchange).
     pub exchange: Arc<str>,
     pub routing_key: Arc<str>,
-    pub properties: Properties,
+    pub properties: MessageProperties,
     pub body: Bytes,
 }
 
@@ -144,10 +205,30 @@ mod tests {
                     ),
                 ]),
                 ..Properties::default()
-            },
+            }
+            .into(),
             body: Bytes::new(),
         };
         assert_eq!(message.routing_keys(), vec!["a", "b", "c"]);
         assert_eq!(message.death_routing_keys(), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn any_change_drops_the_received_encoding() {
+        let value = Properties {
+            priority: Some(3),
+            ..Properties::default()
+        };
+        let mut properties =
+            MessageProperties::with_encoding(value.clone(), Bytes::from_static(b"wire"));
+        assert_eq!(properties.encoded().map(|b| &b[..]), Some(&b"wire"[..]));
+        assert_eq!(properties.priority, Some(3), "reads leave it");
+        assert_eq!(properties, MessageProperties::from(value));
+        let copy = properties.clone();
+        properties.priority = Some(4);
+        assert_eq!(properties.encoded(), None);
+        assert!(copy.encoded().is_some(), "a copy keeps its own");
+        properties.headers.get_or_insert_with(Vec::new);
+        assert_eq!(properties.encoded(), None);
     }
 }

@@ -49,7 +49,7 @@ pub fn record_death(
     dead_letter_routing_key: Option<&str>,
     now_ms: i64,
 ) -> Message {
-    let mut properties: Properties = message.properties.clone();
+    let mut properties: Properties = (*message.properties).clone();
     let original_expiration = properties.expiration.take();
     let mut headers = properties.headers.take().unwrap_or_default();
     let mut deaths: Vec<FieldValue> = match lookup(&headers, "x-death") {
@@ -140,7 +140,7 @@ pub fn record_death(
         exchange: Arc::from(dead_letter_exchange),
         routing_key: dead_letter_routing_key
             .map_or_else(|| Arc::clone(&message.routing_key), Arc::from),
-        properties,
+        properties: properties.into(),
         body: message.body.clone(),
     }
 }
@@ -233,7 +233,8 @@ mod tests {
                     FieldValue::Array(vec![FieldValue::string("audit")]),
                 )]),
                 ..Properties::default()
-            },
+            }
+            .into(),
             body: Bytes::from_static(b"x"),
         }
     }

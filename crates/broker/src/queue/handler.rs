@@ -1020,7 +1020,7 @@ mod tests {
             let message = Message {
                 exchange: "".into(),
                 routing_key: "q".into(),
-                properties: Properties::default(),
+                properties: Properties::default().into(),
                 body: bytes::Bytes::from(n.to_be_bytes().to_vec()),
             };
             encoder.push(&mut builder, 0, None, &message);
@@ -1083,7 +1083,7 @@ mod tests {
         let message = Message {
             exchange: "".into(),
             routing_key: "q".into(),
-            properties: Properties::default(),
+            properties: Properties::default().into(),
             body: bytes::Bytes::new(),
         };
         let counted = with_delivery_count(&message, 2);
