@@ -24,10 +24,10 @@ pub enum Content {
     #[default]
     Idle,
     /// The method arrived; the content header is next.
-    Header(Box<basic::Publish>),
+    Header(Arc<basic::Publish>),
     /// The header arrived; body frames follow until `size` bytes are in.
     Body {
-        publish: Box<basic::Publish>,
+        publish: Arc<basic::Publish>,
         properties: Box<BasicProperties>,
         /// The content header's payload as received, kept with the message.
         encoded: Bytes,

@@ -6,12 +6,18 @@
 //! `amq-protocol` crate (its field-table parser is patched to bound nesting, see
 //! `vendor/README.md`); body payloads are sliced out of the read buffer without copying.
 //!
+//! A publisher usually sends the same `basic.publish` method (exchange, routing key, flags)
+//! again and again; [`Decoder`] keeps the last one decoded with its payload, and a payload
+//! identical to it gives the same decoded method without decoding it again.
+//!
 //! Nothing here panics on any input: every decoder returns a [`FrameError`] that names the
 //! AMQP error the connection closes with.
 
 use amq_protocol::frame::parsing::parse_content_header;
 use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, WriteContext, gen_frame};
-use amq_protocol::protocol::{AMQPClass, BasicProperties, parse_class};
+use std::sync::Arc;
+
+use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, parse_class};
 use bytes::{Buf, Bytes, BytesMut};
 
 pub const FRAME_METHOD: u8 = 1;
@@ -44,7 +50,10 @@ impl FrameError {
 /// One decoded frame.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
+    /// Any method but `basic.publish`.
     Method(u16, Box<AMQPClass>),
+    /// `basic.publish`, shared with the [`Decoder`] that may give it again.
+    Publish(u16, Arc<basic::Publish>),
     /// A content header, decoded, and its payload as received.
     Header(u16, Box<AMQPContentHeader>, Bytes),
     Body(u16, Bytes),
@@ -55,6 +64,7 @@ impl Frame {
     pub fn channel(&self) -> u16 {
         match self {
             Self::Method(channel, _)
+            | Self::Publish(channel, _)
             | Self::Header(channel, ..)
             | Self::Body(channel, _)
             | Self::Heartbeat(channel) => *channel,
@@ -72,9 +82,44 @@ fn snippet(payload: &[u8]) -> String {
     format!("{which} octets = {shown:?}")
 }
 
+/// Decodes frame payloads, remembering the last `basic.publish`.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    last_publish: Option<(Vec<u8>, Arc<basic::Publish>)>,
+}
+
+impl Decoder {
+    /// Decodes one frame's payload, as [`decode_payload`] does.
+    pub fn decode(&mut self, kind: u8, channel: u16, payload: Bytes) -> Result<Frame, FrameError> {
+        if kind == FRAME_METHOD
+            && let Some((last, publish)) = &self.last_publish
+            && last[..] == payload[..]
+        {
+            return Ok(Frame::Publish(channel, Arc::clone(publish)));
+        }
+        let frame = decode_payload(kind, channel, payload.clone())?;
+        if let Frame::Publish(_, publish) = &frame {
+            // Reuse the last payload's buffer.
+            let mut last = self
+                .last_publish
+                .take()
+                .map(|(bytes, _)| bytes)
+                .unwrap_or_default();
+            last.clear();
+            last.extend_from_slice(&payload);
+            self.last_publish = Some((last, Arc::clone(publish)));
+        }
+        Ok(frame)
+    }
+}
+
 /// Takes the next whole frame from `buffer`, if one is there. A frame whose payload exceeds
 /// `frame_max` is refused as soon as its header is seen.
-pub fn next_frame(buffer: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, FrameError> {
+pub fn next_frame(
+    buffer: &mut BytesMut,
+    frame_max: u32,
+    decoder: &mut Decoder,
+) -> Result<Option<Frame>, FrameError> {
     if buffer.len() < 7 {
         return Ok(None);
     }
@@ -105,13 +150,16 @@ pub fn next_frame(buffer: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>
     frame.advance(7);
     frame.truncate(size as usize);
     let payload = frame.freeze();
-    decode_payload(kind, channel, payload).map(Some)
+    decoder.decode(kind, channel, payload).map(Some)
 }
 
 /// Decodes one frame's payload.
 pub fn decode_payload(kind: u8, channel: u16, payload: Bytes) -> Result<Frame, FrameError> {
     match kind {
         FRAME_METHOD => match parse_class(&payload[..]) {
+            Ok((&[], AMQPClass::Basic(basic::AMQPMethod::Publish(publish)))) => {
+                Ok(Frame::Publish(channel, Arc::new(publish)))
+            }
             Ok((&[], method)) => Ok(Frame::Method(channel, Box::new(method))),
             Ok(_) => Err(FrameError {
                 code: 501,
@@ -159,9 +207,10 @@ pub fn decode_payload(kind: u8, channel: u16, payload: Bytes) -> Result<Frame, F
 /// Decodes every frame in `data` (the fuzz target's entry point). Never panics.
 pub fn decode_all(data: &[u8], frame_max: u32) -> Vec<Result<Frame, FrameError>> {
     let mut buffer = BytesMut::from(data);
+    let mut decoder = Decoder::default();
     let mut out = Vec::new();
     loop {
-        match next_frame(&mut buffer, frame_max) {
+        match next_frame(&mut buffer, frame_max, &mut decoder) {
             Ok(Some(frame)) => out.push(Ok(frame)),
             Ok(None) => break,
             Err(error) => {
@@ -284,7 +333,8 @@ mod tests {
         let mut frames = Vec::new();
         for byte in bytes {
             buffer.extend_from_slice(&[byte]);
-            while let Some(frame) = next_frame(&mut buffer, 4096).unwrap() {
+            while let Some(frame) = next_frame(&mut buffer, 4096, &mut Decoder::default()).unwrap()
+            {
                 frames.push(frame);
             }
         }
@@ -295,9 +345,65 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_publish_is_decoded_once_and_any_difference_is_seen() {
+        let publish = |key: &str, mandatory: bool| {
+            encoded(AMQPFrame::Method(
+                1,
+                AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                    exchange: "x".into(),
+                    routing_key: key.into(),
+                    mandatory,
+                    immediate: false,
+                })),
+            ))
+        };
+        let ack = encoded(AMQPFrame::Method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: 1,
+                multiple: false,
+            })),
+        ));
+        let mut bytes = publish("k", false);
+        bytes.extend(publish("k", false));
+        bytes.extend(ack);
+        bytes.extend(publish("k", false));
+        bytes.extend(publish("k", true));
+        bytes.extend(publish("j", true));
+        let mut buffer = BytesMut::from(&bytes[..]);
+        let mut decoder = Decoder::default();
+        let mut publishes = Vec::new();
+        while let Some(frame) = next_frame(&mut buffer, 4096, &mut decoder).unwrap() {
+            if let Frame::Publish(1, publish) = frame {
+                publishes.push(publish);
+            }
+        }
+        let seen: Vec<(&str, bool)> = publishes
+            .iter()
+            .map(|p| (p.routing_key.as_str(), p.mandatory))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("k", false),
+                ("k", false),
+                ("k", false),
+                ("k", true),
+                ("j", true)
+            ]
+        );
+        assert!(Arc::ptr_eq(&publishes[0], &publishes[1]));
+        assert!(
+            Arc::ptr_eq(&publishes[0], &publishes[2]),
+            "other methods leave it"
+        );
+        assert!(!Arc::ptr_eq(&publishes[2], &publishes[3]));
+    }
+
+    #[test]
     fn oversized_frames_are_refused_from_their_header() {
         let mut buffer = BytesMut::from(&[1u8, 0, 1, 0x7f, 0xff, 0xff, 0xff][..]);
-        let error = next_frame(&mut buffer, 131_072).unwrap_err();
+        let error = next_frame(&mut buffer, 131_072, &mut Decoder::default()).unwrap_err();
         assert_eq!(error.code, 501);
         assert!(
             buffer.capacity() < 1 << 20,
@@ -308,9 +414,19 @@ mod tests {
     #[test]
     fn bad_end_markers_and_unknown_types_are_frame_errors() {
         let mut buffer = BytesMut::from(&[8u8, 0, 0, 0, 0, 0, 0, 0xCD][..]);
-        assert_eq!(next_frame(&mut buffer, 4096).unwrap_err().code, 501);
+        assert_eq!(
+            next_frame(&mut buffer, 4096, &mut Decoder::default())
+                .unwrap_err()
+                .code,
+            501
+        );
         let mut buffer = BytesMut::from(&[9u8, 0, 0, 0, 0, 0, 0, 0xCE][..]);
-        assert_eq!(next_frame(&mut buffer, 4096).unwrap_err().code, 501);
+        assert_eq!(
+            next_frame(&mut buffer, 4096, &mut Decoder::default())
+                .unwrap_err()
+                .code,
+            501
+        );
     }
 
     #[test]

@@ -142,6 +142,7 @@ pub struct Connection {
     pub peer: SocketAddr,
     pub state: State,
     pub out: Vec<u8>,
+    decoder: codec::Decoder,
     pub frame_max: u32,
     pub channel_max: u16,
     pub heartbeat_s: u16,
@@ -219,6 +220,7 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         peer,
         state: State::AwaitHeader,
         out: Vec::with_capacity(64 * 1024),
+        decoder: codec::Decoder::default(),
         capabilities: Capabilities::default(),
         mechanism: String::new(),
         user: None,
@@ -450,7 +452,7 @@ impl Connection {
             if self.state == State::Closed {
                 return;
             }
-            let frame = match codec::next_frame(input, self.frame_max) {
+            let frame = match codec::next_frame(input, self.frame_max, &mut self.decoder) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(error) => {
@@ -527,6 +529,9 @@ impl Connection {
                 self.on_content_header(channel, *header, encoded)
             }
             Frame::Body(channel, body) => self.on_content_body(channel, body),
+            Frame::Publish(channel, publish) if channel != 0 => {
+                self.on_publish_method(channel, publish)
+            }
             Frame::Method(channel, method) if channel != 0 => {
                 let method_id = method.get_amqp_method_id();
                 match *method {
@@ -562,7 +567,33 @@ impl Connection {
         }
     }
 
+    /// `basic.publish`: its content follows.
+    fn on_publish_method(&mut self, channel: u16, publish: Arc<basic::Publish>) -> Step {
+        let (class_id, method_id) = (60, 40);
+        match self.gate(channel, class_id, method_id) {
+            Err(exception) => return Step::Raise(exception, 0),
+            Ok(Gate::Skip) => return Step::Done,
+            Ok(Gate::Go) => {}
+        }
+        let started = std::time::Instant::now();
+        if let Some(state) = self.channels.get_mut(&channel) {
+            state.content = Content::Header(publish);
+        }
+        self.observe_method(class_id, method_id, started);
+        Step::Done
+    }
+
     async fn on_frame(&mut self, frame: Frame) -> Result<(), Exception> {
+        // Off the hot path a publish is a method like any other.
+        let frame = match frame {
+            Frame::Publish(channel, publish) => Frame::Method(
+                channel,
+                Box::new(AMQPClass::Basic(basic::AMQPMethod::Publish(
+                    Arc::unwrap_or_clone(publish),
+                ))),
+            ),
+            frame => frame,
+        };
         match self.state {
             State::Closing => {
                 // Only the close handshake matters now.
@@ -604,8 +635,8 @@ impl Connection {
             )),
             Frame::Method(channel, method) => self.on_channel_method(channel, *method).await,
             // While running, `on_frame_now` takes content frames; the guard above refuses
-            // them before.
-            Frame::Header(..) | Frame::Body(..) => Ok(()),
+            // them before. A publish was made a method above.
+            Frame::Header(..) | Frame::Body(..) | Frame::Publish(..) => Ok(()),
         }
     }
 
@@ -1195,7 +1226,7 @@ impl Connection {
         }
         let properties = Box::new(header.properties);
         if header.body_size == 0 {
-            return self.publish_step(id, *publish, *properties, encoded, Bytes::new());
+            return self.publish_step(id, &publish, *properties, encoded, Bytes::new());
         }
         state.content = Content::Body {
             publish,
@@ -1253,14 +1284,14 @@ impl Connection {
         else {
             return Step::Done;
         };
-        self.publish_step(id, *publish, *properties, encoded, body.freeze())
+        self.publish_step(id, &publish, *properties, encoded, body.freeze())
     }
 
     /// A whole message arrived: publishes it; an exception closes its channel.
     fn publish_step(
         &mut self,
         id: u16,
-        publish: amq_protocol::protocol::basic::Publish,
+        publish: &basic::Publish,
         properties: amq_protocol::protocol::BasicProperties,
         encoded: Bytes,
         body: Bytes,

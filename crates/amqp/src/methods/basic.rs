@@ -59,7 +59,7 @@ impl Connection {
             }
             basic::AMQPMethod::Publish(publish) => {
                 if let Some(state) = self.channels.get_mut(&channel) {
-                    state.content = crate::channel::Content::Header(Box::new(publish));
+                    state.content = crate::channel::Content::Header(Arc::new(publish));
                 }
                 Ok(())
             }
@@ -269,7 +269,7 @@ impl Connection {
     pub(crate) fn publish(
         &mut self,
         channel: u16,
-        publish: basic::Publish,
+        publish: &basic::Publish,
         properties: BasicProperties,
         encoded: Bytes,
         body: Bytes,
