@@ -19,6 +19,34 @@ def test_priority_queue_delivers_highest_priority_first(connect):
     assert bodies(drain(channel, "jobs", 5)) == [b"urgent", b"high", b"normal", b"low", b"none"]
 
 
+def test_each_delivery_names_its_own_exchange_routing_key_tag_and_redelivery(connect):
+    """One consumer, messages through two exchanges with changing routing keys, one of them
+    requeued: every basic.deliver carries that message's fields, not the previous one's."""
+    connection = connect()
+    channel = connection.channel()
+    channel.exchange_declare("events", exchange_type="topic")
+    channel.queue_declare("mixed")
+    channel.queue_bind("mixed", "events", routing_key="#")
+    sent = [("events", "a.b"), ("events", "a.b"), ("", "mixed"), ("events", "c"), ("events", "c.d.e")]
+    for i, (exchange, key) in enumerate(sent):
+        channel.basic_publish(exchange, key, f"m{i}".encode())
+    collector = Collector(connection, "mixed")
+    assert collector.wait(len(sent))
+    got = [(m.exchange, m.routing_key, m.delivery_tag, m.redelivered, body) for m, _, body in collector.deliveries]
+    assert got == [(x, k, i + 1, False, f"m{i}".encode()) for i, (x, k) in enumerate(sent)]
+    # Requeue the fourth; it comes back to the same consumer, redelivered, with a new tag.
+    collector.channel.basic_nack(4, requeue=True)
+    assert collector.wait(len(sent) + 1)
+    method, _, body = collector.deliveries[-1]
+    assert (method.exchange, method.routing_key, method.delivery_tag, method.redelivered, body) == (
+        "events",
+        "c",
+        len(sent) + 1,
+        True,
+        b"m3",
+    )
+
+
 def test_unacked_messages_of_a_dropped_consumer_are_redelivered(connect, sluice):
     channel = connect().channel()
     channel.queue_declare("orders")

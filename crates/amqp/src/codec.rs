@@ -236,6 +236,11 @@ fn generate(out: &mut Vec<u8>, frame: &AMQPFrame) -> Result<(), EncodeError> {
     Ok(())
 }
 
+/// Appends a frame.
+pub fn write_frame(out: &mut Vec<u8>, frame: &AMQPFrame) -> Result<(), EncodeError> {
+    generate(out, frame)
+}
+
 /// Appends a method frame.
 pub fn write_method(out: &mut Vec<u8>, channel: u16, method: AMQPClass) -> Result<(), EncodeError> {
     generate(out, &AMQPFrame::Method(channel, method))

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use amq_protocol::frame::AMQPFrame;
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
 use amq_protocol::types::{AMQPValue, FieldTable as WireTable, LongString};
 use bytes::{Bytes, BytesMut};
@@ -1522,7 +1523,6 @@ impl Connection {
             replies.fetch_sub(1, Ordering::Relaxed);
         }
         let channel_id = consumer.channel;
-        let consumer_tag = short(&consumer.tag);
         let no_ack = consumer.no_ack;
         let queue = consumer.queue.clone();
         consumer.window_owed += Credit::window_cost(delivery.message.body.len() as u32);
@@ -1561,16 +1561,36 @@ impl Connection {
             channel.consumer_unacked += 1;
         }
         let message = &delivery.message;
-        self.send(
-            channel_id,
-            AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
-                consumer_tag,
-                delivery_tag,
-                redelivered: delivery.redelivered,
-                exchange: short(&message.exchange),
-                routing_key: short(&message.routing_key),
-            })),
-        );
+        let Some(consumer) = self.consumers.get_mut(&delivery.consumer) else {
+            return;
+        };
+        let frame = consumer.last_deliver.get_or_insert_with(|| {
+            Box::new(AMQPFrame::Method(
+                channel_id,
+                AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+                    consumer_tag: short(&consumer.tag),
+                    exchange: short(&message.exchange),
+                    routing_key: short(&message.routing_key),
+                    ..basic::Deliver::default()
+                })),
+            ))
+        });
+        if let AMQPFrame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver))) =
+            &mut **frame
+        {
+            deliver.delivery_tag = delivery_tag;
+            deliver.redelivered = delivery.redelivered;
+            if deliver.exchange.as_str() != &*message.exchange {
+                deliver.exchange = short(&message.exchange);
+            }
+            if deliver.routing_key.as_str() != &*message.routing_key {
+                deliver.routing_key = short(&message.routing_key);
+            }
+        }
+        if let Err(error) = codec::write_frame(&mut self.out, frame) {
+            tracing::error!(peer = %self.peer, %error, "closing a connection: cannot encode a frame");
+            self.state = State::Closed;
+        }
         self.send_content(channel_id, message);
     }
 

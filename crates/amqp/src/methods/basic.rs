@@ -144,6 +144,7 @@ impl Connection {
                     window_owed: 0,
                     replies: Some(pending),
                     blocked_by_channel: false,
+                    last_deliver: None,
                 },
             );
             if let Some(state) = self.channels.get_mut(&channel) {
@@ -197,6 +198,7 @@ impl Connection {
                 window_owed: 0,
                 replies: None,
                 blocked_by_channel: false,
+                last_deliver: None,
             },
         );
         let registered = queue
