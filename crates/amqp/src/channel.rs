@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
-use amq_protocol::frame::AMQPFrame;
 use amq_protocol::protocol::{BasicProperties, basic};
 use bytes::{Bytes, BytesMut};
 use foldhash::HashMap;
@@ -114,9 +113,8 @@ pub struct Consumer {
     pub replies: Option<Arc<AtomicI64>>,
     /// Refused a delivery because the channel's global prefetch was full.
     pub blocked_by_channel: bool,
-    /// The last basic.deliver sent, kept so the next one reuses its strings: only the
-    /// delivery tag and redelivered flag change while exchange and routing key repeat.
-    pub last_deliver: Option<Box<AMQPFrame>>,
+    /// Encodes its basic.deliver frames; made at the first delivery.
+    pub deliver_frames: Option<Box<crate::codec::DeliverEncoder>>,
 }
 
 /// Bit marking a confirm that must be negative.

@@ -10,6 +10,10 @@
 //! again and again; [`Decoder`] keeps the last one decoded with its payload, and a payload
 //! identical to it gives the same decoded method without decoding it again.
 //!
+//! Deliveries go the other way: [`DeliverEncoder`] has `amq-protocol` encode a consumer's
+//! `basic.deliver` once per exchange and routing key, and each delivery copies that frame and
+//! sets its delivery tag and redelivered octet in place.
+//!
 //! Nothing here panics on any input: every decoder returns a [`FrameError`] that names the
 //! AMQP error the connection closes with.
 
@@ -18,6 +22,7 @@ use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, WriteContext, gen_frame}
 use std::sync::Arc;
 
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, parse_class};
+use amq_protocol::types::ShortString;
 use bytes::{Buf, Bytes, BytesMut};
 
 pub const FRAME_METHOD: u8 = 1;
@@ -236,9 +241,70 @@ fn generate(out: &mut Vec<u8>, frame: &AMQPFrame) -> Result<(), EncodeError> {
     Ok(())
 }
 
-/// Appends a frame.
-pub fn write_frame(out: &mut Vec<u8>, frame: &AMQPFrame) -> Result<(), EncodeError> {
-    generate(out, frame)
+/// The `basic.deliver` frames of one consumer.
+///
+/// The method is `class, method, consumer-tag (short string), delivery-tag (u64), redelivered
+/// (one octet of bits), exchange, routing-key`. The frame `amq-protocol` encodes with delivery
+/// tag 0 is kept while exchange and routing key stay the same; a delivery copies it and writes
+/// its tag and flag where they sit, after the 7-byte frame header, the 4 octets of class and
+/// method and the consumer tag.
+#[derive(Debug)]
+pub struct DeliverEncoder {
+    channel: u16,
+    consumer_tag: ShortString,
+    exchange: ShortString,
+    routing_key: ShortString,
+    /// The frame with delivery tag 0 and redelivered unset; empty until the first delivery.
+    frame: Vec<u8>,
+}
+
+impl DeliverEncoder {
+    pub fn new(channel: u16, consumer_tag: &str) -> Self {
+        Self {
+            channel,
+            consumer_tag: crate::convert::short(consumer_tag),
+            exchange: ShortString::from(""),
+            routing_key: ShortString::from(""),
+            frame: Vec::new(),
+        }
+    }
+
+    /// Appends the `basic.deliver` of one delivery.
+    pub fn write(
+        &mut self,
+        out: &mut Vec<u8>,
+        delivery_tag: u64,
+        redelivered: bool,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<(), EncodeError> {
+        if self.frame.is_empty()
+            || self.exchange.as_str() != exchange
+            || self.routing_key.as_str() != routing_key
+        {
+            self.exchange = crate::convert::short(exchange);
+            self.routing_key = crate::convert::short(routing_key);
+            let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+                consumer_tag: self.consumer_tag.clone(),
+                delivery_tag: 0,
+                redelivered: false,
+                exchange: self.exchange.clone(),
+                routing_key: self.routing_key.clone(),
+            }));
+            self.frame.clear();
+            generate(&mut self.frame, &AMQPFrame::Method(self.channel, method))?;
+        }
+        let tag_at = 7 + 4 + 1 + self.consumer_tag.as_str().len();
+        let start = out.len();
+        out.extend_from_slice(&self.frame);
+        let Some(fields) = out.get_mut(start + tag_at..start + tag_at + 9) else {
+            out.truncate(start);
+            return Err(EncodeError("basic.deliver shorter than its fields".into()));
+        };
+        fields[..8].copy_from_slice(&delivery_tag.to_be_bytes());
+        fields[8] = u8::from(redelivered);
+        Ok(())
+    }
 }
 
 /// Appends a method frame.
@@ -403,6 +469,40 @@ mod tests {
             "other methods leave it"
         );
         assert!(!Arc::ptr_eq(&publishes[2], &publishes[3]));
+    }
+
+    #[test]
+    fn deliveries_are_the_frames_amq_protocol_encodes() {
+        let mut encoder = DeliverEncoder::new(3, "amq.ctag-1");
+        let mut empty_tag = DeliverEncoder::new(1, "");
+        for (tag, redelivered, exchange, key) in [
+            (1, false, "", "q"),
+            (2, true, "", "q"),
+            (u64::MAX, false, "amq.topic", "a.b"),
+            (1 << 33, true, "amq.topic", "a.b"),
+            (7, false, "x", &"k".repeat(255)[..]),
+        ] {
+            for (encoder, channel, consumer_tag) in
+                [(&mut encoder, 3, "amq.ctag-1"), (&mut empty_tag, 1, "")]
+            {
+                let mut out = vec![0xAA];
+                encoder
+                    .write(&mut out, tag, redelivered, exchange, key)
+                    .unwrap();
+                let mut expected = vec![0xAA];
+                expected.extend(encoded(AMQPFrame::Method(
+                    channel,
+                    AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+                        consumer_tag: consumer_tag.into(),
+                        delivery_tag: tag,
+                        redelivered,
+                        exchange: exchange.into(),
+                        routing_key: key.into(),
+                    })),
+                )));
+                assert_eq!(out, expected);
+            }
+        }
     }
 
     #[test]

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use amq_protocol::frame::AMQPFrame;
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
 use amq_protocol::types::{AMQPValue, FieldTable as WireTable, LongString};
 use bytes::{Bytes, BytesMut};
@@ -1564,30 +1563,16 @@ impl Connection {
         let Some(consumer) = self.consumers.get_mut(&delivery.consumer) else {
             return;
         };
-        let frame = consumer.last_deliver.get_or_insert_with(|| {
-            Box::new(AMQPFrame::Method(
-                channel_id,
-                AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
-                    consumer_tag: short(&consumer.tag),
-                    exchange: short(&message.exchange),
-                    routing_key: short(&message.routing_key),
-                    ..basic::Deliver::default()
-                })),
-            ))
-        });
-        if let AMQPFrame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver))) =
-            &mut **frame
-        {
-            deliver.delivery_tag = delivery_tag;
-            deliver.redelivered = delivery.redelivered;
-            if deliver.exchange.as_str() != &*message.exchange {
-                deliver.exchange = short(&message.exchange);
-            }
-            if deliver.routing_key.as_str() != &*message.routing_key {
-                deliver.routing_key = short(&message.routing_key);
-            }
-        }
-        if let Err(error) = codec::write_frame(&mut self.out, frame) {
+        let frames = consumer
+            .deliver_frames
+            .get_or_insert_with(|| Box::new(codec::DeliverEncoder::new(channel_id, &consumer.tag)));
+        if let Err(error) = frames.write(
+            &mut self.out,
+            delivery_tag,
+            delivery.redelivered,
+            &message.exchange,
+            &message.routing_key,
+        ) {
             tracing::error!(peer = %self.peer, %error, "closing a connection: cannot encode a frame");
             self.state = State::Closed;
         }

@@ -144,7 +144,7 @@ impl Connection {
                     window_owed: 0,
                     replies: Some(pending),
                     blocked_by_channel: false,
-                    last_deliver: None,
+                    deliver_frames: None,
                 },
             );
             if let Some(state) = self.channels.get_mut(&channel) {
@@ -198,7 +198,7 @@ impl Connection {
                 window_owed: 0,
                 replies: None,
                 blocked_by_channel: false,
-                last_deliver: None,
+                deliver_frames: None,
             },
         );
         let registered = queue
