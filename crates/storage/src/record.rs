@@ -115,9 +115,8 @@ impl BatchBuilder {
             put_nullable(body, Some(header.key.as_bytes()));
             put_nullable(body, header.value);
         }
-        let mut length = Vec::with_capacity(5);
-        put_varint(&mut length, body.len() as i32);
-        self.buf.put_slice(&length);
+        let length = varint_bytes(body.len() as i32);
+        self.buf.put_slice(length.as_slice());
         self.buf.put_slice(body);
         self.record_count += 1;
         self.max_timestamp = self.max_timestamp.max(timestamp_ms);
@@ -150,6 +149,34 @@ impl BatchBuilder {
 
 fn put_varint(out: &mut Vec<u8>, value: i32) {
     put_uvarint(out, ((value << 1) ^ (value >> 31)) as u32 as u64);
+}
+
+/// A zigzag varint in a buffer on the stack (at most 5 bytes for an i32).
+struct VarintBytes {
+    bytes: [u8; 5],
+    len: usize,
+}
+
+impl VarintBytes {
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+fn varint_bytes(value: i32) -> VarintBytes {
+    let mut value = ((value << 1) ^ (value >> 31)) as u32;
+    let mut out = VarintBytes {
+        bytes: [0; 5],
+        len: 0,
+    };
+    while value >= 0x80 {
+        out.bytes[out.len] = (value as u8) | 0x80;
+        out.len += 1;
+        value >>= 7;
+    }
+    out.bytes[out.len] = value as u8;
+    out.len += 1;
+    out
 }
 
 fn put_varlong(out: &mut Vec<u8>, value: i64) {
@@ -352,6 +379,15 @@ impl<'a> Cursor<'a> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn varints_on_the_stack_are_the_ones_written_to_vectors() {
+        for value in [0, 1, -1, 63, 64, -65, 8191, 8192, i32::MAX, i32::MIN] {
+            let mut expected = Vec::new();
+            put_varint(&mut expected, value);
+            assert_eq!(varint_bytes(value).as_slice(), expected, "{value}");
+        }
+    }
 
     #[test]
     fn round_trip_with_nulls_and_headers() {
