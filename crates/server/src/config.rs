@@ -30,6 +30,9 @@ pub struct Config {
     pub node_id: u32,
     /// How long connections may take to finish in-flight work on shutdown.
     pub shutdown_grace_ms: u64,
+    /// Threads of the async runtime that runs every connection and owner task; 0 picks one
+    /// less than the CPUs available, at least one (see [`Config::runtime_threads`]).
+    pub worker_threads: usize,
     pub kafka: KafkaSection,
     pub amqp: AmqpSection,
     pub storage: StorageSection,
@@ -110,6 +113,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             node_id: 0,
             shutdown_grace_ms: 10_000,
+            worker_threads: 0,
             kafka: KafkaSection::default(),
             amqp: AmqpSection::default(),
             storage: StorageSection::default(),
@@ -173,12 +177,16 @@ pub struct Overrides {
     pub http_listen: Option<String>,
 }
 
+/// The most runtime threads `worker_threads` may ask for.
+const MAX_WORKER_THREADS: usize = 1024;
+
 /// Top-level keys that environment variables may set; anything else under `SLUICE_` (such as
 /// variables meant for other tools) is ignored rather than refused.
 const ENV_SECTIONS: &[&str] = &[
     "data_dir",
     "node_id",
     "shutdown_grace_ms",
+    "worker_threads",
     "kafka",
     "amqp",
     "storage",
@@ -248,10 +256,29 @@ impl Config {
         Ok(config)
     }
 
+    /// Threads for the async runtime: `worker_threads`, or when it is 0, one less than the
+    /// CPUs this process may use, at least one. A message passes from the publisher's
+    /// connection task to its queue's owner task to the consumer's connection task; on two
+    /// CPUs, one worker runs that chain without waking another thread at each step and leaves
+    /// the other CPU to the kernel's network and disk work (docs/benchmarks.md measures it).
+    pub fn runtime_threads(&self) -> usize {
+        if self.worker_threads > 0 {
+            return self.worker_threads;
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        cpus.saturating_sub(1).max(1)
+    }
+
     /// Checks everything serde cannot.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.data_dir.as_os_str().is_empty() {
             bail!("data_dir must not be empty");
+        }
+        if self.worker_threads > MAX_WORKER_THREADS {
+            bail!(
+                "worker_threads is {}; at most {MAX_WORKER_THREADS} (0 picks from the CPUs available)",
+                self.worker_threads
+            );
         }
         if self.kafka.enabled {
             self.kafka_listen()?;
@@ -387,6 +414,31 @@ mod tests {
             test();
             Ok(())
         });
+    }
+
+    #[test]
+    fn runtime_threads_leave_a_cpu_unless_told() {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let automatic = Config::default().runtime_threads();
+        assert!(automatic >= 1 && automatic <= cpus, "{automatic} of {cpus}");
+        if cpus > 1 {
+            assert_eq!(automatic, cpus - 1);
+        }
+        let told = Config {
+            worker_threads: 3,
+            ..Config::default()
+        };
+        assert_eq!(told.runtime_threads(), 3);
+        let error = Config {
+            worker_threads: 5000,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("worker_threads is 5000"),
+            "{error}"
+        );
     }
 
     #[test]

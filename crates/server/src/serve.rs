@@ -23,6 +23,7 @@ const EXIT_STARTUP: u8 = 1;
 pub fn run(config: Config, ready_file: Option<PathBuf>) -> ExitCode {
     init_tracing(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime_threads())
         .enable_all()
         .thread_name("sluice")
         .build()
