@@ -335,12 +335,7 @@ pub fn write_received_content(
     if announced != Some(body.len() as u64) {
         return write_content(out, channel, properties(), body, frame_max);
     }
-    out.reserve(header.len() + FRAME_OVERHEAD);
-    out.push(FRAME_HEADER);
-    out.extend_from_slice(&channel.to_be_bytes());
-    out.extend_from_slice(&(header.len() as u32).to_be_bytes());
-    out.extend_from_slice(header);
-    out.push(FRAME_END);
+    write_raw_frame(out, FRAME_HEADER, channel, header);
     write_body(out, channel, body, frame_max);
     Ok(())
 }
@@ -367,13 +362,18 @@ pub fn write_content(
 fn write_body(out: &mut Vec<u8>, channel: u16, body: &[u8], frame_max: u32) {
     let chunk = (frame_max.max(FRAME_MIN_SIZE) as usize) - FRAME_OVERHEAD;
     for part in body.chunks(chunk) {
-        out.reserve(part.len() + FRAME_OVERHEAD);
-        out.push(FRAME_BODY);
-        out.extend_from_slice(&channel.to_be_bytes());
-        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
-        out.extend_from_slice(part);
-        out.push(FRAME_END);
+        write_raw_frame(out, FRAME_BODY, channel, part);
     }
+}
+
+/// Appends a frame around a payload that needs no encoding.
+fn write_raw_frame(out: &mut Vec<u8>, kind: u8, channel: u16, payload: &[u8]) {
+    out.reserve(payload.len() + FRAME_OVERHEAD);
+    out.push(kind);
+    out.extend_from_slice(&channel.to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out.push(FRAME_END);
 }
 
 #[cfg(test)]

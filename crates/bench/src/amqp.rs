@@ -958,21 +958,16 @@ impl RawPublisher {
                 seen = true;
                 match frame {
                     amqp_raw::Frame::Confirm {
-                        ack: true,
+                        ack,
                         delivery_tag,
                         multiple,
                     } => {
                         for _ in 0..confirmed.settle(delivery_tag, multiple, published)? {
-                            self.plan.meter.sent(body_bytes);
-                        }
-                    }
-                    amqp_raw::Frame::Confirm {
-                        ack: false,
-                        delivery_tag,
-                        multiple,
-                    } => {
-                        for _ in 0..confirmed.settle(delivery_tag, multiple, published)? {
-                            self.plan.meter.error("the broker nacked a message");
+                            if ack {
+                                self.plan.meter.sent(body_bytes);
+                            } else {
+                                self.plan.meter.error("the broker nacked a message");
+                            }
                         }
                     }
                     amqp_raw::Frame::Method(method) => {
