@@ -12,7 +12,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
-use amq_protocol::protocol::{BasicProperties, basic};
+use amq_protocol::frame::AMQPContentHeader;
+use amq_protocol::protocol::basic;
 use bytes::{Bytes, BytesMut};
 use foldhash::HashMap;
 use sluice_broker::message::Message;
@@ -28,7 +29,8 @@ pub enum Content {
     /// The header arrived; body frames follow until `size` bytes are in.
     Body {
         publish: Arc<basic::Publish>,
-        properties: Box<BasicProperties>,
+        /// Its class, body size and properties, as decoded.
+        header: Box<AMQPContentHeader>,
         /// The content header's payload as received, kept with the message.
         encoded: Bytes,
         size: u64,

@@ -526,7 +526,7 @@ impl Connection {
         }
         match frame {
             Frame::Header(channel, header, encoded) => {
-                self.on_content_header(channel, *header, encoded)
+                self.on_content_header(channel, header, encoded)
             }
             Frame::Body(channel, body) => self.on_content_body(channel, body),
             Frame::Publish(channel, publish) if channel != 0 => {
@@ -1174,7 +1174,7 @@ impl Connection {
     fn on_content_header(
         &mut self,
         id: u16,
-        header: amq_protocol::frame::AMQPContentHeader,
+        header: Box<amq_protocol::frame::AMQPContentHeader>,
         encoded: Bytes,
     ) -> Step {
         let max = self.ctx.settings.max_message_bytes as u64;
@@ -1224,15 +1224,15 @@ impl Connection {
                 id,
             );
         }
-        let properties = Box::new(header.properties);
         if header.body_size == 0 {
-            return self.publish_step(id, &publish, *properties, encoded, Bytes::new());
+            return self.publish_step(id, &publish, &header.properties, encoded, Bytes::new());
         }
+        let size = header.body_size;
         state.content = Content::Body {
             publish,
-            properties,
+            header,
             encoded,
-            size: header.body_size,
+            size,
             body: crate::channel::Body::Empty,
         };
         Step::Done
@@ -1276,7 +1276,7 @@ impl Connection {
         }
         let Content::Body {
             publish,
-            properties,
+            header,
             encoded,
             body,
             ..
@@ -1284,7 +1284,7 @@ impl Connection {
         else {
             return Step::Done;
         };
-        self.publish_step(id, &publish, *properties, encoded, body.freeze())
+        self.publish_step(id, &publish, &header.properties, encoded, body.freeze())
     }
 
     /// A whole message arrived: publishes it; an exception closes its channel.
@@ -1292,7 +1292,7 @@ impl Connection {
         &mut self,
         id: u16,
         publish: &basic::Publish,
-        properties: amq_protocol::protocol::BasicProperties,
+        properties: &amq_protocol::protocol::BasicProperties,
         encoded: Bytes,
         body: Bytes,
     ) -> Step {

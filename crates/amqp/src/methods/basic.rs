@@ -272,7 +272,7 @@ impl Connection {
         &mut self,
         channel: u16,
         publish: &basic::Publish,
-        properties: BasicProperties,
+        properties: &BasicProperties,
         encoded: Bytes,
         body: Bytes,
     ) -> Result<(), Exception> {
@@ -324,7 +324,7 @@ impl Connection {
                 state.write_allowed = Some(Arc::from(exchange_name));
             }
         }
-        let mut props = properties_from_wire(&properties);
+        let mut props = properties_from_wire(properties);
         // The received header is delivered as it came unless the broker changes a property.
         let mut encoded = Some(encoded);
         if let Some(expiration) = &props.expiration
