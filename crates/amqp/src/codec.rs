@@ -17,10 +17,10 @@
 //! Nothing here panics on any input: every decoder returns a [`FrameError`] that names the
 //! AMQP error the connection closes with.
 
-use amq_protocol::frame::parsing::parse_content_header;
-use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, WriteContext, gen_frame};
 use std::sync::Arc;
 
+use amq_protocol::frame::parsing::parse_content_header;
+use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, WriteContext, gen_frame};
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, parse_class};
 use amq_protocol::types::ShortString;
 use bytes::{Buf, Bytes, BytesMut};
@@ -102,8 +102,10 @@ impl Decoder {
         {
             return Ok(Frame::Publish(channel, Arc::clone(publish)));
         }
-        let frame = decode_payload(kind, channel, payload.clone())?;
-        if let Frame::Publish(_, publish) = &frame {
+        // Only a method can be a publish to remember; other payloads are not kept.
+        let method = (kind == FRAME_METHOD).then(|| payload.clone());
+        let frame = decode_payload(kind, channel, payload)?;
+        if let (Frame::Publish(_, publish), Some(payload)) = (&frame, method) {
             // Reuse the last payload's buffer.
             let mut last = self
                 .last_publish

@@ -76,14 +76,12 @@ enum Gate {
     Skip,
 }
 
-/// The methods handled without awaiting: publishes and acknowledgements.
-fn is_batched(method: &basic::AMQPMethod) -> bool {
+/// The acknowledgements, handled without awaiting like publishes (which the decoder gives
+/// as [`Frame::Publish`]).
+fn is_settlement(method: &basic::AMQPMethod) -> bool {
     matches!(
         method,
-        basic::AMQPMethod::Publish(_)
-            | basic::AMQPMethod::Ack(_)
-            | basic::AMQPMethod::Nack(_)
-            | basic::AMQPMethod::Reject(_)
+        basic::AMQPMethod::Ack(_) | basic::AMQPMethod::Nack(_) | basic::AMQPMethod::Reject(_)
     )
 }
 
@@ -530,13 +528,21 @@ impl Connection {
             }
             Frame::Body(channel, body) => self.on_content_body(channel, body),
             Frame::Publish(channel, publish) if channel != 0 => {
-                self.on_publish_method(channel, publish)
+                // basic.publish: its content follows.
+                self.on_gated(channel, 40, |this| {
+                    if let Some(state) = this.channels.get_mut(&channel) {
+                        state.content = Content::Header(publish);
+                    }
+                    Ok(())
+                })
             }
             Frame::Method(channel, method) if channel != 0 => {
                 let method_id = method.get_amqp_method_id();
                 match *method {
-                    AMQPClass::Basic(method) if is_batched(&method) => {
-                        self.on_batched_method(channel, method_id, method)
+                    AMQPClass::Basic(method) if is_settlement(&method) => {
+                        self.on_gated(channel, method_id, |this| {
+                            this.basic_method_now(channel, method)
+                        })
                     }
                     other => Step::Wait(Frame::Method(channel, Box::new(other))),
                 }
@@ -545,12 +551,13 @@ impl Connection {
         }
     }
 
-    /// `basic.publish`, `basic.ack`, `basic.nack` and `basic.reject`.
-    fn on_batched_method(
+    /// A `basic.*` method handled without awaiting: checked against the channel's state,
+    /// handled and timed.
+    fn on_gated(
         &mut self,
         channel: u16,
         method_id: u16,
-        method: basic::AMQPMethod,
+        handle: impl FnOnce(&mut Self) -> Result<(), Exception>,
     ) -> Step {
         let class_id = 60;
         match self.gate(channel, class_id, method_id) {
@@ -559,28 +566,12 @@ impl Connection {
             Ok(Gate::Go) => {}
         }
         let started = std::time::Instant::now();
-        let result = self.basic_method_now(channel, method);
+        let result = handle(self);
         self.observe_method(class_id, method_id, started);
         match result {
             Ok(()) => Step::Done,
             Err(exception) => Step::Raise(exception.located(class_id, method_id), channel),
         }
-    }
-
-    /// `basic.publish`: its content follows.
-    fn on_publish_method(&mut self, channel: u16, publish: Arc<basic::Publish>) -> Step {
-        let (class_id, method_id) = (60, 40);
-        match self.gate(channel, class_id, method_id) {
-            Err(exception) => return Step::Raise(exception, 0),
-            Ok(Gate::Skip) => return Step::Done,
-            Ok(Gate::Go) => {}
-        }
-        let started = std::time::Instant::now();
-        if let Some(state) = self.channels.get_mut(&channel) {
-            state.content = Content::Header(publish);
-        }
-        self.observe_method(class_id, method_id, started);
-        Step::Done
     }
 
     async fn on_frame(&mut self, frame: Frame) -> Result<(), Exception> {
