@@ -12,12 +12,13 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
-use amq_protocol::frame::AMQPContentHeader;
 use amq_protocol::protocol::basic;
 use bytes::{Bytes, BytesMut};
 use foldhash::HashMap;
 use sluice_broker::message::Message;
 use sluice_broker::queue::{ConsumerId, Credit, Queue, SettleOp};
+
+use crate::codec::ContentHeader;
 
 /// Content of a `basic.publish` being received.
 #[derive(Debug, Default)]
@@ -30,7 +31,7 @@ pub enum Content {
     Body {
         publish: Arc<basic::Publish>,
         /// Its class, body size and properties, as decoded.
-        header: Box<AMQPContentHeader>,
+        header: ContentHeader,
         /// The content header's payload as received, kept with the message.
         encoded: Bytes,
         size: u64,

@@ -7,8 +7,9 @@
 //! `vendor/README.md`); body payloads are sliced out of the read buffer without copying.
 //!
 //! A publisher usually sends the same `basic.publish` method (exchange, routing key, flags)
-//! again and again; [`Decoder`] keeps the last one decoded with its payload, and a payload
-//! identical to it gives the same decoded method without decoding it again.
+//! again and again, and often the same properties; [`Decoder`] keeps the last method and the
+//! last content header decoded with their payloads, and a payload identical to one (for a
+//! header: but for the body size) gives the same decoded value without decoding it again.
 //!
 //! Deliveries go the other way: [`DeliverEncoder`] has `amq-protocol` encode a consumer's
 //! `basic.deliver` once per exchange and routing key, and each delivery copies that frame and
@@ -60,7 +61,7 @@ pub enum Frame {
     /// `basic.publish`, shared with the [`Decoder`] that may give it again.
     Publish(u16, Arc<basic::Publish>),
     /// A content header, decoded, and its payload as received.
-    Header(u16, Box<AMQPContentHeader>, Bytes),
+    Header(u16, ContentHeader, Bytes),
     Body(u16, Bytes),
     Heartbeat(u16),
 }
@@ -87,37 +88,75 @@ fn snippet(payload: &[u8]) -> String {
     format!("{which} octets = {shown:?}")
 }
 
-/// Decodes frame payloads, remembering the last `basic.publish`.
+/// A decoded content header: class, body size and the properties, which the [`Decoder`]
+/// shares between headers that carry the same ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContentHeader {
+    pub class_id: u16,
+    pub body_size: u64,
+    pub properties: Arc<BasicProperties>,
+}
+
+/// A content header's payload: class (2 octets), weight (2), body size (8), then the
+/// property flags and the properties.
+const BODY_SIZE_AT: std::ops::Range<usize> = 4..12;
+
+/// Decodes frame payloads, remembering the last `basic.publish` and the last content header.
 #[derive(Debug, Default)]
 pub struct Decoder {
     last_publish: Option<(Vec<u8>, Arc<basic::Publish>)>,
+    last_header: Option<(Vec<u8>, ContentHeader)>,
 }
 
 impl Decoder {
     /// Decodes one frame's payload, as [`decode_payload`] does.
     pub fn decode(&mut self, kind: u8, channel: u16, payload: Bytes) -> Result<Frame, FrameError> {
-        if kind == FRAME_METHOD
-            && let Some((last, publish)) = &self.last_publish
-            && last[..] == payload[..]
-        {
-            return Ok(Frame::Publish(channel, Arc::clone(publish)));
+        match kind {
+            FRAME_METHOD => {
+                if let Some((last, publish)) = &self.last_publish
+                    && last[..] == payload[..]
+                {
+                    return Ok(Frame::Publish(channel, Arc::clone(publish)));
+                }
+                let frame = decode_payload(kind, channel, payload.clone())?;
+                if let Frame::Publish(_, publish) = &frame {
+                    let last = remember(self.last_publish.take().map(|(bytes, _)| bytes), &payload);
+                    self.last_publish = Some((last, Arc::clone(publish)));
+                }
+                Ok(frame)
+            }
+            FRAME_HEADER => {
+                if let Some((last, header)) = &self.last_header
+                    && last.len() == payload.len()
+                    && last[..BODY_SIZE_AT.start] == payload[..BODY_SIZE_AT.start]
+                    && last[BODY_SIZE_AT.end..] == payload[BODY_SIZE_AT.end..]
+                {
+                    let mut size = [0; 8];
+                    size.copy_from_slice(&payload[BODY_SIZE_AT]);
+                    let header = ContentHeader {
+                        body_size: u64::from_be_bytes(size),
+                        ..header.clone()
+                    };
+                    return Ok(Frame::Header(channel, header, payload));
+                }
+                let frame = decode_payload(kind, channel, payload)?;
+                if let Frame::Header(_, header, payload) = &frame {
+                    let last = remember(self.last_header.take().map(|(bytes, _)| bytes), payload);
+                    self.last_header = Some((last, header.clone()));
+                }
+                Ok(frame)
+            }
+            _ => decode_payload(kind, channel, payload),
         }
-        // Only a method can be a publish to remember; other payloads are not kept.
-        let method = (kind == FRAME_METHOD).then(|| payload.clone());
-        let frame = decode_payload(kind, channel, payload)?;
-        if let (Frame::Publish(_, publish), Some(payload)) = (&frame, method) {
-            // Reuse the last payload's buffer.
-            let mut last = self
-                .last_publish
-                .take()
-                .map(|(bytes, _)| bytes)
-                .unwrap_or_default();
-            last.clear();
-            last.extend_from_slice(&payload);
-            self.last_publish = Some((last, Arc::clone(publish)));
-        }
-        Ok(frame)
     }
+}
+
+/// `payload` copied into the buffer of the payload remembered before, if any.
+fn remember(buffer: Option<Vec<u8>>, payload: &[u8]) -> Vec<u8> {
+    let mut last = buffer.unwrap_or_default();
+    last.clear();
+    last.extend_from_slice(payload);
+    last
 }
 
 /// Takes the next whole frame from `buffer`, if one is there. A frame whose payload exceeds
@@ -196,7 +235,15 @@ pub fn decode_payload(kind: u8, channel: u16, payload: Bytes) -> Result<Frame, F
             }
         },
         FRAME_HEADER => match parse_content_header(&payload[..]) {
-            Ok((&[], header)) => Ok(Frame::Header(channel, Box::new(header), payload)),
+            Ok((&[], header)) => Ok(Frame::Header(
+                channel,
+                ContentHeader {
+                    class_id: header.class_id,
+                    body_size: header.body_size,
+                    properties: Arc::new(header.properties),
+                },
+                payload,
+            )),
             _ => Err(FrameError::frame(format!(
                 "type {kind}, {}: cannot decode content header",
                 snippet(&payload)
@@ -471,6 +518,63 @@ mod tests {
             "other methods leave it"
         );
         assert!(!Arc::ptr_eq(&publishes[2], &publishes[3]));
+    }
+
+    #[test]
+    fn a_repeated_content_header_is_decoded_once_but_for_its_body_size() {
+        let header = |body_size: u64, properties: BasicProperties| {
+            encoded(AMQPFrame::Header(
+                1,
+                AMQPContentHeader {
+                    class_id: 60,
+                    body_size,
+                    properties,
+                },
+            ))
+        };
+        let persistent = BasicProperties::default().with_delivery_mode(2);
+        let with_id = |id: &str| persistent.clone().with_message_id(id.into());
+        let sent = [
+            (5, persistent.clone()),
+            (1 << 40, persistent.clone()),
+            (5, with_id("a")),
+            (5, with_id("b")),
+            (5, with_id("b")),
+            (0, BasicProperties::default()),
+        ];
+        let mut bytes = Vec::new();
+        for (size, properties) in &sent {
+            bytes.extend(header(*size, properties.clone()));
+        }
+        let mut buffer = BytesMut::from(&bytes[..]);
+        let mut decoder = Decoder::default();
+        let mut headers = Vec::new();
+        while let Some(frame) = next_frame(&mut buffer, 4096, &mut decoder).unwrap() {
+            let Frame::Header(1, header, payload) = frame else {
+                panic!("not a header: {frame:?}");
+            };
+            headers.push((header, payload));
+        }
+        assert_eq!(headers.len(), sent.len());
+        for ((header, payload), (size, properties)) in headers.iter().zip(&sent) {
+            assert_eq!(header.class_id, 60);
+            assert_eq!(header.body_size, *size);
+            assert_eq!(*header.properties, *properties);
+            let (_, fresh) = parse_content_header(&payload[..]).unwrap();
+            assert_eq!(*header.properties, fresh.properties);
+        }
+        assert!(Arc::ptr_eq(
+            &headers[0].0.properties,
+            &headers[1].0.properties
+        ));
+        assert!(!Arc::ptr_eq(
+            &headers[2].0.properties,
+            &headers[3].0.properties
+        ));
+        assert!(Arc::ptr_eq(
+            &headers[3].0.properties,
+            &headers[4].0.properties
+        ));
     }
 
     #[test]

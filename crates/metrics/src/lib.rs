@@ -91,13 +91,18 @@ impl Histogram {
     }
 
     pub fn observe(&self, elapsed: Duration) {
+        self.observe_many(elapsed, 1);
+    }
+
+    /// Counts `times` observations of `elapsed`: one timed call standing for several
+    /// that were not timed.
+    pub fn observe_many(&self, elapsed: Duration, times: u64) {
         let seconds = elapsed.as_secs_f64();
         let bucket = self.bounds.partition_point(|bound| *bound < seconds);
-        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos.fetch_add(
-            elapsed.as_nanos().min(u128::from(u64::MAX)) as u64,
-            Ordering::Relaxed,
-        );
+        self.counts[bucket].fetch_add(times, Ordering::Relaxed);
+        let nanos = elapsed.as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.sum_nanos
+            .fetch_add(nanos.saturating_mul(times), Ordering::Relaxed);
     }
 
     pub fn count(&self) -> u64 {
@@ -256,6 +261,12 @@ mod tests {
         );
         assert_eq!(histogram.count(), 4);
         assert!((histogram.sum_seconds() - 1.0105).abs() < 1e-9);
+        histogram.observe_many(Duration::from_millis(2), 3);
+        assert_eq!(
+            histogram.cumulative(),
+            vec![(0.001, 1), (0.01, 6), (f64::INFINITY, 7)]
+        );
+        assert!((histogram.sum_seconds() - 1.0165).abs() < 1e-9);
     }
 
     #[test]
