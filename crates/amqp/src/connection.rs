@@ -180,6 +180,11 @@ pub struct Connection {
     pub settle_batches: Vec<SettleBatch>,
     /// Scratch space for routing results.
     pub route_scratch: Vec<Arc<Queue>>,
+    /// The properties of the last publish as decoded and as converted to the broker's model.
+    pub last_properties: Option<(
+        Arc<amq_protocol::protocol::BasicProperties>,
+        Arc<sluice_broker::message::Properties>,
+    )>,
     /// The connection has published; it is blocked while an alarm lasts.
     pub published: bool,
     /// `connection.blocked` was sent.
@@ -260,6 +265,7 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         publish_bytes: 0,
         settle_batches: Vec::new(),
         route_scratch: Vec::new(),
+        last_properties: None,
         published: false,
         blocked_sent: false,
         alarms,
@@ -1347,7 +1353,7 @@ impl Connection {
         &mut self,
         id: u16,
         publish: &basic::Publish,
-        properties: &amq_protocol::protocol::BasicProperties,
+        properties: &Arc<amq_protocol::protocol::BasicProperties>,
         encoded: Bytes,
         body: Bytes,
     ) -> Step {

@@ -272,7 +272,7 @@ impl Connection {
         &mut self,
         channel: u16,
         publish: &basic::Publish,
-        properties: &BasicProperties,
+        properties: &Arc<BasicProperties>,
         encoded: Bytes,
         body: Bytes,
     ) -> Result<(), Exception> {
@@ -324,7 +324,16 @@ impl Connection {
                 state.write_allowed = Some(Arc::from(exchange_name));
             }
         }
-        let mut props = properties_from_wire(properties);
+        // The decoder shares the properties of headers that carry the same ones, and so do
+        // the messages made from them.
+        let mut props = match &self.last_properties {
+            Some((wire, converted)) if Arc::ptr_eq(wire, properties) => Arc::clone(converted),
+            _ => {
+                let converted = Arc::new(properties_from_wire(properties));
+                self.last_properties = Some((Arc::clone(properties), Arc::clone(&converted)));
+                converted
+            }
+        };
         // The received header is delivered as it came unless the broker changes a property.
         let mut encoded = Some(encoded);
         if let Some(expiration) = &props.expiration
@@ -343,7 +352,7 @@ impl Connection {
                     "fast reply consumer does not exist",
                 ));
             };
-            props.reply_to = Some(format!("{}{key}", reply_to::ADDRESS_PREFIX));
+            Arc::make_mut(&mut props).reply_to = Some(format!("{}{key}", reply_to::ADDRESS_PREFIX));
             encoded = None;
         }
         let extra_keys = props

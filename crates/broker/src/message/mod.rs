@@ -65,19 +65,27 @@ impl Properties {
 /// the same properties again. Any change through `DerefMut` drops it, so it can never
 /// disagree with the properties; messages read back from disk and messages the broker builds
 /// have none.
+///
+/// The value is shared: a publisher that sends the same properties again and again gives its
+/// messages one `Properties` between them, and a change copies it first.
 #[derive(Debug, Clone, Default)]
 pub struct MessageProperties {
-    value: Properties,
+    value: Arc<Properties>,
     encoded: Option<Bytes>,
 }
 
 impl MessageProperties {
     /// Properties that arrived as `encoded`, which must encode exactly `value`.
-    pub fn with_encoding(value: Properties, encoded: Bytes) -> Self {
+    pub fn with_encoding(value: impl Into<Arc<Properties>>, encoded: Bytes) -> Self {
         Self {
-            value,
+            value: value.into(),
             encoded: Some(encoded),
         }
+    }
+
+    /// The value, shared.
+    pub fn shared(&self) -> &Arc<Properties> {
+        &self.value
     }
 
     /// The bytes these properties arrived as, if nothing changed them since.
@@ -88,6 +96,15 @@ impl MessageProperties {
 
 impl From<Properties> for MessageProperties {
     fn from(value: Properties) -> Self {
+        Self {
+            value: Arc::new(value),
+            encoded: None,
+        }
+    }
+}
+
+impl From<Arc<Properties>> for MessageProperties {
+    fn from(value: Arc<Properties>) -> Self {
         Self {
             value,
             encoded: None,
@@ -106,7 +123,7 @@ impl Deref for MessageProperties {
 impl DerefMut for MessageProperties {
     fn deref_mut(&mut self) -> &mut Properties {
         self.encoded = None;
-        &mut self.value
+        Arc::make_mut(&mut self.value)
     }
 }
 
@@ -228,6 +245,11 @@ mod tests {
         properties.priority = Some(4);
         assert_eq!(properties.encoded(), None);
         assert!(copy.encoded().is_some(), "a copy keeps its own");
+        assert_eq!(
+            copy.priority,
+            Some(3),
+            "and its value: the change copied the shared one"
+        );
         properties.headers.get_or_insert_with(Vec::new);
         assert_eq!(properties.encoded(), None);
     }
