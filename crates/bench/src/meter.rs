@@ -305,6 +305,22 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// CPU time process `pid` has used (user and system), in clock ticks, from `/proc`.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_ticks(&stat)
+}
+
+/// `utime` and `stime`, the 14th and 15th fields of `/proc/PID/stat`; the second field, the
+/// command in parentheses, may itself hold spaces and parentheses.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let after_command = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_command.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
+}
+
 /// What the sampler saw.
 #[derive(Debug, Clone, Default)]
 pub struct Sampled {
@@ -530,6 +546,14 @@ mod tests {
         assert_eq!(parse_vm_rss(status), Some(2048 * 1024));
         assert_eq!(parse_vm_rss("Name: x\n"), None);
         assert!(rss_bytes(std::process::id()).is_some_and(|bytes| bytes > 0));
+    }
+
+    #[test]
+    fn cpu_ticks_are_user_plus_system_time() {
+        let stat = "4242 (tokio (rt) 1) S 1 4242 4242 0 -1 4194560 5 0 0 0 17 25 0 0 20 0 3 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(42));
+        assert_eq!(parse_cpu_ticks("4242 (x) S 1"), None);
+        assert!(cpu_ticks(std::process::id()).is_some());
     }
 
     #[test]

@@ -28,6 +28,7 @@ use crate::kafka::{self, ConsumerClient, KafkaOptions};
 use crate::limits::{self, LimitsOptions, LimitsReport};
 use crate::load::LoadOptions;
 use crate::machine::Machine;
+use crate::meter;
 use crate::report::{RunReport, unix_ms_now, write_json, write_text};
 use crate::sluice::{Listeners, SluiceProcess};
 use crate::storage::{self, StorageOptions, StorageReport, human_bytes};
@@ -700,6 +701,11 @@ async fn run_groups(
             if !wanted(workload.id) {
                 continue;
             }
+            let brokers: Vec<u32> = [targets.pid, options.rabbitmq_pid]
+                .into_iter()
+                .flatten()
+                .collect();
+            settle(options, &brokers).await;
             let sluice = match &targets.amqp {
                 Ok(uri) => run_amqp(options, &workload, uri, targets.pid).await,
                 Err(reason) => Outcome::Skipped {
@@ -715,6 +721,7 @@ async fn run_groups(
                 sluice,
             );
             if let Some(uri) = &options.rabbitmq_uri {
+                settle(options, &brokers).await;
                 let rabbitmq = run_amqp(options, &workload, uri, options.rabbitmq_pid).await;
                 record(
                     options,
@@ -961,6 +968,57 @@ async fn run_kafka(
     }
     say(options, &format!("{} against sluice", workload.id));
     Outcome::from_result(kafka::run(&kafka_options, workload.id, options.quiet).await)
+}
+
+/// Longest wait for the brokers to go quiet before an AMQP run.
+const SETTLE_MAX: Duration = Duration::from_secs(30);
+/// How long each look at the brokers' CPU use lasts.
+const SETTLE_WINDOW: Duration = Duration::from_millis(500);
+/// A broker is quiet while it uses less than this share of one CPU.
+const SETTLE_BUSY: f64 = 0.05;
+
+/// Waits until every broker in `pids` is quiet, for at most [`SETTLE_MAX`]. Both brokers run
+/// side by side, and one still finishing the last run's work (deleting its queues, collecting
+/// garbage, writing its store) takes CPU from the next run on a two-CPU machine, whichever
+/// broker that run measures: RabbitMQ, busy after its persistent run, once cost the next
+/// Sluice run a fifth of its rate.
+async fn settle(options: &SuiteOptions, pids: &[u32]) {
+    let per_second = rustix::param::clock_ticks_per_second() as f64;
+    let started = Instant::now();
+    loop {
+        let before: Vec<Option<u64>> = pids.iter().map(|pid| meter::cpu_ticks(*pid)).collect();
+        tokio::time::sleep(SETTLE_WINDOW).await;
+        let busiest = pids
+            .iter()
+            .zip(&before)
+            .filter_map(|(pid, before)| meter::cpu_ticks(*pid)?.checked_sub((*before)?))
+            .map(|ticks| ticks as f64 / per_second / SETTLE_WINDOW.as_secs_f64())
+            .fold(0.0, f64::max);
+        if busiest < SETTLE_BUSY {
+            let waited = started.elapsed();
+            if waited > SETTLE_WINDOW * 2 {
+                say(
+                    options,
+                    &format!(
+                        "waited {:.1} s for the brokers to go quiet",
+                        waited.as_secs_f64()
+                    ),
+                );
+            }
+            return;
+        }
+        if started.elapsed() >= SETTLE_MAX {
+            say(
+                options,
+                &format!(
+                    "a broker is still busy ({:.0}% of a CPU) after {} s; running anyway",
+                    busiest * 100.0,
+                    SETTLE_MAX.as_secs()
+                ),
+            );
+            return;
+        }
+    }
 }
 
 async fn run_amqp(
