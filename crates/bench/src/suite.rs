@@ -41,6 +41,9 @@ const SLUICE_STOP_GRACE: Duration = Duration::from_secs(30);
 const KAFKA_PEAK_ID: &str = "kafka-produce-100b-acks1";
 /// Id of the Kafka workload whose drain rate caps that load.
 const KAFKA_CONSUME_PEAK_ID: &str = "kafka-consume-backlog";
+/// Id of the Kafka workload that produces and consumes together as fast as it can: its rate
+/// is the peak the latency workload offers half of.
+const KAFKA_TOGETHER_PEAK_ID: &str = "kafka-end-to-end-peak";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SuiteOptions {
@@ -372,11 +375,23 @@ fn kafka_workloads(scale: &Scale) -> Vec<KafkaWorkload> {
             },
             half_of_peak: false,
         },
+        // One producer and one consumer at once, unthrottled: what the two together sustain,
+        // which is less than either alone when they share two CPUs with the broker.
+        KafkaWorkload {
+            id: KAFKA_TOGETHER_PEAK_ID,
+            title: "Kafka produce and consume at once, 100 B, acks=1",
+            options: KafkaOptions {
+                record_bytes: 100,
+                load: scale.timed(),
+                ..KafkaOptions::default()
+            },
+            half_of_peak: false,
+        },
         KafkaWorkload {
             id: "kafka-latency-half-peak",
             title: "Kafka end-to-end latency at half of peak, 100 B, acks=1",
-            // Runs after the produce and backlog workloads: its rate is half the lower of
-            // their peaks.
+            // Runs after the workloads above: its rate is half of what the one before it
+            // sustained.
             options: KafkaOptions {
                 record_bytes: 100,
                 load: scale.timed(),
@@ -946,9 +961,16 @@ async fn run_kafka(
             .and_then(|r| r.receive)
             .map(|receive| receive.msgs_per_s)
             .filter(|rate| *rate > 0.0);
-        let peak = match (peak, consume_peak) {
-            (Some(produce), Some(consume)) => Some(produce.min(consume)),
-            (peak, _) => peak,
+        // Better still, what a producer and a consumer sustained running at once.
+        let together_peak = report
+            .workload(KAFKA_TOGETHER_PEAK_ID, "sluice")
+            .and_then(|w| w.outcome.report())
+            .and_then(|r| Some(r.send?.msgs_per_s.min(r.receive?.msgs_per_s)))
+            .filter(|rate| *rate > 0.0);
+        let peak = match (together_peak, peak, consume_peak) {
+            (Some(together), _, _) => Some(together),
+            (None, Some(produce), Some(consume)) => Some(produce.min(consume)),
+            (None, peak, _) => peak,
         };
         match (peak, peak_outcome) {
             (Some(peak), _) => kafka_options.load.rate = Some(peak / 2.0),
@@ -1657,10 +1679,16 @@ mod tests {
             "kafka-produce-16k-acks1",
             "kafka-consume-backlog",
             "kafka-consume-backlog-raw",
+            "kafka-end-to-end-peak",
             "kafka-latency-half-peak",
         ] {
             assert!(kafka.contains(&id), "{id}");
         }
+        let position = |id: &str| kafka.iter().position(|k| *k == id).unwrap();
+        assert!(
+            position(KAFKA_TOGETHER_PEAK_ID) < position("kafka-latency-half-peak"),
+            "the latency run takes its rate from the peak measured before it"
+        );
         let backlog = amqp_workloads(&scale)
             .into_iter()
             .find(|w| w.id == "amqp-backlog")
