@@ -1001,9 +1001,8 @@ const SETTLE_BUSY: f64 = 0.05;
 
 /// Waits until every broker in `pids` is quiet, for at most [`SETTLE_MAX`]. Both brokers run
 /// side by side, and one still finishing the last run's work (deleting its queues, collecting
-/// garbage, writing its store) takes CPU from the next run on a two-CPU machine, whichever
-/// broker that run measures: RabbitMQ, busy after its persistent run, once cost the next
-/// Sluice run a fifth of its rate.
+/// garbage, writing its store) would take CPU from the next run on a two-CPU machine,
+/// whichever broker that run measures.
 async fn settle(options: &SuiteOptions, pids: &[u32]) {
     let per_second = rustix::param::clock_ticks_per_second() as f64;
     let started = Instant::now();
