@@ -76,8 +76,6 @@ enum Gate {
     Skip,
 }
 
-/// The acknowledgements, handled without awaiting like publishes (which the decoder gives
-/// as [`Frame::Publish`]).
 /// The methods `on_gated` handles (`basic.publish`, `ack`, `reject`, `nack`) are timed one
 /// call in this many; each timed call counts for the untimed ones before it. Two clock reads
 /// and a histogram update per message had been a tenth of a busy broker's work.
@@ -96,6 +94,8 @@ struct HotTiming {
     last: Option<Duration>,
 }
 
+/// The acknowledgements, handled without awaiting like publishes (which the decoder gives
+/// as [`Frame::Publish`]).
 fn is_settlement(method: &basic::AMQPMethod) -> bool {
     matches!(
         method,
@@ -614,14 +614,7 @@ impl Connection {
                     times += u64::from(std::mem::take(&mut timing.untimed));
                     timing.last = Some(elapsed);
                 }
-                if let Some(histogram) = self
-                    .ctx
-                    .frontend
-                    .metrics
-                    .method_latency(class_id, method_id)
-                {
-                    histogram.observe_many(elapsed, times);
-                }
+                self.count_method(class_id, method_id, elapsed, times);
                 result
             }
         };
@@ -1081,29 +1074,29 @@ impl Connection {
     /// Counts the hot methods handled since their last timed call, each as long as that call
     /// took, so that the histograms' counts are exact as of every tick.
     fn flush_hot_timing(&mut self) {
-        for (slot, timing) in self.hot_timing.iter_mut().enumerate() {
-            if let Some(last) = timing.last
-                && timing.untimed > 0
-                && let Some(histogram) = self
-                    .ctx
-                    .frontend
-                    .metrics
-                    .method_latency(60, HOT_METHOD_IDS[slot])
+        for (slot, method_id) in HOT_METHOD_IDS.into_iter().enumerate() {
+            let untimed = std::mem::take(&mut self.hot_timing[slot].untimed);
+            if let Some(last) = self.hot_timing[slot].last
+                && untimed > 0
             {
-                histogram.observe_many(last, u64::from(timing.untimed));
-                timing.untimed = 0;
+                self.count_method(60, method_id, last, u64::from(untimed));
             }
         }
     }
 
     fn observe_method(&self, class_id: u16, method_id: u16, started: std::time::Instant) {
+        self.count_method(class_id, method_id, started.elapsed(), 1);
+    }
+
+    /// Counts `times` calls of a method that took `elapsed` each.
+    fn count_method(&self, class_id: u16, method_id: u16, elapsed: Duration, times: u64) {
         if let Some(histogram) = self
             .ctx
             .frontend
             .metrics
             .method_latency(class_id, method_id)
         {
-            histogram.observe(started.elapsed());
+            histogram.observe_many(elapsed, times);
         }
     }
 

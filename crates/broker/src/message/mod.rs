@@ -83,11 +83,6 @@ impl MessageProperties {
         }
     }
 
-    /// The value, shared.
-    pub fn shared(&self) -> &Arc<Properties> {
-        &self.value
-    }
-
     /// The bytes these properties arrived as, if nothing changed them since.
     pub fn encoded(&self) -> Option<&Bytes> {
         self.encoded.as_ref()
