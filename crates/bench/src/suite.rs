@@ -37,9 +37,10 @@ use sluice_storage::FsyncPolicy;
 
 const SLUICE_START_TIMEOUT: Duration = Duration::from_secs(60);
 const SLUICE_STOP_GRACE: Duration = Duration::from_secs(30);
-/// Id of the Kafka workload whose send rate sets the load of the latency workload.
+/// Id of the Kafka workload whose send rate sets the load of the latency workload when the
+/// end-to-end peak was not measured.
 const KAFKA_PEAK_ID: &str = "kafka-produce-100b-acks1";
-/// Id of the Kafka workload whose drain rate caps that load.
+/// Id of the Kafka workload whose drain rate caps that load then.
 const KAFKA_CONSUME_PEAK_ID: &str = "kafka-consume-backlog";
 /// Id of the Kafka workload that produces and consumes together as fast as it can: its rate
 /// is the peak the latency workload offers half of.
@@ -224,7 +225,7 @@ pub struct AmqpWorkload {
 }
 
 /// One Kafka workload. With `half_of_peak` the target rate is set at run time to half the
-/// send rate that workload measured.
+/// end-to-end peak measured before it (`kafka-end-to-end-peak`).
 #[derive(Debug, Clone)]
 pub struct KafkaWorkload {
     pub id: &'static str,
