@@ -27,14 +27,13 @@ pub enum Content {
     Idle,
     /// The method arrived; the content header is next.
     Header(Arc<basic::Publish>),
-    /// The header arrived; body frames follow until `size` bytes are in.
+    /// The header arrived; body frames follow until the header's body size is in.
     Body {
         publish: Arc<basic::Publish>,
         /// Its class, body size and properties, as decoded.
         header: ContentHeader,
         /// The content header's payload as received, kept with the message.
         encoded: Bytes,
-        size: u64,
         body: Body,
     },
 }

@@ -130,11 +130,10 @@ impl Decoder {
                     && last.len() == payload.len()
                     && last[..BODY_SIZE_AT.start] == payload[..BODY_SIZE_AT.start]
                     && last[BODY_SIZE_AT.end..] == payload[BODY_SIZE_AT.end..]
+                    && let Some(body_size) = announced_body_size(&payload)
                 {
-                    let mut size = [0; 8];
-                    size.copy_from_slice(&payload[BODY_SIZE_AT]);
                     let header = ContentHeader {
-                        body_size: u64::from_be_bytes(size),
+                        body_size,
                         ..header.clone()
                     };
                     return Ok(Frame::Header(channel, header, payload));
@@ -149,6 +148,12 @@ impl Decoder {
             _ => decode_payload(kind, channel, payload),
         }
     }
+}
+
+/// The body size a content header's payload announces, if it is long enough to hold one.
+fn announced_body_size(payload: &[u8]) -> Option<u64> {
+    let size = payload.get(BODY_SIZE_AT)?;
+    Some(u64::from_be_bytes(<[u8; 8]>::try_from(size).ok()?))
 }
 
 /// `payload` copied into the buffer of the payload remembered before, if any.
@@ -377,11 +382,7 @@ pub fn write_received_content(
     body: &[u8],
     frame_max: u32,
 ) -> Result<(), EncodeError> {
-    let announced = header
-        .get(4..12)
-        .and_then(|size| <[u8; 8]>::try_from(size).ok())
-        .map(u64::from_be_bytes);
-    if announced != Some(body.len() as u64) {
+    if announced_body_size(header) != Some(body.len() as u64) {
         return write_content(out, channel, properties(), body, frame_max);
     }
     write_raw_frame(out, FRAME_HEADER, channel, header);

@@ -1281,12 +1281,10 @@ impl Connection {
         if header.body_size == 0 {
             return self.publish_step(id, &publish, &header.properties, encoded, Bytes::new());
         }
-        let size = header.body_size;
         state.content = Content::Body {
             publish,
             header,
             encoded,
-            size,
             body: crate::channel::Body::Empty,
         };
         Step::Done
@@ -1305,7 +1303,7 @@ impl Connection {
         if state.closing {
             return Step::Done;
         }
-        let Content::Body { body, size, .. } = &mut state.content else {
+        let Content::Body { body, header, .. } = &mut state.content else {
             return Step::Raise(
                 Exception::new(
                     errors::UNEXPECTED_FRAME,
@@ -1314,8 +1312,9 @@ impl Connection {
                 0,
             );
         };
+        let size = header.body_size;
         let total = body.len() as u64 + part.len() as u64;
-        if total > *size {
+        if total > size {
             return Step::Raise(
                 Exception::new(
                     errors::FRAME_ERROR,
@@ -1324,8 +1323,8 @@ impl Connection {
                 0,
             );
         }
-        body.push(part, *size as usize);
-        if total < *size {
+        body.push(part, size as usize);
+        if total < size {
             return Step::Done;
         }
         let Content::Body {
