@@ -152,3 +152,19 @@ def test_pipelined_produce_requests_are_answered_in_order(sluice):
     assert (index, error) == (0, 0)
     assert offset == request_count * records_per_batch
     sock.close()
+
+
+def test_answer_pipelined_before_an_acks_0_produce_is_flushed(sluice):
+    """A response to a request pipelined just before an acks=0 produce is sent at once, not
+    left in the write buffer until the client sends something else (the acks=0 produce gets
+    no answer, so the client may well send nothing else)."""
+    client_id = b"acks0"
+    metadata = struct.pack(">hhih", 3, 0, 7, len(client_id)) + client_id + struct.pack(">i", 0)
+    produce = struct.pack(">hhih", 0, 3, 8, len(client_id)) + client_id
+    produce += struct.pack(">hhii", -1, 0, 10_000, 0)  # no transactional id, acks=0, no topics
+    sock = connect(sluice.kafka)
+    sock.sendall(struct.pack(">i", len(metadata)) + metadata + struct.pack(">i", len(produce)) + produce)
+    sock.settimeout(5)
+    reply = read_frame(sock)
+    assert struct.unpack(">i", reply[:4])[0] == 7
+    sock.close()

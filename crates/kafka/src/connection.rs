@@ -198,13 +198,11 @@ async fn serve_connection(
                 if let Some(latency) = metrics.request_latency(api) {
                     latency.observe(started.elapsed());
                 }
-                match response {
-                    Some(body) => encode_response(api, version, correlation_id, &body),
-                    None => continue, // acks=0 produce: no response at all
-                }
+                // None: an acks=0 produce, which gets no response at all.
+                response.map(|body| encode_response(api, version, correlation_id, &body))
             }
             Ok(Decoded::ApiVersionsTooNew { correlation_id }) => {
-                api_versions_too_new(correlation_id)
+                Some(api_versions_too_new(correlation_id))
             }
             Err(error) => {
                 metrics.protocol_errors.increment();
@@ -212,19 +210,24 @@ async fn serve_connection(
                 break;
             }
         };
-        let bytes = match encoded {
-            Ok(bytes) => bytes,
-            Err(error) => {
+        match encoded {
+            Some(Ok(bytes)) => {
+                metrics.bytes_out.add(bytes.len() as u64);
+                entry.bytes_out.add(bytes.len() as u64);
+                if writer.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+            Some(Err(error)) => {
                 // A response we built but cannot encode is a bug; the client cannot be answered.
                 tracing::error!(%peer, %error, "cannot encode a Kafka response; closing the connection");
                 break;
             }
-        };
-        metrics.bytes_out.add(bytes.len() as u64);
-        entry.bytes_out.add(bytes.len() as u64);
-        if writer.write_all(&bytes).await.is_err() {
-            break;
+            None => {}
         }
+        // Flush whenever no further request is already buffered, also after a request that
+        // is not answered (acks=0): responses to the requests before it may still be waiting
+        // in the write buffer, and the client may send nothing more until it has them.
         if reader.buffer().is_empty() && writer.flush().await.is_err() {
             break;
         }
