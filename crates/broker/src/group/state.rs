@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
+use uuid::Uuid;
 
 /// A request waiting for its answer, named by the coordinator.
 pub type Token = u64;
@@ -96,6 +97,10 @@ pub struct JoinRequest {
     pub protocols: Vec<(String, Bytes)>,
     /// Clients from JoinGroup v4 on expect MEMBER_ID_REQUIRED on their first join.
     pub require_known_member_id: bool,
+    /// The UUID in the member id this join creates, if it creates one (Kafka's
+    /// `client_id-UUID`). Drawn by whoever builds the request, so that the state machine stays
+    /// free of randomness.
+    pub new_member_uuid: Uuid,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,7 +241,6 @@ pub struct Group {
     /// When an initial delayed rebalance may complete at the earliest.
     initial_delay_until_ms: Option<i64>,
     next_seq: u64,
-    next_member_number: u64,
 }
 
 impl Group {
@@ -255,7 +259,6 @@ impl Group {
             deadline_ms: None,
             initial_delay_until_ms: None,
             next_seq: 0,
-            next_member_number: 0,
         }
     }
 
@@ -279,13 +282,15 @@ impl Group {
         self.members.len()
     }
 
-    fn new_member_id(&mut self, client_id: &str) -> String {
-        self.next_member_number += 1;
-        // Unique within this group for the coordinator's lifetime, and recognisable in logs.
-        format!(
-            "{client_id}-{}-{}",
-            self.generation, self.next_member_number
-        )
+    /// The member id a join creates: the client id (the instance id for a static member) and a
+    /// UUID, as Kafka makes them. Never handed out twice, also across coordinator restarts,
+    /// so a member left over from before a restart cannot rejoin under a newcomer's id.
+    fn new_member_id(request: &JoinRequest) -> String {
+        let prefix = request
+            .instance_id
+            .as_deref()
+            .unwrap_or(request.client_id.as_str());
+        format!("{prefix}-{}", request.new_member_uuid)
     }
 
     fn check_protocols(&self, request: &JoinRequest) -> Result<(), GroupError> {
@@ -363,13 +368,13 @@ impl Group {
                 && request.require_known_member_id
                 && request.instance_id.is_none()
             {
-                let member_id = self.new_member_id(&request.client_id);
+                let member_id = Self::new_member_id(&request);
                 let lapse = now_ms + i64::from(request.session_timeout_ms);
                 self.pending_ids.insert(member_id.clone(), lapse);
                 return answer_now(JoinOutcome::error(GroupError::MemberIdRequired, &member_id));
             }
             let member_id = if request.member_id.is_empty() {
-                self.new_member_id(&request.client_id)
+                Self::new_member_id(&request)
             } else {
                 request.member_id.clone()
             };
@@ -443,7 +448,7 @@ impl Group {
                 SyncOutcome::error(GroupError::FencedInstanceId),
             ));
         }
-        let new_id = self.new_member_id(&request.client_id);
+        let new_id = Self::new_member_id(&request);
         let changed = member.protocols != request.protocols;
         member.id = new_id.clone();
         member.protocols = request.protocols.clone();
@@ -992,6 +997,7 @@ mod tests {
                 .map(|p| ((*p).to_owned(), Bytes::from(format!("meta-{p}"))))
                 .collect(),
             require_known_member_id: true,
+            new_member_uuid: Uuid::new_v4(),
         }
     }
 
@@ -1257,6 +1263,38 @@ mod tests {
         assert_eq!(
             join_outcomes(&effects)[0].1.error,
             Some(GroupError::UnknownMemberId)
+        );
+    }
+
+    #[test]
+    fn member_ids_are_never_reused_across_coordinator_restarts() {
+        // The same client id (librdkafka's default is "rdkafka") before and after a restart.
+        let mut before = Group::new("g", limits());
+        let (stale, _) = enter(&mut before, 1, 0);
+        let mut after = Group::new("g", limits());
+        let (fresh, _) = enter(&mut after, 1, 0);
+        assert_ne!(stale, fresh);
+        for id in [&stale, &fresh] {
+            let uuid = id.strip_prefix("client-").expect("client_id-UUID");
+            assert!(Uuid::parse_str(uuid).is_ok(), "{id}");
+        }
+        // The member left over from before the restart is not taken for the newcomer.
+        let effects = after.join(2, join_request(&stale, None, &["range"]), 100);
+        assert_eq!(
+            join_outcomes(&effects)[0].1.error,
+            Some(GroupError::UnknownMemberId)
+        );
+        // A static member's id starts with its instance id, as in Kafka.
+        after.join(3, join_request("", Some("i-7"), &["range"]), 100);
+        let members = after.describe().members;
+        let static_member = members
+            .iter()
+            .find(|m| m.instance_id.as_deref() == Some("i-7"))
+            .expect("the static member joined");
+        assert!(
+            static_member.member_id.starts_with("i-7-"),
+            "{}",
+            static_member.member_id
         );
     }
 

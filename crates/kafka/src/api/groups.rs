@@ -58,6 +58,7 @@ pub(crate) async fn join(
                     .map(|p| (p.name.to_string(), p.metadata.clone()))
                     .collect(),
                 require_known_member_id: version >= 4,
+                new_member_uuid: uuid::Uuid::new_v4(),
             },
         )
         .await;
