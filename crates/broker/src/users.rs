@@ -12,6 +12,7 @@ use base64::Engine;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::error::{MessagingError, ResourceKind};
 
@@ -50,15 +51,22 @@ pub fn hash_password(password: &str) -> String {
 }
 
 fn hash_with_salt(salt: &[u8], password: &str) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(salt);
-    hasher.update(password.as_bytes());
     let mut bytes = salt.to_vec();
-    bytes.extend_from_slice(&hasher.finalize());
+    bytes.extend_from_slice(&salted_digest(salt, password));
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+fn salted_digest(salt: &[u8], password: &str) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(salt);
+    hasher.update(password.as_bytes());
+    hasher.finalize().into()
+}
+
 /// Whether `password` matches a stored hash.
+///
+/// The digests are compared in constant time: how many leading bytes of a guess's digest
+/// match must not show in how long the answer takes.
 pub fn verify_password(hash: &str, password: &str) -> bool {
     let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(hash) else {
         return false;
@@ -66,7 +74,8 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
     if bytes.len() != 4 + 32 {
         return false;
     }
-    hash_with_salt(&bytes[..4], password) == hash
+    let (salt, stored) = bytes.split_at(4);
+    bool::from(salted_digest(salt, password).as_slice().ct_eq(stored))
 }
 
 /// The three kinds of access RabbitMQ distinguishes.
