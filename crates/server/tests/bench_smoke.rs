@@ -1,51 +1,49 @@
 //! CI smoke test of the benchmark tool: runs the suite's smoke workloads (a second or so each)
-//! against a real `sluice` binary, without RabbitMQ, fio or iperf3, and checks that messages
-//! flowed and that the report was written. It never checks a speed.
+//! against this crate's `sluice` binary, without RabbitMQ, fio or iperf3, and checks that
+//! messages flowed and that the report was written. It never checks a speed.
 //!
-//! The binary comes from `SLUICE_BIN`, else the workspace's `target/{debug,release}/sluice`,
-//! else `$CARGO_TARGET_DIR/{debug,release}/sluice`. Without one the test says so and passes:
-//! the repository's full test command builds the broker first.
+//! It lives beside the broker, not in the bench crate, because only here does cargo build the
+//! binary before the test runs: a stale binary can never pass it, and a missing one fails it.
+//! The suite runs in-process through the bench library, as `sluice-bench suite --smoke` would.
 //!
 //! A workload may be skipped only because the broker has no listener for its protocol yet;
 //! any other outcome than messages flowing fails the test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::path::Path;
-use std::process::Command;
-
+use clap::Parser;
 use sluice_bench::report::read_json;
-use sluice_bench::suite::{Outcome, SuiteReport};
+use sluice_bench::suite::{self, Outcome, SuiteOptions, SuiteReport};
 
-#[test]
-fn the_quick_workloads_move_messages_through_sluice() -> anyhow::Result<()> {
-    let workspace_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let Some(binary) = sluice_bench::sluice::find_binary(&workspace_root) else {
-        eprintln!(
-            "skipped: no sluice binary yet (set SLUICE_BIN or run `cargo build -p sluice` first)"
-        );
-        return Ok(());
-    };
+/// The suite's command-line options, parsed as the bench tool parses them.
+#[derive(Debug, Parser)]
+struct SuiteCommand {
+    #[command(flatten)]
+    options: SuiteOptions,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quick_workloads_move_messages_through_sluice() -> anyhow::Result<()> {
     let out = tempfile::tempdir()?;
-    let output = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
-        .arg("suite")
-        .arg("--smoke")
-        .args(["--skip", "limits"])
-        .arg("--sluice-bin")
-        .arg(&binary)
-        .arg("--out")
-        .arg(out.path())
-        .arg("--scratch-dir")
-        .arg(out.path().join("scratch"))
-        .arg("--quiet")
-        .output()?;
-    assert!(
-        output.status.success(),
-        "sluice-bench suite exited with {}:\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-
-    let report: SuiteReport = read_json(&out.path().join("summary.json"))?;
+    let binary = env!("CARGO_BIN_EXE_sluice");
+    let scratch = out.path().join("scratch");
+    let command = SuiteCommand::try_parse_from([
+        std::ffi::OsStr::new("suite"),
+        "--smoke".as_ref(),
+        "--skip".as_ref(),
+        "limits".as_ref(),
+        "--sluice-bin".as_ref(),
+        binary.as_ref(),
+        "--out".as_ref(),
+        out.path().as_os_str(),
+        "--scratch-dir".as_ref(),
+        scratch.as_os_str(),
+        "--quiet".as_ref(),
+    ])?;
+    let report = suite::run(&command.options)
+        .await
+        .map_err(|error| anyhow::anyhow!(error.chain()))?;
+    let written: SuiteReport = read_json(&out.path().join("summary.json"))?;
+    assert_eq!(written.workloads.len(), report.workloads.len());
     let summary = std::fs::read_to_string(out.path().join("summary.md"))?;
     assert!(
         summary.contains("| figure |"),

@@ -1,8 +1,8 @@
 //! lapin (a Rust AMQP 0-9-1 client) against the real `sluice` binary: publisher confirms and
 //! consumption with acknowledgements, and publisher flow control.
 //!
-//! The binary is found through `SLUICE_BIN`, else `target/debug/sluice` (honouring
-//! `CARGO_TARGET_DIR`). Each test starts it on port 0 with a data directory of its own and
+//! The binary is this crate's own, which cargo builds before it runs these tests (so a stale
+//! one can never pass them). Each test starts it on port 0 with a data directory of its own and
 //! stops it at the end.
 
 use std::path::PathBuf;
@@ -32,14 +32,7 @@ impl Drop for Broker {
 }
 
 fn sluice_binary() -> PathBuf {
-    if let Some(explicit) = std::env::var_os("SLUICE_BIN") {
-        return PathBuf::from(explicit);
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    target.join("debug").join("sluice")
+    PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
 }
 
 fn start() -> anyhow::Result<Broker> {
