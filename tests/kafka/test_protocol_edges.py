@@ -168,3 +168,54 @@ def test_answer_pipelined_before_an_acks_0_produce_is_flushed(sluice):
     reply = read_frame(sock)
     assert struct.unpack(">i", reply[:4])[0] == 7
     sock.close()
+
+
+def fetch_v4(correlation_id, topic, offset, max_bytes, partition_max_bytes):
+    """A Fetch v4 request frame for partition 0 of `topic`, answered at once."""
+    name = topic.encode()
+    client_id = b"fetch-cap"
+    header = struct.pack(">hhih", 1, 4, correlation_id, len(client_id)) + client_id
+    body = struct.pack(">iiiib", -1, 0, 0, max_bytes, 0)  # replica, max wait, min bytes, max bytes, isolation
+    body += struct.pack(">ih", 1, len(name)) + name
+    body += struct.pack(">iiqi", 1, 0, offset, partition_max_bytes)
+    frame = header + body
+    return struct.pack(">i", len(frame)) + frame
+
+
+def fetched_record_bytes(reply):
+    """The error code and the size of the records of the one partition in a Fetch v4 reply."""
+    at = 4 + 4  # correlation id, throttle time
+    _topic_count, name_len = struct.unpack(">ih", reply[at:at + 6])
+    at += 6 + name_len
+    _partition_count, _index, error, _hw, _lso, aborted = struct.unpack(">iihqqi", reply[at:at + 30])
+    at += 30 + max(aborted, 0) * 16
+    (size,) = struct.unpack(">i", reply[at:at + 4])
+    return error, size
+
+
+def test_fetch_never_returns_more_than_the_broker_cap(sluice_factory):
+    """Fetch trusts the client only within the broker's fetch.max.bytes: a request asking for
+    2 GiB per partition gets at most the cap (plus nothing: every batch here is smaller), and a
+    request asking for 1 byte still gets one whole batch, so a consumer always progresses."""
+    from confluent_kafka import Producer
+
+    cap = 1 << 20
+    broker = sluice_factory(env={"SLUICE_KAFKA__FETCH_MAX_BYTES": str(cap)})
+    topic = "capped"
+    producer = Producer({"bootstrap.servers": broker.kafka, "linger.ms": 0, "compression.type": "none"})
+    value = b"v" * 100_000
+    for _ in range(40):  # about 4 MB in 40 batches
+        producer.produce(topic, value, partition=0)
+        producer.flush(10)
+    sock = connect(broker.kafka)
+    sock.settimeout(10)
+    huge = (1 << 31) - 1
+    sock.sendall(fetch_v4(1, topic, 0, huge, huge))
+    error, size = fetched_record_bytes(read_frame(sock))
+    assert error == 0
+    assert 0 < size <= cap, size
+    sock.sendall(fetch_v4(2, topic, 0, 1, 1))
+    error, size = fetched_record_bytes(read_frame(sock))
+    assert error == 0
+    assert 100_000 < size < 2 * 100_000, "exactly one whole batch"
+    sock.close()

@@ -42,6 +42,27 @@ pub struct KafkaSettings {
     pub max_request_bytes: usize,
     /// Connections served at once.
     pub max_connections: usize,
+    /// Most record bytes one Fetch response carries, whatever the client asks (Kafka's
+    /// `fetch.max.bytes`); the first batch is returned whole even when larger, so a consumer
+    /// can always progress.
+    pub fetch_max_bytes: usize,
+    /// The same bound for fetches between replicas (Kafka's `replica.fetch.max.bytes`), used
+    /// once partitions are replicated; reported in the broker's configuration until then.
+    pub replica_fetch_max_bytes: usize,
+}
+
+impl Default for KafkaSettings {
+    /// Kafka's defaults, advertising localhost:9092.
+    fn default() -> Self {
+        Self {
+            advertised_host: "localhost".into(),
+            advertised_port: 9092,
+            max_request_bytes: 100 * 1024 * 1024,
+            max_connections: 10_000,
+            fetch_max_bytes: 55 * 1024 * 1024,
+            replica_fetch_max_bytes: 1024 * 1024,
+        }
+    }
 }
 
 /// What every connection shares.

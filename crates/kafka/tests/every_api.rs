@@ -125,6 +125,7 @@ async fn every_advertised_api_answers_at_its_highest_advertised_version() {
         advertised_port: address.port(),
         max_request_bytes: 1 << 20,
         max_connections: 16,
+        ..KafkaSettings::default()
     };
     let server = tokio::spawn(sluice_kafka::serve(
         listener,

@@ -73,6 +73,11 @@ pub struct KafkaSection {
     pub max_request_bytes: usize,
     /// Concurrent Kafka connections; further ones wait to be accepted.
     pub max_connections: usize,
+    /// Most record bytes in one Fetch response, whatever the client asks (Kafka's
+    /// fetch.max.bytes).
+    pub fetch_max_bytes: usize,
+    /// The same for fetches between replicas (Kafka's replica.fetch.max.bytes).
+    pub replica_fetch_max_bytes: usize,
     /// How long a consumer group that was empty waits for more members before its first
     /// rebalance (Kafka's group.initial.rebalance.delay.ms).
     pub group_initial_rebalance_delay_ms: i64,
@@ -134,6 +139,8 @@ impl Default for KafkaSection {
             default_partitions: 1,
             max_request_bytes: 100 * 1024 * 1024,
             max_connections: 10_000,
+            fetch_max_bytes: 55 * 1024 * 1024,
+            replica_fetch_max_bytes: 1024 * 1024,
             group_initial_rebalance_delay_ms: 3_000,
             group_min_session_timeout_ms: 6_000,
             group_max_session_timeout_ms: 1_800_000,
@@ -299,6 +306,17 @@ impl Config {
                 "kafka.max_request_bytes must be between 1 KiB and 1 GiB, got {}",
                 self.kafka.max_request_bytes
             );
+        }
+        for (key, value) in [
+            ("kafka.fetch_max_bytes", self.kafka.fetch_max_bytes),
+            (
+                "kafka.replica_fetch_max_bytes",
+                self.kafka.replica_fetch_max_bytes,
+            ),
+        ] {
+            if !(1024..=1 << 30).contains(&value) {
+                bail!("{key} must be between 1 KiB and 1 GiB, got {value}");
+            }
         }
         if self.kafka.max_connections == 0 {
             bail!("kafka.max_connections must be positive");

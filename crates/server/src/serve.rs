@@ -167,6 +167,8 @@ async fn start_listeners(
             advertised_port: config.kafka.advertised_port.unwrap_or(local.port()),
             max_request_bytes: config.kafka.max_request_bytes,
             max_connections: config.kafka.max_connections,
+            fetch_max_bytes: config.kafka.fetch_max_bytes,
+            replica_fetch_max_bytes: config.kafka.replica_fetch_max_bytes,
         };
         tokio::spawn(sluice_kafka::serve(
             listener,

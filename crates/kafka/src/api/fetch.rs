@@ -2,9 +2,10 @@
 //! `min_bytes` to arrive.
 //!
 //! Stored batches go into the response as stored: no decompression, no re-encoding. Sizes
-//! follow KIP-74: partitions are filled in request order within `max_bytes` and each
-//! partition's own limit, except that the first batch of the first non-empty partition is
-//! always returned whole so a consumer can make progress.
+//! follow KIP-74: partitions are filled in request order within `max_bytes` (never more than
+//! the broker's `fetch_max_bytes`) and each partition's own limit, except that the first
+//! batch of the first non-empty partition is always returned whole so a consumer can make
+//! progress. A read never allocates more than what it may return.
 //!
 //! Waiting: the handler subscribes to the high watermark of every partition it reads, then
 //! waits for any of them to move, for the deadline, or for shutdown, and reads again.
@@ -172,11 +173,10 @@ pub(crate) async fn handle(ctx: &Context, request: FetchRequest, version: i16) -
             .with_error_code(ResponseError::FetchSessionIdNotFound.code());
     }
     let wanted = resolve(ctx, &request, version);
-    let max_bytes = if request.max_bytes <= 0 {
-        usize::MAX
-    } else {
-        request.max_bytes as usize
-    };
+    // The client's limit, within the broker's (Kafka takes the smaller one too). What a read
+    // allocates follows from it: no partition reads more than what is left of it, but for
+    // the first batch, returned whole.
+    let max_bytes = (request.max_bytes.max(0) as usize).min(ctx.settings.fetch_max_bytes);
     let min_bytes = request.min_bytes.max(0) as usize;
     let read_committed = request.isolation_level == READ_COMMITTED;
     let deadline = Instant::now() + Duration::from_millis(request.max_wait_ms.max(0) as u64);
