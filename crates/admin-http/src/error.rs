@@ -7,7 +7,7 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use sluice_broker::BrokerError;
+use sluice_broker::{BrokerError, StorageClass};
 use utoipa::ToSchema;
 
 /// An error response body (`application/problem+json`).
@@ -85,12 +85,22 @@ impl From<BrokerError> for ApiError {
             | E::InvalidConfig { .. }
             | E::UnknownConfig(_)
             | E::UnsupportedCompression(_) => Self::bad_request(error.to_string()),
-            E::Storage(sluice_storage::StorageError::InvalidBatch { .. }) => {
-                Self::bad_request(error.to_string())
-            }
-            E::Storage(sluice_storage::StorageError::OffsetOutOfRange { .. }) => {
-                Self::new(StatusCode::RANGE_NOT_SATISFIABLE, error.to_string())
-            }
+            E::Storage(_) => match error.storage_class() {
+                Some(
+                    StorageClass::Corrupt
+                    | StorageClass::Invalid
+                    | StorageClass::UnsupportedFormat
+                    | StorageClass::TooLarge
+                    | StorageClass::InvalidConfig,
+                ) => Self::bad_request(error.to_string()),
+                Some(StorageClass::OutOfRange) => {
+                    Self::new(StatusCode::RANGE_NOT_SATISFIABLE, error.to_string())
+                }
+                Some(StorageClass::Retriable) => {
+                    Self::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
+                }
+                Some(StorageClass::Failed) | None => Self::internal(&error),
+            },
             E::ShuttingDown => Self::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
             E::Messaging(messaging) => {
                 use sluice_broker::error::MessagingError as M;

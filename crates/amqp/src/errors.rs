@@ -5,8 +5,7 @@
 //! explanation, cut to the 255 bytes a short string can hold. The class and method of the
 //! offending command go with the close, as clients print them.
 
-use sluice_broker::{BrokerError, MessagingError};
-use sluice_storage::StorageError;
+use sluice_broker::{BrokerError, MessagingError, StorageClass};
 
 pub const REPLY_SUCCESS: u16 = 200;
 pub const CONTENT_TOO_LARGE: u16 = 311;
@@ -107,8 +106,8 @@ impl std::fmt::Display for Exception {
 /// The exception for a broker error.
 pub fn exception(error: &BrokerError) -> Exception {
     match error {
-        BrokerError::Messaging(error) => {
-            let code = match error.as_ref() {
+        BrokerError::Messaging(messaging) => {
+            let code = match messaging.as_ref() {
                 MessagingError::NotFound { .. } => NOT_FOUND,
                 MessagingError::Inequivalent { .. }
                 | MessagingError::InvalidArgument { .. }
@@ -123,17 +122,25 @@ pub fn exception(error: &BrokerError) -> Exception {
                 MessagingError::VhostNotFound(_) | MessagingError::UserNotFound(_) => NOT_ALLOWED,
                 MessagingError::QueueFailed { .. } => INTERNAL_ERROR,
             };
-            Exception::new(code, error.to_string())
+            if code == INTERNAL_ERROR {
+                tracing::warn!(%error, "an AMQP request failed on the broker's side");
+            }
+            Exception::new(code, error.client_message())
         }
         BrokerError::ShuttingDown => Exception::new(
             CONNECTION_FORCED,
             "broker forced connection closure with reason 'shutdown'",
         ),
-        BrokerError::Storage(StorageError::OwnerGone) => Exception::new(
+        other if other.storage_class() == Some(StorageClass::Retriable) => Exception::new(
             CONNECTION_FORCED,
             "broker forced connection closure with reason 'shutdown'",
         ),
-        other => Exception::new(INTERNAL_ERROR, other.to_string()),
+        other => {
+            if other.is_internal() {
+                tracing::warn!(error = %other, "an AMQP request failed on the broker's side");
+            }
+            Exception::new(INTERNAL_ERROR, other.client_message())
+        }
     }
 }
 
@@ -178,5 +185,31 @@ mod tests {
         assert_eq!(exception(&locked).code, 405);
         let vhost: BrokerError = MessagingError::VhostNotFound("v".into()).into();
         assert!(exception(&vhost).is_hard());
+    }
+
+    #[test]
+    fn the_brokers_own_failures_reach_clients_without_paths_or_os_errors() {
+        let secret = "/srv/sluice-data/queues/0b5f";
+        let failed: BrokerError = MessagingError::QueueFailed {
+            vhost: "/".into(),
+            name: "orders".into(),
+            reason: format!("cannot write {secret}/00000000000000000000.log: os error 28"),
+        }
+        .into();
+        let storage = BrokerError::Storage(sluice_storage::StorageError::Io {
+            op: "read",
+            path: std::path::PathBuf::from(secret).join("acks"),
+            source: std::io::Error::other("Input/output error (os error 5)"),
+        });
+        for error in [&failed, &storage] {
+            let e = exception(error);
+            assert_eq!(e.code, INTERNAL_ERROR);
+            assert!(!e.reply_text().contains(secret), "{}", e.reply_text());
+            assert!(!e.reply_text().contains("os error"), "{}", e.reply_text());
+        }
+        assert_eq!(
+            exception(&failed).reply_text(),
+            "INTERNAL_ERROR - queue 'orders' in vhost '/' failed; the broker's log has the details"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! The broker's one error type. Front-ends turn each variant into their protocol's own error
 //! (a Kafka error code, an AMQP exception) in one place each; this type never names them.
 
-use sluice_storage::StorageError;
+use sluice_storage::{BatchError, StorageError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -62,6 +62,85 @@ impl BrokerError {
             reason: error.to_string(),
         }
     }
+
+    /// What kind of storage failure this is, if it is one: all a front-end needs to pick its
+    /// protocol's code, so that none of them matches on the storage crate's errors.
+    pub fn storage_class(&self) -> Option<StorageClass> {
+        let Self::Storage(error) = self else {
+            return None;
+        };
+        Some(match error {
+            StorageError::InvalidBatch { source, .. } => match source {
+                BatchError::TooLarge { .. } => StorageClass::TooLarge,
+                BatchError::CrcMismatch { .. }
+                | BatchError::Truncated { .. }
+                | BatchError::LengthTooSmall(_) => StorageClass::Corrupt,
+                BatchError::UnsupportedMagic(_) => StorageClass::UnsupportedFormat,
+                BatchError::RecordCountMismatch { .. } | BatchError::Empty => StorageClass::Invalid,
+            },
+            StorageError::OffsetOutOfRange { .. } => StorageClass::OutOfRange,
+            StorageError::OwnerGone => StorageClass::Retriable,
+            StorageError::Config(_) => StorageClass::InvalidConfig,
+            StorageError::Io { .. }
+            | StorageError::Corrupt { .. }
+            | StorageError::Failed { .. } => StorageClass::Failed,
+        })
+    }
+
+    /// Whether the error is the broker's own failure (its disk, its metadata store, a failed
+    /// queue) rather than something about the request: its details are for the operator.
+    pub fn is_internal(&self) -> bool {
+        match self {
+            Self::Metadata { .. } => true,
+            Self::Messaging(error) => matches!(**error, MessagingError::QueueFailed { .. }),
+            _ => self.storage_class() == Some(StorageClass::Failed),
+        }
+    }
+
+    /// The text a client may see: this error's own text, except that the broker's own
+    /// failures are named without their cause (file paths and operating-system errors go to
+    /// the broker's log, not to clients).
+    pub fn client_message(&self) -> String {
+        match self {
+            Self::Metadata { op, .. } => {
+                format!(
+                    "the broker's metadata store could not {op}; the broker's log has the details"
+                )
+            }
+            Self::Messaging(error) => match error.as_ref() {
+                MessagingError::QueueFailed { vhost, name, .. } => format!(
+                    "queue '{name}' in vhost '{vhost}' failed; the broker's log has the details"
+                ),
+                other => other.to_string(),
+            },
+            _ if self.is_internal() => {
+                "the broker's storage failed; the broker's log has the details".to_owned()
+            }
+            _ => self.to_string(),
+        }
+    }
+}
+
+/// Kinds of storage failure, as front-ends answer them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageClass {
+    /// The partition or queue is closing or moving: the client may retry.
+    Retriable,
+    /// Data the client sent is damaged (checksum, length).
+    Corrupt,
+    /// Data the client sent is well-formed but wrong (record counts, an empty batch).
+    Invalid,
+    /// Data the client sent is in a format the broker does not store (an old batch magic).
+    UnsupportedFormat,
+    /// Larger than a limit allows.
+    TooLarge,
+    /// An offset outside the log.
+    OutOfRange,
+    /// A configuration value the log refuses.
+    InvalidConfig,
+    /// The broker's own storage failed (an I/O error, damaged files, a log that stopped): not
+    /// the client's doing, and it lasts until an operator acts.
+    Failed,
 }
 
 impl From<MessagingError> for BrokerError {

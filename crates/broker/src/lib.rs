@@ -50,7 +50,7 @@ use sluice_storage::{Clock, LogConfig, OwnerOptions};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-pub use crate::error::{BrokerError, MessagingError, ResourceKind};
+pub use crate::error::{BrokerError, MessagingError, ResourceKind, StorageClass};
 pub use crate::group::{GroupCoordinator, GroupLimits};
 pub use crate::metadata::{MetadataCommand, MetadataState, NodeId, PartitionRecord, TopicRecord};
 pub use crate::offsets::{CommittedOffset, OffsetEntry};

@@ -2,12 +2,14 @@
 //!
 //! Clients act on these codes: retriable ones (NOT_LEADER_OR_FOLLOWER, a storage error) make
 //! them retry, others surface to the application. The mapping follows what a Kafka broker
-//! answers in the same situation.
+//! answers in the same situation. Storage failures are mapped by the broker's classification
+//! ([`StorageClass`]), never by the storage crate's errors. Messages carry a short reason:
+//! the broker's own failures reach the client without their cause (no file path, no
+//! operating-system error), which goes to the broker's log instead.
 
 use kafka_protocol::error::ResponseError;
-use sluice_broker::BrokerError;
 use sluice_broker::group::GroupError;
-use sluice_storage::{BatchError, StorageError};
+use sluice_broker::{BrokerError, StorageClass};
 
 /// A Kafka error code with the message to send where the response has a field for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,11 +51,17 @@ pub fn kafka_error(error: &BrokerError) -> KafkaError {
         }
         // Clients retry this and find the broker again once it is back.
         BrokerError::ShuttingDown => ResponseError::NotLeaderOrFollower,
-        BrokerError::Storage(storage) => storage_code(storage),
+        BrokerError::Storage(_) => match error.storage_class() {
+            Some(class) => storage_code(class),
+            None => ResponseError::KafkaStorageError,
+        },
     };
+    if error.is_internal() {
+        tracing::warn!(%error, code = code.code(), "a Kafka request failed on the broker's side");
+    }
     KafkaError {
         code: code.code(),
-        message: error.to_string(),
+        message: error.client_message(),
     }
 }
 
@@ -76,30 +84,69 @@ pub fn group_code(error: GroupError) -> i16 {
     code.code()
 }
 
-fn storage_code(error: &StorageError) -> ResponseError {
-    match error {
-        StorageError::InvalidBatch { source, .. } => match source {
-            BatchError::TooLarge { .. } => ResponseError::MessageTooLarge,
-            BatchError::CrcMismatch { .. }
-            | BatchError::Truncated { .. }
-            | BatchError::LengthTooSmall(_) => ResponseError::CorruptMessage,
-            BatchError::UnsupportedMagic(_) => ResponseError::UnsupportedForMessageFormat,
-            BatchError::RecordCountMismatch { .. } | BatchError::Empty => {
-                ResponseError::InvalidRecord
-            }
-        },
-        StorageError::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange,
-        StorageError::OwnerGone => ResponseError::NotLeaderOrFollower,
-        StorageError::Config(_) => ResponseError::InvalidConfig,
-        StorageError::Io { .. } | StorageError::Corrupt { .. } | StorageError::Failed { .. } => {
-            ResponseError::KafkaStorageError
-        }
+fn storage_code(class: StorageClass) -> ResponseError {
+    match class {
+        StorageClass::TooLarge => ResponseError::MessageTooLarge,
+        StorageClass::Corrupt => ResponseError::CorruptMessage,
+        StorageClass::UnsupportedFormat => ResponseError::UnsupportedForMessageFormat,
+        StorageClass::Invalid => ResponseError::InvalidRecord,
+        StorageClass::OutOfRange => ResponseError::OffsetOutOfRange,
+        StorageClass::Retriable => ResponseError::NotLeaderOrFollower,
+        StorageClass::InvalidConfig => ResponseError::InvalidConfig,
+        StorageClass::Failed => ResponseError::KafkaStorageError,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
+    use sluice_broker::MessagingError;
+    use sluice_storage::{BatchError, StorageError};
+
     use super::*;
+
+    #[test]
+    fn the_brokers_own_failures_reach_clients_without_paths_or_os_errors() {
+        let secret = "/srv/sluice-data/logs/orders-0";
+        let failures = [
+            BrokerError::Storage(StorageError::Io {
+                op: "read",
+                path: PathBuf::from(secret).join("00000000000000000000.log"),
+                source: std::io::Error::other("Input/output error (os error 5)"),
+            }),
+            BrokerError::Storage(StorageError::Corrupt {
+                path: PathBuf::from(secret).join("00000000000000000000.log"),
+                position: 4096,
+                reason: "CRC mismatch".into(),
+            }),
+            BrokerError::Storage(StorageError::Failed {
+                dir: PathBuf::from(secret),
+                reason: "cannot sync: No space left on device (os error 28)".into(),
+            }),
+            BrokerError::Metadata {
+                op: "commit",
+                reason: format!("{secret}/meta.redb: Input/output error (os error 5)"),
+            },
+            MessagingError::QueueFailed {
+                vhost: "/".into(),
+                name: "q".into(),
+                reason: format!("cannot write {secret}/q.log: os error 5"),
+            }
+            .into(),
+        ];
+        for failure in &failures {
+            let answered = kafka_error(failure);
+            assert!(!answered.message.contains(secret), "{}", answered.message);
+            assert!(
+                !answered.message.contains("os error"),
+                "{}",
+                answered.message
+            );
+            assert!(!answered.message.is_empty());
+        }
+        assert_eq!(kafka_error(&failures[0]).code, 56); // KAFKA_STORAGE_ERROR
+    }
 
     #[test]
     fn codes_match_kafka() {
