@@ -321,7 +321,8 @@ const views = {
       form,
       table([
         { title: "Virtual host", render: (q) => q.vhost },
-        { title: "Name", render: (q) => h("a", { href: `#queues/${encodeURIComponent(q.vhost)}/${encodeURIComponent(q.name)}` }, q.name) },
+        { title: "Name", render: (q) => [h("a", { href: `#queues/${encodeURIComponent(q.vhost)}/${encodeURIComponent(q.name)}` }, q.name),
+          q.unreadable ? h("span", { class: "badge warn", title: q.unreadable.reason }, " unreadable message") : null] },
         { title: "Features", render: (q) => [q.durable ? "D" : null, q.auto_delete ? "AD" : null, q.exclusive ? "Excl" : null,
           Object.keys(q.arguments).length ? "Args" : null].filter(Boolean).join(" ") },
         { title: "Ready", num: true, render: (q) => fmt.int(q.messages_ready) },
@@ -389,6 +390,13 @@ const views = {
       h("div", { class: "toolbar" }, h("h1", {}, "Queue ", h("code", {}, q.name)), h("span", {}, purge, " ", remove)),
       h("p", { class: "note" }, `virtual host ${q.vhost} · ${q.durable ? "durable" : "transient"}` +
         (q.auto_delete ? " · auto-delete" : "") + (q.exclusive ? " · exclusive" : "") + " · created " + fmt.time(q.created_ms)),
+      q.unreadable ? h("div", { class: "card alarm", id: "queue-unreadable" },
+        h("h3", {}, "Unreadable message"),
+        h("p", {}, `The queue cannot read its message at offset ${q.unreadable.offset} (${q.unreadable.reason}), in `,
+          h("code", {}, q.unreadable.file),
+          q.unreadable.position == null ? "" : ` at byte ${q.unreadable.position}`,
+          `, since ${fmt.time(q.unreadable.since_ms)}. It keeps the message and delivers nothing past it; ` +
+          "it tries again every few seconds. Restore the file, or purge or delete the queue to go on without it.")) : "",
       h("div", { class: "cards", id: "queue-stats" },
         stat("Ready", fmt.int(q.messages_ready)),
         stat("Unacked", fmt.int(q.messages_unacknowledged)),

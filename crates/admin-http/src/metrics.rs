@@ -303,6 +303,27 @@ fn render_queues(text: &mut TextEncoder, broker: &sluice_broker::Broker) {
             );
         }
     }
+    text.family(
+        "sluice_queue_unreadable_message",
+        "1 while the queue holds a message it cannot read (an I/O error, a checksum mismatch), \
+         labelled with the file and the message's offset; the queue delivers nothing past it.",
+        Kind::Gauge,
+    );
+    for queue in &queues {
+        if let Some(unreadable) = queue.unreadable() {
+            let offset = unreadable.offset.to_string();
+            text.sample(
+                "sluice_queue_unreadable_message",
+                &[
+                    ("vhost", queue.vhost()),
+                    ("queue", queue.name()),
+                    ("file", &unreadable.file),
+                    ("offset", &offset),
+                ],
+                1.0,
+            );
+        }
+    }
 }
 
 /// The AMQP listener: connections, channels, traffic and per-method latency.

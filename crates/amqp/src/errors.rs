@@ -108,7 +108,9 @@ pub fn exception(error: &BrokerError) -> Exception {
     match error {
         BrokerError::Messaging(messaging) => {
             let code = match messaging.as_ref() {
-                MessagingError::NotFound { .. } => NOT_FOUND,
+                // RabbitMQ answers 404 when a queue's process cannot serve (it is down); the
+                // channel closes, the connection stays.
+                MessagingError::NotFound { .. } | MessagingError::Unreadable { .. } => NOT_FOUND,
                 MessagingError::Inequivalent { .. }
                 | MessagingError::InvalidArgument { .. }
                 | MessagingError::InUse { .. }

@@ -220,6 +220,15 @@ pub enum MessagingError {
     VhostNotFound(String),
     #[error("user '{0}' not found")]
     UserNotFound(String),
+    /// A queue cannot read its next message; it keeps it (see `queue::state`).
+    #[error(
+        "queue '{name}' in vhost '{vhost}' cannot read its message at offset {offset}; the broker's log and alarms have the details"
+    )]
+    Unreadable {
+        vhost: String,
+        name: String,
+        offset: u64,
+    },
     /// A queue failed (its log stopped accepting writes) and refuses work.
     #[error("queue '{name}' in vhost '{vhost}' failed: {reason}")]
     QueueFailed {

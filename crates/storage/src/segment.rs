@@ -611,7 +611,9 @@ impl Segment {
                 ));
             }
         }
-        // Keep whole batches only, and check each one: nothing corrupt is served.
+        // Keep whole batches only, and check each one: nothing corrupt is served. A damaged
+        // batch ends the read before it; only when it is the first one is the read an error,
+        // so the batches before damage stay readable and the error names where it is.
         let mut keep = 0usize;
         while keep < buf.len() {
             let rest = &buf[keep..];
@@ -619,11 +621,16 @@ impl Segment {
                 Ok((base, total)) if total <= rest.len() && (base as u64) < end_offset => total,
                 _ => break,
             };
-            batch::verify(&rest[..total]).map_err(|error| StorageError::Corrupt {
-                path: self.path.clone(),
-                position: start + keep as u64,
-                reason: error.to_string(),
-            })?;
+            if let Err(error) = batch::verify(&rest[..total]) {
+                if keep > 0 {
+                    break;
+                }
+                return Err(StorageError::Corrupt {
+                    path: self.path.clone(),
+                    position: start,
+                    reason: error.to_string(),
+                });
+            }
             keep += total;
         }
         buf.truncate(keep);

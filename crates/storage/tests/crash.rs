@@ -284,6 +284,48 @@ fn damage_inside_a_sealed_segment_is_never_served() {
 }
 
 #[test]
+fn a_read_stops_before_damage_and_a_read_at_it_names_it() {
+    let fixture = build();
+    let sealed = fixture
+        .files
+        .keys()
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .unwrap()
+        .clone();
+    // Damage the value bytes of the third batch of the first segment.
+    let original = &fixture.files[&sealed];
+    let mut position = 0usize;
+    let mut starts = Vec::new();
+    while position < original.len() {
+        starts.push(position);
+        position += BatchHeader::parse(&original[position..])
+            .unwrap()
+            .total_bytes();
+    }
+    assert!(
+        starts.len() >= 4,
+        "the fixture's first segment has several batches"
+    );
+    let third = starts[2];
+    let third_offset = BatchHeader::parse(&original[third..]).unwrap().base_offset as u64;
+    let mut damaged = original.clone();
+    damaged[starts[3] - 3] ^= 0x20;
+    fixture.restore();
+    write(&sealed, &damaged);
+    let log = Log::open(&fixture.path, common::small_config(), 0).unwrap();
+    // The two batches before the damage are served, and nothing from it on.
+    let read = log.read(0, 1 << 20, true).unwrap();
+    assert_eq!(&read.bytes[..], &original[..third]);
+    match log.read(third_offset, 1 << 20, true) {
+        Err(StorageError::Corrupt { path, position, .. }) => {
+            assert_eq!(path, sealed);
+            assert_eq!(position, third as u64);
+        }
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+}
+
+#[test]
 fn a_crash_right_after_a_roll_repairs_the_previous_segment() {
     let fixture = build();
     let all = fixture.batches.len();

@@ -32,7 +32,8 @@ pub struct Totals {
     pub messages_unacknowledged: u64,
     /// Open AMQP channels.
     pub channels: usize,
-    /// Resource alarms raised now: "memory", "disk".
+    /// Alarms raised now: "memory" and "disk" (publishers are blocked), "unreadable_queue"
+    /// (a queue holds a message it cannot read; see that queue's `unreadable`).
     pub alarms: Vec<&'static str>,
 }
 
@@ -77,10 +78,12 @@ pub async fn overview(State(state): State<Arc<AdminState>>) -> Json<Overview> {
     groups.dedup();
     let vhosts = broker.vhost_names();
     let (mut queues, mut exchanges, mut ready, mut unacked) = (0, 0, 0, 0);
+    let mut unreadable_queue = false;
     for vhost in &vhosts {
         if let Some(live) = broker.vhost(vhost) {
             for queue in live.routing().queues() {
                 queues += 1;
+                unreadable_queue |= queue.unreadable().is_some();
                 ready += queue.counters().ready.load(Ordering::Relaxed);
                 unacked += queue.counters().unacked.load(Ordering::Relaxed);
             }
@@ -97,6 +100,9 @@ pub async fn overview(State(state): State<Arc<AdminState>>) -> Json<Overview> {
     }
     if alarm_state.disk {
         alarms.push("disk");
+    }
+    if unreadable_queue {
+        alarms.push("unreadable_queue");
     }
     let fsync = broker.fsync_latency();
     let fsync_count = fsync.count();

@@ -53,6 +53,22 @@ pub struct QueueView {
     pub acked: u64,
     pub rates: QueueRates,
     pub created_ms: i64,
+    /// A message the queue cannot read, if any: the queue keeps it and delivers nothing past
+    /// it until it reads again or the queue is purged or deleted.
+    pub unreadable: Option<UnreadableView>,
+}
+
+/// A message a queue cannot read.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UnreadableView {
+    pub offset: u64,
+    /// The file the read failed on (the queue's directory when no one file is to blame).
+    pub file: String,
+    /// Byte position in that file, when known.
+    pub position: Option<u64>,
+    pub reason: String,
+    /// When the queue found it (ms since the epoch).
+    pub since_ms: i64,
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -153,6 +169,13 @@ fn view(state: &AdminState, queue: &Queue) -> QueueView {
         acked: counters.acked.load(Ordering::Relaxed),
         rates: state.rates.queue(queue.vhost(), queue.name()),
         created_ms: record.created_ms,
+        unreadable: queue.unreadable().map(|u| UnreadableView {
+            offset: u.offset,
+            file: u.file,
+            position: u.position,
+            reason: u.reason,
+            since_ms: u.since_ms,
+        }),
     }
 }
 

@@ -6,7 +6,10 @@
 //! and advances the log start past settled prefixes so segments are deleted.
 //!
 //! A failed write stops the queue: every later request gets an error naming the cause; the
-//! broker does not retry silently.
+//! broker does not retry silently. A message that cannot be read is never settled: the queue
+//! keeps it, stops delivering where it stands, and reports it (an `error!` line, the queue's
+//! [`UnreadableMessage`], which the API, console and metrics show); it tries the read again
+//! on each housekeeping tick and goes on once it succeeds or the message is purged.
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -28,10 +31,13 @@ use super::deadletter::{DeadLetter, record_death};
 use super::flow::Flow;
 use super::journal::{AckJournal, COMPACT_AFTER_ENTRIES};
 use super::ranges::RangeSet;
-use super::state::{Admission, ConsumerId, DeathReason, Effect, Meta, QueueCore, QueueEnv};
+use super::state::{
+    Admission, ConsumerId, DeathReason, Effect, Meta, QueueCore, QueueEnv, Unreadable,
+};
 use super::{
     Credit, Delivery, DeliverySink, Got, PublishOutcome, Queue, QueueCounters, QueueEvent,
-    QueueRecord, QueueReply, QueueRequest, QueueStat, Reply, SettleOp, message_priority,
+    QueueRecord, QueueReply, QueueRequest, QueueStat, Reply, SettleOp, UnreadableMessage,
+    message_priority,
 };
 use crate::error::{BrokerError, MessagingError, ResourceKind};
 use crate::message::codec::{RecordEncoder, StoredMessage, decode_batch};
@@ -207,6 +213,7 @@ pub(crate) fn start(
     let segment_hint = first_segment_end(&opened.log);
     let flow = Flow::new(spec.flow_ready_high);
     let flow_state = flow.subscribe();
+    let unreadable = Arc::default();
     let handler = QueueHandler {
         vhost: Arc::from(spec.record.vhost.as_str()),
         name: Arc::from(spec.record.name.as_str()),
@@ -227,6 +234,9 @@ pub(crate) fn start(
         notified: false,
         deleting: false,
         flow,
+        stuck_at: None,
+        read_failure: None,
+        unreadable: Arc::clone(&unreadable),
     };
     let (owner, task) = sluice_storage::owner::spawn(opened.log, handler, options);
     let queue = Arc::new(Queue {
@@ -235,6 +245,7 @@ pub(crate) fn start(
         owner: owner.clone(),
         counters,
         flow: flow_state,
+        unreadable,
     });
     tokio::spawn(run_timer(owner, deadlines, clock));
     (queue, task)
@@ -377,23 +388,63 @@ fn meta_of(stored: &StoredMessage) -> Meta {
     }
 }
 
+/// Why the message at `offset` could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ReadFailure {
+    offset: u64,
+    file: String,
+    position: Option<u64>,
+    reason: String,
+}
+
+impl ReadFailure {
+    fn new(log: &Log, offset: u64, error: &dyn std::fmt::Display) -> Self {
+        Self {
+            offset,
+            file: log.dir().display().to_string(),
+            position: None,
+            reason: error.to_string(),
+        }
+    }
+
+    fn from_storage(log: &Log, offset: u64, error: &StorageError) -> Self {
+        let mut failure = Self::new(log, offset, error);
+        match error {
+            StorageError::Io { path, source, .. } => {
+                failure.file = path.display().to_string();
+                failure.reason = source.to_string();
+            }
+            StorageError::Corrupt {
+                path,
+                position,
+                reason,
+            } => {
+                failure.file = path.display().to_string();
+                failure.position = Some(*position);
+                failure.reason.clone_from(reason);
+            }
+            _ => {}
+        }
+        failure
+    }
+}
+
 /// Reads the batch holding `offset` and what follows it into the cache. Returns the message
-/// at `offset`, if it could be read.
+/// at `offset`, or why it could not be read.
 ///
 /// Messages nearer the head are wanted sooner, so when the cache is full, read-ahead pushes
 /// out the newest entries that are already in the log (recent publishes cached while the
 /// consumers were behind; they are read again when their turn comes). Without that, a cache
 /// full of the tail would make every delivery from the head read and decode a whole
 /// read-ahead window for one message. Decoding stops once nothing more fits.
-fn read_into_cache(log: &Log, cache: &mut Cache, offset: u64) -> Option<(Arc<Message>, Meta)> {
-    let read = match log.read(offset, READ_AHEAD_BYTES, true) {
-        Ok(read) => read,
-        Err(StorageError::OffsetOutOfRange { .. }) => return None,
-        Err(error) => {
-            tracing::error!(dir = %log.dir().display(), offset, %error, "cannot read a queued message");
-            return None;
-        }
-    };
+fn read_into_cache(
+    log: &Log,
+    cache: &mut Cache,
+    offset: u64,
+) -> Result<(Arc<Message>, Meta), ReadFailure> {
+    let read = log
+        .read(offset, READ_AHEAD_BYTES, true)
+        .map_err(|error| ReadFailure::from_storage(log, offset, &error))?;
     let logged_end = log.log_end_offset();
     let mut found = None;
     let result = for_each_batch(&read.bytes, |stored| {
@@ -414,10 +465,15 @@ fn read_into_cache(log: &Log, cache: &mut Cache, offset: u64) -> Option<(Arc<Mes
         cache.insert(stored.offset, stored.message, meta);
         ControlFlow::Continue(())
     });
-    if let Err(error) = result {
-        tracing::error!(dir = %log.dir().display(), offset, %error, "cannot decode a queued message");
+    match (found, result) {
+        (Some(found), _) => Ok(found),
+        (None, Err(error)) => Err(ReadFailure::new(log, offset, &error)),
+        (None, Ok(())) => Err(ReadFailure::new(
+            log,
+            offset,
+            &"no message at this offset in the log",
+        )),
     }
-    found
 }
 
 #[derive(Debug)]
@@ -432,16 +488,30 @@ struct Env<'a> {
     log: &'a Log,
     cache: &'a mut Cache,
     consumers: &'a HashMap<ConsumerId, ConsumerEntry>,
+    /// The message known to be unreadable: not read again until the next housekeeping tick.
+    stuck_at: Option<u64>,
+    /// Where a failed read is recorded, for the owner to report.
+    failure: &'a mut Option<ReadFailure>,
 }
 
 impl QueueEnv for Env<'_> {
-    fn meta(&mut self, offset: u64) -> Option<Meta> {
+    fn meta(&mut self, offset: u64) -> Result<Meta, Unreadable> {
         if let Some(cached) = self.cache.entries.get(&offset) {
-            return Some(cached.meta);
+            return Ok(cached.meta);
         }
-        let (message, meta) = read_into_cache(self.log, self.cache, offset)?;
-        self.cache.insert(offset, message, meta);
-        Some(meta)
+        if self.stuck_at == Some(offset) {
+            return Err(Unreadable);
+        }
+        match read_into_cache(self.log, self.cache, offset) {
+            Ok((message, meta)) => {
+                self.cache.insert(offset, message, meta);
+                Ok(meta)
+            }
+            Err(failure) => {
+                *self.failure = Some(failure);
+                Err(Unreadable)
+            }
+        }
     }
 
     fn take_credit(&mut self, consumer: ConsumerId, bytes: u32) -> bool {
@@ -474,6 +544,12 @@ struct QueueHandler {
     notified: bool,
     deleting: bool,
     flow: Flow,
+    /// The offset of the message found unreadable, while the queue holds it.
+    stuck_at: Option<u64>,
+    /// A read that failed while handling the current request, not reported yet.
+    read_failure: Option<ReadFailure>,
+    /// What readers of the queue (the API, metrics) see of an unreadable message.
+    unreadable: Arc<parking_lot::Mutex<Option<UnreadableMessage>>>,
 }
 
 macro_rules! env {
@@ -482,6 +558,8 @@ macro_rules! env {
             log: $log,
             cache: &mut $self.cache,
             consumers: &$self.consumers,
+            stuck_at: $self.stuck_at,
+            failure: &mut $self.read_failure,
         }
     };
 }
@@ -586,11 +664,71 @@ impl QueueHandler {
         Ok(())
     }
 
-    fn load(&mut self, log: &Log, offset: u64) -> Option<Arc<Message>> {
+    fn load(&mut self, log: &Log, offset: u64) -> Result<Arc<Message>, ReadFailure> {
         if let Some(cached) = self.cache.take(offset) {
-            return Some(cached.message);
+            return Ok(cached.message);
         }
         read_into_cache(log, &mut self.cache, offset).map(|(message, _)| message)
+    }
+
+    /// A message could not be loaded to deliver or dead-letter it: it stays in the queue.
+    fn keep_unreadable(&mut self, failure: ReadFailure, meta: Meta, delivery_count: u32) {
+        self.core
+            .keep_unreadable(failure.offset, meta, delivery_count);
+        self.read_failure = Some(failure);
+    }
+
+    /// Reports a read that failed (once per message: an `error!` line and the queue's
+    /// [`UnreadableMessage`]), or clears the report once the message is gone from the queue.
+    fn report_unreadable(&mut self, now_ms: i64) {
+        if let Some(failure) = self.read_failure.take() {
+            if self.stuck_at == Some(failure.offset) {
+                return;
+            }
+            tracing::error!(
+                queue = %self.name,
+                vhost = %self.vhost,
+                offset = failure.offset,
+                file = %failure.file,
+                position = ?failure.position,
+                reason = %failure.reason,
+                "queue cannot read a message; it keeps it and delivers nothing past it until it can"
+            );
+            self.stuck_at = Some(failure.offset);
+            *self.unreadable.lock() = Some(UnreadableMessage {
+                offset: failure.offset,
+                file: failure.file,
+                position: failure.position,
+                reason: failure.reason,
+                since_ms: now_ms,
+            });
+        } else if let Some(offset) = self.stuck_at
+            && !self.core.holds(offset)
+        {
+            tracing::warn!(queue = %self.name, vhost = %self.vhost, offset, "the unreadable message left the queue");
+            self.clear_unreadable();
+        }
+    }
+
+    fn clear_unreadable(&mut self) {
+        self.stuck_at = None;
+        *self.unreadable.lock() = None;
+    }
+
+    /// Reads the unreadable message again (on housekeeping ticks): if it reads now, delivery
+    /// goes on from it.
+    fn retry_unreadable(&mut self, log: &Log) {
+        let Some(offset) = self.stuck_at else {
+            return;
+        };
+        match read_into_cache(log, &mut self.cache, offset) {
+            Ok((message, meta)) => {
+                self.cache.insert(offset, message, meta);
+                tracing::warn!(queue = %self.name, vhost = %self.vhost, offset, "queue can read its message again");
+                self.clear_unreadable();
+            }
+            Err(failure) => self.read_failure = Some(failure),
+        }
     }
 
     fn dead_letter(&mut self, message: &Message, reason: DeathReason, now_ms: i64) {
@@ -643,13 +781,21 @@ impl QueueHandler {
                     Effect::Deliver {
                         consumer,
                         offset,
+                        meta,
                         redelivered,
                         delivery_count,
                         settled,
                     } => {
-                        let Some(mut message) = self.load(log, offset) else {
-                            self.settled(offset..offset + 1);
-                            continue;
+                        let mut message = match self.load(log, offset) {
+                            Ok(message) => message,
+                            Err(failure) => {
+                                // Never sent: the message stays, and so does the credit.
+                                if let Some(entry) = self.consumers.get(&consumer) {
+                                    entry.credit.grant(1, Credit::window_cost(meta.bytes));
+                                }
+                                self.keep_unreadable(failure, meta, delivery_count);
+                                continue;
+                            }
                         };
                         if delivery_count > 0 && self.core.args().delivery_limit.is_some() {
                             message = Arc::new(with_delivery_count(&message, delivery_count));
@@ -675,12 +821,17 @@ impl QueueHandler {
                             gone.push(consumer);
                         }
                     }
-                    Effect::DeadLetter { offset, reason } => {
-                        if let Some(message) = self.load(log, offset) {
+                    Effect::DeadLetter {
+                        offset,
+                        meta,
+                        reason,
+                    } => match self.load(log, offset) {
+                        Ok(message) => {
                             self.dead_letter(&message, reason, now_ms);
+                            self.settled(offset..offset + 1);
                         }
-                        self.settled(offset..offset + 1);
-                    }
+                        Err(failure) => self.keep_unreadable(failure, meta, 0),
+                    },
                     Effect::Settle(range) => {
                         self.cache.remove_range(range.clone());
                         self.settled(range);
@@ -704,6 +855,7 @@ impl QueueHandler {
                     .consumer_gone(consumer, now_ms, &mut env, &mut self.fx);
             }
         }
+        self.report_unreadable(now_ms);
         if self.journaling
             && let Err(error) = self.journal.flush()
         {
@@ -761,6 +913,56 @@ impl QueueHandler {
             self.fail(&error);
         }
         self.segment_hint = first_segment_end(log);
+    }
+
+    fn get(&mut self, log: &Log, no_ack: bool, now_ms: i64) -> Reply {
+        let mut env = env!(self, log);
+        let Ok(got) = self.core.get(no_ack, now_ms, &mut env, &mut self.fx) else {
+            return Err(self.unreadable_error());
+        };
+        let Some(got) = got else {
+            return Ok(QueueReply::Got(None));
+        };
+        let mut message = match self.load(log, got.offset) {
+            Ok(message) => message,
+            Err(failure) => {
+                // The state machine settled a no-ack get already: take that back.
+                let taken = got.offset..got.offset + 1;
+                self.fx
+                    .retain(|effect| !matches!(effect, Effect::Settle(range) if *range == taken));
+                self.keep_unreadable(failure, got.meta, got.delivery_count);
+                return Err(self.unreadable_error());
+            }
+        };
+        if got.delivery_count > 0 && self.core.args().delivery_limit.is_some() {
+            message = Arc::new(with_delivery_count(&message, got.delivery_count));
+        }
+        self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+        Ok(QueueReply::Got(Some(Got {
+            delivery: Delivery {
+                consumer: 0,
+                offset: got.offset,
+                redelivered: got.redelivered,
+                delivery_count: got.delivery_count,
+                message,
+            },
+            message_count: self.core.ready_count(),
+        })))
+    }
+
+    fn unreadable_error(&self) -> BrokerError {
+        let offset = self
+            .read_failure
+            .as_ref()
+            .map(|failure| failure.offset)
+            .or(self.stuck_at)
+            .unwrap_or_default();
+        MessagingError::Unreadable {
+            vhost: self.vhost.to_string(),
+            name: self.name.to_string(),
+            offset,
+        }
+        .into()
     }
 
     fn handle_request(
@@ -836,30 +1038,7 @@ impl QueueHandler {
                 Ok(QueueReply::Done)
             }
             QueueRequest::Wake => Ok(QueueReply::Done),
-            QueueRequest::Get { no_ack } => {
-                let mut env = env!(self, log);
-                let got = self.core.get(no_ack, now_ms, &mut env, &mut self.fx);
-                let got = got.and_then(|got| {
-                    let mut message = self.load(log, got.offset)?;
-                    if got.delivery_count > 0 && self.core.args().delivery_limit.is_some() {
-                        message = Arc::new(with_delivery_count(&message, got.delivery_count));
-                    }
-                    Some(Got {
-                        delivery: Delivery {
-                            consumer: 0,
-                            offset: got.offset,
-                            redelivered: got.redelivered,
-                            delivery_count: got.delivery_count,
-                            message,
-                        },
-                        message_count: self.core.ready_count(),
-                    })
-                });
-                if got.is_some() {
-                    self.counters.delivered.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(QueueReply::Got(got))
-            }
+            QueueRequest::Get { no_ack } => self.get(log, no_ack, now_ms),
             QueueRequest::Purge => {
                 let count = self.core.purge(&mut self.fx);
                 self.cache.clear();
@@ -985,6 +1164,7 @@ impl LogHandler for QueueHandler {
             self.core
                 .consumer_gone(consumer, now_ms, &mut env, &mut self.fx);
         }
+        self.retry_unreadable(log);
         let mut env = env!(self, log);
         self.core.tick(now_ms, &mut env, &mut self.fx);
         self.segment_hint = first_segment_end(log);

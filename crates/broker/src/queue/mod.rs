@@ -238,6 +238,21 @@ pub(crate) enum QueueReply {
 
 type Reply = Result<QueueReply, BrokerError>;
 
+/// A message a queue cannot read (an I/O error, a checksum mismatch). The queue keeps it and
+/// delivers nothing past it until it reads again or an operator purges or deletes the queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnreadableMessage {
+    /// Its offset in the queue's log.
+    pub offset: u64,
+    /// The file the read failed on (the queue's directory when no one file is to blame).
+    pub file: String,
+    /// The byte position in that file, when known.
+    pub position: Option<u64>,
+    pub reason: String,
+    /// When the queue found it (ms since the epoch).
+    pub since_ms: i64,
+}
+
 /// A live queue.
 #[derive(Debug)]
 pub struct Queue {
@@ -247,6 +262,8 @@ pub struct Queue {
     counters: Arc<QueueCounters>,
     /// True while publishers must wait for the consumers (see [`flow`]).
     flow: tokio::sync::watch::Receiver<bool>,
+    /// Set by the owner while the queue holds a message it cannot read.
+    unreadable: Arc<parking_lot::Mutex<Option<UnreadableMessage>>>,
 }
 
 impl Queue {
@@ -287,6 +304,11 @@ impl Queue {
 
     pub fn counters(&self) -> &QueueCounters {
         &self.counters
+    }
+
+    /// The message this queue cannot read, if any: an alarm for the operator.
+    pub fn unreadable(&self) -> Option<UnreadableMessage> {
+        self.unreadable.lock().clone()
     }
 
     async fn call(&self, request: QueueRequest) -> Reply {

@@ -20,6 +20,10 @@
 //!   `reject-publish(-dlx)` a publish to a full queue is refused.
 //! - `x-delivery-limit` (a quorum-queue feature): a message returned more often than the
 //!   limit is dead-lettered (`delivery_limit`) instead of requeued.
+//! - A message that cannot be read (an I/O error, a checksum mismatch) is never settled: the
+//!   queue stops delivering, expiring and trimming where it stands, keeps the message, and
+//!   goes on once it can be read or an operator removes it (purge, delete). The environment
+//!   keeps the reason; the owner raises the alarm.
 //!
 //! Memory: one range per run of consecutive ready offsets, one entry per unacknowledged
 //! message (bounded by consumers' prefetch) and per requeued message.
@@ -43,10 +47,15 @@ pub struct Meta {
     pub priority: u8,
 }
 
+/// A stored message could not be read; the environment knows why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreadable;
+
 /// The state machine's view of the world outside.
 pub trait QueueEnv {
-    /// Metadata of a stored message; `None` if it cannot be read (it is then settled).
-    fn meta(&mut self, offset: u64) -> Option<Meta>;
+    /// Metadata of a stored message, or [`Unreadable`]: the message is then kept where it is
+    /// and nothing behind it in delivery order moves.
+    fn meta(&mut self, offset: u64) -> Result<Meta, Unreadable>;
     /// Takes credit to deliver a message of `bytes` to `consumer`; false if it has none left
     /// (the environment then remembers that the consumer is waiting for credit).
     fn take_credit(&mut self, consumer: ConsumerId, bytes: u32) -> bool;
@@ -80,12 +89,17 @@ pub enum Effect {
     Deliver {
         consumer: ConsumerId,
         offset: u64,
+        meta: Meta,
         redelivered: bool,
         delivery_count: u32,
         settled: bool,
     },
     /// Dead-letter the message at `offset`; it is settled in this queue.
-    DeadLetter { offset: u64, reason: DeathReason },
+    DeadLetter {
+        offset: u64,
+        meta: Meta,
+        reason: DeathReason,
+    },
     /// These offsets are settled: acknowledged, dropped or purged.
     Settle(Range<u64>),
     /// An auto-delete queue lost its last consumer.
@@ -142,6 +156,7 @@ pub enum ConsumeError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Got {
     pub offset: u64,
+    pub meta: Meta,
     pub redelivered: bool,
     pub delivery_count: u32,
 }
@@ -335,9 +350,12 @@ impl QueueCore {
             let Some((level, offset)) = self.head() else {
                 break;
             };
-            let meta = env.meta(offset);
+            let Ok(meta) = env.meta(offset) else {
+                // Kept, over the limit, until it can be read.
+                break;
+            };
             self.take_ready(level, offset, meta);
-            self.dead_letter_or_drop(offset, DeathReason::MaxLen, fx);
+            self.dead_letter_or_drop(offset, meta, DeathReason::MaxLen, fx);
         }
     }
 
@@ -350,19 +368,27 @@ impl QueueCore {
             .find_map(|(level, set)| set.first().map(|offset| (level, offset)))
     }
 
-    fn take_ready(&mut self, level: usize, offset: u64, meta: Option<Meta>) -> u32 {
+    fn take_ready(&mut self, level: usize, offset: u64, meta: Meta) -> u32 {
         self.levels[level].remove(offset);
-        if self.track_bytes
-            && let Some(meta) = meta
-        {
+        if self.track_bytes {
             self.ready_bytes = self.ready_bytes.saturating_sub(u64::from(meta.bytes));
         }
         self.returned.remove(&offset).unwrap_or(0)
     }
 
-    fn dead_letter_or_drop(&mut self, offset: u64, reason: DeathReason, fx: &mut Vec<Effect>) {
+    fn dead_letter_or_drop(
+        &mut self,
+        offset: u64,
+        meta: Meta,
+        reason: DeathReason,
+        fx: &mut Vec<Effect>,
+    ) {
         if self.has_dead_letter_exchange {
-            fx.push(Effect::DeadLetter { offset, reason });
+            fx.push(Effect::DeadLetter {
+                offset,
+                meta,
+                reason,
+            });
         } else {
             fx.push(Effect::Settle(offset..offset + 1));
         }
@@ -423,6 +449,7 @@ impl QueueCore {
         fx.push(Effect::Deliver {
             consumer: consumer.id,
             offset,
+            meta,
             redelivered,
             delivery_count,
             settled,
@@ -435,20 +462,18 @@ impl QueueCore {
             return;
         }
         while let Some((level, offset)) = self.head() {
-            let Some(meta) = env.meta(offset) else {
-                self.take_ready(level, offset, None);
-                fx.push(Effect::Settle(offset..offset + 1));
-                continue;
+            let Ok(meta) = env.meta(offset) else {
+                break;
             };
             if meta.expires_at_ms.is_some_and(|at| at <= now_ms) {
-                self.take_ready(level, offset, Some(meta));
-                self.dead_letter_or_drop(offset, DeathReason::Expired, fx);
+                self.take_ready(level, offset, meta);
+                self.dead_letter_or_drop(offset, meta, DeathReason::Expired, fx);
                 continue;
             }
             let Some(index) = self.pick_consumer(meta.bytes, env) else {
                 break;
             };
-            let delivery_count = self.take_ready(level, offset, Some(meta));
+            let delivery_count = self.take_ready(level, offset, meta);
             self.deliver_to(index, offset, meta, delivery_count > 0, delivery_count, fx);
         }
     }
@@ -458,15 +483,11 @@ impl QueueCore {
         for level in 0..self.levels.len() {
             while let Some(offset) = self.levels[level].first() {
                 match env.meta(offset) {
-                    None => {
-                        self.take_ready(level, offset, None);
-                        fx.push(Effect::Settle(offset..offset + 1));
+                    Ok(meta) if meta.expires_at_ms.is_some_and(|at| at <= now_ms) => {
+                        self.take_ready(level, offset, meta);
+                        self.dead_letter_or_drop(offset, meta, DeathReason::Expired, fx);
                     }
-                    Some(meta) if meta.expires_at_ms.is_some_and(|at| at <= now_ms) => {
-                        self.take_ready(level, offset, Some(meta));
-                        self.dead_letter_or_drop(offset, DeathReason::Expired, fx);
-                    }
-                    Some(_) => break,
+                    Ok(_) | Err(Unreadable) => break,
                 }
             }
         }
@@ -485,7 +506,7 @@ impl QueueCore {
         let mut consider = |at: i64| deadline = Some(deadline.map_or(at, |d| d.min(at)));
         for level in &self.levels {
             if let Some(offset) = level.first()
-                && let Some(at) = env.meta(offset).and_then(|m| m.expires_at_ms)
+                && let Some(at) = env.meta(offset).ok().and_then(|m| m.expires_at_ms)
             {
                 consider(at);
             }
@@ -572,7 +593,7 @@ impl QueueCore {
             match op {
                 SettleOp::Ack => fx.push(Effect::Settle(offset..offset + 1)),
                 SettleOp::Reject => {
-                    self.dead_letter_or_drop(offset, DeathReason::Rejected, fx);
+                    self.dead_letter_or_drop(offset, unacked.meta, DeathReason::Rejected, fx);
                 }
                 SettleOp::Requeue => {
                     let count = unacked.delivery_count + 1;
@@ -581,7 +602,12 @@ impl QueueCore {
                         .delivery_limit
                         .is_some_and(|limit| u64::from(count) > limit)
                     {
-                        self.dead_letter_or_drop(offset, DeathReason::DeliveryLimit, fx);
+                        self.dead_letter_or_drop(
+                            offset,
+                            unacked.meta,
+                            DeathReason::DeliveryLimit,
+                            fx,
+                        );
                     } else {
                         self.make_ready(offset, unacked.meta, count);
                     }
@@ -608,24 +634,21 @@ impl QueueCore {
         }
     }
 
-    /// `basic.get`: the next ready message, if any.
+    /// `basic.get`: the next ready message, if any; [`Unreadable`] if the next one cannot
+    /// be read (it stays where it is).
     pub fn get(
         &mut self,
         no_ack: bool,
         now_ms: i64,
         env: &mut dyn QueueEnv,
         fx: &mut Vec<Effect>,
-    ) -> Option<Got> {
+    ) -> Result<Option<Got>, Unreadable> {
         self.last_used_ms = now_ms;
         while let Some((level, offset)) = self.head() {
-            let Some(meta) = env.meta(offset) else {
-                self.take_ready(level, offset, None);
-                fx.push(Effect::Settle(offset..offset + 1));
-                continue;
-            };
-            let delivery_count = self.take_ready(level, offset, Some(meta));
+            let meta = env.meta(offset)?;
+            let delivery_count = self.take_ready(level, offset, meta);
             if meta.expires_at_ms.is_some_and(|at| at <= now_ms) {
-                self.dead_letter_or_drop(offset, DeathReason::Expired, fx);
+                self.dead_letter_or_drop(offset, meta, DeathReason::Expired, fx);
                 continue;
             }
             if no_ack {
@@ -640,13 +663,27 @@ impl QueueCore {
                     },
                 );
             }
-            return Some(Got {
+            return Ok(Some(Got {
                 offset,
+                meta,
                 redelivered: delivery_count > 0,
                 delivery_count,
-            });
+            }));
         }
-        None
+        Ok(None)
+    }
+
+    /// A message the owner could not read when it came to deliver or dead-letter it (after its
+    /// metadata had been read): it goes back to ready at its place, never settled, and any
+    /// unacknowledged entry for it is dropped (the consumer never got it).
+    pub fn keep_unreadable(&mut self, offset: u64, meta: Meta, delivery_count: u32) {
+        self.unacked.remove(&offset);
+        self.make_ready(offset, meta, delivery_count);
+    }
+
+    /// Whether `offset` is unsettled here: ready, or delivered and unacknowledged.
+    pub fn holds(&self, offset: u64) -> bool {
+        self.unacked.contains_key(&offset) || self.levels.iter().any(|level| level.contains(offset))
     }
 
     /// Drops every ready message; returns how many there were.
@@ -681,8 +718,8 @@ mod tests {
     }
 
     impl QueueEnv for Env {
-        fn meta(&mut self, offset: u64) -> Option<Meta> {
-            self.metas.get(&offset).copied()
+        fn meta(&mut self, offset: u64) -> Result<Meta, Unreadable> {
+            self.metas.get(&offset).copied().ok_or(Unreadable)
         }
         fn take_credit(&mut self, consumer: ConsumerId, _bytes: u32) -> bool {
             match self.credit.get_mut(&consumer) {
@@ -748,7 +785,7 @@ mod tests {
         core.settle(&[0], SettleOp::Ack, 0, &mut env, &mut fx);
         assert_eq!(fx[0], Effect::Settle(0..1));
         assert_eq!(delivered(&fx), vec![(1, 2, false)]);
-        assert_eq!(core.min_unsettled(), Some(1));
+        assert!(core.holds(1));
     }
 
     #[test]
@@ -854,6 +891,7 @@ mod tests {
             fx,
             vec![Effect::DeadLetter {
                 offset: 0,
+                meta: expiring(100),
                 reason: DeathReason::Expired
             }]
         );
@@ -865,6 +903,7 @@ mod tests {
             fx[0],
             Effect::DeadLetter {
                 offset: 1,
+                meta: expiring(200),
                 reason: DeathReason::Expired
             }
         );
@@ -887,6 +926,7 @@ mod tests {
             fx,
             vec![Effect::DeadLetter {
                 offset: 0,
+                meta: meta(1),
                 reason: DeathReason::MaxLen
             }]
         );
@@ -949,9 +989,74 @@ mod tests {
             fx,
             vec![Effect::DeadLetter {
                 offset: 0,
+                meta: meta(1),
                 reason: DeathReason::DeliveryLimit
             }]
         );
+    }
+
+    #[test]
+    fn an_unreadable_message_is_kept_and_nothing_passes_it() {
+        let args = QueueArgs {
+            max_length: Some(3),
+            dead_letter_exchange: Some("dlx".into()),
+            ..QueueArgs::default()
+        };
+        let mut core = QueueCore::new(args, false, 0);
+        let mut env = Env::default();
+        for offset in 0..3 {
+            publish(&mut core, &mut env, offset, meta(1));
+        }
+        // Offset 1 can no longer be read (a checksum mismatch, an I/O error).
+        env.metas.remove(&1);
+        env.credit.insert(1, 10);
+        core.add_consumer(1, false, false, 0, 0).unwrap();
+        let mut fx = Vec::new();
+        core.dispatch(0, &mut env, &mut fx);
+        assert_eq!(delivered(&fx), vec![(1, 0, false)]);
+        assert!(!fx.iter().any(|e| matches!(e, Effect::Settle(_))), "{fx:?}");
+        assert!(core.holds(1));
+        assert_eq!(core.ready_count(), 2);
+        // Ticks, gets and overflow do not settle it either.
+        let mut fx = Vec::new();
+        core.tick(1_000, &mut env, &mut fx);
+        assert!(fx.is_empty(), "{fx:?}");
+        assert_eq!(core.get(true, 0, &mut env, &mut fx), Err(Unreadable));
+        assert!(fx.is_empty(), "{fx:?}");
+        publish(&mut core, &mut env, 3, meta(1));
+        let fx = publish(&mut core, &mut env, 4, meta(1));
+        assert!(
+            fx.is_empty(),
+            "drop-head stops at the unreadable head: {fx:?}"
+        );
+        assert!(core.holds(1));
+        // Once it reads again, delivery goes on in order.
+        env.metas.insert(1, meta(1));
+        let mut fx = Vec::new();
+        core.dispatch(0, &mut env, &mut fx);
+        let offsets: Vec<u64> = delivered(&fx).iter().map(|d| d.1).collect();
+        assert_eq!(offsets, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_delivery_that_cannot_be_loaded_goes_back_unsettled() {
+        let mut core = QueueCore::new(QueueArgs::default(), false, 0);
+        let mut env = Env::default();
+        env.credit.insert(1, 10);
+        core.add_consumer(1, false, false, 0, 0).unwrap();
+        let fx = publish(&mut core, &mut env, 0, meta(7));
+        assert_eq!(delivered(&fx), vec![(1, 0, false)]);
+        assert_eq!(core.unacked_count(), 1);
+        // The owner could not load the body it was to send: the message stays in the queue.
+        core.keep_unreadable(0, meta(7), 0);
+        assert_eq!(core.unacked_count(), 0);
+        assert_eq!(core.ready_count(), 1);
+        assert!(core.holds(0));
+        // An acknowledgement for the delivery the consumer never got changes nothing.
+        let mut fx = Vec::new();
+        core.settle(&[0], SettleOp::Ack, 0, &mut env, &mut fx);
+        assert_eq!(delivered(&fx), vec![(1, 0, false)]);
+        assert!(!fx.iter().any(|e| matches!(e, Effect::Settle(_))));
     }
 
     #[test]
@@ -1020,6 +1125,6 @@ mod tests {
         assert_eq!(fx, vec![Effect::Settle(1..5)]);
         assert_eq!(core.min_unsettled(), Some(0));
         let mut get_fx = Vec::new();
-        assert_eq!(core.get(false, 0, &mut env, &mut get_fx), None);
+        assert_eq!(core.get(false, 0, &mut env, &mut get_fx), Ok(None));
     }
 }
