@@ -13,8 +13,7 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), StorageError
     let mut file = File::create(&tmp).map_err(|source| StorageError::io("create", &tmp, source))?;
     file.write_all(contents)
         .map_err(|source| StorageError::io("write", &tmp, source))?;
-    file.sync_all()
-        .map_err(|source| StorageError::io("sync", &tmp, source))?;
+    crate::sync::all(&file).map_err(|source| StorageError::io("sync", &tmp, source))?;
     std::fs::rename(&tmp, path).map_err(|source| StorageError::io("rename", &tmp, source))?;
     if let Some(dir) = path.parent() {
         sync_dir(dir)?;
@@ -23,9 +22,7 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), StorageError
 }
 
 pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
-    File::open(dir)
-        .and_then(|handle| handle.sync_all())
-        .map_err(|source| StorageError::io("sync directory", dir, source))
+    crate::sync::dir(dir)
 }
 
 /// Reads a checkpoint holding one decimal number. `Ok(None)` if the file does not exist.

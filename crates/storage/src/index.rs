@@ -230,7 +230,7 @@ impl<E: IndexEntry> SparseIndex<E> {
     }
 
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        crate::sync::data(&self.file)
     }
 }
 

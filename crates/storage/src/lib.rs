@@ -27,6 +27,7 @@ pub mod log;
 pub mod owner;
 pub mod record;
 mod segment;
+pub mod sync;
 
 pub use batch::{BatchError, BatchHeader, Compression};
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -239,9 +239,7 @@ impl Segment {
                 .file
                 .set_len(position)
                 .map_err(|source| StorageError::io("truncate", &segment.path, source))?;
-            segment
-                .file
-                .sync_all()
+            crate::sync::all(&segment.file)
                 .map_err(|source| StorageError::io("sync", &segment.path, source))?;
             recovery.truncated = Some((file_len - position, reason));
         }
@@ -721,9 +719,7 @@ impl Segment {
     }
 
     pub fn sync(&self) -> Result<(), StorageError> {
-        self.file
-            .sync_data()
-            .map_err(|source| StorageError::io("sync", &self.path, source))
+        crate::sync::data(&self.file).map_err(|source| StorageError::io("sync", &self.path, source))
     }
 
     /// Writes pending index entries to the index files, and fsyncs them if asked.

@@ -148,8 +148,7 @@ impl AckJournal {
     pub fn sync(&mut self) -> Result<(), StorageError> {
         self.flush()?;
         if self.dirty {
-            self.file
-                .sync_data()
+            sluice_storage::sync::data(&self.file)
                 .map_err(|source| io("sync", &self.path, source))?;
             self.dirty = false;
         }
