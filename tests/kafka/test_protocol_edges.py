@@ -219,3 +219,28 @@ def test_fetch_never_returns_more_than_the_broker_cap(sluice_factory):
     assert error == 0
     assert 100_000 < size < 2 * 100_000, "exactly one whole batch"
     sock.close()
+
+
+def test_describe_topic_partitions_pages_through_every_partition_in_name_order(sluice):
+    """DescribeTopicPartitions (KIP-966): topics in name order, at most the asked number of
+    partitions a page, and a cursor that resumes exactly where the page stopped."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=sluice.kafka)
+    admin.create_topics([NewTopic("pages-b", 2, 1), NewTopic("pages-a", 5, 1)])
+    seen = []
+    cursor = None
+    for _ in range(10):
+        page = admin.describe_topic_partitions(["pages-b", "pages-a", "pages-missing"], response_partition_limit=3, cursor=cursor)
+        for topic in page["topics"]:
+            if topic["name"] == "pages-missing":
+                assert topic["error_code"] == 3  # UNKNOWN_TOPIC_OR_PARTITION
+                continue
+            assert topic["error_code"] == 0
+            seen.extend((topic["name"], p["partition_index"]) for p in topic["partitions"])
+        assert sum(len(t["partitions"]) for t in page["topics"]) <= 3
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [("pages-a", i) for i in range(5)] + [("pages-b", i) for i in range(2)]
+    admin.close()

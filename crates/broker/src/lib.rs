@@ -57,6 +57,8 @@ pub use crate::offsets::{CommittedOffset, OffsetEntry};
 pub use crate::partition::{Partition, PartitionStats, ProduceOutcome, ProducerLimits};
 pub use crate::supervisor::{Fatal, Supervisor};
 pub use crate::topic_config::{ConfigEntry, ConfigKind, EffectiveTopicConfig, TimestampType};
+/// The fsync policy of a log, as broker settings carry it.
+pub use sluice_storage::FsyncPolicy;
 
 use crate::controller::Command;
 use crate::metadata::MetadataStore;

@@ -38,6 +38,8 @@ pub struct KafkaSettings {
     pub advertised_host: String,
     /// Port given to clients in metadata responses.
     pub advertised_port: u16,
+    /// The address the listener is bound to (`host:port`), as the broker reports it.
+    pub listen_address: String,
     /// Largest request frame accepted.
     pub max_request_bytes: usize,
     /// Connections served at once.
@@ -57,6 +59,7 @@ impl Default for KafkaSettings {
         Self {
             advertised_host: "localhost".into(),
             advertised_port: 9092,
+            listen_address: "0.0.0.0:9092".into(),
             max_request_bytes: 100 * 1024 * 1024,
             max_connections: 10_000,
             fetch_max_bytes: 55 * 1024 * 1024,

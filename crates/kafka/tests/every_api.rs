@@ -60,6 +60,12 @@ fn request_for(api: ApiKey) -> RequestKind {
         }
         ApiKey::DeleteGroups => RequestKind::DeleteGroups(DeleteGroupsRequest::default()),
         ApiKey::DescribeCluster => RequestKind::DescribeCluster(DescribeClusterRequest::default()),
+        ApiKey::ListConfigResources => {
+            RequestKind::ListConfigResources(ListConfigResourcesRequest::default())
+        }
+        ApiKey::DescribeTopicPartitions => RequestKind::DescribeTopicPartitions(
+            DescribeTopicPartitionsRequest::default().with_response_partition_limit(10),
+        ),
         other => panic!("{other:?} is advertised but this test has no request for it: add one"),
     }
 }

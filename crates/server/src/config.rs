@@ -68,7 +68,11 @@ pub struct KafkaSection {
     /// Port clients are told to connect to; defaults to the bound port.
     pub advertised_port: Option<u16>,
     pub auto_create_topics: bool,
-    pub default_partitions: u32,
+    /// Partitions of a topic created without a count (Kafka's num.partitions).
+    pub num_partitions: u32,
+    /// The earlier name of `num_partitions`: refused with a message that names the new one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_partitions: Option<u32>,
     /// Largest request frame accepted; larger frames close the connection before allocation.
     pub max_request_bytes: usize,
     /// Concurrent Kafka connections; further ones wait to be accepted.
@@ -136,7 +140,8 @@ impl Default for KafkaSection {
             advertised_host: None,
             advertised_port: None,
             auto_create_topics: true,
-            default_partitions: 1,
+            num_partitions: 1,
+            default_partitions: None,
             max_request_bytes: 100 * 1024 * 1024,
             max_connections: 10_000,
             fetch_max_bytes: 55 * 1024 * 1024,
@@ -293,11 +298,14 @@ impl Config {
         if self.http.enabled {
             self.http_listen()?;
         }
-        if self.kafka.default_partitions == 0
-            || self.kafka.default_partitions > sluice_broker::MAX_PARTITIONS_PER_TOPIC
+        if self.kafka.default_partitions.is_some() {
+            bail!("kafka.default_partitions is now called kafka.num_partitions (Kafka's name)");
+        }
+        if self.kafka.num_partitions == 0
+            || self.kafka.num_partitions > sluice_broker::MAX_PARTITIONS_PER_TOPIC
         {
             bail!(
-                "kafka.default_partitions must be between 1 and {}",
+                "kafka.num_partitions must be between 1 and {}",
                 sluice_broker::MAX_PARTITIONS_PER_TOPIC
             );
         }
@@ -397,7 +405,7 @@ impl Config {
         broker.node_id = self.node_id;
         broker.log_defaults = self.log_config()?;
         broker.auto_create_topics = self.kafka.auto_create_topics;
-        broker.default_partition_count = self.kafka.default_partitions;
+        broker.default_partition_count = self.kafka.num_partitions;
         broker.producer_limits = ProducerLimits {
             expiration_ms: 24 * 3600 * 1000,
             max_producer_count: 100_000,
@@ -466,19 +474,19 @@ mod tests {
             let file = dir.path().join("sluice.toml");
             std::fs::write(
                 &file,
-                "data_dir = \"/from/file\"\n[kafka]\nlisten = \"127.0.0.1:1111\"\ndefault_partitions = 3\n",
+                "data_dir = \"/from/file\"\n[kafka]\nlisten = \"127.0.0.1:1111\"\nnum_partitions = 3\n",
             )
             .unwrap();
             let config = Config::load(Some(&file), &Overrides::default()).unwrap();
             assert_eq!(config.data_dir, PathBuf::from("/from/file"));
-            assert_eq!(config.kafka.default_partitions, 3);
+            assert_eq!(config.kafka.num_partitions, 3);
             let flags = Overrides {
                 kafka_listen: Some("127.0.0.1:2222".into()),
                 ..Overrides::default()
             };
             let config = Config::load(Some(&file), &flags).unwrap();
             assert_eq!(config.kafka.listen, "127.0.0.1:2222");
-            assert_eq!(config.kafka.default_partitions, 3);
+            assert_eq!(config.kafka.num_partitions, 3);
         });
     }
 
@@ -489,12 +497,12 @@ mod tests {
         // figment::Jail isolates the process environment for the closure.
         figment::Jail::expect_with(|jail| {
             jail.set_env("SLUICE_LOG__LEVEL", "debug");
-            jail.set_env("SLUICE_KAFKA__DEFAULT_PARTITIONS", "4");
+            jail.set_env("SLUICE_KAFKA__NUM_PARTITIONS", "4");
             jail.set_env("SLUICE_DATA_DIR", "/from/env");
             jail.set_env("SLUICE_BIN", "/not/a/config/key");
             let config = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(config.log.level, "debug");
-            assert_eq!(config.kafka.default_partitions, 4);
+            assert_eq!(config.kafka.num_partitions, 4);
             assert_eq!(config.data_dir, PathBuf::from("/from/env"));
             let flags = Overrides {
                 log_level: Some("warn".into()),

@@ -165,6 +165,7 @@ async fn start_listeners(
                 .clone()
                 .unwrap_or_else(|| advertised_host_for(local)),
             advertised_port: config.kafka.advertised_port.unwrap_or(local.port()),
+            listen_address: local.to_string(),
             max_request_bytes: config.kafka.max_request_bytes,
             max_connections: config.kafka.max_connections,
             fetch_max_bytes: config.kafka.fetch_max_bytes,

@@ -61,7 +61,7 @@ pub struct TopicDetail {
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateTopic {
     pub name: String,
-    /// Defaults to the broker's `kafka.default_partitions`.
+    /// Defaults to the broker's `kafka.num_partitions`.
     pub partitions: Option<u32>,
     /// Topic config overrides, for example `{"retention.ms": "3600000"}`.
     #[serde(default)]

@@ -9,11 +9,14 @@ use kafka_protocol::messages::describe_configs_response::{
     DescribeConfigsResourceResult, DescribeConfigsResult,
 };
 use kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse as IncrementalResponse;
+use kafka_protocol::messages::list_config_resources_response::ConfigResource;
 use kafka_protocol::messages::{
     AlterConfigsRequest, AlterConfigsResponse, DescribeConfigsRequest, DescribeConfigsResponse,
-    IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse,
+    IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse, ListConfigResourcesRequest,
+    ListConfigResourcesResponse,
 };
 use sluice_broker::ConfigKind;
+use sluice_broker::FsyncPolicy;
 
 use super::text;
 use super::topics::{SOURCE_DEFAULT, SOURCE_TOPIC};
@@ -40,53 +43,209 @@ fn wanted(keys: &Option<Vec<kafka_protocol::protocol::StrBytes>>, name: &str) ->
         .is_none_or(|keys| keys.is_empty() || keys.iter().any(|k| k.as_str() == name))
 }
 
-fn broker_entries(ctx: &Context) -> Vec<(&'static str, String, ConfigKind)> {
+/// Kafka's config type codes beyond what topics use.
+const TYPE_LIST: i8 = 7;
+
+/// One of the broker's settings as DescribeConfigs reports it: Kafka's key, the value Sluice
+/// runs with, Kafka's type code, and what it means.
+struct BrokerSetting {
+    name: &'static str,
+    value: String,
+    config_type: i8,
+    documentation: &'static str,
+}
+
+fn setting(
+    name: &'static str,
+    value: impl ToString,
+    kind: ConfigKind,
+    documentation: &'static str,
+) -> BrokerSetting {
+    BrokerSetting {
+        name,
+        value: value.to_string(),
+        config_type: type_code(kind),
+        documentation,
+    }
+}
+
+/// The broker's settings under Kafka's names, as a Kafka broker lists them (clients and tools
+/// read `advertised.listeners`, `num.partitions`, `message.max.bytes` and the group bounds).
+/// All are read-only at run time: they come from Sluice's configuration.
+fn broker_entries(ctx: &Context) -> Vec<BrokerSetting> {
+    use ConfigKind::{Boolean, Int, Long, String};
     let config = ctx.broker.config();
     let log = &config.log_defaults;
+    let groups = &config.group_limits;
+    let settings = &ctx.settings;
+    let advertised = format!(
+        "PLAINTEXT://{}:{}",
+        settings.advertised_host, settings.advertised_port
+    );
+    let (flush_messages, flush_ms) = match log.fsync {
+        FsyncPolicy::Always => (1, 0),
+        FsyncPolicy::Interval { interval_ms } => (i64::MAX, interval_ms as i64),
+        FsyncPolicy::Never => (i64::MAX, i64::MAX),
+    };
     vec![
-        ("broker.id", config.node_id.to_string(), ConfigKind::Int),
-        (
+        setting("broker.id", config.node_id, Int, "This broker's id."),
+        setting("node.id", config.node_id, Int, "This broker's id."),
+        BrokerSetting {
+            name: "advertised.listeners",
+            value: advertised,
+            config_type: TYPE_LIST,
+            documentation: "Where clients are told to connect.",
+        },
+        BrokerSetting {
+            name: "listeners",
+            value: format!("PLAINTEXT://{}", settings.listen_address),
+            config_type: TYPE_LIST,
+            documentation: "The address the Kafka listener is bound to.",
+        },
+        setting(
             "log.dirs",
-            config.data_dir.display().to_string(),
-            ConfigKind::String,
+            config.data_dir.display(),
+            String,
+            "The data directory.",
         ),
-        (
+        setting(
             "num.partitions",
-            config.default_partition_count.to_string(),
-            ConfigKind::Int,
+            config.default_partition_count,
+            Int,
+            "Partitions of a topic created without a count.",
         ),
-        (
+        setting(
+            "default.replication.factor",
+            1,
+            Int,
+            "Replicas of a topic created without a factor.",
+        ),
+        setting(
+            "min.insync.replicas",
+            1,
+            Int,
+            "Replicas that must have a record for acks=all.",
+        ),
+        setting(
             "auto.create.topics.enable",
-            config.auto_create_topics.to_string(),
-            ConfigKind::Boolean,
+            config.auto_create_topics,
+            Boolean,
+            "Create a topic when a client first refers to it.",
         ),
-        (
+        setting(
+            "delete.topic.enable",
+            true,
+            Boolean,
+            "Topics can be deleted.",
+        ),
+        setting(
             "log.retention.ms",
-            log.retention_ms.unwrap_or(-1).to_string(),
-            ConfigKind::Long,
+            log.retention_ms.unwrap_or(-1),
+            Long,
+            "How long records are kept (-1: forever).",
         ),
-        (
+        setting(
             "log.retention.bytes",
-            log.retention_bytes.map_or(-1, |b| b as i64).to_string(),
-            ConfigKind::Long,
+            log.retention_bytes.map_or(-1, |b| b as i64),
+            Long,
+            "How many bytes a partition keeps (-1: no limit).",
         ),
-        (
+        setting(
             "log.segment.bytes",
-            log.segment_bytes.to_string(),
-            ConfigKind::Int,
+            log.segment_bytes,
+            Int,
+            "Size of one segment file.",
         ),
-        ("log.roll.ms", log.segment_ms.to_string(), ConfigKind::Long),
-        (
+        setting(
+            "log.roll.ms",
+            log.segment_ms,
+            Long,
+            "Age after which a segment is rolled.",
+        ),
+        setting(
             "log.index.interval.bytes",
-            log.index_interval_bytes.to_string(),
-            ConfigKind::Int,
+            log.index_interval_bytes,
+            Int,
+            "Bytes of log between offset index entries.",
         ),
-        (
+        setting(
+            "log.flush.interval.messages",
+            flush_messages,
+            Long,
+            "Records between fsyncs (1: every produce waits for its fsync).",
+        ),
+        setting(
+            "log.flush.interval.ms",
+            flush_ms,
+            Long,
+            "Most time between fsyncs.",
+        ),
+        setting(
             "message.max.bytes",
-            log.max_batch_bytes.to_string(),
-            ConfigKind::Int,
+            log.max_batch_bytes,
+            Int,
+            "Largest record batch accepted.",
         ),
-        ("sluice.fsync", log.fsync.to_string(), ConfigKind::String),
+        setting(
+            "socket.request.max.bytes",
+            settings.max_request_bytes,
+            Int,
+            "Largest request accepted.",
+        ),
+        setting(
+            "max.connections",
+            settings.max_connections,
+            Int,
+            "Connections served at once.",
+        ),
+        setting(
+            "fetch.max.bytes",
+            settings.fetch_max_bytes,
+            Int,
+            "Most record bytes in one Fetch response.",
+        ),
+        setting(
+            "replica.fetch.max.bytes",
+            settings.replica_fetch_max_bytes,
+            Int,
+            "Most record bytes per partition in a fetch between replicas.",
+        ),
+        setting(
+            "group.min.session.timeout.ms",
+            groups.min_session_timeout_ms,
+            Int,
+            "Shortest session timeout a consumer may ask for.",
+        ),
+        setting(
+            "group.max.session.timeout.ms",
+            groups.max_session_timeout_ms,
+            Int,
+            "Longest session timeout a consumer may ask for.",
+        ),
+        setting(
+            "group.initial.rebalance.delay.ms",
+            groups.initial_rebalance_delay_ms,
+            Int,
+            "How long an empty group waits for more members before its first rebalance.",
+        ),
+        setting(
+            "group.max.size",
+            groups.max_group_size,
+            Int,
+            "Most members in one consumer group.",
+        ),
+        setting(
+            "compression.type",
+            "producer",
+            String,
+            "Batches are stored as the producer compressed them.",
+        ),
+        setting(
+            "sluice.fsync",
+            log.fsync,
+            String,
+            "Sluice's fsync policy: always, never or interval(<ms>ms).",
+        ),
     ]
 }
 
@@ -100,7 +259,9 @@ pub(crate) fn describe(
         .resources
         .into_iter()
         .map(|resource| {
+            // Kafka sends a null message when there is no error.
             let result = DescribeConfigsResult::default()
+                .with_error_message(None)
                 .with_resource_type(resource.resource_type)
                 .with_resource_name(resource.resource_name.clone());
             match resource.resource_type {
@@ -145,14 +306,17 @@ pub(crate) fn describe(
                     result.with_configs(
                         broker_entries(ctx)
                             .into_iter()
-                            .filter(|(key, _, _)| wanted(&resource.configuration_keys, key))
-                            .map(|(key, value, kind)| {
+                            .filter(|entry| wanted(&resource.configuration_keys, entry.name))
+                            .map(|entry| {
                                 DescribeConfigsResourceResult::default()
-                                    .with_name(text(key))
-                                    .with_value(Some(text(value)))
+                                    .with_name(text(entry.name))
+                                    .with_value(Some(text(entry.value)))
                                     .with_read_only(true)
                                     .with_config_source(SOURCE_STATIC_BROKER)
-                                    .with_config_type(type_code(kind))
+                                    .with_config_type(entry.config_type)
+                                    .with_documentation(
+                                        documented.then(|| text(entry.documentation)),
+                                    )
                             })
                             .collect(),
                     )
@@ -295,4 +459,57 @@ pub(crate) async fn incremental_alter(
         });
     }
     IncrementalAlterConfigsResponse::default().with_responses(responses)
+}
+
+/// Kafka's resource types that ListConfigResources can list.
+const RESOURCE_BROKER_LOGGER: i8 = 8;
+const RESOURCE_CLIENT_METRICS: i8 = 16;
+const RESOURCE_GROUP: i8 = 32;
+
+/// ListConfigResources (KIP-1142): the resources that have configurations, of the asked types
+/// (every type when none is named). v0 was ListClientMetricsResources and lists client-metrics
+/// subscriptions only, of which Sluice has none. Groups have no configurations of their own
+/// here, so none is listed.
+pub(crate) fn list_resources(
+    ctx: &Context,
+    request: ListConfigResourcesRequest,
+    version: i16,
+) -> ListConfigResourcesResponse {
+    let types: Vec<i8> = if version == 0 {
+        vec![RESOURCE_CLIENT_METRICS]
+    } else if request.resource_types.is_empty() {
+        vec![RESOURCE_TOPIC, RESOURCE_BROKER]
+    } else {
+        request.resource_types
+    };
+    let mut resources = Vec::new();
+    for resource_type in types {
+        match resource_type {
+            RESOURCE_TOPIC => {
+                let mut names: Vec<String> = ctx
+                    .broker
+                    .topics()
+                    .iter()
+                    .map(|topic| topic.name.to_string())
+                    .collect();
+                names.sort();
+                resources.extend(names.into_iter().map(|name| {
+                    ConfigResource::default()
+                        .with_resource_name(text(name))
+                        .with_resource_type(RESOURCE_TOPIC)
+                }));
+            }
+            RESOURCE_BROKER | RESOURCE_BROKER_LOGGER => resources.push(
+                ConfigResource::default()
+                    .with_resource_name(text(ctx.broker.node_id().to_string()))
+                    .with_resource_type(resource_type),
+            ),
+            RESOURCE_CLIENT_METRICS | RESOURCE_GROUP => {}
+            _ => {
+                return ListConfigResourcesResponse::default()
+                    .with_error_code(ResponseError::UnsupportedVersion.code());
+            }
+        }
+    }
+    ListConfigResourcesResponse::default().with_config_resources(resources)
 }

@@ -1,13 +1,20 @@
 //! Metadata: brokers, topics and partitions, with leaders. Creates missing topics when the
-//! client allows it and the broker is configured to.
+//! client allows it and the broker is configured to. Also DescribeTopicPartitions (KIP-966):
+//! the same partitions, paged by a cursor, never creating anything.
 
 use std::sync::Arc;
 
 use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::describe_topic_partitions_response::{
+    Cursor, DescribeTopicPartitionsResponsePartition, DescribeTopicPartitionsResponseTopic,
+};
 use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
-use kafka_protocol::messages::{MetadataRequest, MetadataResponse};
+use kafka_protocol::messages::{
+    DescribeTopicPartitionsRequest, DescribeTopicPartitionsResponse, MetadataRequest,
+    MetadataResponse,
+};
 use sluice_broker::{BrokerError, Topic, names};
 use uuid::Uuid;
 
@@ -59,12 +66,23 @@ fn topic_entry(ctx: &Context, topic: &Topic, include_operations: bool) -> Metada
         })
 }
 
-fn error_entry(name: Option<&str>, id: Uuid, code: i16) -> MetadataResponseTopic {
+/// A topic that could not be described. Kafka fills in the authorized operations of every
+/// topic entry a client asked them for, errors included (clients parse the field).
+fn error_entry(
+    name: Option<&str>,
+    id: Uuid,
+    code: i16,
+    include_operations: bool,
+) -> MetadataResponseTopic {
     MetadataResponseTopic::default()
         .with_error_code(code)
         .with_name(name.map(topic_name))
         .with_topic_id(id)
-        .with_topic_authorized_operations(OPERATIONS_NOT_REQUESTED)
+        .with_topic_authorized_operations(if include_operations {
+            TOPIC_OPERATIONS
+        } else {
+            OPERATIONS_NOT_REQUESTED
+        })
 }
 
 async fn resolve(ctx: &Context, name: &str, auto_create: bool) -> Result<Arc<Topic>, BrokerError> {
@@ -101,15 +119,21 @@ pub(crate) async fn handle(
                 let entry = match &want.name {
                     Some(name) => match resolve(ctx, name, auto_create).await {
                         Ok(topic) => topic_entry(ctx, &topic, include_operations),
-                        Err(error) => {
-                            error_entry(Some(name), Uuid::nil(), kafka_error(&error).code)
-                        }
+                        Err(error) => error_entry(
+                            Some(name),
+                            Uuid::nil(),
+                            kafka_error(&error).code,
+                            include_operations,
+                        ),
                     },
                     None => match ctx.broker.topic_by_id(want.topic_id) {
                         Some(topic) => topic_entry(ctx, &topic, include_operations),
-                        None => {
-                            error_entry(None, want.topic_id, ResponseError::UnknownTopicId.code())
-                        }
+                        None => error_entry(
+                            None,
+                            want.topic_id,
+                            ResponseError::UnknownTopicId.code(),
+                            include_operations,
+                        ),
                     },
                 };
                 entries.push(entry);
@@ -127,4 +151,116 @@ pub(crate) async fn handle(
         } else {
             OPERATIONS_NOT_REQUESTED
         })
+}
+
+/// Most partitions one DescribeTopicPartitions response holds, whatever the client asks
+/// (Kafka's `max.request.partition.size.limit`).
+const PARTITIONS_PER_PAGE_MAX: usize = 2_000;
+
+/// DescribeTopicPartitions: the requested topics (every topic if none is named), in name
+/// order, with their partitions from the cursor on, at most `response_partition_limit` of them;
+/// `next_cursor` says where the next page starts.
+pub(crate) fn describe_topic_partitions(
+    ctx: &Context,
+    request: DescribeTopicPartitionsRequest,
+) -> DescribeTopicPartitionsResponse {
+    let all = request.topics.is_empty();
+    let cursor_topic = request
+        .cursor
+        .as_ref()
+        .map_or("", |cursor| cursor.topic_name.as_str());
+    let mut names: Vec<String> = if all {
+        ctx.broker
+            .topics()
+            .iter()
+            .map(|topic| topic.name.to_string())
+            .collect()
+    } else {
+        request.topics.iter().map(|t| t.name.to_string()).collect()
+    };
+    names.retain(|name| name.as_str() >= cursor_topic);
+    names.sort();
+    names.dedup();
+    let invalid_cursor = request.cursor.as_ref().is_some_and(|cursor| {
+        cursor.partition_index < 0 || (!all && !names.iter().any(|n| n == cursor_topic))
+    });
+    if invalid_cursor {
+        // Kafka refuses the request: the cursor must name a requested topic and a partition.
+        let topics = request
+            .topics
+            .iter()
+            .map(|topic| {
+                DescribeTopicPartitionsResponseTopic::default()
+                    .with_error_code(ResponseError::InvalidRequest.code())
+                    .with_name(Some(topic.name.clone()))
+            })
+            .collect();
+        return DescribeTopicPartitionsResponse::default().with_topics(topics);
+    }
+    let mut room = usize::try_from(request.response_partition_limit)
+        .unwrap_or(0)
+        .clamp(1, PARTITIONS_PER_PAGE_MAX);
+    let leader = node(ctx);
+    let mut topics = Vec::new();
+    let mut next_cursor = None;
+    for (position, name) in names.iter().enumerate() {
+        if room == 0 {
+            next_cursor = Some(
+                Cursor::default()
+                    .with_topic_name(topic_name(name))
+                    .with_partition_index(0),
+            );
+            break;
+        }
+        let Some(topic) = ctx.broker.topic(name) else {
+            if !all {
+                topics.push(
+                    DescribeTopicPartitionsResponseTopic::default()
+                        .with_error_code(ResponseError::UnknownTopicOrPartition.code())
+                        .with_name(Some(topic_name(name)))
+                        .with_topic_authorized_operations(TOPIC_OPERATIONS),
+                );
+            }
+            continue;
+        };
+        let first = match &request.cursor {
+            Some(cursor) if position == 0 && cursor.topic_name.as_str() == name => {
+                cursor.partition_index as usize
+            }
+            _ => 0,
+        };
+        let count = topic.partitions.len().saturating_sub(first);
+        let taken = count.min(room);
+        room -= taken;
+        let partitions = (first..first + taken)
+            .map(|index| {
+                DescribeTopicPartitionsResponsePartition::default()
+                    .with_partition_index(index as i32)
+                    .with_leader_id(leader)
+                    .with_leader_epoch(0)
+                    .with_replica_nodes(vec![leader])
+                    .with_isr_nodes(vec![leader])
+                    .with_eligible_leader_replicas(Some(Vec::new()))
+                    .with_last_known_elr(Some(Vec::new()))
+            })
+            .collect();
+        topics.push(
+            DescribeTopicPartitionsResponseTopic::default()
+                .with_name(Some(topic_name(name)))
+                .with_topic_id(topic.id)
+                .with_partitions(partitions)
+                .with_topic_authorized_operations(TOPIC_OPERATIONS),
+        );
+        if taken < count {
+            next_cursor = Some(
+                Cursor::default()
+                    .with_topic_name(topic_name(name))
+                    .with_partition_index((first + taken) as i32),
+            );
+            break;
+        }
+    }
+    DescribeTopicPartitionsResponse::default()
+        .with_topics(topics)
+        .with_next_cursor(next_cursor)
 }

@@ -61,6 +61,8 @@ const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::IncrementalAlterConfigs, 0, 1),
     (ApiKey::DeleteGroups, 0, 2),
     (ApiKey::DescribeCluster, 0, 2),
+    (ApiKey::ListConfigResources, 0, 1),
+    (ApiKey::DescribeTopicPartitions, 0, 0),
 ];
 
 /// The (min, max) versions served of `api`, or `None` if it is not served.
@@ -138,6 +140,12 @@ pub(crate) async fn handle(
         }
         RequestKind::DescribeCluster(request) => {
             ResponseKind::DescribeCluster(cluster::describe(ctx, request))
+        }
+        RequestKind::DescribeTopicPartitions(request) => {
+            ResponseKind::DescribeTopicPartitions(metadata::describe_topic_partitions(ctx, request))
+        }
+        RequestKind::ListConfigResources(request) => {
+            ResponseKind::ListConfigResources(configs::list_resources(ctx, request, version))
         }
         RequestKind::FindCoordinator(request) => {
             ResponseKind::FindCoordinator(cluster::find_coordinator(ctx, request, version))
@@ -231,6 +239,15 @@ mod tests {
             }
             ApiKey::DeleteGroups => both!(DeleteGroupsRequest, DeleteGroupsResponse),
             ApiKey::DescribeCluster => both!(DescribeClusterRequest, DescribeClusterResponse),
+            ApiKey::ListConfigResources => {
+                both!(ListConfigResourcesRequest, ListConfigResourcesResponse)
+            }
+            ApiKey::DescribeTopicPartitions => {
+                both!(
+                    DescribeTopicPartitionsRequest,
+                    DescribeTopicPartitionsResponse
+                )
+            }
             _ => None,
         }
     }
