@@ -113,8 +113,6 @@ pub struct Consumer {
     pub window_owed: i64,
     /// Unwritten replies counter, for the direct reply-to consumer.
     pub replies: Option<Arc<AtomicI64>>,
-    /// Refused a delivery because the channel's global prefetch was full.
-    pub blocked_by_channel: bool,
     /// Encodes its basic.deliver frames; made at the first delivery.
     pub deliver_frames: Option<Box<crate::codec::DeliverEncoder>>,
 }
@@ -232,6 +230,9 @@ pub struct Channel {
     pub global_prefetch: u16,
     /// Unacknowledged deliveries to consumers (not `basic.get`), for the global prefetch.
     pub consumer_unacked: u32,
+    /// The credit of the channel's acknowledging consumers is paused: its shared prefetch is
+    /// full (see [`Self::is_full`]).
+    pub paused: bool,
     /// Name of the queue most recently declared on the channel, for empty-name shortcuts.
     pub last_queue: String,
     /// Direct reply-to consumer: (tag, registry key, consumer id).
@@ -251,6 +252,11 @@ impl Channel {
             next_tag: 1,
             ..Self::default()
         }
+    }
+
+    /// Whether the shared prefetch leaves no room for another delivery.
+    pub fn is_full(&self) -> bool {
+        self.global_prefetch > 0 && self.consumer_unacked >= u32::from(self.global_prefetch)
     }
 
     pub fn next_delivery_tag(&mut self) -> u64 {

@@ -121,6 +121,39 @@ pub struct Capabilities {
     pub consumer_cancel_notify: bool,
     pub connection_blocked: bool,
     pub authentication_failure_close: bool,
+    /// How the client reads `basic.qos`.
+    pub qos: QosReading,
+}
+
+/// How a client means `basic.qos`.
+///
+/// RabbitMQ reads `global = false` as a prefetch for each consumer the channel creates from
+/// then on, and `global = true` as a limit shared by the channel's consumers, existing ones
+/// included; pika, lapin, the Java client, Spring and most others are written for that. The
+/// AMQP 0-9-1 specification reads `global = false` as the shared channel limit, applying at
+/// once. kombu (so Celery) uses RabbitMQ's reading only with a server that calls itself
+/// RabbitMQ 3.x, and the specification's with any other: a client built on py-amqp gets the
+/// specification's reading here, so that the prefetch Celery raises while it holds ETA tasks
+/// reaches its running consumer. (`global = true` in that reading would limit the whole
+/// connection; Sluice limits the channel.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum QosReading {
+    #[default]
+    RabbitMq,
+    Specification,
+}
+
+impl QosReading {
+    /// Client products (the `product` client property) written for the specification's
+    /// reading when the server is not RabbitMQ 3.x.
+    const SPECIFICATION_CLIENTS: &[&str] = &["py-amqp"];
+
+    pub fn for_client(product: Option<&str>) -> Self {
+        match product {
+            Some(product) if Self::SPECIFICATION_CLIENTS.contains(&product) => Self::Specification,
+            _ => Self::RabbitMq,
+        }
+    }
 }
 
 /// Work that finished outside the connection task.
@@ -796,6 +829,7 @@ impl Connection {
                 consumer_cancel_notify: flag("consumer_cancel_notify"),
                 connection_blocked: flag("connection.blocked"),
                 authentication_failure_close: flag("authentication_failure_close"),
+                qos: QosReading::RabbitMq,
             };
         }
         let client = start_ok.client_properties.inner();
@@ -806,6 +840,7 @@ impl Connection {
             Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
             _ => None,
         };
+        self.capabilities.qos = QosReading::for_client(text("product").as_deref());
         self.client_name = text("connection_name")
             .or_else(|| text("product"))
             .unwrap_or_default();
@@ -1584,19 +1619,13 @@ impl Connection {
         if channel.closing {
             return;
         }
-        if !no_ack
-            && channel.global_prefetch > 0
-            && channel.consumer_unacked >= u32::from(channel.global_prefetch)
-            && delivery.offset != REPLY_OFFSET
-        {
-            // The channel's shared prefetch is full: give the message back untouched and
-            // restart the consumer when an acknowledgement frees room.
+        if !no_ack && channel.is_full() && delivery.offset != REPLY_OFFSET {
+            // Sent before the channel's shared prefetch filled up and its consumers were
+            // paused: give the message back untouched.
             if let Some(queue) = &queue {
                 self.enqueue_settle(queue, SettleOp::Return, delivery.offset);
             }
-            if let Some(consumer) = self.consumers.get_mut(&delivery.consumer) {
-                consumer.blocked_by_channel = true;
-            }
+            self.apply_channel_limit(channel_id);
             return;
         }
         let delivery_tag = channel.next_delivery_tag();
@@ -1611,6 +1640,9 @@ impl Connection {
                 },
             );
             channel.consumer_unacked += 1;
+            if channel.is_full() {
+                self.apply_channel_limit(channel_id);
+            }
         }
         let message = &delivery.message;
         let Some(consumer) = self.consumers.get_mut(&delivery.consumer) else {

@@ -8,13 +8,13 @@ use bytes::Bytes;
 use sluice_broker::ResourceKind;
 use sluice_broker::message::value::{self, lookup};
 use sluice_broker::message::{Message, MessageProperties, validate_expiration};
-use sluice_broker::queue::{Credit, NewConsumer, SettleOp};
+use sluice_broker::queue::{ConsumerId, Credit, NewConsumer, SettleOp};
 use sluice_broker::users::Access;
 use sluice_broker::vhost::generated_name;
 
 use super::raise;
 use crate::channel::{Consumer, TxPublish, Unacked};
-use crate::connection::{CONSUMER_WINDOW, Connection};
+use crate::connection::{CONSUMER_WINDOW, Completion, Connection, QosReading};
 use crate::convert::{properties_from_wire, short, table_from_wire};
 use crate::errors::{self, Exception};
 use crate::reply_to;
@@ -44,13 +44,25 @@ impl Connection {
     ) -> Result<(), Exception> {
         match method {
             basic::AMQPMethod::Qos(qos) => {
+                let reading = self.capabilities.qos;
                 if let Some(state) = self.channels.get_mut(&channel) {
-                    if qos.global {
-                        state.global_prefetch = qos.prefetch_count;
-                    } else {
-                        state.prefetch = qos.prefetch_count;
+                    match (reading, qos.global) {
+                        // The specification's reading: one limit for the whole channel, now.
+                        (QosReading::Specification, _) => {
+                            state.global_prefetch = qos.prefetch_count;
+                            state.prefetch = 0;
+                        }
+                        (QosReading::RabbitMq, true) => {
+                            state.global_prefetch = qos.prefetch_count;
+                        }
+                        // As RabbitMQ: a per-consumer prefetch also lifts a channel-wide one.
+                        (QosReading::RabbitMq, false) => {
+                            state.prefetch = qos.prefetch_count;
+                            state.global_prefetch = 0;
+                        }
                     }
                 }
+                self.apply_channel_limit(channel);
                 self.send(
                     channel,
                     AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
@@ -143,7 +155,6 @@ impl Connection {
                     credit: Arc::new(Credit::new(UNLIMITED, UNLIMITED)),
                     window_owed: 0,
                     replies: Some(pending),
-                    blocked_by_channel: false,
                     deliver_frames: None,
                 },
             );
@@ -161,6 +172,7 @@ impl Connection {
             return Ok(());
         }
         let prefetch = state.prefetch;
+        let channel_paused = state.paused;
         let name = self.queue_name(channel, consume.queue.as_str())?;
         self.check_access(Access::Read, ResourceKind::Queue, &name)?;
         let queue = self.usable_queue(&name)?;
@@ -187,6 +199,10 @@ impl Connection {
             i64::from(prefetch)
         };
         let credit = Arc::new(Credit::new(messages, CONSUMER_WINDOW));
+        if channel_paused && !consume.no_ack {
+            // The channel's shared prefetch is full: the newcomer waits with the others.
+            credit.pause();
+        }
         self.consumers.insert(
             id,
             Consumer {
@@ -197,7 +213,6 @@ impl Connection {
                 credit: Arc::clone(&credit),
                 window_owed: 0,
                 replies: None,
-                blocked_by_channel: false,
                 deliver_frames: None,
             },
         );
@@ -552,19 +567,42 @@ impl Connection {
             return;
         };
         state.consumer_unacked = state.consumer_unacked.saturating_sub(freed);
-        if freed > 0 && state.global_prefetch > 0 {
-            // Consumers refused for lack of room may go on.
-            let blocked: Vec<u64> = state
-                .consumers
-                .values()
-                .copied()
-                .filter(|id| self.consumers.get(id).is_some_and(|c| c.blocked_by_channel))
-                .collect();
-            for id in blocked {
-                if let Some(consumer) = self.consumers.get_mut(&id) {
-                    consumer.blocked_by_channel = false;
-                }
-                self.grant(id, 1, 0);
+        if freed > 0 {
+            self.apply_channel_limit(channel);
+        }
+    }
+
+    /// Keeps a channel's shared prefetch: pauses the credit of its acknowledging consumers
+    /// when it is full, so that their queues stop offering them messages, and resumes it
+    /// (waking the queues that ran dry meanwhile) once there is room again. Does nothing when
+    /// the channel's state already matches.
+    pub(crate) fn apply_channel_limit(&mut self, channel: u16) {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        let full = state.is_full();
+        if full == state.paused {
+            return;
+        }
+        state.paused = full;
+        let ids: Vec<ConsumerId> = state.consumers.values().copied().collect();
+        for id in ids {
+            let Some(consumer) = self.consumers.get(&id) else {
+                continue;
+            };
+            if consumer.no_ack {
+                continue;
+            }
+            let Some(queue) = consumer.queue.clone() else {
+                continue;
+            };
+            if full {
+                consumer.credit.pause();
+            } else if consumer.credit.resume() {
+                self.pending.push(Box::pin(async move {
+                    let _ = queue.wake().await;
+                    Completion::Nothing
+                }));
             }
         }
     }

@@ -65,11 +65,17 @@ impl QueueRecord {
 /// Credit a consumer's channel grants its queue: deliveries may continue while both counters
 /// are positive. `messages` follows the prefetch count; `window` bounds bytes in flight between
 /// the queue and the socket (a delivery costs one unit per started 64 KiB of body).
+///
+/// A channel-wide prefetch (RabbitMQ's `global` qos) is kept by the consumer's connection,
+/// which pauses the credit of every consumer of a full channel ([`Self::pause`]) and resumes
+/// it when an acknowledgement frees room, so that the queue stops offering them messages
+/// instead of having them handed back.
 #[derive(Debug)]
 pub struct Credit {
     messages: AtomicI64,
     window: AtomicI64,
     starved: AtomicBool,
+    paused: AtomicBool,
 }
 
 /// Bytes of body per unit of window credit.
@@ -81,7 +87,24 @@ impl Credit {
             messages: AtomicI64::new(messages),
             window: AtomicI64::new(window),
             starved: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
         }
+    }
+
+    /// Stops deliveries whatever the counters say, until [`Self::resume`].
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets deliveries go on after [`Self::pause`]. True if the queue had run dry and must be
+    /// woken (see [`Queue::wake`]).
+    pub fn resume(&self) -> bool {
+        self.paused.store(false, Ordering::SeqCst);
+        self.starved.swap(false, Ordering::SeqCst)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
     }
 
     /// What one delivery of `bytes` costs in window units.
@@ -109,11 +132,14 @@ impl Credit {
     }
 
     /// Takes credit for one delivery; on failure marks the consumer starved. The re-check after
-    /// marking closes the race with a concurrent [`Self::grant`]: one side always sees the
-    /// other's write.
+    /// marking closes the race with a concurrent [`Self::grant`] or [`Self::resume`]: one side
+    /// always sees the other's write.
     fn take(&self, bytes: u32) -> bool {
         for _ in 0..2 {
-            if self.messages.load(Ordering::SeqCst) > 0 && self.window.load(Ordering::SeqCst) > 0 {
+            if !self.paused.load(Ordering::SeqCst)
+                && self.messages.load(Ordering::SeqCst) > 0
+                && self.window.load(Ordering::SeqCst) > 0
+            {
                 self.messages.fetch_sub(1, Ordering::SeqCst);
                 self.window
                     .fetch_sub(Self::window_cost(bytes), Ordering::SeqCst);
@@ -433,4 +459,32 @@ fn unexpected<T>(reply: QueueReply) -> Result<T, BrokerError> {
 /// Priority of a message in a queue with `x-max-priority`.
 pub fn message_priority(properties: &Properties) -> u8 {
     properties.priority.unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paused_credit_refuses_and_resuming_reports_a_starved_queue() {
+        let credit = Credit::new(10, 10);
+        assert!(credit.take(1));
+        credit.pause();
+        assert!(
+            !credit.take(1),
+            "paused credit gives nothing, whatever the counters"
+        );
+        assert!(credit.is_starved());
+        assert!(
+            credit.resume(),
+            "the queue ran dry meanwhile: it must be woken"
+        );
+        assert!(credit.take(1));
+        credit.pause();
+        assert!(
+            !credit.resume(),
+            "nothing asked meanwhile: no wake-up needed"
+        );
+        assert_eq!(credit.messages(), 8);
+    }
 }
