@@ -60,7 +60,12 @@ def test_metrics_count_kafka_records_and_amqp_messages(sluice, connect):
         method, _, _ = channel.basic_get("metered-queue")
         channel.basic_ack(method.delivery_tag)
 
+    # basic.ack has no reply: the last one may still be on its way to the queue.
+    deadline = time.monotonic() + 10
     text = metrics(sluice)
+    while sample(text, "sluice_queue_acked_total", vhost="/", queue="metered-queue") != 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        text = metrics(sluice)
     assert sample(text, "sluice_partition_records_in_total", topic="metered", partition="0") == records
     assert sample(text, "sluice_queue_published_total", vhost="/", queue="metered-queue") == messages
     assert sample(text, "sluice_amqp_published_total") == messages

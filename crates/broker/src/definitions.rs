@@ -5,7 +5,7 @@
 //! `MetadataStore::apply` (the one place definitions change). [`Definitions::apply`] checks a
 //! command and computes the state after it, cascading as RabbitMQ does: deleting a queue or
 //! exchange removes its bindings, and an auto-delete exchange that loses its last binding goes
-//! too.
+//! too; [`effects`] says what that means for the live queues and routing tables.
 //!
 //! Only what must survive a restart is written to disk: durable exchanges, durable
 //! non-exclusive queues, bindings between two such, virtual hosts and users. Transient
@@ -21,6 +21,8 @@ use std::sync::Arc;
 use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
+pub use crate::command::DefinitionCommand;
+use crate::command::Effect;
 use crate::error::{BrokerError, MessagingError, ResourceKind};
 use crate::exchange::{BindingRecord, Destination, ExchangeRecord, default_exchanges};
 use crate::queue::QueueRecord;
@@ -96,52 +98,6 @@ impl VhostDefinitions {
                 }
                 !touches
             });
-        }
-    }
-}
-
-/// A change to the messaging definitions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum DefinitionCommand {
-    /// Creates a virtual host with its default exchanges (no-op if it exists).
-    PutVhost {
-        name: String,
-    },
-    DeleteVhost {
-        name: String,
-    },
-    /// Creates or replaces a user.
-    PutUser(UserRecord),
-    DeleteUser {
-        name: String,
-    },
-    /// Creates or replaces an exchange.
-    DeclareExchange(ExchangeRecord),
-    DeleteExchange {
-        vhost: String,
-        name: String,
-    },
-    /// Creates or replaces a queue.
-    DeclareQueue(QueueRecord),
-    DeleteQueue {
-        vhost: String,
-        name: String,
-    },
-    Bind(BindingRecord),
-    /// Removes a binding; not an error if it does not exist.
-    Unbind(BindingRecord),
-}
-
-impl DefinitionCommand {
-    /// The virtual host the command changes, if it changes one.
-    fn vhost(&self) -> Option<&str> {
-        match self {
-            Self::PutVhost { name } | Self::DeleteVhost { name } => Some(name),
-            Self::PutUser(_) | Self::DeleteUser { .. } => None,
-            Self::DeclareExchange(record) => Some(&record.vhost),
-            Self::DeclareQueue(record) => Some(&record.vhost),
-            Self::Bind(binding) | Self::Unbind(binding) => Some(&binding.vhost),
-            Self::DeleteExchange { vhost, .. } | Self::DeleteQueue { vhost, .. } => Some(vhost),
         }
     }
 }
@@ -254,6 +210,60 @@ impl Definitions {
         }
         Ok(())
     }
+}
+
+/// What a messaging command changes outside the definitions: queues to start, the routing
+/// table to publish (or the virtual host to drop, with its queues), then queues to stop, once
+/// the table no longer routes to them. A queue counts as another one when its id changed (deleted and
+/// declared again).
+pub(crate) fn effects(
+    old: &Definitions,
+    new: &Definitions,
+    command: &DefinitionCommand,
+) -> Vec<Effect> {
+    let Some(vhost) = command.vhost() else {
+        return Vec::new();
+    };
+    let empty = VhostDefinitions::default();
+    let before = old.vhosts.get(vhost);
+    let after = new.vhosts.get(vhost);
+    let was = before.map_or(&empty, |v| v.as_ref());
+    let is = after.map_or(&empty, |v| v.as_ref());
+    let mut effects = Vec::new();
+    for (name, record) in &is.queues {
+        if was.queues.get(name).map(|q| q.id) != Some(record.id) {
+            effects.push(Effect::StartQueue {
+                vhost: vhost.to_owned(),
+                name: name.clone(),
+            });
+        }
+    }
+    match (before, after) {
+        // Applying a command copies the definitions it changes, so an untouched virtual host
+        // is the very same value.
+        (Some(before), Some(after)) if Arc::ptr_eq(before, after) => {}
+        (_, Some(_)) => effects.push(Effect::Republish {
+            vhost: vhost.to_owned(),
+        }),
+        (Some(_), None) => effects.push(Effect::DropVhost {
+            name: vhost.to_owned(),
+        }),
+        (None, None) => {}
+    }
+    if after.is_none() {
+        // Dropping the virtual host stops every queue it had.
+        return effects;
+    }
+    for (name, record) in &was.queues {
+        if is.queues.get(name).map(|q| q.id) != Some(record.id) {
+            effects.push(Effect::StopQueue {
+                vhost: vhost.to_owned(),
+                name: name.clone(),
+                id: record.id,
+            });
+        }
+    }
+    effects
 }
 
 fn meta_error(op: &'static str, error: impl std::fmt::Display) -> BrokerError {

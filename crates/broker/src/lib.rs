@@ -6,12 +6,15 @@
 //! requests into calls on [`Broker`] and its errors into their own.
 //!
 //! Structure:
-//! - Metadata changes (create, delete, alter) are commands sent to one controller task, which
-//!   validates them, prepares logs, commits the change to the metadata store, and only then
-//!   makes it visible. This is the one place a replicated state machine will wrap.
+//! - Changes to definitions (create, delete, alter) are requests to one controller task, which
+//!   turns each into a [`command`] carrying every decided value, applies it to the metadata
+//!   (a pure function returning the next state and the effects), persists it, and only then
+//!   carries out the effects (logs, owner tasks, routing tables). This is the one place a
+//!   replicated state machine will wrap.
 //! - Each partition has one owner task for writes; reads go straight to its log files.
 //! - Each queue has one owner task too ([`queue`]); exchanges route through an immutable
-//!   routing table per virtual host ([`vhost`], [`exchange`]).
+//!   routing table per virtual host ([`vhost`], [`exchange`]); front-ends declare and bind
+//!   through [`declare`].
 //! - Every core task is watched by a [`Supervisor`]; if one dies, the process must stop.
 //!
 //! Data directory layout: `meta.redb` (definitions and committed offsets), `logs/<topic>-<n>/`
@@ -19,6 +22,8 @@
 //! queue), and `.lock` (held while a broker uses the directory).
 
 pub mod alarms;
+pub mod command;
+pub mod declare;
 pub mod definitions;
 pub mod error;
 pub mod exchange;
@@ -36,7 +41,6 @@ pub mod topic_config;
 pub mod users;
 pub mod vhost;
 
-mod control;
 mod controller;
 
 use std::collections::BTreeMap;
@@ -60,7 +64,8 @@ pub use crate::topic_config::{ConfigEntry, ConfigKind, EffectiveTopicConfig, Tim
 /// The fsync policy of a log, as broker settings carry it.
 pub use sluice_storage::FsyncPolicy;
 
-use crate::controller::Command;
+use crate::command::OffsetCommand;
+use crate::controller::Request;
 use crate::metadata::MetadataStore;
 use crate::offsets::OffsetStore;
 
@@ -156,7 +161,7 @@ pub(crate) struct Shared {
     pub metadata: MetadataStore,
     pub offsets: OffsetStore,
     pub topics: RwLock<BTreeMap<String, Arc<Topic>>>,
-    pub messaging: crate::control::MessagingShared,
+    pub messaging: crate::controller::MessagingShared,
     pub supervisor: Supervisor,
     pub started: Instant,
     /// Durations of fsync rounds, across every log.
@@ -185,7 +190,7 @@ impl Shared {
 #[derive(Debug, Clone)]
 pub struct Broker {
     shared: Arc<Shared>,
-    controller: mpsc::Sender<Command>,
+    controller: mpsc::Sender<Request>,
     groups: GroupCoordinator,
     alarms: tokio::sync::watch::Receiver<alarms::Alarms>,
 }
@@ -204,12 +209,11 @@ impl Broker {
                 .await
                 .map_err(|e| BrokerError::metadata("open", e))??;
         let shared = Arc::new(shared);
-        controller::start_partitions(&shared).await?;
-        control::start(&shared).await?;
-        let (controller, commands) = mpsc::channel(64);
-        let task = tokio::spawn(controller::run(Arc::clone(&shared), commands));
+        controller::start(&shared).await?;
+        let (controller, requests) = mpsc::channel(64);
+        let task = tokio::spawn(controller::run(Arc::clone(&shared), requests));
         shared.supervisor.watch("controller".into(), task);
-        control::start_services(&shared, controller.clone());
+        controller::start_services(&shared, controller.clone());
         let (alarms, task) = alarms::start(
             shared.config.data_dir.clone(),
             shared.config.memory_high_watermark_bytes,
@@ -292,9 +296,9 @@ impl Broker {
             })
     }
 
-    async fn command<T>(
+    async fn request<T>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, BrokerError>>) -> Command,
+        make: impl FnOnce(oneshot::Sender<Result<T, BrokerError>>) -> Request,
     ) -> Result<T, BrokerError> {
         let (reply, receive) = oneshot::channel();
         self.controller
@@ -310,7 +314,7 @@ impl Broker {
         topic: NewTopic,
         validate_only: bool,
     ) -> Result<Option<Arc<Topic>>, BrokerError> {
-        self.command(|reply| Command::CreateTopic {
+        self.request(|reply| Request::CreateTopic {
             topic,
             validate_only,
             reply,
@@ -341,7 +345,7 @@ impl Broker {
 
     pub async fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
         let name = name.to_owned();
-        self.command(|reply| Command::DeleteTopic { name, reply })
+        self.request(|reply| Request::DeleteTopic { name, reply })
             .await
     }
 
@@ -353,7 +357,7 @@ impl Broker {
         validate_only: bool,
     ) -> Result<(), BrokerError> {
         let name = name.to_owned();
-        self.command(|reply| Command::CreatePartitions {
+        self.request(|reply| Request::CreatePartitions {
             name,
             total,
             validate_only,
@@ -370,7 +374,7 @@ impl Broker {
         validate_only: bool,
     ) -> Result<(), BrokerError> {
         let name = name.to_owned();
-        self.command(|reply| Command::SetTopicConfig {
+        self.request(|reply| Request::SetTopicConfig {
             name,
             overrides,
             validate_only,
@@ -405,8 +409,11 @@ impl Broker {
         entries: Vec<OffsetEntry>,
     ) -> Result<(), BrokerError> {
         let offsets = self.shared.offsets.clone();
-        let group = group.to_owned();
-        tokio::task::spawn_blocking(move || offsets.commit(&group, &entries))
+        let command = OffsetCommand::Commit {
+            group: group.to_owned(),
+            entries,
+        };
+        tokio::task::spawn_blocking(move || offsets.apply(&command).map(|_| ()))
             .await
             .map_err(|e| BrokerError::metadata("commit offsets", e))?
     }
@@ -431,8 +438,11 @@ impl Broker {
 
     pub async fn delete_group_offsets(&self, group: &str) -> Result<usize, BrokerError> {
         let offsets = self.shared.offsets.clone();
-        let group = group.to_owned();
-        tokio::task::spawn_blocking(move || offsets.delete(Some(&group), None))
+        let command = OffsetCommand::Delete {
+            group: Some(group.to_owned()),
+            topic: None,
+        };
+        tokio::task::spawn_blocking(move || offsets.apply(&command))
             .await
             .map_err(|e| BrokerError::metadata("delete offsets", e))?
     }
@@ -450,7 +460,7 @@ impl Broker {
                 });
             }
         }
-        let mut first_error = control::shutdown(&self.shared).await.into_iter().next();
+        let mut first_error = controller::shutdown(&self.shared).await.into_iter().next();
         while let Some(joined) = closing.join_next().await {
             match joined {
                 Ok((_, Ok(()))) => {}

@@ -2,7 +2,9 @@
 //! their configuration overrides; also the producer id counter.
 //!
 //! Every change is a [`MetadataCommand`] applied by [`MetadataStore::apply`]: it is checked
-//! against the current state, written in one redb transaction, and only then made visible. This
+//! against the current state by [`MetadataState::apply`], a pure function that returns the next
+//! state and the [`Effect`]s the change has outside the definitions, written in one redb
+//! transaction, and only then made visible; the controller then carries out the effects. This
 //! is the one place metadata changes, so a replicated state machine (Raft) can later carry the
 //! same commands to every node and apply them in the same order.
 //!
@@ -17,95 +19,71 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::definitions::{self, DefinitionCommand, Definitions};
+use crate::command::Effect;
+use crate::definitions::{self, Definitions};
 use crate::error::BrokerError;
 
-/// A node of the (future) cluster. A single-node broker is node 0.
-pub type NodeId = u32;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartitionRecord {
-    pub index: u32,
-    /// The node that accepts writes for this partition.
-    pub leader: NodeId,
-    /// Every node holding a copy, the leader first.
-    pub replicas: Vec<NodeId>,
-    /// Bumped on every leader change; stamped on each batch the leader appends.
-    pub leader_epoch: i32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TopicRecord {
-    pub name: String,
-    pub id: Uuid,
-    pub partitions: Vec<PartitionRecord>,
-    /// Config overrides, validated (see [`crate::topic_config`]).
-    pub config: BTreeMap<String, String>,
-    pub created_ms: i64,
-}
-
-/// A change to the durable definitions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum MetadataCommand {
-    CreateTopic(TopicRecord),
-    DeleteTopic {
-        name: String,
-    },
-    /// Adds partitions at the end of a topic's list.
-    AddPartitions {
-        name: String,
-        partitions: Vec<PartitionRecord>,
-    },
-    /// Replaces a topic's config overrides.
-    SetTopicConfig {
-        name: String,
-        config: BTreeMap<String, String>,
-    },
-    /// Queues, exchanges, bindings, virtual hosts and users (see [`crate::definitions`]).
-    Messaging(DefinitionCommand),
-}
+pub use crate::command::{MetadataCommand, NodeId, PartitionRecord, TopicRecord};
 
 /// The definitions at one point in time.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MetadataState {
     pub topics: BTreeMap<String, TopicRecord>,
     pub messaging: Definitions,
+    /// The first producer id not reserved yet.
+    pub next_producer_id: u64,
 }
 
 impl MetadataState {
-    /// Checks `command` against this state and returns the state after it.
-    fn after(&self, command: &MetadataCommand) -> Result<Self, BrokerError> {
+    /// Checks `command` against this state; returns the state after it and what has to happen
+    /// outside the definitions for it. Deterministic: no clock, no randomness, nothing but the
+    /// state and the command.
+    pub fn apply(&self, command: &MetadataCommand) -> Result<(Self, Vec<Effect>), BrokerError> {
         let mut next = self.clone();
+        let mut effects = Vec::new();
         match command {
             MetadataCommand::CreateTopic(topic) => {
                 if next.topics.contains_key(&topic.name) {
                     return Err(BrokerError::TopicExists(topic.name.clone()));
                 }
                 next.topics.insert(topic.name.clone(), topic.clone());
+                effects.push(Effect::StartPartitions {
+                    topic: topic.name.clone(),
+                    from: 0,
+                    to: topic.partitions.len() as u32,
+                });
             }
             MetadataCommand::DeleteTopic { name } => {
-                if next.topics.remove(name).is_none() {
+                let Some(topic) = next.topics.remove(name) else {
                     return Err(BrokerError::UnknownTopic(name.clone()));
-                }
+                };
+                effects.push(Effect::StopTopic {
+                    name: name.clone(),
+                    id: topic.id,
+                });
             }
             MetadataCommand::AddPartitions { name, partitions } => {
                 let topic = next
                     .topics
                     .get_mut(name)
                     .ok_or_else(|| BrokerError::UnknownTopic(name.clone()))?;
+                let from = topic.partitions.len();
                 for (offset, partition) in partitions.iter().enumerate() {
-                    if partition.index as usize != topic.partitions.len() + offset {
+                    if partition.index as usize != from + offset {
                         return Err(BrokerError::InvalidPartitions(format!(
-                            "partition {} does not follow the existing {}",
+                            "partition {} does not follow the existing {from}",
                             partition.index,
-                            topic.partitions.len()
                         )));
                     }
                 }
                 topic.partitions.extend(partitions.iter().cloned());
+                effects.push(Effect::StartPartitions {
+                    topic: name.clone(),
+                    from: from as u32,
+                    to: topic.partitions.len() as u32,
+                });
             }
             MetadataCommand::SetTopicConfig { name, config } => {
                 let topic = next
@@ -113,10 +91,26 @@ impl MetadataState {
                     .get_mut(name)
                     .ok_or_else(|| BrokerError::UnknownTopic(name.clone()))?;
                 topic.config = config.clone();
+                effects.push(Effect::ReconfigureTopic { name: name.clone() });
             }
-            MetadataCommand::Messaging(command) => next.messaging.apply(command)?,
+            MetadataCommand::AllocateProducerIds { start, count } => {
+                if *start != next.next_producer_id {
+                    return Err(BrokerError::metadata(
+                        "reserve producer ids",
+                        format!(
+                            "the block starting at {start} is not the next one ({})",
+                            next.next_producer_id
+                        ),
+                    ));
+                }
+                next.next_producer_id = start.saturating_add(*count);
+            }
+            MetadataCommand::Messaging(command) => {
+                next.messaging.apply(command)?;
+                effects = definitions::effects(&self.messaging, &next.messaging, command);
+            }
         }
-        Ok(next)
+        Ok((next, effects))
     }
 }
 
@@ -218,6 +212,12 @@ impl MetadataStore {
             state.topics.insert(topic.name.clone(), topic);
         }
         drop(topics);
+        state.next_producer_id = read
+            .open_table(COUNTERS)
+            .map_err(|e| BrokerError::metadata("open table", e))?
+            .get(PRODUCER_ID_COUNTER)
+            .map_err(|e| BrokerError::metadata("read counter", e))?
+            .map_or(0, |v| v.value());
         state.messaging = definitions::load(&read)?;
         drop(read);
         Ok(Self {
@@ -247,17 +247,19 @@ impl MetadataStore {
         self.state.read().topics.get(name).cloned()
     }
 
-    /// Checks, persists, then publishes one change. Blocks on disk I/O (an fsync).
-    pub fn apply(&self, command: &MetadataCommand) -> Result<Arc<MetadataState>, BrokerError> {
+    /// Checks, persists, then publishes one change; returns what has to happen outside the
+    /// definitions for it (see [`MetadataState::apply`]). Blocks on disk I/O (an fsync).
+    pub fn apply(&self, command: &MetadataCommand) -> Result<Vec<Effect>, BrokerError> {
         let current = self.state();
-        let next = Arc::new(current.after(command)?);
+        let (next, effects) = current.apply(command)?;
+        let next = Arc::new(next);
         let messaging_changes = match command {
             MetadataCommand::Messaging(command) => {
                 let changes = definitions::changes(&current.messaging, &next.messaging, command)?;
                 if changes.is_empty() {
                     // Transient definitions only: nothing to write.
-                    *self.state.write() = Arc::clone(&next);
-                    return Ok(next);
+                    *self.state.write() = next;
+                    return Ok(effects);
                 }
                 changes
             }
@@ -278,6 +280,12 @@ impl MetadataStore {
                         .map_err(|e| BrokerError::metadata("delete topic", e))?;
                 }
                 MetadataCommand::Messaging(_) => definitions::persist(&txn, &messaging_changes)?,
+                MetadataCommand::AllocateProducerIds { .. } => {
+                    txn.open_table(COUNTERS)
+                        .map_err(|e| BrokerError::metadata("open table", e))?
+                        .insert(PRODUCER_ID_COUNTER, next.next_producer_id)
+                        .map_err(|e| BrokerError::metadata("write counter", e))?;
+                }
                 MetadataCommand::CreateTopic(TopicRecord { name, .. })
                 | MetadataCommand::AddPartitions { name, .. }
                 | MetadataCommand::SetTopicConfig { name, .. } => {
@@ -295,34 +303,20 @@ impl MetadataStore {
         }
         txn.commit()
             .map_err(|e| BrokerError::metadata("commit", e))?;
-        *self.state.write() = Arc::clone(&next);
-        Ok(next)
+        *self.state.write() = next;
+        Ok(effects)
     }
 
-    /// A producer id never handed out before, across restarts. Ids are reserved in blocks so
-    /// most calls do not touch the disk.
+    /// A producer id never handed out before, across restarts. Ids are reserved in blocks
+    /// (an [`MetadataCommand::AllocateProducerIds`]) so most calls do not touch the disk.
     pub fn next_producer_id(&self) -> Result<i64, BrokerError> {
         let mut ids = self.producer_ids.lock();
         if ids.0 >= ids.1 {
-            let txn = self
-                .db
-                .begin_write()
-                .map_err(|e| BrokerError::metadata("begin", e))?;
-            let start = {
-                let mut counters = txn
-                    .open_table(COUNTERS)
-                    .map_err(|e| BrokerError::metadata("open table", e))?;
-                let start = counters
-                    .get(PRODUCER_ID_COUNTER)
-                    .map_err(|e| BrokerError::metadata("read counter", e))?
-                    .map_or(0, |v| v.value());
-                counters
-                    .insert(PRODUCER_ID_COUNTER, start + PRODUCER_ID_BLOCK)
-                    .map_err(|e| BrokerError::metadata("write counter", e))?;
-                start
-            };
-            txn.commit()
-                .map_err(|e| BrokerError::metadata("commit", e))?;
+            let start = self.state().next_producer_id;
+            self.apply(&MetadataCommand::AllocateProducerIds {
+                start,
+                count: PRODUCER_ID_BLOCK,
+            })?;
             *ids = (start, start + PRODUCER_ID_BLOCK);
         }
         let id = ids.0;
@@ -398,6 +392,142 @@ mod tests {
         assert_eq!(reloaded.config["retention.ms"], "5");
         assert!(store.next_producer_id().unwrap() > first_id);
         assert_eq!(store.cluster_id(), cluster_id);
+    }
+
+    /// Every kind of command, in an order where each applies.
+    fn command_log() -> Vec<MetadataCommand> {
+        use crate::command::DefinitionCommand as D;
+        let queue = |name: &str, durable| crate::queue::QueueRecord {
+            vhost: "/".into(),
+            name: name.into(),
+            id: Uuid::from_u128(if name == "jobs" { 1 } else { 2 }),
+            durable,
+            auto_delete: false,
+            exclusive_owner: None,
+            arguments: Vec::new(),
+            created_ms: 5,
+        };
+        let mut a = topic("a", 2);
+        a.id = Uuid::from_u128(99);
+        vec![
+            MetadataCommand::CreateTopic(a),
+            MetadataCommand::Messaging(D::PutVhost { name: "/".into() }),
+            MetadataCommand::Messaging(D::DeclareQueue(queue("jobs", true))),
+            MetadataCommand::Messaging(D::DeclareQueue(queue("temp", false))),
+            MetadataCommand::Messaging(D::Bind(crate::exchange::BindingRecord {
+                vhost: "/".into(),
+                source: "amq.direct".into(),
+                destination: crate::exchange::Destination::Queue("jobs".into()),
+                routing_key: "k".into(),
+                arguments: Vec::new(),
+            })),
+            MetadataCommand::AddPartitions {
+                name: "a".into(),
+                partitions: vec![PartitionRecord {
+                    index: 2,
+                    leader: 0,
+                    replicas: vec![0],
+                    leader_epoch: 0,
+                }],
+            },
+            MetadataCommand::AllocateProducerIds {
+                start: 0,
+                count: 1_000,
+            },
+            MetadataCommand::SetTopicConfig {
+                name: "a".into(),
+                config: [("retention.ms".to_owned(), "5".to_owned())].into(),
+            },
+            MetadataCommand::Messaging(D::DeleteQueue {
+                vhost: "/".into(),
+                name: "temp".into(),
+            }),
+            MetadataCommand::DeleteTopic { name: "a".into() },
+            MetadataCommand::Messaging(D::DeleteVhost { name: "/".into() }),
+        ]
+    }
+
+    #[test]
+    fn one_log_replayed_into_two_states_gives_the_same_states_and_effects() {
+        let mut first = MetadataState::default();
+        let mut second = MetadataState::default();
+        for command in command_log() {
+            let (a, a_effects) = first.apply(&command).unwrap();
+            let (b, b_effects) = second.apply(&command).unwrap();
+            assert_eq!(a, b, "{command:?}");
+            assert_eq!(a_effects, b_effects, "{command:?}");
+            first = a;
+            second = b;
+        }
+        assert_eq!(first.next_producer_id, 1_000);
+        assert!(first.topics.is_empty());
+        assert!(first.messaging.vhosts.is_empty());
+    }
+
+    #[test]
+    fn commands_say_what_has_to_happen_outside_the_definitions() {
+        let mut state = MetadataState::default();
+        let mut effects = Vec::new();
+        for command in command_log() {
+            let (next, produced) = state.apply(&command).unwrap();
+            effects.push(produced);
+            state = next;
+        }
+        let topic_id = Uuid::from_u128(99);
+        let republish = || Effect::Republish { vhost: "/".into() };
+        assert_eq!(
+            effects[0],
+            vec![Effect::StartPartitions {
+                topic: "a".into(),
+                from: 0,
+                to: 2
+            }]
+        );
+        assert_eq!(effects[1], vec![republish()]);
+        assert_eq!(
+            effects[2],
+            vec![
+                Effect::StartQueue {
+                    vhost: "/".into(),
+                    name: "jobs".into()
+                },
+                republish()
+            ]
+        );
+        assert_eq!(effects[4], vec![republish()]);
+        assert_eq!(
+            effects[5],
+            vec![Effect::StartPartitions {
+                topic: "a".into(),
+                from: 2,
+                to: 3
+            }]
+        );
+        assert!(effects[6].is_empty());
+        assert_eq!(
+            effects[7],
+            vec![Effect::ReconfigureTopic { name: "a".into() }]
+        );
+        // The routing table without the queue is published before the queue stops.
+        assert_eq!(
+            effects[8],
+            vec![
+                republish(),
+                Effect::StopQueue {
+                    vhost: "/".into(),
+                    name: "temp".into(),
+                    id: Uuid::from_u128(2)
+                }
+            ]
+        );
+        assert_eq!(
+            effects[9],
+            vec![Effect::StopTopic {
+                name: "a".into(),
+                id: topic_id
+            }]
+        );
+        assert_eq!(effects[10], vec![Effect::DropVhost { name: "/".into() }]);
     }
 
     #[test]

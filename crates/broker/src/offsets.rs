@@ -1,13 +1,13 @@
 //! Committed consumer offsets, durably, per (group, topic, partition).
 //!
-//! Kept in the broker's redb database. A commit of many partitions is one transaction, so it
-//! lands whole or not at all. Calls block on an fsync; the async wrappers in [`crate::Broker`]
-//! run them on the blocking pool.
+//! Kept in the broker's redb database. Every change is an [`OffsetCommand`] applied by
+//! [`OffsetStore::apply`]; a commit of many partitions is one transaction, so it lands whole or
+//! not at all. Calls block on an fsync; the async wrappers in [`crate::Broker`] run them on the
+//! blocking pool.
 
 use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
 
 use crate::error::BrokerError;
 
@@ -15,21 +15,7 @@ use crate::error::BrokerError;
 const OFFSETS: TableDefinition<(&str, &str, u32), &[u8]> =
     TableDefinition::new("committed_offsets");
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CommittedOffset {
-    pub offset: i64,
-    pub leader_epoch: i32,
-    pub metadata: String,
-    pub commit_timestamp_ms: i64,
-}
-
-/// One partition's committed offset, with where it belongs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OffsetEntry {
-    pub topic: String,
-    pub partition: u32,
-    pub committed: CommittedOffset,
-}
+pub use crate::command::{CommittedOffset, OffsetCommand, OffsetEntry};
 
 #[derive(Debug, Clone)]
 pub struct OffsetStore {
@@ -48,8 +34,18 @@ impl OffsetStore {
         Ok(Self { db })
     }
 
+    /// Applies one change; returns how many offsets it removed (0 for a commit).
+    pub fn apply(&self, command: &OffsetCommand) -> Result<usize, BrokerError> {
+        match command {
+            OffsetCommand::Commit { group, entries } => self.commit(group, entries).map(|()| 0),
+            OffsetCommand::Delete { group, topic } => {
+                self.delete(group.as_deref(), topic.as_deref())
+            }
+        }
+    }
+
     /// Stores every entry in one transaction.
-    pub fn commit(&self, group: &str, entries: &[OffsetEntry]) -> Result<(), BrokerError> {
+    fn commit(&self, group: &str, entries: &[OffsetEntry]) -> Result<(), BrokerError> {
         let txn = self
             .db
             .begin_write()
@@ -149,7 +145,7 @@ impl OffsetStore {
     }
 
     /// Removes every committed offset of a group, or of a topic in every group.
-    pub fn delete(&self, group: Option<&str>, topic: Option<&str>) -> Result<usize, BrokerError> {
+    fn delete(&self, group: Option<&str>, topic: Option<&str>) -> Result<usize, BrokerError> {
         let txn = self
             .db
             .begin_write()

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::Broker;
-use crate::control::MessagingCommand;
-use crate::controller::Command;
+use crate::controller::{MessagingRequest, Request};
 use crate::definitions::VhostDefinitions;
 use crate::error::{BrokerError, MessagingError, ResourceKind};
 use crate::message::{Message, Properties};
@@ -67,7 +66,7 @@ impl Broker {
             tags,
             permissions: existing.map(|u| u.permissions).unwrap_or_default(),
         };
-        self.command(|reply| Command::Messaging(MessagingCommand::PutUser { record, reply }))
+        self.request(|reply| Request::Messaging(MessagingRequest::PutUser { record, reply }))
             .await
     }
 
@@ -77,7 +76,7 @@ impl Broker {
             return Err(MessagingError::UserNotFound(name.to_owned()).into());
         }
         let name = name.to_owned();
-        self.command(|reply| Command::Messaging(MessagingCommand::DeleteUser { name, reply }))
+        self.request(|reply| Request::Messaging(MessagingRequest::DeleteUser { name, reply }))
             .await
     }
 
@@ -115,7 +114,7 @@ impl Broker {
                 record.permissions.remove(vhost);
             }
         }
-        self.command(|reply| Command::Messaging(MessagingCommand::PutUser { record, reply }))
+        self.request(|reply| Request::Messaging(MessagingRequest::PutUser { record, reply }))
             .await
     }
 
@@ -144,7 +143,7 @@ impl Broker {
             return Err(MessagingError::VhostNotFound(name.to_owned()).into());
         }
         let name = name.to_owned();
-        self.command(|reply| Command::Messaging(MessagingCommand::DeleteVhost { name, reply }))
+        self.request(|reply| Request::Messaging(MessagingRequest::DeleteVhost { name, reply }))
             .await
     }
 

@@ -12,10 +12,10 @@ use base64::Engine;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use sluice_broker::declare::ExchangeDeclare;
 use sluice_broker::definitions::VhostDefinitions;
 use sluice_broker::exchange::{BindingRecord, Destination, ExchangeRecord};
 use sluice_broker::message::Properties;
-use sluice_broker::vhost::ExchangeDeclare;
 use utoipa::{IntoParams, ToSchema};
 
 use super::fields::{table_from_json, table_to_json};

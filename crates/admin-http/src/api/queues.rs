@@ -12,8 +12,8 @@ use axum::http::StatusCode;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use sluice_broker::declare::QueueDeclare;
 use sluice_broker::queue::{Delivery, Queue};
-use sluice_broker::vhost::QueueDeclare;
 use utoipa::{IntoParams, ToSchema};
 
 use super::fields::{table_from_json, table_to_json};

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use bytes::Bytes;
 use sluice_broker::ResourceKind;
+use sluice_broker::declare::generated_name;
 use sluice_broker::message::value::{self, lookup};
 use sluice_broker::message::{Message, MessageProperties, validate_expiration};
 use sluice_broker::queue::{ConsumerId, Credit, NewConsumer, SettleOp};
 use sluice_broker::users::Access;
-use sluice_broker::vhost::generated_name;
 
 use super::raise;
 use crate::channel::{Consumer, TxPublish, Unacked};

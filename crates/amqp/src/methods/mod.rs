@@ -57,7 +57,7 @@ impl Connection {
                 format!("no queue '{name}' in vhost '{}'", self.vhost_name()),
             )
         })?;
-        sluice_broker::vhost::check_exclusive(&queue, self.id)
+        sluice_broker::declare::check_exclusive(&queue, self.id)
             .map_err(|error| errors::exception(&error))?;
         Ok(queue)
     }

@@ -2,11 +2,11 @@
 
 use amq_protocol::protocol::{AMQPClass, queue};
 use sluice_broker::ResourceKind;
+use sluice_broker::declare::{QueueDeclare, generated_name};
 use sluice_broker::exchange::{BindingRecord, Destination};
 use sluice_broker::message::FieldValue;
 use sluice_broker::message::value::lookup;
 use sluice_broker::users::Access;
-use sluice_broker::vhost::{QueueDeclare, generated_name};
 
 use super::raise;
 use crate::connection::Connection;

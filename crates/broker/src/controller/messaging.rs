@@ -1,10 +1,8 @@
-//! The controller's side of messaging definitions: creating and deleting queues (their logs and
-//! owner tasks), exchanges and bindings, and publishing each virtual host's new routing table.
+//! Messaging requests (virtual hosts, users, exchanges, queues, bindings): checked against the
+//! definitions and the live queues, turned into commands, committed; and the effects that
+//! serve them: queue owners started and stopped, routing tables published.
 //!
-//! Like topic changes, every step runs on the controller task in order: validate against the
-//! current definitions, prepare files on the blocking pool, commit the command to the metadata
-//! store, then make the result visible. A crash at any point leaves the old definitions or the
-//! new ones; queue directories no definition owns are removed at the next start.
+//! Each virtual host's live state ([`Vhost`]) is changed here only, on the controller task.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -16,14 +14,17 @@ use sluice_storage::{FsyncPolicy, LogConfig, StorageError};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::effects::{commit, remove_dirs};
 use crate::Shared;
-use crate::definitions::{DefinitionCommand, VhostDefinitions};
+use crate::command::{DefinitionCommand, MetadataCommand};
+use crate::definitions::VhostDefinitions;
 use crate::error::{BrokerError, MessagingError, ResourceKind};
 use crate::exchange::{BindingRecord, ExchangeRecord};
-use crate::metadata::MetadataCommand;
 use crate::queue::deadletter::{self, DeadLetter, FORWARDER_CAPACITY};
 use crate::queue::handler::{QueueNotice, QueueServices};
-use crate::queue::{Queue, QueueArgs, QueueRecord, QueueSpec, open_queue, start_queue};
+use crate::queue::{
+    Queue, QueueArgs, QueueRecord, QueueSpec, open_queue, start_queue as start_owner,
+};
 use crate::users::UserRecord;
 use crate::vhost::Vhost;
 
@@ -60,9 +61,9 @@ impl MessagingShared {
     }
 }
 
-/// Controller commands about messaging definitions.
+/// Messaging requests to the controller.
 #[derive(Debug)]
-pub(crate) enum MessagingCommand {
+pub(crate) enum MessagingRequest {
     PutVhost {
         name: String,
         reply: Reply<()>,
@@ -89,9 +90,9 @@ pub(crate) enum MessagingCommand {
         if_unused: bool,
         reply: Reply<()>,
     },
+    /// Declares a queue (its arguments already checked); answers with the live queue.
     DeclareQueue {
         record: QueueRecord,
-        args: QueueArgs,
         reply: Reply<Arc<Queue>>,
     },
     DeleteQueue {
@@ -141,44 +142,51 @@ fn queue_spec(shared: &Shared, record: &QueueRecord, args: QueueArgs) -> QueueSp
     }
 }
 
-async fn apply(shared: &Arc<Shared>, command: DefinitionCommand) -> Result<(), BrokerError> {
-    let shared = Arc::clone(shared);
-    tokio::task::spawn_blocking(move || {
-        shared
-            .metadata
-            .apply(&MetadataCommand::Messaging(command))
-            .map(|_| ())
-    })
-    .await
-    .map_err(|e| BrokerError::metadata("apply", e))?
-}
-
 fn definitions_of(shared: &Shared, vhost: &str) -> Option<Arc<VhostDefinitions>> {
     shared.metadata.state().messaging.vhosts.get(vhost).cloned()
 }
 
-/// Publishes a virtual host's routing table after its definitions changed.
-fn republish(shared: &Shared, vhost: &str) {
+fn live_or_new(shared: &Shared, vhost: &str) -> Arc<Vhost> {
+    let mut vhosts = shared.messaging.vhosts.write();
+    Arc::clone(
+        vhosts
+            .entry(vhost.to_owned())
+            .or_insert_with(|| Arc::new(Vhost::new(vhost))),
+    )
+}
+
+/// Effect: publishes a virtual host's routing table from its current definitions.
+pub(super) fn republish(shared: &Shared, vhost: &str) {
     let Some(definitions) = definitions_of(shared, vhost) else {
         return;
     };
-    let live = {
-        let mut vhosts = shared.messaging.vhosts.write();
-        Arc::clone(
-            vhosts
-                .entry(vhost.to_owned())
-                .or_insert_with(|| Arc::new(Vhost::new(vhost))),
-        )
-    };
-    live.rebuild(&definitions);
+    live_or_new(shared, vhost).rebuild(&definitions);
 }
 
-async fn open_and_start(
+/// Effect: opens a defined queue's log and starts its owner (unless it already runs).
+pub(super) async fn start_queue(
     shared: &Arc<Shared>,
-    record: &QueueRecord,
-    args: QueueArgs,
-) -> Result<Arc<Queue>, BrokerError> {
-    let spec = queue_spec(shared, record, args);
+    vhost: &str,
+    name: &str,
+) -> Result<(), BrokerError> {
+    let Some(record) = definitions_of(shared, vhost).and_then(|d| d.queues.get(name).cloned())
+    else {
+        return Ok(());
+    };
+    let live = live_or_new(shared, vhost);
+    if live
+        .queues
+        .lock()
+        .get(name)
+        .is_some_and(|q| q.record().id == record.id)
+    {
+        return Ok(());
+    }
+    let args = crate::queue::args::parse(&record.arguments).unwrap_or_else(|error| {
+        tracing::warn!(queue = %record.name, vhost = %record.vhost, arg = %error.arg, reason = %error.reason, "stored queue argument is invalid; ignoring the queue's arguments");
+        QueueArgs::default()
+    });
+    let spec = queue_spec(shared, &record, args);
     let opened = {
         let spec = spec.clone();
         let clock = Arc::clone(&shared.clock);
@@ -186,7 +194,7 @@ async fn open_and_start(
             .await
             .map_err(|e| BrokerError::metadata("open queue", e))??
     };
-    let (queue, task) = start_queue(
+    let (queue, task) = start_owner(
         &spec,
         opened,
         shared.owner_options(),
@@ -196,26 +204,60 @@ async fn open_and_start(
         format!("queue '{}' in vhost '{}'", record.name, record.vhost),
         task,
     );
-    Ok(queue)
+    live.queues.lock().insert(record.name.clone(), queue);
+    tracing::debug!(queue = %record.name, vhost = %record.vhost, durable = record.durable, "started queue");
+    Ok(())
 }
 
-async fn remove_dir(dir: PathBuf) {
-    let result = tokio::task::spawn_blocking(move || {
-        if let Err(error) = std::fs::remove_dir_all(&dir)
-            && error.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(dir = %dir.display(), %error, "cannot remove a queue directory; it will be removed at the next start");
-        }
-    })
+/// Closes a queue that is no longer defined (its consumers get basic.cancel) and removes its
+/// files.
+async fn close_and_remove(shared: &Shared, queue: Arc<Queue>) {
+    let _ = queue.deleting().await;
+    if let Err(error) = queue.close().await {
+        tracing::warn!(queue = queue.name(), vhost = queue.vhost(), %error, "closing a deleted queue failed");
+    }
+    remove_dirs(vec![
+        queue_spec(shared, queue.record(), QueueArgs::default()).dir,
+    ])
     .await;
-    if let Err(error) = result {
-        tracing::warn!(%error, "removing a queue directory failed");
+}
+
+/// Effect: stops a deleted queue, after the routing table that no longer has it.
+pub(super) async fn stop_queue(shared: &Arc<Shared>, vhost: &str, name: &str, id: Uuid) {
+    let Some(live) = shared.messaging.vhosts.read().get(vhost).cloned() else {
+        return;
+    };
+    let removed = {
+        let mut queues = live.queues.lock();
+        match queues.get(name) {
+            Some(queue) if queue.record().id == id => queues.remove(name),
+            _ => None,
+        }
+    };
+    if let Some(queue) = removed {
+        close_and_remove(shared, queue).await;
+        tracing::debug!(queue = name, vhost, "deleted queue");
     }
 }
 
-/// Opens every persisted queue, removes directories no queue owns, and publishes the routing
-/// tables. Called once, at start-up, before the controller runs.
-pub(crate) async fn start(shared: &Arc<Shared>) -> Result<(), BrokerError> {
+/// Effect: a deleted virtual host. Whoever still holds its routing table finds no exchange to
+/// publish to, its connections are told to close, and its queues are stopped.
+pub(super) async fn drop_vhost(shared: &Arc<Shared>, name: &str) {
+    let Some(live) = shared.messaging.vhosts.write().remove(name) else {
+        return;
+    };
+    let queues: Vec<Arc<Queue>> = live.queues.lock().drain().map(|(_, q)| q).collect();
+    live.rebuild(&VhostDefinitions::default());
+    live.deleted().cancel();
+    for queue in queues {
+        close_and_remove(shared, queue).await;
+    }
+    tracing::info!(vhost = name, "deleted virtual host");
+}
+
+/// Removes queue directories no defined queue owns (a queue deleted while the broker was
+/// down, a transient queue of the last run). Called once, at start-up.
+pub(super) async fn remove_unowned_queue_dirs(shared: &Arc<Shared>) -> Result<(), BrokerError> {
     let dir = queues_dir(shared);
     let state = shared.metadata.state();
     let mut wanted = std::collections::HashSet::new();
@@ -224,52 +266,36 @@ pub(crate) async fn start(shared: &Arc<Shared>) -> Result<(), BrokerError> {
             wanted.insert(queue.id.to_string());
         }
     }
-    {
-        let dir = dir.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), BrokerError> {
-            let io = |op, path: &std::path::Path, source| {
-                BrokerError::Storage(StorageError::Io {
-                    op,
-                    path: path.to_owned(),
-                    source,
-                })
-            };
-            std::fs::create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
-            for entry in std::fs::read_dir(&dir).map_err(|e| io("list", &dir, e))? {
-                let entry = entry.map_err(|e| io("list", &dir, e))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if !wanted.contains(&name) {
-                    tracing::debug!(dir = %entry.path().display(), "removing a queue directory no durable queue owns");
-                    std::fs::remove_dir_all(entry.path())
-                        .map_err(|e| io("remove", &entry.path(), e))?;
-                }
+    tokio::task::spawn_blocking(move || -> Result<(), BrokerError> {
+        let io = |op, path: &std::path::Path, source| {
+            BrokerError::Storage(StorageError::Io {
+                op,
+                path: path.to_owned(),
+                source,
+            })
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
+        for entry in std::fs::read_dir(&dir).map_err(|e| io("list", &dir, e))? {
+            let entry = entry.map_err(|e| io("list", &dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !wanted.contains(&name) {
+                tracing::debug!(dir = %entry.path().display(), "removing a queue directory no durable queue owns");
+                std::fs::remove_dir_all(entry.path())
+                    .map_err(|e| io("remove", &entry.path(), e))?;
             }
-            Ok(())
-        })
-        .await
-        .map_err(|e| BrokerError::metadata("list queue directories", e))??;
-    }
-    for (name, definitions) in &state.messaging.vhosts {
-        let live = Arc::new(Vhost::new(name));
-        for record in definitions.queues.values() {
-            let args = crate::queue::args::parse(&record.arguments).unwrap_or_else(|error| {
-                tracing::warn!(queue = %record.name, vhost = %record.vhost, arg = %error.arg, reason = %error.reason, "stored queue argument is invalid; ignoring the queue's arguments");
-                QueueArgs::default()
-            });
-            let queue = open_and_start(shared, record, args).await?;
-            live.queues.lock().insert(record.name.clone(), queue);
         }
-        live.rebuild(definitions);
-        shared.messaging.vhosts.write().insert(name.clone(), live);
-    }
-    Ok(())
+        Ok(())
+    })
+    .await
+    .map_err(|e| BrokerError::metadata("list queue directories", e))?
+}
+
+async fn apply(shared: &Arc<Shared>, command: DefinitionCommand) -> Result<(), BrokerError> {
+    commit(shared, MetadataCommand::Messaging(command)).await
 }
 
 /// Starts the dead-letter forwarder and the task that acts on queues' requests to be deleted.
-pub(crate) fn start_services(
-    shared: &Arc<Shared>,
-    commands: mpsc::Sender<crate::controller::Command>,
-) {
+pub(crate) fn start_services(shared: &Arc<Shared>, requests: mpsc::Sender<super::Request>) {
     let Some((dead_letters, mut notices)) = shared.messaging.receivers.lock().take() else {
         return;
     };
@@ -293,7 +319,7 @@ pub(crate) fn start_services(
                 QueueNotice::Expired { vhost, name, id } => (vhost, name, id, false),
             };
             let (reply, receive) = oneshot::channel();
-            let command = crate::controller::Command::Messaging(MessagingCommand::DeleteQueue {
+            let request = super::Request::Messaging(MessagingRequest::DeleteQueue {
                 vhost,
                 name,
                 id: Some(id),
@@ -301,7 +327,7 @@ pub(crate) fn start_services(
                 if_empty: false,
                 reply,
             });
-            if commands.send(command).await.is_err() {
+            if requests.send(request).await.is_err() {
                 break;
             }
             if let Ok(Err(error)) = receive.await {
@@ -313,25 +339,24 @@ pub(crate) fn start_services(
     shared.supervisor.watch("queue janitor".into(), task);
 }
 
-pub(crate) async fn handle(shared: &Arc<Shared>, command: MessagingCommand) {
-    match command {
-        MessagingCommand::PutVhost { name, reply } => {
-            let result = put_vhost(shared, &name).await;
-            let _ = reply.send(result);
+pub(super) async fn handle(shared: &Arc<Shared>, request: MessagingRequest) {
+    match request {
+        MessagingRequest::PutVhost { name, reply } => {
+            let _ = reply.send(put_vhost(shared, &name).await);
         }
-        MessagingCommand::DeleteVhost { name, reply } => {
+        MessagingRequest::DeleteVhost { name, reply } => {
             let _ = reply.send(delete_vhost(shared, &name).await);
         }
-        MessagingCommand::PutUser { record, reply } => {
+        MessagingRequest::PutUser { record, reply } => {
             let _ = reply.send(apply(shared, DefinitionCommand::PutUser(record)).await);
         }
-        MessagingCommand::DeleteUser { name, reply } => {
+        MessagingRequest::DeleteUser { name, reply } => {
             let _ = reply.send(apply(shared, DefinitionCommand::DeleteUser { name }).await);
         }
-        MessagingCommand::DeclareExchange { record, reply } => {
+        MessagingRequest::DeclareExchange { record, reply } => {
             let _ = reply.send(declare_exchange(shared, record).await);
         }
-        MessagingCommand::DeleteExchange {
+        MessagingRequest::DeleteExchange {
             vhost,
             name,
             if_unused,
@@ -339,14 +364,10 @@ pub(crate) async fn handle(shared: &Arc<Shared>, command: MessagingCommand) {
         } => {
             let _ = reply.send(delete_exchange(shared, &vhost, &name, if_unused).await);
         }
-        MessagingCommand::DeclareQueue {
-            record,
-            args,
-            reply,
-        } => {
-            let _ = reply.send(declare_queue(shared, record, args).await);
+        MessagingRequest::DeclareQueue { record, reply } => {
+            let _ = reply.send(declare_queue(shared, record).await);
         }
-        MessagingCommand::DeleteQueue {
+        MessagingRequest::DeleteQueue {
             vhost,
             name,
             id,
@@ -356,7 +377,7 @@ pub(crate) async fn handle(shared: &Arc<Shared>, command: MessagingCommand) {
         } => {
             let _ = reply.send(delete_queue(shared, &vhost, &name, id, if_unused, if_empty).await);
         }
-        MessagingCommand::Bind {
+        MessagingRequest::Bind {
             binding,
             unbind,
             reply,
@@ -377,13 +398,12 @@ async fn put_vhost(shared: &Arc<Shared>, name: &str) -> Result<(), BrokerError> 
         .await?;
         tracing::info!(vhost = name, "created virtual host");
     }
-    republish(shared, name);
     Ok(())
 }
 
-/// Deletes a virtual host with everything in it: one metadata command drops its exchanges,
-/// queues, bindings and the users' permissions there; then its queues are deleted (consumers
-/// get basic.cancel), their directories removed, and its connections told to close.
+/// Deletes a virtual host with everything in it: one command drops its exchanges, queues,
+/// bindings and the users' permissions there; its effect stops its queues (consumers get
+/// basic.cancel), removes their directories, and tells its connections to close.
 async fn delete_vhost(shared: &Arc<Shared>, name: &str) -> Result<(), BrokerError> {
     if definitions_of(shared, name).is_none() {
         return Err(MessagingError::VhostNotFound(name.to_owned()).into());
@@ -394,23 +414,7 @@ async fn delete_vhost(shared: &Arc<Shared>, name: &str) -> Result<(), BrokerErro
             name: name.to_owned(),
         },
     )
-    .await?;
-    let Some(live) = shared.messaging.vhosts.write().remove(name) else {
-        return Ok(());
-    };
-    let queues: Vec<Arc<Queue>> = live.queues.lock().drain().map(|(_, q)| q).collect();
-    // Whoever still holds the old routing table finds no exchange to publish to.
-    live.rebuild(&VhostDefinitions::default());
-    live.deleted().cancel();
-    for queue in queues {
-        let _ = queue.deleting().await;
-        if let Err(error) = queue.close().await {
-            tracing::warn!(queue = %queue.record().name, vhost = name, %error, "closing a queue of a deleted virtual host failed");
-        }
-        remove_dir(queue_spec(shared, queue.record(), QueueArgs::default()).dir).await;
-    }
-    tracing::info!(vhost = name, "deleted virtual host");
-    Ok(())
+    .await
 }
 
 async fn declare_exchange(shared: &Arc<Shared>, record: ExchangeRecord) -> Result<(), BrokerError> {
@@ -420,10 +424,7 @@ async fn declare_exchange(shared: &Arc<Shared>, record: ExchangeRecord) -> Resul
         // Declared meanwhile; the caller checks equivalence.
         return Ok(());
     }
-    let vhost = record.vhost.clone();
-    apply(shared, DefinitionCommand::DeclareExchange(record)).await?;
-    republish(shared, &vhost);
-    Ok(())
+    apply(shared, DefinitionCommand::DeclareExchange(record)).await
 }
 
 async fn delete_exchange(
@@ -452,39 +453,50 @@ async fn delete_exchange(
             name: name.to_owned(),
         },
     )
-    .await?;
-    republish(shared, vhost);
-    Ok(())
+    .await
+}
+
+fn live_queue(shared: &Shared, vhost: &str, name: &str) -> Option<Arc<Queue>> {
+    let live = shared.messaging.vhosts.read().get(vhost).cloned()?;
+    live.queues.lock().get(name).cloned()
 }
 
 async fn declare_queue(
     shared: &Arc<Shared>,
     record: QueueRecord,
-    args: QueueArgs,
 ) -> Result<Arc<Queue>, BrokerError> {
-    let live = shared
-        .messaging
-        .vhosts
-        .read()
-        .get(&record.vhost)
-        .cloned()
-        .ok_or_else(|| MessagingError::VhostNotFound(record.vhost.clone()))?;
-    if let Some(existing) = live.queues.lock().get(&record.name) {
-        return Ok(Arc::clone(existing));
+    if definitions_of(shared, &record.vhost).is_none() {
+        return Err(MessagingError::VhostNotFound(record.vhost.clone()).into());
     }
-    let queue = open_and_start(shared, &record, args).await?;
-    if let Err(error) = apply(shared, DefinitionCommand::DeclareQueue(record.clone())).await {
-        let _ = queue.deleting().await;
-        let _ = queue.close().await;
-        remove_dir(queue_spec(shared, &record, QueueArgs::default()).dir).await;
+    if let Some(existing) = live_queue(shared, &record.vhost, &record.name) {
+        // Declared meanwhile; the caller checks equivalence.
+        return Ok(existing);
+    }
+    let (vhost, name, id) = (record.vhost.clone(), record.name.clone(), record.id);
+    if let Err(error) = apply(shared, DefinitionCommand::DeclareQueue(record)).await {
+        // Its files could not be made: a queue nothing serves must not stay defined.
+        let defined = definitions_of(shared, &vhost)
+            .and_then(|d| d.queues.get(&name).map(|q| q.id))
+            == Some(id);
+        if defined {
+            let undo = DefinitionCommand::DeleteQueue {
+                vhost: vhost.clone(),
+                name: name.clone(),
+            };
+            if let Err(undo_error) = apply(shared, undo).await {
+                tracing::error!(queue = %name, %vhost, %undo_error, "cannot undo the declaration of a queue that failed to start");
+            }
+        }
         return Err(error);
     }
-    live.queues
-        .lock()
-        .insert(record.name.clone(), Arc::clone(&queue));
-    republish(shared, &record.vhost);
-    tracing::debug!(queue = %record.name, vhost = %record.vhost, durable = record.durable, "declared queue");
-    Ok(queue)
+    live_queue(shared, &vhost, &name).ok_or_else(|| {
+        MessagingError::NotFound {
+            kind: ResourceKind::Queue,
+            vhost,
+            name,
+        }
+        .into()
+    })
 }
 
 async fn delete_queue(
@@ -495,16 +507,13 @@ async fn delete_queue(
     if_unused: bool,
     if_empty: bool,
 ) -> Result<u64, BrokerError> {
-    let Some(live) = shared.messaging.vhosts.read().get(vhost).cloned() else {
-        return Ok(0);
-    };
-    let Some(queue) = live.queues.lock().get(name).cloned() else {
+    let Some(queue) = live_queue(shared, vhost, name) else {
         return Ok(0);
     };
     if id.is_some_and(|id| id != queue.record().id) {
         return Ok(0);
     }
-    queue.check_delete(if_unused, if_empty).await?;
+    let ready_count = queue.check_delete(if_unused, if_empty).await?;
     apply(
         shared,
         DefinitionCommand::DeleteQueue {
@@ -513,16 +522,7 @@ async fn delete_queue(
         },
     )
     .await?;
-    live.queues.lock().remove(name);
-    republish(shared, vhost);
-    let count = queue.deleting().await.unwrap_or(0);
-    if let Err(error) = queue.close().await {
-        tracing::warn!(queue = name, vhost, %error, "closing a deleted queue failed");
-    }
-    remove_dir(queue_spec(shared, queue.record(), QueueArgs::default()).dir).await;
-    tracing::debug!(queue = name, vhost, "deleted queue");
-    // Auto-delete exchanges may have gone with the queue's bindings.
-    Ok(count)
+    Ok(ready_count)
 }
 
 async fn bind(
@@ -538,15 +538,12 @@ async fn bind(
         // Already bound, or nothing to unbind.
         return Ok(());
     }
-    let vhost = binding.vhost.clone();
     let command = if unbind {
         DefinitionCommand::Unbind(binding)
     } else {
         DefinitionCommand::Bind(binding)
     };
-    apply(shared, command).await?;
-    republish(shared, &vhost);
-    Ok(())
+    apply(shared, command).await
 }
 
 /// Closes every queue (journal and log fsynced).

@@ -1,0 +1,181 @@
+//! Changes to what the broker keeps, as pure data: commands, the records they carry, and the
+//! effects applying them has outside the definitions.
+//!
+//! A command carries everything its change needs: ids, timestamps and defaults are decided
+//! before it is made (by the controller, from a client's request), so applying it is
+//! deterministic. The same command applied to the same state gives the same state and the same
+//! effects wherever it is applied, which is what a replicated log needs: the next step moves
+//! these commands into one. Applying lives with each state
+//! ([`crate::metadata::MetadataState::apply`], [`crate::offsets::OffsetStore::apply`]);
+//! effects are carried out by the controller after the state has changed.
+//!
+//! This module is a leaf: it depends on record types only, never on the controller, the live
+//! registries or any task.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::exchange::{BindingRecord, ExchangeRecord};
+use crate::queue::QueueRecord;
+use crate::users::UserRecord;
+
+/// A node of the (future) cluster. A single-node broker is node 0.
+pub type NodeId = u32;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionRecord {
+    pub index: u32,
+    /// The node that accepts writes for this partition.
+    pub leader: NodeId,
+    /// Every node holding a copy, the leader first.
+    pub replicas: Vec<NodeId>,
+    /// Bumped on every leader change; stamped on each batch the leader appends.
+    pub leader_epoch: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicRecord {
+    pub name: String,
+    pub id: Uuid,
+    pub partitions: Vec<PartitionRecord>,
+    /// Config overrides, validated (see [`crate::topic_config`]).
+    pub config: BTreeMap<String, String>,
+    pub created_ms: i64,
+}
+
+/// A change to the durable definitions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum MetadataCommand {
+    CreateTopic(TopicRecord),
+    DeleteTopic {
+        name: String,
+    },
+    /// Adds partitions at the end of a topic's list.
+    AddPartitions {
+        name: String,
+        partitions: Vec<PartitionRecord>,
+    },
+    /// Replaces a topic's config overrides.
+    SetTopicConfig {
+        name: String,
+        config: BTreeMap<String, String>,
+    },
+    /// Reserves the producer ids `start..start + count`; `start` must be the first id not
+    /// reserved yet, so a block is never handed out twice.
+    AllocateProducerIds {
+        start: u64,
+        count: u64,
+    },
+    /// Queues, exchanges, bindings, virtual hosts and users.
+    Messaging(DefinitionCommand),
+}
+
+/// A change to the messaging definitions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DefinitionCommand {
+    /// Creates a virtual host with its default exchanges (no-op if it exists).
+    PutVhost {
+        name: String,
+    },
+    DeleteVhost {
+        name: String,
+    },
+    /// Creates or replaces a user.
+    PutUser(UserRecord),
+    DeleteUser {
+        name: String,
+    },
+    /// Creates or replaces an exchange.
+    DeclareExchange(ExchangeRecord),
+    DeleteExchange {
+        vhost: String,
+        name: String,
+    },
+    /// Creates or replaces a queue.
+    DeclareQueue(QueueRecord),
+    DeleteQueue {
+        vhost: String,
+        name: String,
+    },
+    Bind(BindingRecord),
+    /// Removes a binding; not an error if it does not exist.
+    Unbind(BindingRecord),
+}
+
+impl DefinitionCommand {
+    /// The virtual host the command changes, if it changes one.
+    pub fn vhost(&self) -> Option<&str> {
+        match self {
+            Self::PutVhost { name } | Self::DeleteVhost { name } => Some(name),
+            Self::PutUser(_) | Self::DeleteUser { .. } => None,
+            Self::DeclareExchange(record) => Some(&record.vhost),
+            Self::DeclareQueue(record) => Some(&record.vhost),
+            Self::Bind(binding) | Self::Unbind(binding) => Some(&binding.vhost),
+            Self::DeleteExchange { vhost, .. } | Self::DeleteQueue { vhost, .. } => Some(vhost),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommittedOffset {
+    pub offset: i64,
+    pub leader_epoch: i32,
+    pub metadata: String,
+    pub commit_timestamp_ms: i64,
+}
+
+/// One partition's committed offset, with where it belongs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OffsetEntry {
+    pub topic: String,
+    pub partition: u32,
+    pub committed: CommittedOffset,
+}
+
+/// A change to committed consumer offsets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OffsetCommand {
+    /// Stores a group's offsets, all or none.
+    Commit {
+        group: String,
+        entries: Vec<OffsetEntry>,
+    },
+    /// Removes every committed offset of a group, or of a topic in every group (or both
+    /// bounds at once).
+    Delete {
+        group: Option<String>,
+        topic: Option<String>,
+    },
+}
+
+/// What has to happen outside the definitions once a command has changed them: logs to open
+/// or close, owner tasks to start or stop, routing tables to publish. Computed from the states
+/// before and after the command, so it is as deterministic as the command; the controller
+/// carries effects out in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Open and serve the topic's partitions `from..to`.
+    StartPartitions { topic: String, from: u32, to: u32 },
+    /// Stop serving the topic (this incarnation of it), remove its logs and its committed
+    /// offsets.
+    StopTopic { name: String, id: Uuid },
+    /// Serve the topic with its new configuration.
+    ReconfigureTopic { name: String },
+    /// Open the queue's log and start its owner.
+    StartQueue { vhost: String, name: String },
+    /// Publish the virtual host's routing table again (creating the live virtual host if it
+    /// is new).
+    Republish { vhost: String },
+    /// The virtual host is gone: whoever holds its routing table finds nothing, its
+    /// connections are told to close, and its queues are stopped.
+    DropVhost { name: String },
+    /// Stop the queue (this incarnation of it): cancel its consumers, close it, remove its
+    /// files. Comes after the routing table that no longer has it.
+    StopQueue {
+        vhost: String,
+        name: String,
+        id: Uuid,
+    },
+}

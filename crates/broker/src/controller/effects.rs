@@ -1,0 +1,255 @@
+//! Carrying out what a committed command means outside the definitions: opening and closing
+//! partition logs, starting and stopping queue owners, publishing routing tables.
+//!
+//! Every effect reads the definitions as they are after the command (the metadata store's
+//! current state) and the live registries (`Shared::topics`, each virtual host's queues), and
+//! only this module changes those registries, always on the controller task. Each effect
+//! tolerates finding its work already done (a queue already stopped, a partition already
+//! served), so carrying out the effects of a state that is partly served is safe.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sluice_storage::Log;
+
+use super::messaging;
+use crate::command::{Effect, MetadataCommand, OffsetCommand};
+use crate::error::BrokerError;
+use crate::metadata::{MetadataState, TopicRecord};
+use crate::partition::{Partition, PartitionSpec, partition_dir};
+use crate::producer::ProducerStates;
+use crate::{Shared, Topic, topic_config};
+
+/// Applies `command` to the definitions (persisting it, on the blocking pool: it fsyncs), then
+/// carries out its effects. Stops at the first effect that fails and returns its error; the
+/// caller decides what undoes the command.
+pub(super) async fn commit(
+    shared: &Arc<Shared>,
+    command: MetadataCommand,
+) -> Result<(), BrokerError> {
+    let effects = {
+        let shared = Arc::clone(shared);
+        tokio::task::spawn_blocking(move || shared.metadata.apply(&command))
+            .await
+            .map_err(|e| BrokerError::metadata("apply", e))??
+    };
+    carry_out(shared, effects).await
+}
+
+/// The effects that serve everything `state` defines, as if each definition had just been
+/// made: every topic's partitions, every virtual host's queues and routing table.
+pub(super) fn of_state(state: &MetadataState) -> Vec<Effect> {
+    let mut effects = Vec::new();
+    for topic in state.topics.values() {
+        effects.push(Effect::StartPartitions {
+            topic: topic.name.clone(),
+            from: 0,
+            to: topic.partitions.len() as u32,
+        });
+    }
+    for (vhost, definitions) in &state.messaging.vhosts {
+        for name in definitions.queues.keys() {
+            effects.push(Effect::StartQueue {
+                vhost: vhost.clone(),
+                name: name.clone(),
+            });
+        }
+        effects.push(Effect::Republish {
+            vhost: vhost.clone(),
+        });
+    }
+    effects
+}
+
+/// Carries out `effects` in order, stopping at the first that fails.
+pub(super) async fn carry_out(
+    shared: &Arc<Shared>,
+    effects: Vec<Effect>,
+) -> Result<(), BrokerError> {
+    for effect in effects {
+        match effect {
+            Effect::StartPartitions { topic, from, to } => {
+                start_partitions(shared, &topic, from, to).await?;
+            }
+            Effect::StopTopic { name, id } => stop_topic(shared, &name, id).await,
+            Effect::ReconfigureTopic { name } => reconfigure_topic(shared, &name).await?,
+            Effect::StartQueue { vhost, name } => {
+                messaging::start_queue(shared, &vhost, &name).await?;
+            }
+            Effect::Republish { vhost } => messaging::republish(shared, &vhost),
+            Effect::DropVhost { name } => messaging::drop_vhost(shared, &name).await,
+            Effect::StopQueue { vhost, name, id } => {
+                messaging::stop_queue(shared, &vhost, &name, id).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn specs(shared: &Shared, record: &TopicRecord, from: u32, to: u32) -> Vec<PartitionSpec> {
+    let name: Arc<str> = Arc::from(record.name.as_str());
+    let config = topic_config::effective(&shared.config.log_defaults, &record.config);
+    record
+        .partitions
+        .iter()
+        .filter(|p| (from..to).contains(&p.index))
+        .map(|p| PartitionSpec {
+            topic: Arc::clone(&name),
+            topic_id: record.id,
+            index: p.index,
+            leader_epoch: p.leader_epoch,
+            dir: partition_dir(&shared.logs_dir(), &record.name, p.index),
+            config: config.clone(),
+            producer_limits: shared.config.producer_limits,
+        })
+        .collect()
+}
+
+/// Opens the logs of `specs` on the blocking pool.
+async fn open_logs(
+    shared: &Arc<Shared>,
+    specs: Vec<PartitionSpec>,
+) -> Result<Vec<(PartitionSpec, Log, ProducerStates)>, BrokerError> {
+    let clock = Arc::clone(&shared.clock);
+    tokio::task::spawn_blocking(move || {
+        specs
+            .into_iter()
+            .map(|spec| {
+                let (log, producers) = Partition::open_log(&spec, clock.as_ref())?;
+                Ok((spec, log, producers))
+            })
+            .collect::<Result<Vec<_>, BrokerError>>()
+    })
+    .await
+    .map_err(|e| BrokerError::metadata("open logs", e))?
+}
+
+fn topic_from(
+    shared: &Shared,
+    record: &TopicRecord,
+    partitions: Vec<Arc<Partition>>,
+) -> Arc<Topic> {
+    Arc::new(Topic {
+        name: Arc::from(record.name.as_str()),
+        id: record.id,
+        partitions,
+        overrides: record.config.clone(),
+        config: topic_config::effective(&shared.config.log_defaults, &record.config),
+        created_ms: record.created_ms,
+    })
+}
+
+/// Opens and serves partitions `from..to` of a topic, after the ones it already serves.
+async fn start_partitions(
+    shared: &Arc<Shared>,
+    topic: &str,
+    from: u32,
+    to: u32,
+) -> Result<(), BrokerError> {
+    let record = shared
+        .metadata
+        .topic(topic)
+        .ok_or_else(|| BrokerError::UnknownTopic(topic.to_owned()))?;
+    let mut partitions = shared
+        .topics
+        .read()
+        .get(topic)
+        .filter(|live| live.id == record.id)
+        .map(|live| live.partitions.clone())
+        .unwrap_or_default();
+    // Partitions already served stay as they are.
+    let from = from.max(partitions.len() as u32);
+    if from >= to {
+        return Ok(());
+    }
+    let opened = open_logs(shared, specs(shared, &record, from, to)).await?;
+    for (spec, log, producers) in opened {
+        let (partition, task) = Partition::start(&spec, log, producers, shared.owner_options());
+        shared
+            .supervisor
+            .watch(format!("partition {}-{}", spec.topic, spec.index), task);
+        partitions.push(partition);
+    }
+    let served = topic_from(shared, &record, partitions);
+    shared.topics.write().insert(record.name.clone(), served);
+    Ok(())
+}
+
+/// Stops serving a deleted topic: closes its partitions, removes their logs and the offsets
+/// committed for it.
+async fn stop_topic(shared: &Arc<Shared>, name: &str, id: uuid::Uuid) {
+    let removed = {
+        let mut topics = shared.topics.write();
+        match topics.get(name) {
+            Some(live) if live.id == id => topics.remove(name),
+            _ => None,
+        }
+    };
+    let mut dirs = Vec::new();
+    if let Some(topic) = removed {
+        for partition in &topic.partitions {
+            if let Err(error) = partition.close().await {
+                tracing::warn!(topic = name, partition = partition.index(), %error, "closing a deleted partition failed");
+            }
+            dirs.push(partition.reader().dir().to_owned());
+        }
+    }
+    remove_dirs(dirs).await;
+    let offsets = shared.offsets.clone();
+    let command = OffsetCommand::Delete {
+        group: None,
+        topic: Some(name.to_owned()),
+    };
+    let cleared = tokio::task::spawn_blocking(move || offsets.apply(&command)).await;
+    match cleared {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(topic = name, %error, "cannot delete the committed offsets of a deleted topic");
+        }
+        Err(error) => {
+            tracing::warn!(topic = name, %error, "deleting the committed offsets of a deleted topic failed");
+        }
+    }
+    tracing::info!(topic = name, "deleted topic");
+}
+
+/// Serves a topic with its new configuration.
+async fn reconfigure_topic(shared: &Arc<Shared>, name: &str) -> Result<(), BrokerError> {
+    let record = shared
+        .metadata
+        .topic(name)
+        .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))?;
+    let effective = topic_config::effective(&shared.config.log_defaults, &record.config);
+    let partitions = shared
+        .topics
+        .read()
+        .get(name)
+        .map(|t| t.partitions.clone())
+        .unwrap_or_default();
+    for partition in &partitions {
+        partition.reconfigure(effective.clone()).await?;
+    }
+    shared
+        .topics
+        .write()
+        .insert(name.to_owned(), topic_from(shared, &record, partitions));
+    Ok(())
+}
+
+/// Removes directories on the blocking pool; what cannot be removed now is removed at the next
+/// start (no definition owns it).
+pub(super) async fn remove_dirs(dirs: Vec<PathBuf>) {
+    let result = tokio::task::spawn_blocking(move || {
+        for dir in dirs {
+            if let Err(error) = std::fs::remove_dir_all(&dir)
+                && error.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %dir.display(), %error, "cannot remove a directory; it will be removed at the next start");
+            }
+        }
+    })
+    .await;
+    if let Err(error) = result {
+        tracing::warn!(%error, "removing directories failed");
+    }
+}

@@ -1,0 +1,154 @@
+//! Topic requests: checked against the definitions, turned into commands that carry every
+//! decided value (the topic's id, its creation time, its partitions' records), committed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::effects::commit;
+use crate::command::{MetadataCommand, PartitionRecord, TopicRecord};
+use crate::error::BrokerError;
+use crate::{MAX_PARTITIONS_PER_TOPIC, NewTopic, Shared, Topic, names, topic_config};
+
+fn partition_records(shared: &Shared, from: u32, to: u32) -> Vec<PartitionRecord> {
+    (from..to)
+        .map(|index| PartitionRecord {
+            index,
+            leader: shared.config.node_id,
+            replicas: vec![shared.config.node_id],
+            leader_epoch: 0,
+        })
+        .collect()
+}
+
+pub(super) async fn create_topic(
+    shared: &Arc<Shared>,
+    request: NewTopic,
+    validate_only: bool,
+) -> Result<Option<Arc<Topic>>, BrokerError> {
+    names::validate_topic_name(&request.name)?;
+    let count = request
+        .partition_count
+        .unwrap_or(shared.config.default_partition_count);
+    if count == 0 || count > MAX_PARTITIONS_PER_TOPIC {
+        return Err(BrokerError::InvalidPartitions(format!(
+            "a topic needs between 1 and {MAX_PARTITIONS_PER_TOPIC} partitions, not {count}"
+        )));
+    }
+    match request.replication_factor {
+        None | Some(-1) | Some(1) => {}
+        Some(other) => {
+            return Err(BrokerError::InvalidReplicationFactor(format!(
+                "replication factor {other} needs more brokers than this single-node cluster has (1)"
+            )));
+        }
+    }
+    let config = topic_config::validate(&request.config)?;
+    topic_config::effective(&shared.config.log_defaults, &config)
+        .log
+        .validate()?;
+    if shared.metadata.topic(&request.name).is_some() {
+        return Err(BrokerError::TopicExists(request.name));
+    }
+    if validate_only {
+        return Ok(None);
+    }
+    let record = TopicRecord {
+        name: request.name.clone(),
+        id: Uuid::new_v4(),
+        partitions: partition_records(shared, 0, count),
+        config,
+        created_ms: shared.clock.now_ms(),
+    };
+    let name = record.name.clone();
+    let id = record.id;
+    if let Err(error) = commit(shared, MetadataCommand::CreateTopic(record)).await {
+        // Its logs could not be opened: a topic nothing serves must not stay defined.
+        if shared.metadata.topic(&name).is_some_and(|t| t.id == id) {
+            let undo = MetadataCommand::DeleteTopic { name: name.clone() };
+            if let Err(undo_error) = commit(shared, undo).await {
+                tracing::error!(topic = %name, %undo_error, "cannot undo the creation of a topic whose logs failed to open");
+            }
+        }
+        return Err(error);
+    }
+    tracing::info!(topic = %name, partitions = count, %id, "created topic");
+    Ok(shared.topics.read().get(&name).cloned())
+}
+
+pub(super) async fn delete_topic(shared: &Arc<Shared>, name: &str) -> Result<(), BrokerError> {
+    if shared.metadata.topic(name).is_none() {
+        return Err(BrokerError::UnknownTopic(name.to_owned()));
+    }
+    commit(
+        shared,
+        MetadataCommand::DeleteTopic {
+            name: name.to_owned(),
+        },
+    )
+    .await
+}
+
+pub(super) async fn create_partitions(
+    shared: &Arc<Shared>,
+    name: &str,
+    total: u32,
+    validate_only: bool,
+) -> Result<(), BrokerError> {
+    let record = shared
+        .metadata
+        .topic(name)
+        .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))?;
+    let current = record.partitions.len() as u32;
+    if total <= current {
+        return Err(BrokerError::InvalidPartitions(format!(
+            "topic {name:?} already has {current} partitions; the new count must be larger, not {total}"
+        )));
+    }
+    if total > MAX_PARTITIONS_PER_TOPIC {
+        return Err(BrokerError::InvalidPartitions(format!(
+            "a topic may have at most {MAX_PARTITIONS_PER_TOPIC} partitions, not {total}"
+        )));
+    }
+    if validate_only {
+        return Ok(());
+    }
+    let command = MetadataCommand::AddPartitions {
+        name: name.to_owned(),
+        partitions: partition_records(shared, current, total),
+    };
+    if let Err(error) = commit(shared, command).await {
+        // Partitions cannot be taken back out of a topic: those that failed to open stay
+        // defined, unserved, and are opened at the next start.
+        tracing::error!(topic = name, %error, "new partitions are defined but could not be opened");
+        return Err(error);
+    }
+    Ok(())
+}
+
+pub(super) async fn set_topic_config(
+    shared: &Arc<Shared>,
+    name: &str,
+    overrides: BTreeMap<String, String>,
+    validate_only: bool,
+) -> Result<(), BrokerError> {
+    if shared.metadata.topic(name).is_none() {
+        return Err(BrokerError::UnknownTopic(name.to_owned()));
+    }
+    let overrides = topic_config::validate(&overrides)?;
+    topic_config::effective(&shared.config.log_defaults, &overrides)
+        .log
+        .validate()?;
+    if validate_only {
+        return Ok(());
+    }
+    commit(
+        shared,
+        MetadataCommand::SetTopicConfig {
+            name: name.to_owned(),
+            config: overrides,
+        },
+    )
+    .await
+}
