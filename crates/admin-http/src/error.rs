@@ -81,6 +81,7 @@ impl From<BrokerError> for ApiError {
             E::TopicExists(_) => Self::conflict(error.to_string()),
             E::InvalidTopic { .. }
             | E::InvalidPartitions(_)
+            | E::PolicyViolation(_)
             | E::InvalidReplicationFactor(_)
             | E::InvalidConfig { .. }
             | E::UnknownConfig(_)
@@ -111,6 +112,7 @@ impl From<BrokerError> for ApiError {
                     M::Inequivalent { .. }
                     | M::InvalidArgument { .. }
                     | M::PreconditionFailed(_)
+                    | M::LimitReached { .. }
                     | M::UnknownExchangeType(_) => StatusCode::BAD_REQUEST,
                     M::InUse { .. }
                     | M::NotEmpty { .. }

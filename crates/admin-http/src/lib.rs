@@ -81,6 +81,7 @@ impl AdminState {
         (name = "queues", description = "Virtual hosts and queues: counts, rates, purge, peek"),
         (name = "exchanges", description = "Exchanges, bindings, and publishing a message"),
         (name = "users", description = "Users and permissions"),
+        (name = "limits", description = "Limits on virtual hosts and users"),
     )
 )]
 struct ApiDoc;

@@ -226,6 +226,20 @@ pub async fn render(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     )
     .histogram("sluice_fsync_duration_seconds", &[], broker.fsync_latency());
 
+    text.family(
+        "sluice_limit_refusals_total",
+        "Requests refused because a configured limit was reached, by limit (connections, \
+         channels, consumers per channel, queues per virtual host, partitions, group size).",
+        Kind::Counter,
+    );
+    for (limit, count) in broker.refusals().snapshot() {
+        text.sample(
+            "sluice_limit_refusals_total",
+            &[("limit", limit.name())],
+            count as f64,
+        );
+    }
+
     (
         [(
             header::CONTENT_TYPE,

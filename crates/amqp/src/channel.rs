@@ -243,6 +243,8 @@ pub struct Channel {
     /// follow with the same ones.
     pub last_exchange: Option<Arc<str>>,
     pub last_routing_key: Option<Arc<str>>,
+    /// This channel's place under its user's `max-channels`.
+    pub slot: Option<crate::limits::ChannelSlot>,
 }
 
 impl Channel {

@@ -29,6 +29,7 @@ use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use sluice_broker::alarms::Alarms;
 use sluice_broker::exchange::routing::RoutingTable;
+use sluice_broker::limits::{Limit, UserLimits};
 use sluice_broker::message::Message;
 use sluice_broker::queue::{ConsumerId, Credit, DeliverySink, Queue, QueueEvent, SettleOp};
 use sluice_broker::users::AuthenticatedUser;
@@ -43,6 +44,7 @@ use crate::channel::{Channel, Consumer, Content};
 use crate::codec::{self, Frame, FrameError};
 use crate::convert::short;
 use crate::errors::{self, Exception};
+use crate::limits::{ConnectionLimits, ConnectionSlot};
 use crate::observe::{ChannelInfo, ConnectionEntry, Identity};
 use crate::reply_to::REPLY_OFFSET;
 
@@ -241,6 +243,10 @@ pub struct Connection {
     client_name: String,
     /// Channels in the registry's last snapshot.
     reported_channels: usize,
+    /// This connection's place under the connection limits, from `connection.open` on.
+    slot: Option<ConnectionSlot>,
+    /// The user's limits as of `connection.open`.
+    user_limits: UserLimits,
 }
 
 impl std::fmt::Debug for Connection {
@@ -312,6 +318,8 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         entry: Arc::clone(&entry),
         client_name: String::new(),
         reported_channels: 0,
+        slot: None,
+        user_limits: UserLimits::default(),
     };
     let mut input = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut inflight: Option<Bytes> = None;
@@ -962,6 +970,30 @@ impl Connection {
             )
             .on(10, 40));
         }
+        let user_limits = self
+            .ctx
+            .broker
+            .user(&user.name)
+            .map(|u| u.limits)
+            .unwrap_or_default();
+        let limits = ConnectionLimits {
+            node: self.ctx.settings.max_connections,
+            vhost: self
+                .ctx
+                .broker
+                .vhost_limits(&name)
+                .and_then(|l| l.max_connections),
+            user: user_limits.max_connections,
+        };
+        match self.ctx.frontend.counts.admit(&user.name, &name, limits) {
+            Ok(slot) => self.slot = Some(slot),
+            Err(refusal) => {
+                self.ctx.broker.refused(refusal.limit);
+                tracing::info!(peer = %self.peer, user = %user.name, vhost = %name, reason = %refusal.text, "connection refused by a limit");
+                return Err(Exception::new(errors::NOT_ALLOWED, refusal.text).on(10, 40));
+            }
+        }
+        self.user_limits = user_limits;
         tracing::debug!(peer = %self.peer, user = %user.name, vhost = %name, "connection opened");
         *self.entry.identity.lock() = Identity {
             user: user.name.clone(),
@@ -1039,6 +1071,7 @@ impl Connection {
                 );
             }
             if id > self.channel_max {
+                self.ctx.broker.refused(Limit::ChannelsPerConnection);
                 return Err(Exception::new(
                     errors::NOT_ALLOWED,
                     format!(
@@ -1048,7 +1081,24 @@ impl Connection {
                 )
                 .on(class_id, method_id));
             }
-            self.channels.insert(id, Channel::new(id));
+            let user = self.user.as_ref().map_or("", |u| u.name.as_str());
+            let slot = match self
+                .ctx
+                .frontend
+                .counts
+                .open_channel(user, self.user_limits.max_channels)
+            {
+                Ok(slot) => slot,
+                Err(refusal) => {
+                    self.ctx.broker.refused(refusal.limit);
+                    return Err(
+                        Exception::new(errors::NOT_ALLOWED, refusal.text).on(class_id, method_id)
+                    );
+                }
+            };
+            let mut channel = Channel::new(id);
+            channel.slot = Some(slot);
+            self.channels.insert(id, channel);
             self.send(
                 id,
                 AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),

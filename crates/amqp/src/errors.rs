@@ -115,7 +115,8 @@ pub fn exception(error: &BrokerError) -> Exception {
                 | MessagingError::InvalidArgument { .. }
                 | MessagingError::InUse { .. }
                 | MessagingError::NotEmpty { .. }
-                | MessagingError::PreconditionFailed(_) => PRECONDITION_FAILED,
+                | MessagingError::PreconditionFailed(_)
+                | MessagingError::LimitReached { .. } => PRECONDITION_FAILED,
                 MessagingError::Locked { .. } => RESOURCE_LOCKED,
                 MessagingError::ExclusiveConsume { .. } | MessagingError::AccessRefused(_) => {
                     ACCESS_REFUSED

@@ -25,6 +25,7 @@ pub mod codec;
 pub mod connection;
 pub mod convert;
 pub mod errors;
+pub mod limits;
 pub mod methods;
 pub mod observe;
 pub mod reply_to;
@@ -50,8 +51,10 @@ pub struct AmqpSettings {
     pub heartbeat_s: u16,
     /// The largest message body accepted.
     pub max_message_bytes: usize,
-    /// Connections served at once.
+    /// Open connections on the node; one more is refused at `connection.open`.
     pub max_connections: usize,
+    /// Consumers on one channel; one more is refused (530).
+    pub consumer_max_per_channel: usize,
     /// Users that may only connect from the loopback interface.
     pub loopback_users: Vec<String>,
     /// How long a consumer may hold a delivery without acknowledging it before its channel is
@@ -67,11 +70,15 @@ impl Default for AmqpSettings {
             heartbeat_s: 60,
             max_message_bytes: 16 * 1024 * 1024,
             max_connections: 10_000,
+            consumer_max_per_channel: 1_000,
             loopback_users: vec!["guest".into()],
             consumer_timeout: Some(Duration::from_secs(30 * 60)),
         }
     }
 }
+
+/// Connections accepted past `max_connections` to be refused with a reason.
+const REFUSAL_HEADROOM: usize = 64;
 
 /// What every connection shares.
 #[derive(Debug)]
@@ -93,7 +100,9 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    // Past the limit a few more clients are served far enough to be told why they are refused
+    // (530 at connection.open); beyond those, clients wait in the listen backlog.
+    let permits = Arc::new(Semaphore::new(settings.max_connections + REFUSAL_HEADROOM));
     let context = Arc::new(Context {
         broker,
         frontend,

@@ -211,6 +211,8 @@ impl ConnectionRegistry {
 pub struct AmqpFrontend {
     pub metrics: AmqpMetrics,
     pub connections: ConnectionRegistry,
+    /// Open connections and channels counted against the limits.
+    pub counts: Arc<crate::limits::Counts>,
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::exchange::{BindingRecord, ExchangeRecord};
+use crate::limits::VhostLimits;
 use crate::queue::QueueRecord;
 use crate::users::UserRecord;
 
@@ -82,6 +83,11 @@ pub enum DefinitionCommand {
     DeleteVhost {
         name: String,
     },
+    /// Replaces a virtual host's limits.
+    SetVhostLimits {
+        vhost: String,
+        limits: VhostLimits,
+    },
     /// Creates or replaces a user.
     PutUser(UserRecord),
     DeleteUser {
@@ -109,6 +115,7 @@ impl DefinitionCommand {
     pub fn vhost(&self) -> Option<&str> {
         match self {
             Self::PutVhost { name } | Self::DeleteVhost { name } => Some(name),
+            Self::SetVhostLimits { vhost, .. } => Some(vhost),
             Self::PutUser(_) | Self::DeleteUser { .. } => None,
             Self::DeclareExchange(record) => Some(&record.vhost),
             Self::DeclareQueue(record) => Some(&record.vhost),

@@ -143,6 +143,7 @@ impl Broker {
             password_hash,
             tags,
             permissions,
+            limits: existing.map(|u| u.limits).unwrap_or_default(),
         };
         if existing == Some(&record) {
             return Ok(());

@@ -25,6 +25,7 @@ pub use crate::command::DefinitionCommand;
 use crate::command::Effect;
 use crate::error::{BrokerError, MessagingError, ResourceKind};
 use crate::exchange::{BindingRecord, Destination, ExchangeRecord, default_exchanges};
+use crate::limits::{Limit, VhostLimits};
 use crate::queue::QueueRecord;
 use crate::users::UserRecord;
 
@@ -38,6 +39,8 @@ const BINDINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("amqp_bindin
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VhostRecord {
     pub name: String,
+    #[serde(default, skip_serializing_if = "VhostLimits::is_empty")]
+    pub limits: VhostLimits,
 }
 
 /// Everything defined in one virtual host.
@@ -47,6 +50,8 @@ pub struct VhostDefinitions {
     pub queues: BTreeMap<String, QueueRecord>,
     /// By [`BindingRecord::key`].
     pub bindings: BTreeMap<String, BindingRecord>,
+    /// `max-connections` and `max-queues`.
+    pub limits: VhostLimits,
 }
 
 impl VhostDefinitions {
@@ -168,8 +173,24 @@ impl Definitions {
                 let gone = Destination::Exchange(name.clone());
                 defs.remove_bindings(|b| b.source == *name || b.destination == gone);
             }
+            DefinitionCommand::SetVhostLimits { vhost, limits } => {
+                self.vhost_mut(vhost)?.limits = *limits;
+            }
             DefinitionCommand::DeclareQueue(record) => {
                 let vhost = self.vhost_mut(&record.vhost)?;
+                if let Some(max) = vhost.limits.max_queues
+                    && !vhost.queues.contains_key(&record.name)
+                    && vhost.queues.len() as u64 >= max
+                {
+                    return Err(MessagingError::LimitReached {
+                        limit: Limit::VhostQueues,
+                        reason: format!(
+                            "cannot declare queue '{}': queue limit in vhost '{}' ({max}) is reached",
+                            record.name, record.vhost
+                        ),
+                    }
+                    .into());
+                }
                 vhost.queues.insert(record.name.clone(), record.clone());
             }
             DefinitionCommand::DeleteQueue { vhost, name } => {
@@ -357,16 +378,19 @@ pub(crate) fn changes(
         old.vhosts.contains_key(vhost),
         new.vhosts.contains_key(vhost),
     ) {
-        (false, true) => put(
-            &mut changes,
-            VHOSTS,
-            vhost.to_owned(),
-            &VhostRecord {
-                name: vhost.to_owned(),
-            },
-        )?,
         (true, false) => delete(&mut changes, VHOSTS, vhost.to_owned()),
-        _ => {}
+        (_, true) => {
+            let limits = new.vhosts.get(vhost).map(|v| v.limits).unwrap_or_default();
+            let had = old.vhosts.get(vhost).map(|v| v.limits);
+            if had != Some(limits) {
+                let record = VhostRecord {
+                    name: vhost.to_owned(),
+                    limits,
+                };
+                put(&mut changes, VHOSTS, vhost.to_owned(), &record)?;
+            }
+        }
+        (false, false) => {}
     }
     let empty = VhostDefinitions::default();
     let before = old.vhosts.get(vhost).map_or(&empty, |v| v.as_ref());
@@ -451,7 +475,13 @@ fn read_all<T: for<'de> Deserialize<'de>>(
 pub(crate) fn load(txn: &ReadTransaction) -> Result<Definitions, BrokerError> {
     let mut definitions = Definitions::default();
     for vhost in read_all::<VhostRecord>(txn, VHOSTS)? {
-        definitions.apply(&DefinitionCommand::PutVhost { name: vhost.name })?;
+        definitions.apply(&DefinitionCommand::PutVhost {
+            name: vhost.name.clone(),
+        })?;
+        definitions.apply(&DefinitionCommand::SetVhostLimits {
+            vhost: vhost.name,
+            limits: vhost.limits,
+        })?;
     }
     for user in read_all::<UserRecord>(txn, USERS)? {
         definitions.users.insert(user.name.clone(), user);

@@ -15,6 +15,9 @@ pub enum BrokerError {
     InvalidTopic { name: String, reason: String },
     #[error("invalid partition count: {0}")]
     InvalidPartitions(String),
+    /// A request the broker's policy refuses, such as one past `kafka.max_partitions`.
+    #[error("{0}")]
+    PolicyViolation(String),
     #[error("invalid replication factor: {0}")]
     InvalidReplicationFactor(String),
     #[error("invalid value for config {key:?}: {reason}")]
@@ -214,6 +217,12 @@ pub enum MessagingError {
     /// A precondition of the operation does not hold.
     #[error("{0}")]
     PreconditionFailed(String),
+    /// A limit set on the virtual host or user is reached (RabbitMQ's texts).
+    #[error("{reason}")]
+    LimitReached {
+        limit: crate::limits::Limit,
+        reason: String,
+    },
     #[error("unknown exchange type '{0}'")]
     UnknownExchangeType(String),
     #[error("vhost {0} not found")]

@@ -28,6 +28,7 @@ pub mod definitions;
 pub mod error;
 pub mod exchange;
 pub mod group;
+pub mod limits;
 pub mod message;
 pub mod metadata;
 pub mod names;
@@ -69,9 +70,11 @@ use crate::controller::Request;
 use crate::metadata::MetadataStore;
 use crate::offsets::OffsetStore;
 
-/// Upper bound on partitions per topic, so one request cannot make the broker open an
-/// unbounded number of files.
+/// Default bound on partitions per topic, so one request cannot make the broker open an
+/// unbounded number of files (`kafka.max_partitions_per_topic`).
 pub const MAX_PARTITIONS_PER_TOPIC: u32 = 10_000;
+/// Default bound on partitions on the node, all topics together (`kafka.max_partitions`).
+pub const MAX_PARTITIONS: u32 = 20_000;
 
 /// Settings of the broker core.
 #[derive(Debug, Clone)]
@@ -103,6 +106,10 @@ pub struct BrokerConfig {
     /// Free disk space (on the data directory's file system) below which publishers are
     /// blocked.
     pub disk_free_limit_bytes: u64,
+    /// Most partitions one topic may have.
+    pub max_partitions_per_topic: u32,
+    /// Most partitions of all topics together.
+    pub max_partitions: u32,
 }
 
 impl BrokerConfig {
@@ -126,6 +133,8 @@ impl BrokerConfig {
             max_message_bytes: 16 * 1024 * 1024,
             memory_high_watermark_bytes: None,
             disk_free_limit_bytes: 50_000_000,
+            max_partitions_per_topic: MAX_PARTITIONS_PER_TOPIC,
+            max_partitions: MAX_PARTITIONS,
         }
     }
 }
@@ -166,6 +175,8 @@ pub(crate) struct Shared {
     pub started: Instant,
     /// Durations of fsync rounds, across every log.
     pub fsync_latency: Arc<sluice_metrics::Histogram>,
+    /// Refusals by limit, for `sluice_limit_refusals_total`.
+    pub refusals: crate::limits::Refusals,
     /// Held for as long as the broker uses the data directory.
     _lock: File,
 }
@@ -256,6 +267,16 @@ impl Broker {
     /// Durations of fsync rounds, across every log.
     pub fn fsync_latency(&self) -> &sluice_metrics::Histogram {
         &self.shared.fsync_latency
+    }
+
+    /// Refusals by limit since the broker started.
+    pub fn refusals(&self) -> &crate::limits::Refusals {
+        &self.shared.refusals
+    }
+
+    /// Counts one refusal by `limit`.
+    pub fn refused(&self, limit: crate::limits::Limit) {
+        self.shared.refusals.count(limit);
     }
 
     pub fn cluster_id(&self) -> &str {

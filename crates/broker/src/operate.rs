@@ -14,6 +14,7 @@ use crate::Broker;
 use crate::controller::{MessagingRequest, Request};
 use crate::definitions::VhostDefinitions;
 use crate::error::{BrokerError, MessagingError, ResourceKind};
+use crate::limits::VhostLimits;
 use crate::message::{Message, Properties};
 use crate::queue::{Delivery, SettleOp};
 use crate::users::{Permission, UserRecord, hash_password, validate_pattern};
@@ -64,6 +65,7 @@ impl Broker {
             name: name.to_owned(),
             password_hash,
             tags,
+            limits: existing.as_ref().map(|u| u.limits).unwrap_or_default(),
             permissions: existing.map(|u| u.permissions).unwrap_or_default(),
         };
         self.request(|reply| Request::Messaging(MessagingRequest::PutUser { record, reply }))
@@ -128,6 +130,51 @@ impl Broker {
                     .map(move |(vhost, p)| (user.name.clone(), vhost, p))
             })
             .collect()
+    }
+
+    /// The limits set on a virtual host.
+    pub fn vhost_limits(&self, vhost: &str) -> Option<VhostLimits> {
+        self.vhost_definitions(vhost).map(|v| v.limits)
+    }
+
+    /// Sets (or with `None` clears) the limit RabbitMQ calls `name` (`max-connections`,
+    /// `max-queues`) on a virtual host. Lowering one below what exists closes nothing; it
+    /// refuses what would go past it.
+    pub async fn set_vhost_limit(
+        &self,
+        vhost: &str,
+        name: &str,
+        value: Option<u64>,
+    ) -> Result<(), BrokerError> {
+        let mut limits = self
+            .vhost_limits(vhost)
+            .ok_or_else(|| MessagingError::VhostNotFound(vhost.to_owned()))?;
+        limits.set(name, value).map_err(invalid)?;
+        let vhost = vhost.to_owned();
+        self.request(|reply| {
+            Request::Messaging(MessagingRequest::SetVhostLimits {
+                vhost,
+                limits,
+                reply,
+            })
+        })
+        .await
+    }
+
+    /// Sets (or with `None` clears) the limit RabbitMQ calls `name` (`max-connections`,
+    /// `max-channels`) on a user.
+    pub async fn set_user_limit(
+        &self,
+        user: &str,
+        name: &str,
+        value: Option<u64>,
+    ) -> Result<(), BrokerError> {
+        let mut record = self
+            .user(user)
+            .ok_or_else(|| MessagingError::UserNotFound(user.to_owned()))?;
+        record.limits.set(name, value).map_err(invalid)?;
+        self.request(|reply| Request::Messaging(MessagingRequest::PutUser { record, reply }))
+            .await
     }
 
     /// Creates a virtual host with its default exchanges; not an error if it exists.

@@ -11,6 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use base64::Engine;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
+
+use crate::limits::UserLimits;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -42,6 +44,9 @@ pub struct UserRecord {
     pub tags: Vec<String>,
     /// Virtual host → permissions there.
     pub permissions: BTreeMap<String, Permission>,
+    /// `max-connections` and `max-channels`.
+    #[serde(default, skip_serializing_if = "UserLimits::is_empty")]
+    pub limits: UserLimits,
 }
 
 /// Hashes a password with a fresh salt.
@@ -219,6 +224,7 @@ mod tests {
                 },
             )]
             .into(),
+            limits: UserLimits::default(),
         };
         let user = AuthenticatedUser::new(&record);
         assert!(user.can_access_vhost("/"));

@@ -36,6 +36,7 @@ pub fn kafka_error(error: &BrokerError) -> KafkaError {
         BrokerError::TopicExists(_) => ResponseError::TopicAlreadyExists,
         BrokerError::InvalidTopic { .. } => ResponseError::InvalidTopicException,
         BrokerError::InvalidPartitions(_) => ResponseError::InvalidPartitions,
+        BrokerError::PolicyViolation(_) => ResponseError::PolicyViolation,
         BrokerError::InvalidReplicationFactor(_) => ResponseError::InvalidReplicationFactor,
         BrokerError::InvalidConfig { .. } | BrokerError::UnknownConfig(_) => {
             ResponseError::InvalidConfig

@@ -21,8 +21,12 @@ pub struct AmqpSection {
     pub heartbeat_s: u16,
     /// Largest message body accepted.
     pub max_message_bytes: usize,
-    /// Concurrent AMQP connections; further ones wait to be accepted.
+    /// Open AMQP connections on this node; a further one is refused at `connection.open`
+    /// (530, as RabbitMQ's `connection_max`).
     pub max_connections: usize,
+    /// Consumers on one channel; a further `basic.consume` is refused (530, as RabbitMQ's
+    /// `consumer_max_per_channel`).
+    pub consumer_max_per_channel: usize,
     /// A consumer holding a delivery unacknowledged this long has its channel closed; 0 for
     /// no limit.
     pub consumer_timeout_ms: u64,
@@ -95,6 +99,7 @@ impl Default for AmqpSection {
             heartbeat_s: 60,
             max_message_bytes: 16 * 1024 * 1024,
             max_connections: 10_000,
+            consumer_max_per_channel: 1_000,
             consumer_timeout_ms: 1_800_000,
             memory_high_watermark: 0.4,
             memory_high_watermark_bytes: 0,
@@ -130,6 +135,9 @@ impl AmqpSection {
         }
         if self.max_connections == 0 {
             bail!("amqp.max_connections must be positive");
+        }
+        if self.consumer_max_per_channel == 0 {
+            bail!("amqp.consumer_max_per_channel must be positive");
         }
         if !(0.0..=1.0).contains(&self.memory_high_watermark) {
             bail!(
@@ -190,6 +198,7 @@ impl AmqpSection {
             heartbeat_s: self.heartbeat_s,
             max_message_bytes: self.max_message_bytes,
             max_connections: self.max_connections,
+            consumer_max_per_channel: self.consumer_max_per_channel,
             loopback_users: self.loopback_users.clone(),
             consumer_timeout: (self.consumer_timeout_ms > 0)
                 .then(|| Duration::from_millis(self.consumer_timeout_ms)),

@@ -75,8 +75,16 @@ pub struct KafkaSection {
     pub default_partitions: Option<u32>,
     /// Largest request frame accepted; larger frames close the connection before allocation.
     pub max_request_bytes: usize,
-    /// Concurrent Kafka connections; further ones wait to be accepted.
+    /// Concurrent Kafka connections; further ones wait to be accepted (Kafka's
+    /// max.connections).
     pub max_connections: usize,
+    /// Most partitions one topic may have; more is refused with INVALID_PARTITIONS.
+    pub max_partitions_per_topic: u32,
+    /// Most partitions of all topics together; more is refused with POLICY_VIOLATION.
+    pub max_partitions: u32,
+    /// Most members of one consumer group, counting those given an id that have not joined
+    /// with it yet (Kafka's group.max.size); a further one gets GROUP_MAX_SIZE_REACHED.
+    pub group_max_size: usize,
     /// Most record bytes in one Fetch response, whatever the client asks (Kafka's
     /// fetch.max.bytes).
     pub fetch_max_bytes: usize,
@@ -144,6 +152,9 @@ impl Default for KafkaSection {
             default_partitions: None,
             max_request_bytes: 100 * 1024 * 1024,
             max_connections: 10_000,
+            max_partitions_per_topic: sluice_broker::MAX_PARTITIONS_PER_TOPIC,
+            max_partitions: sluice_broker::MAX_PARTITIONS,
+            group_max_size: 1_000,
             fetch_max_bytes: 55 * 1024 * 1024,
             replica_fetch_max_bytes: 1024 * 1024,
             group_initial_rebalance_delay_ms: 3_000,
@@ -301,13 +312,19 @@ impl Config {
         if self.kafka.default_partitions.is_some() {
             bail!("kafka.default_partitions is now called kafka.num_partitions (Kafka's name)");
         }
+        if self.kafka.max_partitions_per_topic == 0 || self.kafka.max_partitions == 0 {
+            bail!("kafka.max_partitions_per_topic and kafka.max_partitions must be positive");
+        }
         if self.kafka.num_partitions == 0
-            || self.kafka.num_partitions > sluice_broker::MAX_PARTITIONS_PER_TOPIC
+            || self.kafka.num_partitions > self.kafka.max_partitions_per_topic
         {
             bail!(
-                "kafka.num_partitions must be between 1 and {}",
-                sluice_broker::MAX_PARTITIONS_PER_TOPIC
+                "kafka.num_partitions must be between 1 and kafka.max_partitions_per_topic ({})",
+                self.kafka.max_partitions_per_topic
             );
+        }
+        if self.kafka.group_max_size == 0 {
+            bail!("kafka.group_max_size must be positive");
         }
         if self.kafka.max_request_bytes < 1024 || self.kafka.max_request_bytes > 1 << 30 {
             bail!(
@@ -415,8 +432,10 @@ impl Config {
             min_session_timeout_ms: self.kafka.group_min_session_timeout_ms,
             max_session_timeout_ms: self.kafka.group_max_session_timeout_ms,
             initial_rebalance_delay_ms: self.kafka.group_initial_rebalance_delay_ms,
-            ..GroupLimits::default()
+            max_group_size: self.kafka.group_max_size,
         };
+        broker.max_partitions_per_topic = self.kafka.max_partitions_per_topic;
+        broker.max_partitions = self.kafka.max_partitions;
         broker.queue_segment_bytes = self.amqp.queue_segment_bytes;
         broker.queue_flow_ready_high = self.amqp.queue_flow_ready_high;
         broker.max_message_bytes = self.amqp.max_message_bytes;

@@ -4,6 +4,7 @@ mod connections;
 mod exchanges;
 mod fields;
 mod groups;
+mod limits;
 mod messages;
 mod overview;
 mod queues;
@@ -57,4 +58,10 @@ pub fn routes() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(users::describe, users::put, users::delete))
         .routes(routes!(users::list_permissions))
         .routes(routes!(users::put_permission, users::delete_permission))
+        .routes(routes!(limits::list_vhost_limits))
+        .routes(routes!(limits::vhost_limits))
+        .routes(routes!(limits::put_vhost_limit, limits::delete_vhost_limit))
+        .routes(routes!(limits::list_user_limits))
+        .routes(routes!(limits::user_limits))
+        .routes(routes!(limits::put_user_limit, limits::delete_user_limit))
 }

@@ -7,6 +7,7 @@ use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use bytes::Bytes;
 use sluice_broker::ResourceKind;
 use sluice_broker::declare::generated_name;
+use sluice_broker::limits::Limit;
 use sluice_broker::message::value::{self, lookup};
 use sluice_broker::message::{Message, MessageProperties, validate_expiration};
 use sluice_broker::queue::{ConsumerId, Credit, NewConsumer, SettleOp};
@@ -129,6 +130,14 @@ impl Connection {
             || state.reply.as_ref().is_some_and(|(t, _, _)| *t == tag)
         {
             return Err(reuse());
+        }
+        let max = self.ctx.settings.consumer_max_per_channel;
+        if state.consumers.len() + usize::from(state.reply.is_some()) >= max {
+            self.ctx.broker.refused(Limit::ConsumersPerChannel);
+            return Err(Exception::new(
+                errors::NOT_ALLOWED,
+                format!("reached maximum ({max}) of consumers per channel"),
+            ));
         }
         let id = self.ctx.broker.next_id();
         if consume.queue.as_str() == reply_to::PSEUDO_QUEUE {

@@ -20,6 +20,7 @@ use crate::command::{DefinitionCommand, MetadataCommand};
 use crate::definitions::VhostDefinitions;
 use crate::error::{BrokerError, MessagingError, ResourceKind};
 use crate::exchange::{BindingRecord, ExchangeRecord};
+use crate::limits::VhostLimits;
 use crate::queue::deadletter::{self, DeadLetter, FORWARDER_CAPACITY};
 use crate::queue::handler::{QueueNotice, QueueServices};
 use crate::queue::{
@@ -70,6 +71,11 @@ pub(crate) enum MessagingRequest {
     },
     DeleteVhost {
         name: String,
+        reply: Reply<()>,
+    },
+    SetVhostLimits {
+        vhost: String,
+        limits: VhostLimits,
         reply: Reply<()>,
     },
     PutUser {
@@ -291,7 +297,13 @@ pub(super) async fn remove_unowned_queue_dirs(shared: &Arc<Shared>) -> Result<()
 }
 
 async fn apply(shared: &Arc<Shared>, command: DefinitionCommand) -> Result<(), BrokerError> {
-    commit(shared, MetadataCommand::Messaging(command)).await
+    let result = commit(shared, MetadataCommand::Messaging(command)).await;
+    if let Err(BrokerError::Messaging(error)) = &result
+        && let MessagingError::LimitReached { limit, .. } = error.as_ref()
+    {
+        shared.refusals.count(*limit);
+    }
+    result
 }
 
 /// Starts the dead-letter forwarder and the task that acts on queues' requests to be deleted.
@@ -346,6 +358,14 @@ pub(super) async fn handle(shared: &Arc<Shared>, request: MessagingRequest) {
         }
         MessagingRequest::DeleteVhost { name, reply } => {
             let _ = reply.send(delete_vhost(shared, &name).await);
+        }
+        MessagingRequest::SetVhostLimits {
+            vhost,
+            limits,
+            reply,
+        } => {
+            let command = DefinitionCommand::SetVhostLimits { vhost, limits };
+            let _ = reply.send(apply(shared, command).await);
         }
         MessagingRequest::PutUser { record, reply } => {
             let _ = reply.send(apply(shared, DefinitionCommand::PutUser(record)).await);

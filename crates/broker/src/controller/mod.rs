@@ -116,6 +116,7 @@ pub(crate) fn load(
         supervisor,
         started: Instant::now(),
         fsync_latency: Arc::new(sluice_metrics::Histogram::default()),
+        refusals: crate::limits::Refusals::default(),
         _lock: lock,
     })
 }

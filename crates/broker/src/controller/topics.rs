@@ -9,7 +9,8 @@ use uuid::Uuid;
 use super::effects::commit;
 use crate::command::{MetadataCommand, PartitionRecord, TopicRecord};
 use crate::error::BrokerError;
-use crate::{MAX_PARTITIONS_PER_TOPIC, NewTopic, Shared, Topic, names, topic_config};
+use crate::limits::Limit;
+use crate::{NewTopic, Shared, Topic, names, topic_config};
 
 fn partition_records(shared: &Shared, from: u32, to: u32) -> Vec<PartitionRecord> {
     (from..to)
@@ -22,6 +23,36 @@ fn partition_records(shared: &Shared, from: u32, to: u32) -> Vec<PartitionRecord
         .collect()
 }
 
+/// Refuses a topic growing from `current` to `total` partitions past `kafka.max_partitions_per_topic`
+/// (INVALID_PARTITIONS, as Kafka answers a count it cannot take) or the node past
+/// `kafka.max_partitions` (POLICY_VIOLATION), counting the refusal.
+fn check_partition_limits(shared: &Shared, total: u32, current: u32) -> Result<(), BrokerError> {
+    let per_topic = shared.config.max_partitions_per_topic;
+    if total > per_topic {
+        shared.refusals.count(Limit::PartitionsPerTopic);
+        return Err(BrokerError::InvalidPartitions(format!(
+            "a topic may have at most {per_topic} partitions (kafka.max_partitions_per_topic), not {total}"
+        )));
+    }
+    let existing: u64 = shared
+        .metadata
+        .state()
+        .topics
+        .values()
+        .map(|t| t.partitions.len() as u64)
+        .sum();
+    let after = existing + u64::from(total - current);
+    let max = shared.config.max_partitions;
+    if after > u64::from(max) {
+        shared.refusals.count(Limit::Partitions);
+        return Err(BrokerError::PolicyViolation(format!(
+            "the broker has {existing} partitions and may have at most {max} (kafka.max_partitions); {} more would make {after}",
+            total - current
+        )));
+    }
+    Ok(())
+}
+
 pub(super) async fn create_topic(
     shared: &Arc<Shared>,
     request: NewTopic,
@@ -31,11 +62,13 @@ pub(super) async fn create_topic(
     let count = request
         .partition_count
         .unwrap_or(shared.config.default_partition_count);
-    if count == 0 || count > MAX_PARTITIONS_PER_TOPIC {
+    let max = shared.config.max_partitions_per_topic;
+    if count == 0 {
         return Err(BrokerError::InvalidPartitions(format!(
-            "a topic needs between 1 and {MAX_PARTITIONS_PER_TOPIC} partitions, not {count}"
+            "a topic needs between 1 and {max} partitions, not {count}"
         )));
     }
+    check_partition_limits(shared, count, 0)?;
     match request.replication_factor {
         None | Some(-1) | Some(1) => {}
         Some(other) => {
@@ -106,11 +139,7 @@ pub(super) async fn create_partitions(
             "topic {name:?} already has {current} partitions; the new count must be larger, not {total}"
         )));
     }
-    if total > MAX_PARTITIONS_PER_TOPIC {
-        return Err(BrokerError::InvalidPartitions(format!(
-            "a topic may have at most {MAX_PARTITIONS_PER_TOPIC} partitions, not {total}"
-        )));
-    }
+    check_partition_limits(shared, total, current)?;
     if validate_only {
         return Ok(());
     }

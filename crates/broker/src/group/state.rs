@@ -358,7 +358,9 @@ impl Group {
                     &request.member_id,
                 ));
             }
-            if self.members.len() >= self.limits.max_group_size {
+            // Members that were given an id and have not joined with it yet hold a place too
+            // (this one's own place, if it had one, was given back just above).
+            if self.members.len() + self.pending_ids.len() >= self.limits.max_group_size {
                 return answer_now(JoinOutcome::error(
                     GroupError::GroupMaxSizeReached,
                     &request.member_id,
@@ -1029,6 +1031,34 @@ mod tests {
         let id = outcome.member_id.clone();
         let effects = group.join(token, join_request(&id, None, &["range"]), now);
         (id, effects)
+    }
+
+    #[test]
+    fn pending_joins_count_toward_the_group_size_limit() {
+        let mut group = Group::new(
+            "g",
+            GroupLimits {
+                max_group_size: 2,
+                ..limits()
+            },
+        );
+        let (a, _) = enter(&mut group, 1, 0);
+        // A second member is given an id and has not come back with it yet: it holds the
+        // last place, so a third is refused at once.
+        let first = group.join(2, join_request("", None, &["range"]), 10);
+        let pending = join_outcomes(&first)[0].1.member_id.clone();
+        let third = group.join(3, join_request("", None, &["range"]), 20);
+        let refused = &join_outcomes(&third)[0].1;
+        assert_eq!(refused.error, Some(GroupError::GroupMaxSizeReached));
+        assert_eq!(refused.member_id, "");
+        // The pending member takes the place it was given.
+        let second = group.join(2, join_request(&pending, None, &["range"]), 30);
+        assert!(
+            join_outcomes(&second)
+                .iter()
+                .all(|(_, o)| o.error.is_none())
+        );
+        assert!(group.members.contains_key(&a) && group.members.contains_key(&pending));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use kafka_protocol::messages::{
     SyncGroupResponse,
 };
 use sluice_broker::group::{GroupError, GroupState, JoinRequest, SyncRequest};
+use sluice_broker::limits::Limit;
 
 use super::metadata::OPERATIONS_NOT_REQUESTED;
 use super::{Client, text};
@@ -62,6 +63,9 @@ pub(crate) async fn join(
             },
         )
         .await;
+    if outcome.error == Some(GroupError::GroupMaxSizeReached) {
+        ctx.broker.refused(Limit::GroupSize);
+    }
     let members = outcome
         .members
         .into_iter()
