@@ -2,6 +2,7 @@
 back (RabbitMQ's and Kafka's codes and texts), the refusal is counted in
 sluice_limit_refusals_total, and the broker goes on serving."""
 
+import json
 import re
 import socket
 import struct
@@ -15,6 +16,7 @@ from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 from kafka import KafkaConsumer, KafkaProducer
 
 from conftest import amqp_parameters
+from conftest import run_cli as cli
 from test_amqp_ops import http, metrics, sample
 
 
@@ -175,6 +177,15 @@ def test_user_limits_on_connections_and_channels(sluice):
     connection.channel()
     connection.channel()
     connection.close()
+    # The CLI lists, sets and clears the same limits.
+    listed = json.loads(cli(sluice, "limit", "list", "-o", "json").stdout)
+    assert {"kind": "user", "owner": "app", "limit": "max-channels", "value": 2} in listed
+    assert "set max-queues = 7 on virtual host /" in cli(sluice, "limit", "set", "--vhost", "/", "max-queues", "7").stdout
+    assert http(sluice, "GET", "/api/vhost-limits/%2F")[1] == [{"vhost": "/", "value": {"max-queues": 7}}]
+    cli(sluice, "limit", "clear", "--vhost", "/", "max-queues")
+    assert http(sluice, "GET", "/api/vhost-limits")[1] == []
+    refused = cli(sluice, "limit", "set", "--for-user", "app", "max-queues", "1", check=False)
+    assert refused.returncode == 1 and "unknown user limit" in refused.stderr
     assert http(sluice, "PUT", "/api/user-limits/app/max-queues", {"value": 1})[0] == 400
     assert http(sluice, "PUT", "/api/user-limits/nobody/max-channels", {"value": 1})[0] == 404
     still_serves_amqp(sluice)

@@ -12,6 +12,7 @@ mod common;
 mod consume;
 mod exchange;
 mod group;
+mod limit;
 mod permission;
 mod produce;
 mod queue;
@@ -24,6 +25,7 @@ use binding::{BindingArgs, binding};
 use consume::{Consume, consume, consume_queue};
 use exchange::{ExchangeArgs, exchange};
 use group::{GroupArgs, group};
+use limit::{LimitArgs, limit};
 use permission::{PermissionArgs, permission};
 use produce::{Produce, produce};
 use queue::{QueueArgs, queue};
@@ -52,6 +54,8 @@ pub enum Cli {
     User(UserArgs),
     /// Set, list and clear users' permissions in virtual hosts.
     Permission(PermissionArgs),
+    /// Set, list and clear limits on virtual hosts and users.
+    Limit(LimitArgs),
     /// Publish lines from standard input or a file to a topic.
     Produce(Produce),
     /// Read messages from a topic, or take them from a queue (--queue).
@@ -70,6 +74,7 @@ pub fn run(command: Cli) -> ExitCode {
         Cli::Vhost(args) => vhost(args.command, &args.connection),
         Cli::User(args) => user(args.command, &args.connection),
         Cli::Permission(args) => permission(args.command, &args.connection),
+        Cli::Limit(args) => limit(args.command, &args.connection),
         Cli::Produce(args) => produce(&args),
         Cli::Consume(args) if args.queue => consume_queue(&args),
         Cli::Consume(args) => consume(&args),
