@@ -1,0 +1,13 @@
+//! Sluice's cluster layer: everything that knows openraft.
+//!
+//! The rest of the broker never imports openraft; it sees this crate's types. Keeping the
+//! library behind one crate means an upgrade of openraft (pinned to an exact pre-1.0 version)
+//! touches one place, and that the conformance suite and fault tests here vouch for it.
+//!
+//! - [`placement`]: rendezvous hashing of partitions, queues and consumer groups to nodes.
+//! - [`log_store`]: a durable Raft log in one append-only file with a CRC per record.
+//! - [`state_machine`]: openraft's state-machine storage around a deterministic [`Machine`].
+//!
+//! [`Machine`]: state_machine::Machine
+
+pub mod placement;
