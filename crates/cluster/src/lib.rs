@@ -10,4 +10,6 @@
 //!
 //! [`Machine`]: state_machine::Machine
 
+pub mod log_store;
 pub mod placement;
+pub mod state_machine;
