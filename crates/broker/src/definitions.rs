@@ -44,7 +44,7 @@ pub struct VhostRecord {
 }
 
 /// Everything defined in one virtual host.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VhostDefinitions {
     pub exchanges: BTreeMap<String, ExchangeRecord>,
     pub queues: BTreeMap<String, QueueRecord>,
@@ -108,7 +108,7 @@ impl VhostDefinitions {
 }
 
 /// All messaging definitions.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Definitions {
     pub vhosts: BTreeMap<String, Arc<VhostDefinitions>>,
     pub users: BTreeMap<String, UserRecord>,

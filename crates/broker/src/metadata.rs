@@ -27,8 +27,9 @@ use crate::error::BrokerError;
 
 pub use crate::command::{MetadataCommand, NodeId, PartitionRecord, TopicRecord};
 
-/// The definitions at one point in time.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// The definitions at one point in time. Serializable whole, for a replicated controller's
+/// snapshots; maps are ordered, so equal states encode to equal bytes.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MetadataState {
     pub topics: BTreeMap<String, TopicRecord>,
     pub messaging: Definitions,

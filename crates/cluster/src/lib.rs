@@ -4,12 +4,14 @@
 //! library behind one crate means an upgrade of openraft (pinned to an exact pre-1.0 version)
 //! touches one place, and that the conformance suite and fault tests here vouch for it.
 //!
+//! - [`controller`]: the controller group's commands, state and Raft types.
 //! - [`placement`]: rendezvous hashing of partitions, queues and consumer groups to nodes.
 //! - [`log_store`]: a durable Raft log in one append-only file with a CRC per record.
 //! - [`state_machine`]: openraft's state-machine storage around a deterministic [`Machine`].
 //!
 //! [`Machine`]: state_machine::Machine
 
+pub mod controller;
 pub mod log_store;
 pub mod placement;
 pub mod state_machine;
