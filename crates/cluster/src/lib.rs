@@ -7,6 +7,7 @@
 //! - [`controller`]: the controller group's commands, state and Raft types.
 //! - [`placement`]: rendezvous hashing of partitions, queues and consumer groups to nodes.
 //! - [`log_store`]: a durable Raft log in one append-only file with a CRC per record.
+//! - [`transport`]: one multiplexed TCP connection per pair of nodes.
 //! - [`state_machine`]: openraft's state-machine storage around a deterministic [`Machine`].
 //!
 //! [`Machine`]: state_machine::Machine
@@ -15,3 +16,4 @@ pub mod controller;
 pub mod log_store;
 pub mod placement;
 pub mod state_machine;
+pub mod transport;

@@ -1,0 +1,729 @@
+//! The cluster transport: one TCP connection per pair of nodes, carrying requests and
+//! responses for every Raft group and every forwarded request, each tagged with its group and
+//! a correlation id.
+//!
+//! # Frames
+//! `[length u32 BE: bytes after this field][version u8 = 1][kind u8][correlation u64 BE]
+//! [group u32 BE][method u8][body]`. Kinds: `1` hello, `2` request, `3` response, `4` error
+//! response (body: UTF-8 reason), `5` refusal (body: reason; the sender closes). The body is
+//! opaque here: callers choose its encoding, and record batches can travel as raw bytes.
+//! A frame longer than [`TransportConfig::frame_bytes_max`] closes the connection before
+//! anything is allocated for it.
+//!
+//! # One connection per pair
+//! Either node may dial. The first frame each way is a hello (node id, cluster id, advertised
+//! address). When two connections between the same pair exist (both dialed at once), both
+//! ends keep the one dialed by the lower node id and close the other, so they agree without
+//! another round trip. Calls on a closed connection fail with [`CallError::Closed`]; Raft
+//! retries.
+//!
+//! # Bounds and backoff
+//! Each connection has a bounded queue of frames to write and a bounded number of requests it
+//! serves at once (further requests wait in the socket: TCP pushes back on the peer). Every
+//! call has a timeout and removes its waiter when it ends, so a slow or dead peer never grows
+//! memory. A failed dial makes calls to that peer fail at once as [`CallError::Unreachable`]
+//! for a backoff that doubles from [`TransportConfig::backoff_min`] to
+//! [`TransportConfig::backoff_max`]; the next call after it dials again.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+use crate::placement::NodeId;
+
+const VERSION: u8 = 1;
+const KIND_HELLO: u8 = 1;
+const KIND_REQUEST: u8 = 2;
+const KIND_RESPONSE: u8 = 3;
+const KIND_ERROR: u8 = 4;
+const KIND_REFUSED: u8 = 5;
+/// Bytes after the length field before the body.
+const HEADER_BYTES: usize = 1 + 1 + 8 + 4 + 1;
+
+/// How the transport behaves; the defaults suit a cluster on one network.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    pub node_id: NodeId,
+    /// The cluster this node belongs to, once it is known; peers of another cluster are
+    /// refused.
+    pub cluster_id: Option<String>,
+    /// The address other nodes reach this one at.
+    pub advertise: String,
+    /// Frames waiting to be written on one connection.
+    pub queue_frames_max: usize,
+    /// Requests one connection serves at once.
+    pub serving_max: usize,
+    /// Calls waiting for answers on one connection.
+    pub calls_max: usize,
+    /// The largest frame sent or accepted.
+    pub frame_bytes_max: u32,
+    pub connect_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl TransportConfig {
+    pub fn new(node_id: NodeId, advertise: String) -> Self {
+        Self {
+            node_id,
+            cluster_id: None,
+            advertise,
+            queue_frames_max: 1024,
+            serving_max: 256,
+            calls_max: 1024,
+            frame_bytes_max: 64 << 20,
+            connect_timeout: Duration::from_secs(2),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why a call got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// No connection to the peer could be made (or one failed recently: backing off).
+    #[error("node {peer} is unreachable: {reason}")]
+    Unreachable { peer: NodeId, reason: String },
+    /// The peer did not answer in time; the request may or may not have been served.
+    #[error("node {peer} did not answer within {timeout:?}")]
+    Timeout { peer: NodeId, timeout: Duration },
+    /// The connection closed before the answer came; the request may have been served.
+    #[error("the connection to node {peer} closed before it answered")]
+    Closed { peer: NodeId },
+    /// The peer served the request and answered with an error.
+    #[error("node {peer} answered with an error: {reason}")]
+    Remote { peer: NodeId, reason: String },
+    /// The request is larger than a frame may be.
+    #[error("a request of {bytes} bytes is over the frame limit of {limit}")]
+    TooLarge { bytes: usize, limit: u32 },
+}
+
+/// Serves the requests peers send: one call per request, answered with the body of the
+/// response or an error text.
+pub trait Service: Send + Sync + 'static {
+    fn handle(
+        &self,
+        from: NodeId,
+        group: u32,
+        method: u8,
+        body: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send + 'static>>;
+}
+
+/// The first frame each way on a connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Hello {
+    node_id: NodeId,
+    cluster_id: Option<String>,
+    advertise: String,
+}
+
+/// The cluster transport of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Transport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("node_id", &self.inner.config.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    config: TransportConfig,
+    service: Arc<dyn Service>,
+    state: Mutex<PeerTable>,
+    /// One dial at a time per peer.
+    dial_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
+    next_correlation: AtomicU64,
+    shutdown: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct PeerTable {
+    addresses: HashMap<NodeId, String>,
+    connections: HashMap<NodeId, Arc<Connection>>,
+    /// When dialing a peer may be tried again, and the backoff to use after the next failure.
+    backoff: HashMap<NodeId, (Instant, Duration, String)>,
+}
+
+struct Connection {
+    peer: NodeId,
+    dialed_by: NodeId,
+    frames: mpsc::Sender<Bytes>,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, CallError>>>>,
+    calls: Semaphore,
+    closed: watch::Sender<bool>,
+}
+
+impl Connection {
+    fn close(&self) {
+        self.closed.send_replace(true);
+        let waiting: Vec<_> = self.waiting.lock().drain().collect();
+        for (_, waiter) in waiting {
+            let _ = waiter.send(Err(CallError::Closed { peer: self.peer }));
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+}
+
+impl Transport {
+    /// Starts serving `listener` with `service`.
+    pub fn start(
+        config: TransportConfig,
+        listener: TcpListener,
+        service: Arc<dyn Service>,
+    ) -> Self {
+        let (shutdown, _) = watch::channel(false);
+        let transport = Self {
+            inner: Arc::new(Inner {
+                config,
+                service,
+                state: Mutex::new(PeerTable::default()),
+                dial_locks: Mutex::new(HashMap::new()),
+                next_correlation: AtomicU64::new(1),
+                shutdown,
+            }),
+        };
+        let accepting = transport.clone();
+        tokio::spawn(async move { accepting.accept_loop(listener).await });
+        transport
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.config.node_id
+    }
+
+    /// Where `peer` is reached. A changed address closes the connection to the old one.
+    pub fn set_address(&self, peer: NodeId, address: String) {
+        let old = {
+            let mut state = self.inner.state.lock();
+            let changed = state
+                .addresses
+                .insert(peer, address.clone())
+                .is_some_and(|old| old != address);
+            state.backoff.remove(&peer);
+            if changed {
+                state.connections.remove(&peer)
+            } else {
+                None
+            }
+        };
+        if let Some(old) = old {
+            old.close();
+        }
+    }
+
+    /// The peers this node has a live connection to.
+    pub fn connected(&self) -> Vec<NodeId> {
+        let state = self.inner.state.lock();
+        let mut peers: Vec<NodeId> = state
+            .connections
+            .values()
+            .filter(|c| !c.is_closed())
+            .map(|c| c.peer)
+            .collect();
+        peers.sort_unstable();
+        peers
+    }
+
+    /// Calls waiting for an answer, over every connection.
+    pub fn calls_waiting(&self) -> usize {
+        let state = self.inner.state.lock();
+        state
+            .connections
+            .values()
+            .map(|c| c.waiting.lock().len())
+            .sum()
+    }
+
+    /// Stops accepting and closes every connection.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        let connections: Vec<_> = self.inner.state.lock().connections.drain().collect();
+        for (_, connection) in connections {
+            connection.close();
+        }
+    }
+
+    /// Dials `address` to learn the id of the node there (a seed), keeping the connection.
+    pub async fn introduce(&self, address: &str) -> Result<NodeId, CallError> {
+        let stream = tokio::time::timeout(
+            self.inner.config.connect_timeout,
+            TcpStream::connect(address),
+        )
+        .await
+        .map_err(|_| unreachable(0, format!("connecting to {address} timed out")))?
+        .map_err(|e| unreachable(0, format!("connecting to {address}: {e}")))?;
+        let connection = self.handshake(stream, true, None).await?;
+        Ok(connection.peer)
+    }
+
+    /// Sends a request to `peer` for `group` and waits up to `timeout` for its answer.
+    pub async fn call(
+        &self,
+        peer: NodeId,
+        group: u32,
+        method: u8,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, CallError> {
+        let limit = self.inner.config.frame_bytes_max;
+        if body.len() + HEADER_BYTES > limit as usize {
+            return Err(CallError::TooLarge {
+                bytes: body.len(),
+                limit,
+            });
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let answer = async {
+            let connection = self.connection(peer).await?;
+            let _permit = connection
+                .calls
+                .acquire()
+                .await
+                .map_err(|_| CallError::Closed { peer })?;
+            let correlation = self.inner.next_correlation.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            connection.waiting.lock().insert(correlation, tx);
+            let _forget = Forget {
+                connection: &connection,
+                correlation,
+            };
+            if connection.is_closed() {
+                return Err(CallError::Closed { peer });
+            }
+            let frame = encode(KIND_REQUEST, correlation, group, method, &body);
+            connection
+                .frames
+                .send(frame)
+                .await
+                .map_err(|_| CallError::Closed { peer })?;
+            rx.await.unwrap_or(Err(CallError::Closed { peer }))
+        };
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(result) => result,
+            Err(_) => Err(CallError::Timeout { peer, timeout }),
+        }
+    }
+
+    /// The live connection to `peer`, dialing it if there is none.
+    async fn connection(&self, peer: NodeId) -> Result<Arc<Connection>, CallError> {
+        if let Some(connection) = self.live(peer) {
+            return Ok(connection);
+        }
+        let lock = Arc::clone(self.inner.dial_locks.lock().entry(peer).or_default());
+        let _dialing = lock.lock().await;
+        if let Some(connection) = self.live(peer) {
+            return Ok(connection);
+        }
+        let address = {
+            let state = self.inner.state.lock();
+            if let Some((until, _, reason)) = state.backoff.get(&peer)
+                && Instant::now() < *until
+            {
+                return Err(unreachable(peer, format!("backing off after: {reason}")));
+            }
+            state
+                .addresses
+                .get(&peer)
+                .cloned()
+                .ok_or_else(|| unreachable(peer, "no address known".to_owned()))?
+        };
+        let dialed = async {
+            let stream = tokio::time::timeout(
+                self.inner.config.connect_timeout,
+                TcpStream::connect(&address),
+            )
+            .await
+            .map_err(|_| unreachable(peer, format!("connecting to {address} timed out")))?
+            .map_err(|e| unreachable(peer, format!("connecting to {address}: {e}")))?;
+            self.handshake(stream, true, Some(peer)).await
+        }
+        .await;
+        let mut state = self.inner.state.lock();
+        match dialed {
+            Ok(connection) => {
+                state.backoff.remove(&peer);
+                Ok(connection)
+            }
+            Err(e) => {
+                let (min, max) = (self.inner.config.backoff_min, self.inner.config.backoff_max);
+                let next = state
+                    .backoff
+                    .get(&peer)
+                    .map_or(min, |(_, last, _)| (*last * 2).min(max));
+                state
+                    .backoff
+                    .insert(peer, (Instant::now() + next, next, e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    fn live(&self, peer: NodeId) -> Option<Arc<Connection>> {
+        let state = self.inner.state.lock();
+        state
+            .connections
+            .get(&peer)
+            .filter(|c| !c.is_closed())
+            .cloned()
+    }
+
+    async fn accept_loop(self, listener: TcpListener) {
+        let mut shutdown = self.inner.shutdown.subscribe();
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            match accepted {
+                Ok((stream, from)) => {
+                    let transport = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = transport.handshake(stream, false, None).await {
+                            tracing::info!(%from, error = %e, "refused a cluster connection");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a cluster connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Exchanges hellos on a new connection (`dialed` by this node or accepted), checks the
+    /// peer, registers the connection and starts its reader and writer.
+    async fn handshake(
+        &self,
+        stream: TcpStream,
+        dialed: bool,
+        expected: Option<NodeId>,
+    ) -> Result<Arc<Connection>, CallError> {
+        let peer_for_errors = expected.unwrap_or(0);
+        let _ = stream.set_nodelay(true);
+        let (mut reader, writer) = stream.into_split();
+        let mut writer = BufWriter::new(writer);
+        let config = &self.inner.config;
+        let hello = Hello {
+            node_id: config.node_id,
+            cluster_id: config.cluster_id.clone(),
+            advertise: config.advertise.clone(),
+        };
+        let hello_bytes =
+            serde_json::to_vec(&hello).map_err(|e| unreachable(peer_for_errors, e.to_string()))?;
+        let io = |e: std::io::Error| unreachable(peer_for_errors, format!("handshake: {e}"));
+        writer
+            .write_all(&encode(KIND_HELLO, 0, 0, 0, &hello_bytes))
+            .await
+            .map_err(io)?;
+        writer.flush().await.map_err(io)?;
+        let frame = tokio::time::timeout(
+            config.connect_timeout,
+            read_frame(&mut reader, config.frame_bytes_max),
+        )
+        .await
+        .map_err(|_| unreachable(peer_for_errors, "no hello from the peer in time".to_owned()))?
+        .map_err(io)?;
+        if frame.kind == KIND_REFUSED {
+            return Err(unreachable(
+                peer_for_errors,
+                format!("refused: {}", String::from_utf8_lossy(&frame.body)),
+            ));
+        }
+        if frame.kind != KIND_HELLO {
+            return Err(unreachable(
+                peer_for_errors,
+                "the peer did not say hello".to_owned(),
+            ));
+        }
+        let theirs: Hello = serde_json::from_slice(&frame.body)
+            .map_err(|e| unreachable(peer_for_errors, format!("undecodable hello: {e}")))?;
+        let refusal = if theirs.node_id == config.node_id {
+            Some(format!(
+                "node {} at {} has this node's own id",
+                theirs.node_id, theirs.advertise
+            ))
+        } else if let (Some(ours), Some(other)) = (&config.cluster_id, &theirs.cluster_id)
+            && ours != other
+        {
+            Some(format!(
+                "node {} at {} belongs to cluster {other}, this node to cluster {ours}",
+                theirs.node_id, theirs.advertise
+            ))
+        } else {
+            expected.filter(|&id| id != theirs.node_id).map(|id| {
+                format!(
+                    "expected node {id} at {}, found node {}",
+                    theirs.advertise, theirs.node_id
+                )
+            })
+        };
+        if let Some(reason) = refusal {
+            let _ = writer
+                .write_all(&encode(KIND_REFUSED, 0, 0, 0, reason.as_bytes()))
+                .await;
+            let _ = writer.flush().await;
+            return Err(unreachable(theirs.node_id, reason));
+        }
+
+        let peer = theirs.node_id;
+        let dialed_by = if dialed { config.node_id } else { peer };
+        let (frames, queue) = mpsc::channel(config.queue_frames_max);
+        let (closed, _) = watch::channel(false);
+        let connection = Arc::new(Connection {
+            peer,
+            dialed_by,
+            frames,
+            waiting: Mutex::new(HashMap::new()),
+            calls: Semaphore::new(config.calls_max),
+            closed,
+        });
+        // Keep one connection per pair: the one the lower id dialed.
+        let loser = {
+            let mut state = self.inner.state.lock();
+            state
+                .addresses
+                .entry(peer)
+                .or_insert_with(|| theirs.advertise.clone());
+            let keeper = config.node_id.min(peer);
+            match state.connections.get(&peer) {
+                Some(existing)
+                    if !existing.is_closed()
+                        && existing.dialed_by == keeper
+                        && dialed_by != keeper =>
+                {
+                    Some(Arc::clone(&connection))
+                }
+                _ => state
+                    .connections
+                    .insert(peer, Arc::clone(&connection))
+                    .filter(|old| !Arc::ptr_eq(old, &connection)),
+            }
+        };
+        let kept = !matches!(&loser, Some(l) if Arc::ptr_eq(l, &connection));
+        if let Some(loser) = loser {
+            loser.close();
+        }
+        tokio::spawn(write_loop(writer, queue, connection.closed.subscribe()));
+        tokio::spawn(read_loop(self.clone(), reader, Arc::clone(&connection)));
+        if !kept {
+            // The peer keeps the other connection too; this one just closes.
+            return self.live(peer).ok_or(CallError::Closed { peer });
+        }
+        tracing::debug!(peer, dialed_by, "cluster connection up");
+        Ok(connection)
+    }
+
+    fn forget(&self, connection: &Arc<Connection>) {
+        let mut state = self.inner.state.lock();
+        if state
+            .connections
+            .get(&connection.peer)
+            .is_some_and(|c| Arc::ptr_eq(c, connection))
+        {
+            state.connections.remove(&connection.peer);
+        }
+    }
+}
+
+/// Removes a call's waiter however the call ends (answered, timed out, dropped).
+struct Forget<'a> {
+    connection: &'a Connection,
+    correlation: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.connection.waiting.lock().remove(&self.correlation);
+    }
+}
+
+fn unreachable(peer: NodeId, reason: String) -> CallError {
+    CallError::Unreachable { peer, reason }
+}
+
+struct Frame {
+    kind: u8,
+    correlation: u64,
+    group: u32,
+    method: u8,
+    body: Bytes,
+}
+
+fn encode(kind: u8, correlation: u64, group: u32, method: u8, body: &[u8]) -> Bytes {
+    let mut frame = BytesMut::with_capacity(4 + HEADER_BYTES + body.len());
+    frame.put_u32((HEADER_BYTES + body.len()) as u32);
+    frame.put_u8(VERSION);
+    frame.put_u8(kind);
+    frame.put_u64(correlation);
+    frame.put_u32(group);
+    frame.put_u8(method);
+    frame.put_slice(body);
+    frame.freeze()
+}
+
+async fn read_frame(
+    reader: &mut (impl AsyncReadExt + Unpin),
+    frame_bytes_max: u32,
+) -> std::io::Result<Frame> {
+    let length = reader.read_u32().await?;
+    if length > frame_bytes_max || (length as usize) < HEADER_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a frame of {length} bytes is outside 15..={frame_bytes_max}"),
+        ));
+    }
+    let mut bytes = BytesMut::zeroed(length as usize);
+    reader.read_exact(&mut bytes).await?;
+    let mut bytes = bytes.freeze();
+    let version = bytes.get_u8();
+    if version != VERSION {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame version {version}; this node speaks {VERSION}"),
+        ));
+    }
+    Ok(Frame {
+        kind: bytes.get_u8(),
+        correlation: bytes.get_u64(),
+        group: bytes.get_u32(),
+        method: bytes.get_u8(),
+        body: bytes,
+    })
+}
+
+async fn write_loop(
+    mut writer: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut queue: mpsc::Receiver<Bytes>,
+    mut closed: watch::Receiver<bool>,
+) {
+    loop {
+        let frame = tokio::select! {
+            frame = queue.recv() => frame,
+            _ = closed.wait_for(|c| *c) => None,
+        };
+        let Some(frame) = frame else { break };
+        if writer.write_all(&frame).await.is_err() {
+            break;
+        }
+        // Everything queued meanwhile goes in the same write.
+        while let Ok(frame) = queue.try_recv() {
+            if writer.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        if writer.flush().await.is_err() {
+            break;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+async fn read_loop(
+    transport: Transport,
+    mut reader: tokio::net::tcp::OwnedReadHalf,
+    connection: Arc<Connection>,
+) {
+    let serving = Arc::new(Semaphore::new(transport.inner.config.serving_max));
+    let limit = transport.inner.config.frame_bytes_max;
+    let mut closed = connection.closed.subscribe();
+    loop {
+        let frame = tokio::select! {
+            frame = read_frame(&mut reader, limit) => frame,
+            _ = closed.wait_for(|c| *c) => break,
+        };
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                    tracing::info!(peer = connection.peer, error = %e, "closing a cluster connection");
+                }
+                break;
+            }
+        };
+        match frame.kind {
+            KIND_REQUEST => {
+                // Wait for room rather than read more: the peer's writes back up in TCP.
+                let Ok(permit) = Arc::clone(&serving).acquire_owned().await else {
+                    break;
+                };
+                let service = Arc::clone(&transport.inner.service);
+                let connection = Arc::clone(&connection);
+                tokio::spawn(async move {
+                    let answer = service
+                        .handle(connection.peer, frame.group, frame.method, frame.body)
+                        .await;
+                    let reply = match answer {
+                        Ok(body) => encode(
+                            KIND_RESPONSE,
+                            frame.correlation,
+                            frame.group,
+                            frame.method,
+                            &body,
+                        ),
+                        Err(reason) => encode(
+                            KIND_ERROR,
+                            frame.correlation,
+                            frame.group,
+                            frame.method,
+                            reason.as_bytes(),
+                        ),
+                    };
+                    let _ = connection.frames.send(reply).await;
+                    drop(permit);
+                });
+            }
+            KIND_RESPONSE | KIND_ERROR => {
+                let waiter = connection.waiting.lock().remove(&frame.correlation);
+                if let Some(waiter) = waiter {
+                    let result = if frame.kind == KIND_RESPONSE {
+                        Ok(frame.body)
+                    } else {
+                        Err(CallError::Remote {
+                            peer: connection.peer,
+                            reason: String::from_utf8_lossy(&frame.body).into_owned(),
+                        })
+                    };
+                    let _ = waiter.send(result);
+                }
+            }
+            other => {
+                tracing::info!(
+                    peer = connection.peer,
+                    kind = other,
+                    "unexpected frame kind; closing"
+                );
+                break;
+            }
+        }
+    }
+    connection.close();
+    transport.forget(&connection);
+}
+
+/// The address a listener is bound to, as a string peers can dial.
+pub fn local_address(listener: &TcpListener) -> std::io::Result<String> {
+    let address: SocketAddr = listener.local_addr()?;
+    Ok(address.to_string())
+}
