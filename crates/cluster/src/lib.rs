@@ -7,6 +7,8 @@
 //! - [`controller`]: the controller group's commands, state and Raft types.
 //! - [`placement`]: rendezvous hashing of partitions, queues and consumer groups to nodes.
 //! - [`log_store`]: a durable Raft log in one append-only file with a CRC per record.
+//! - [`node`]: the controller group on one node: proposals and linearizable reads from any node.
+//! - [`network`]: openraft's RPCs over the transport, and the per-group request router.
 //! - [`transport`]: one multiplexed TCP connection per pair of nodes.
 //! - [`state_machine`]: openraft's state-machine storage around a deterministic [`Machine`].
 //!
@@ -14,6 +16,8 @@
 
 pub mod controller;
 pub mod log_store;
+pub mod network;
+pub mod node;
 pub mod placement;
 pub mod state_machine;
 pub mod transport;

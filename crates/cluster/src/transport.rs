@@ -216,11 +216,11 @@ impl Transport {
     pub fn set_address(&self, peer: NodeId, address: String) {
         let old = {
             let mut state = self.inner.state.lock();
-            let changed = state
-                .addresses
-                .insert(peer, address.clone())
-                .is_some_and(|old| old != address);
-            state.backoff.remove(&peer);
+            let previous = state.addresses.insert(peer, address.clone());
+            let changed = previous.as_ref().is_some_and(|old| *old != address);
+            if previous.is_none() || changed {
+                state.backoff.remove(&peer);
+            }
             if changed {
                 state.connections.remove(&peer)
             } else {
