@@ -40,6 +40,8 @@ pub struct NodeRecord {
 /// A change to the controller's state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ControllerCommand {
+    /// The cluster's id, set once by the node that formed it.
+    Form { cluster_id: String },
     /// A change of definitions (topics, queues, exchanges, bindings, virtual hosts, users,
     /// producer-id blocks).
     Metadata(MetadataCommand),
@@ -55,6 +57,7 @@ pub enum ControllerCommand {
 impl fmt::Display for ControllerCommand {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::Form { cluster_id } => write!(f, "form cluster {cluster_id}"),
             Self::Metadata(command) => write!(f, "metadata {}", metadata_name(command)),
             Self::AddNode(node) => write!(f, "add node {} at {}", node.id, node.cluster_addr),
             Self::UpdateNode(node) => write!(f, "update node {} at {}", node.id, node.cluster_addr),
@@ -75,8 +78,9 @@ fn metadata_name(command: &MetadataCommand) -> &'static str {
 }
 
 /// What applying a command gave, the same on every node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControllerReply {
+    #[default]
     Applied,
     /// The command did not fit the state and changed nothing; the reason, for the client.
     Refused(String),
@@ -85,6 +89,8 @@ pub enum ControllerReply {
 /// Everything the controller group agrees on.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ControllerState {
+    /// Set by the first command of the log; every node of the cluster has the same.
+    pub cluster_id: Option<String>,
     pub metadata: MetadataState,
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     /// Every id the cluster ever had and removed: never accepted again.
@@ -109,6 +115,12 @@ impl ControllerState {
 
     fn try_apply(&mut self, command: &ControllerCommand) -> Result<(), String> {
         match command {
+            ControllerCommand::Form { cluster_id } => {
+                if let Some(existing) = &self.cluster_id {
+                    return Err(format!("the cluster was formed already, as {existing}"));
+                }
+                self.cluster_id = Some(cluster_id.clone());
+            }
             ControllerCommand::Metadata(command) => {
                 let (next, _effects) = self.metadata.apply(command).map_err(|e| e.to_string())?;
                 self.metadata = next;

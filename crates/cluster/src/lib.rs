@@ -4,6 +4,7 @@
 //! library behind one crate means an upgrade of openraft (pinned to an exact pre-1.0 version)
 //! touches one place, and that the conformance suite and fault tests here vouch for it.
 //!
+//! - [`cluster`]: node identity, forming and joining the cluster, membership changes.
 //! - [`controller`]: the controller group's commands, state and Raft types.
 //! - [`placement`]: rendezvous hashing of partitions, queues and consumer groups to nodes.
 //! - [`log_store`]: a durable Raft log in one append-only file with a CRC per record.
@@ -14,6 +15,7 @@
 //!
 //! [`Machine`]: state_machine::Machine
 
+pub mod cluster;
 pub mod controller;
 pub mod log_store;
 pub mod network;

@@ -42,6 +42,14 @@ pub mod method {
     pub const PRE_VOTE: u8 = 4;
     /// A command forwarded to the group's leader (see [`crate::node`]).
     pub const WRITE: u8 = 10;
+    /// A read index asked of the leader.
+    pub const READ_INDEX: u8 = 11;
+    /// What a node knows of the cluster (see [`crate::cluster`]).
+    pub const STATUS: u8 = 12;
+    /// A new node asks to be admitted (served by the leader).
+    pub const JOIN: u8 = 13;
+    /// A node is to be removed (served by the leader).
+    pub const LEAVE: u8 = 14;
 }
 
 /// Snapshots may take longer than one RPC's budget.
@@ -201,7 +209,9 @@ where
 
 fn rpc_error<C: RaftTypeConfig>(e: CallError) -> RPCError<C> {
     match e {
-        CallError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+        CallError::Unreachable { .. } | CallError::Refused { .. } => {
+            RPCError::Unreachable(Unreachable::new(&e))
+        }
         _ => RPCError::Network(NetworkError::new(&e)),
     }
 }

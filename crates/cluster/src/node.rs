@@ -41,7 +41,7 @@ use crate::transport::{CallError, Transport};
 pub const CONTROLLER_GROUP: u32 = 0;
 
 /// Asks the leader for a linearizable read index.
-const READ_INDEX: u8 = 11;
+const READ_INDEX: u8 = method::READ_INDEX;
 
 /// How the controller group runs.
 #[derive(Debug, Clone)]
@@ -114,6 +114,8 @@ pub struct ControllerNode {
     transport: Transport,
     router: Arc<Router>,
     settings: ControllerSettings,
+    /// Membership changes this node makes as leader go one at a time.
+    membership: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for ControllerNode {
@@ -153,22 +155,51 @@ impl ControllerNode {
         let raft = Raft::new(id, Arc::new(config), network, log, machine.clone())
             .await
             .map_err(|e| stopped(&e))?;
-        let node = Arc::new(Self {
+        Ok(Arc::new(Self {
             id,
-            raft: raft.clone(),
+            raft,
             machine,
             transport,
-            router: Arc::clone(&router),
+            router,
             settings,
-        });
-        router.register(
+            membership: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    pub(crate) fn membership_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.membership
+    }
+
+    /// Answers peers for the controller group from now on. Until this is called the node
+    /// takes no part in the group: a node must not answer Raft before it is known to belong
+    /// (see [`crate::cluster`]).
+    pub fn serve(self: &Arc<Self>) {
+        self.router.register(
             CONTROLLER_GROUP,
             Arc::new(ControllerServer {
-                raft: RaftServer::new(raft.clone()),
-                node: Arc::downgrade(&node),
+                raft: RaftServer::new(self.raft.clone()),
+                node: Arc::downgrade(self),
             }),
         );
-        Ok(node)
+    }
+
+    /// Whether this node's Raft holds any state (a vote, log or snapshot): it has been part of
+    /// a group before.
+    pub async fn has_state(&self) -> Result<bool, ProposeError> {
+        self.raft
+            .is_initialized()
+            .await
+            .map_err(|e| ProposeError::Stopped(e.to_string()))
+    }
+
+    /// The transport this node's group uses.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// The settings the group runs with.
+    pub fn settings(&self) -> &ControllerSettings {
+        &self.settings
     }
 
     pub fn id(&self) -> NodeId {
@@ -212,6 +243,24 @@ impl ControllerNode {
         &self.raft
     }
 
+    /// Makes sure the transport can reach `peer`, from the group's membership.
+    pub(crate) fn learn_address(&self, peer: NodeId) {
+        let metrics = self.metrics();
+        if let Some(node) = metrics.membership_config.membership().get_node(&peer) {
+            self.transport.set_address(peer, node.addr.clone());
+        }
+    }
+
+    /// The cluster address of a member, from the group's membership.
+    pub(crate) fn address_of(&self, peer: NodeId) -> Option<String> {
+        let metrics = self.metrics();
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&peer)
+            .map(|node| node.addr.clone())
+    }
+
     /// Commits `command` through the leader and returns its reply.
     pub async fn propose(
         &self,
@@ -242,6 +291,7 @@ impl ControllerNode {
                     }
                 }
                 Some(leader) => {
+                    self.learn_address(leader);
                     let body = to_json(&command).map_err(ProposeError::Stopped)?;
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     match self
@@ -261,7 +311,11 @@ impl ControllerNode {
                                 return Err(ProposeError::Indeterminate(reason));
                             }
                         },
-                        Err(e @ (CallError::Unreachable { .. } | CallError::TooLarge { .. })) => {
+                        Err(
+                            e @ (CallError::Unreachable { .. }
+                            | CallError::Refused { .. }
+                            | CallError::TooLarge { .. }),
+                        ) => {
                             last = e.to_string();
                         }
                         Err(e) => return Err(ProposeError::Indeterminate(e.to_string())),
@@ -297,6 +351,7 @@ impl ControllerNode {
                     }
                 },
                 Some(leader) => {
+                    self.learn_address(leader);
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     match self
                         .transport
@@ -390,6 +445,15 @@ impl GroupHandler for ControllerServer {
                         return to_json(&ReadAnswer::Failed("the controller is stopping".into()));
                     };
                     to_json(&node.read_index().await)
+                })
+            }
+            method::STATUS | method::JOIN | method::LEAVE => {
+                let node = self.node.upgrade();
+                Box::pin(async move {
+                    let Some(node) = node else {
+                        return Err("the controller is stopping".into());
+                    };
+                    crate::cluster::serve_membership(&node, from, method, body).await
                 })
             }
             _ => self.raft.handle(from, method, body),

@@ -38,7 +38,9 @@ const SNAPSHOT_BYTES_MAX: u64 = 1 << 30;
 /// A replicated state machine: commands in, replies out, deterministically.
 pub trait Machine: Default + Send + Sync + 'static {
     type Command: openraft::AppData;
-    type Reply: openraft::AppDataResponse;
+    /// The default is the answer to Raft's own entries (blank, membership), whose writers
+    /// (membership changes) wait for an answer too.
+    type Reply: openraft::AppDataResponse + Default;
 
     /// Applies the committed command at log `index`. Must depend on nothing but `self`,
     /// `index` and `command`.
@@ -312,18 +314,18 @@ where
                 );
                 state.last_applied = Some(log_id.clone());
                 match &entry.payload {
-                    EntryPayload::Blank => None,
-                    EntryPayload::Normal(command) => {
-                        Some(state.machine.apply(log_id.index(), command))
-                    }
+                    EntryPayload::Blank => M::Reply::default(),
+                    EntryPayload::Normal(command) => state.machine.apply(log_id.index(), command),
                     EntryPayload::Membership(membership) => {
                         state.last_membership =
                             StoredMembershipOf::<C>::new(Some(log_id.clone()), membership.clone());
-                        None
+                        M::Reply::default()
                     }
                 }
             };
-            if let (Some(responder), Some(reply)) = (responder, reply) {
+            // Every entry with a waiting writer gets an answer, Raft's own included: a
+            // membership change waits for it.
+            if let Some(responder) = responder {
                 responder.send(reply);
             }
         }

@@ -5,7 +5,9 @@
 //! # Frames
 //! `[length u32 BE: bytes after this field][version u8 = 1][kind u8][correlation u64 BE]
 //! [group u32 BE][method u8][body]`. Kinds: `1` hello, `2` request, `3` response, `4` error
-//! response (body: UTF-8 reason), `5` refusal (body: reason; the sender closes). The body is
+//! response (body: UTF-8 reason), `5` refusal (body: reason; the sender closes), `6` welcome.
+//! A connection opens with a hello each way, then each side's verdict on the other's hello
+//! (welcome or refusal), so both ends learn why a connection was refused. The body is
 //! opaque here: callers choose its encoding, and record batches can travel as raw bytes.
 //! A frame longer than [`TransportConfig::frame_bytes_max`] closes the connection before
 //! anything is allocated for it.
@@ -48,6 +50,7 @@ const KIND_REQUEST: u8 = 2;
 const KIND_RESPONSE: u8 = 3;
 const KIND_ERROR: u8 = 4;
 const KIND_REFUSED: u8 = 5;
+const KIND_WELCOME: u8 = 6;
 /// Bytes after the length field before the body.
 const HEADER_BYTES: usize = 1 + 1 + 8 + 4 + 1;
 
@@ -105,6 +108,10 @@ pub enum CallError {
     /// The peer served the request and answered with an error.
     #[error("node {peer} answered with an error: {reason}")]
     Remote { peer: NodeId, reason: String },
+    /// The peer is not one this node may talk to (another cluster, this node's own id, not the
+    /// node expected at that address); the reason says which.
+    #[error("refused: {reason}")]
+    Refused { peer: NodeId, reason: String },
     /// The request is larger than a frame may be.
     #[error("a request of {bytes} bytes is over the frame limit of {limit}")]
     TooLarge { bytes: usize, limit: u32 },
@@ -146,6 +153,8 @@ impl std::fmt::Debug for Transport {
 
 struct Inner {
     config: TransportConfig,
+    /// The cluster id, once known (it changes from none to the cluster's when a node joins).
+    cluster_id: Mutex<Option<String>>,
     service: Arc<dyn Service>,
     state: Mutex<PeerTable>,
     /// One dial at a time per peer.
@@ -195,6 +204,7 @@ impl Transport {
         let (shutdown, _) = watch::channel(false);
         let transport = Self {
             inner: Arc::new(Inner {
+                cluster_id: Mutex::new(config.cluster_id.clone()),
                 config,
                 service,
                 state: Mutex::new(PeerTable::default()),
@@ -230,6 +240,11 @@ impl Transport {
         if let Some(old) = old {
             old.close();
         }
+    }
+
+    /// Sets the cluster id checked against peers' from now on.
+    pub fn set_cluster_id(&self, cluster_id: Option<String>) {
+        *self.inner.cluster_id.lock() = cluster_id;
     }
 
     /// The peers this node has a live connection to.
@@ -425,9 +440,10 @@ impl Transport {
         let (mut reader, writer) = stream.into_split();
         let mut writer = BufWriter::new(writer);
         let config = &self.inner.config;
+        let cluster_id = self.inner.cluster_id.lock().clone();
         let hello = Hello {
             node_id: config.node_id,
-            cluster_id: config.cluster_id.clone(),
+            cluster_id: cluster_id.clone(),
             advertise: config.advertise.clone(),
         };
         let hello_bytes =
@@ -446,10 +462,10 @@ impl Transport {
         .map_err(|_| unreachable(peer_for_errors, "no hello from the peer in time".to_owned()))?
         .map_err(io)?;
         if frame.kind == KIND_REFUSED {
-            return Err(unreachable(
-                peer_for_errors,
-                format!("refused: {}", String::from_utf8_lossy(&frame.body)),
-            ));
+            return Err(CallError::Refused {
+                peer: peer_for_errors,
+                reason: String::from_utf8_lossy(&frame.body).into_owned(),
+            });
         }
         if frame.kind != KIND_HELLO {
             return Err(unreachable(
@@ -464,11 +480,16 @@ impl Transport {
                 "node {} at {} has this node's own id",
                 theirs.node_id, theirs.advertise
             ))
-        } else if let (Some(ours), Some(other)) = (&config.cluster_id, &theirs.cluster_id)
+        } else if let (Some(ours), Some(other)) = (&cluster_id, &theirs.cluster_id)
             && ours != other
         {
             Some(format!(
                 "node {} at {} belongs to cluster {other}, this node to cluster {ours}",
+                theirs.node_id, theirs.advertise
+            ))
+        } else if let Some(known) = self.claimed_elsewhere(theirs.node_id, &theirs.advertise) {
+            Some(format!(
+                "node id {} is already connected from {known}; the node at {} claims the same id",
                 theirs.node_id, theirs.advertise
             ))
         } else {
@@ -479,12 +500,48 @@ impl Transport {
                 )
             })
         };
+        // Each side gives its verdict on the other's hello, so a refusal reaches both.
         if let Some(reason) = refusal {
             let _ = writer
                 .write_all(&encode(KIND_REFUSED, 0, 0, 0, reason.as_bytes()))
                 .await;
             let _ = writer.flush().await;
-            return Err(unreachable(theirs.node_id, reason));
+            return Err(CallError::Refused {
+                peer: theirs.node_id,
+                reason,
+            });
+        }
+        writer
+            .write_all(&encode(KIND_WELCOME, 0, 0, 0, &[]))
+            .await
+            .map_err(io)?;
+        writer.flush().await.map_err(io)?;
+        let verdict = tokio::time::timeout(
+            config.connect_timeout,
+            read_frame(&mut reader, config.frame_bytes_max),
+        )
+        .await
+        .map_err(|_| {
+            unreachable(
+                theirs.node_id,
+                "no verdict from the peer in time".to_owned(),
+            )
+        })?
+        .map_err(io)?;
+        match verdict.kind {
+            KIND_WELCOME => {}
+            KIND_REFUSED => {
+                return Err(CallError::Refused {
+                    peer: theirs.node_id,
+                    reason: String::from_utf8_lossy(&verdict.body).into_owned(),
+                });
+            }
+            other => {
+                return Err(unreachable(
+                    theirs.node_id,
+                    format!("unexpected frame kind {other} in the handshake"),
+                ));
+            }
         }
 
         let peer = theirs.node_id;
@@ -533,6 +590,17 @@ impl Transport {
         }
         tracing::debug!(peer, dialed_by, "cluster connection up");
         Ok(connection)
+    }
+
+    /// The address of a live connection to `peer` if it is not `advertise`: another node
+    /// already holds that id.
+    fn claimed_elsewhere(&self, peer: NodeId, advertise: &str) -> Option<String> {
+        let state = self.inner.state.lock();
+        let live = state.connections.get(&peer).is_some_and(|c| !c.is_closed());
+        match state.addresses.get(&peer) {
+            Some(known) if live && known != advertise => Some(known.clone()),
+            _ => None,
+        }
     }
 
     fn forget(&self, connection: &Arc<Connection>) {

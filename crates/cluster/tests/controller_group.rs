@@ -41,6 +41,7 @@ async fn start(id: u64, dir: &Path, address: &str, settings: ControllerSettings)
     let node = ControllerNode::open(id, dir, transport.clone(), router, settings)
         .await
         .expect("controller opens");
+    node.serve();
     Member {
         node,
         transport,
