@@ -188,7 +188,12 @@ impl Cluster {
         listener: tokio::net::TcpListener,
         settings: ClusterSettings,
     ) -> Result<Arc<Self>, ClusterError> {
-        let identity = NodeIdentity::load_or_create(dir)?;
+        let identity = {
+            let dir = dir.to_owned();
+            tokio::task::spawn_blocking(move || NodeIdentity::load_or_create(&dir))
+                .await
+                .map_err(|e| ClusterError::Refused(e.to_string()))??
+        };
         let router = Arc::new(Router::default());
         let mut config = TransportConfig::new(identity.node_id, settings.advertise.clone());
         config.cluster_id = identity.cluster_id.clone();
@@ -279,13 +284,24 @@ impl Cluster {
     }
 
     /// Learns and keeps the cluster id once the controller state has it.
-    fn remember_cluster_id(&self, cluster_id: &str) -> Result<(), ClusterError> {
-        let mut identity = self.identity.lock();
-        if identity.cluster_id.as_deref() == Some(cluster_id) {
-            return Ok(());
-        }
-        identity.cluster_id = Some(cluster_id.to_owned());
-        identity.store(&self.dir)?;
+    async fn remember_cluster_id(&self, cluster_id: &str) -> Result<(), ClusterError> {
+        let updated = {
+            let identity = self.identity.lock();
+            if identity.cluster_id.as_deref() == Some(cluster_id) {
+                return Ok(());
+            }
+            NodeIdentity {
+                node_id: identity.node_id,
+                cluster_id: Some(cluster_id.to_owned()),
+            }
+        };
+        // The file is synced: on the blocking pool.
+        let dir = self.dir.clone();
+        let stored = updated.clone();
+        tokio::task::spawn_blocking(move || stored.store(&dir))
+            .await
+            .map_err(|e| ClusterError::Refused(e.to_string()))??;
+        *self.identity.lock() = updated;
         self.transport.set_cluster_id(Some(cluster_id.to_owned()));
         Ok(())
     }
@@ -308,7 +324,7 @@ impl Cluster {
                     continue;
                 }
                 Ok((record, Some(cluster_id))) => {
-                    if let Err(e) = self.remember_cluster_id(&cluster_id) {
+                    if let Err(e) = self.remember_cluster_id(&cluster_id).await {
                         tracing::error!(error = %e, "cannot keep the cluster id");
                     }
                     let mut wanted = self.record();
@@ -400,7 +416,7 @@ impl Cluster {
                         )));
                     }
                     if let Some(cluster_id) = &status.cluster_id {
-                        self.remember_cluster_id(cluster_id)?;
+                        self.remember_cluster_id(cluster_id).await?;
                     }
                     self.controller.serve();
                     self.member.send_replace(Membership::Member);
@@ -408,7 +424,7 @@ impl Cluster {
                     return Ok(());
                 }
                 if let Some(cluster_id) = &status.cluster_id {
-                    self.remember_cluster_id(cluster_id)?;
+                    self.remember_cluster_id(cluster_id).await?;
                 }
                 self.controller.serve();
                 asked_to_join = true;
@@ -448,7 +464,7 @@ impl Cluster {
                 .clone()
                 .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
         };
-        self.remember_cluster_id(&cluster_id)?;
+        self.remember_cluster_id(&cluster_id).await?;
         let mut all: BTreeMap<NodeId, BasicNode> = peers
             .into_iter()
             .map(|(id, address)| (id, BasicNode::new(address)))

@@ -137,8 +137,16 @@ impl ControllerNode {
         settings: ControllerSettings,
     ) -> Result<Arc<Self>, ProposeError> {
         let stopped = |e: &dyn std::fmt::Display| ProposeError::Stopped(e.to_string());
-        let log = crate::log_store::LogStore::open(&dir.join("log")).map_err(|e| stopped(&e))?;
-        let machine = ControllerMachine::open(&dir.join("machine")).map_err(|e| stopped(&e))?;
+        // Opening reads and may sync files: on the blocking pool, never a runtime worker.
+        let dir_owned = dir.to_owned();
+        let (log, machine) = tokio::task::spawn_blocking(move || {
+            let log = crate::log_store::LogStore::<ControllerTypes>::open(&dir_owned.join("log"))?;
+            let machine = ControllerMachine::open(&dir_owned.join("machine"))?;
+            Ok::<_, std::io::Error>((log, machine))
+        })
+        .await
+        .map_err(|e| stopped(&e))?
+        .map_err(|e| stopped(&e))?;
         let config = Config {
             cluster_name: "sluice-controller".into(),
             heartbeat_interval: settings.heartbeat_ms,
