@@ -2,7 +2,7 @@
 //! and the membership changes (add a node, remove a node) the leader carries out.
 //!
 //! # Identity
-//! `node.json` in the cluster directory holds the node's id (random, 63 bits, made at first
+//! `node.json` in the cluster directory holds the node's id (random, 31 bits, made at first
 //! start; ids are never reused because a wiped node makes a new one) and, once known, the
 //! cluster's id. It is replaced atomically. A node whose identity names a cluster but whose
 //! Raft state is gone was wiped under its old id, and refuses to start.
@@ -65,8 +65,10 @@ impl NodeIdentity {
                 reason: format!("undecodable: {e}"),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                // 63 bits, never 0: ids stay positive wherever they are shown or parsed.
-                let node_id = (uuid::Uuid::new_v4().as_u64_pair().0 >> 1).max(1);
+                // 31 bits, never 0: a node's id is also its Kafka broker id, an int32 that
+                // clients expect to be positive. Two nodes drawing the same id is unlikely
+                // (about one in 2^31 per pair) and refused by the registry if it happens.
+                let node_id = (uuid::Uuid::new_v4().as_u64_pair().0 >> 33).max(1);
                 let identity = Self {
                     node_id,
                     cluster_id: None,

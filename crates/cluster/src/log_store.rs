@@ -529,16 +529,26 @@ where
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> Result<(), io::Error> {
         let from = last_log_id.as_ref().map_or(0, |id| id.index() + 1);
-        let mut state = self.shared.state.lock();
-        let Some(cut) = state.entries.range(from..).next().map(|(_, e)| e.at) else {
-            return Ok(());
+        let (cut, file) = {
+            let mut state = self.shared.state.lock();
+            let Some(cut) = state.entries.range(from..).next().map(|(_, e)| e.at) else {
+                return Ok(());
+            };
+            state.forget(from..);
+            (cut, Arc::clone(&state.file))
         };
-        state.forget(from..);
         let path = self.shared.dir.join("log");
-        state
-            .file
-            .set_len(cut)
-            .map_err(|e| context(e, "truncate", &path))?;
+        // Cut and synced on the blocking pool (openraft issues no other log write meanwhile):
+        // a crash cannot leave a later record over a tail the cut removed, which a reopen
+        // would take for damage. Truncations are rare.
+        tokio::task::spawn_blocking(move || {
+            file.set_len(cut)
+                .map_err(|e| context(e, "truncate", &path))?;
+            file.sync_data().map_err(|e| context(e, "sync", &path))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        let mut state = self.shared.state.lock();
         // The cut bytes are gone from the file, not dead in it.
         state.dead_bytes = state.dead_bytes.saturating_sub(state.end - cut);
         state.end = cut;

@@ -21,7 +21,8 @@
 //!
 //! # Bounds and backoff
 //! Each connection has a bounded queue of frames to write and a bounded number of requests it
-//! serves at once (further requests wait in the socket: TCP pushes back on the peer). Every
+//! serves at once (a further request is answered "busy" at once: the reader never stops, since
+//! answers to this node's own calls share the socket). Every
 //! call has a timeout and removes its waiter when it ends, so a slow or dead peer never grows
 //! memory. A failed dial makes calls to that peer fail at once as [`CallError::Unreachable`]
 //! for a backoff that doubles from [`TransportConfig::backoff_min`] to
@@ -732,9 +733,21 @@ async fn read_loop(
         };
         match frame.kind {
             KIND_REQUEST => {
-                // Wait for room rather than read more: the peer's writes back up in TCP.
-                let Ok(permit) = Arc::clone(&serving).acquire_owned().await else {
-                    break;
+                // Never stop reading to wait for room: answers to this node's own calls come
+                // on the same socket, and a handler may be waiting for one of them. A request
+                // over the limit is answered "busy" at once; the caller retries.
+                let Ok(permit) = Arc::clone(&serving).try_acquire_owned() else {
+                    let busy = encode(
+                        KIND_ERROR,
+                        frame.correlation,
+                        frame.group,
+                        frame.method,
+                        b"busy: too many requests in progress on this connection",
+                    );
+                    if connection.frames.send(busy).await.is_err() {
+                        break;
+                    }
+                    continue;
                 };
                 let service = Arc::clone(&transport.inner.service);
                 let connection = Arc::clone(&connection);

@@ -158,13 +158,24 @@ async fn three_nodes_agree_survive_their_leader_and_catch_up() -> anyhow::Result
             .await?;
         assert_eq!(reply, ControllerReply::Applied);
     }
-    let first_kept = rest[0]
-        .node
-        .metrics()
-        .purged
-        .map(|p| p.index)
-        .unwrap_or_default();
-    assert!(first_kept > 0, "the log was purged behind a snapshot");
+    // Snapshots are built and the log purged in the background: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first_kept = loop {
+        let purged = rest[0]
+            .node
+            .metrics()
+            .purged
+            .map(|p| p.index)
+            .unwrap_or_default();
+        if purged > 0 {
+            break purged;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the log was never purged behind a snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
 
     // The old leader returns with its files and address: it catches up by snapshot.
     let expected = rest[0].node.read_linearizable(encoded).await?;
