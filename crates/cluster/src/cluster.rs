@@ -29,7 +29,6 @@
 //! the rest); node ids and addresses are checked by the controller's deterministic apply.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,15 +90,8 @@ impl NodeIdentity {
             reason,
         };
         std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-        let tmp = dir.join("node.json.tmp");
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| fail(e.to_string()))?;
-        let mut file = std::fs::File::create(&tmp).map_err(|e| fail(e.to_string()))?;
-        file.write_all(&bytes).map_err(|e| fail(e.to_string()))?;
-        file.sync_all().map_err(|e| fail(e.to_string()))?;
-        std::fs::rename(&tmp, &path).map_err(|e| fail(e.to_string()))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| fail(e.to_string()))
+        crate::files::replace_atomically(dir, "node.json", &bytes).map_err(|e| fail(e.to_string()))
     }
 }
 

@@ -17,6 +17,7 @@
 
 pub mod cluster;
 pub mod controller;
+mod files;
 pub mod log_store;
 pub mod network;
 pub mod node;

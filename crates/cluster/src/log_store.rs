@@ -32,6 +32,8 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+
+use crate::files::{context, sync_dir};
 use std::ops::RangeBounds;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -362,27 +364,6 @@ where
     Ok(Some(vote))
 }
 
-fn write_vote_file(dir: &Path, frame: &[u8]) -> io::Result<()> {
-    let tmp = dir.join("vote.tmp");
-    let path = dir.join("vote");
-    let mut file = File::create(&tmp).map_err(|e| context(e, "create", &tmp))?;
-    file.write_all(frame)
-        .map_err(|e| context(e, "write", &tmp))?;
-    file.sync_all().map_err(|e| context(e, "sync", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(|e| context(e, "rename", &tmp))?;
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| context(e, "sync", dir))
-}
-
-fn context(e: io::Error, op: &str, path: &Path) -> io::Error {
-    io::Error::new(e.kind(), format!("{op} {}: {e}", path.display()))
-}
-
 fn corrupt(path: &Path, offset: u64, reason: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -468,7 +449,7 @@ where
     async fn save_vote(&mut self, vote: &VoteOf<C>) -> Result<(), io::Error> {
         let frame = frame(0, &to_json(vote)?)?;
         let dir = self.shared.dir.clone();
-        tokio::task::spawn_blocking(move || write_vote_file(&dir, &frame))
+        tokio::task::spawn_blocking(move || crate::files::replace_atomically(&dir, "vote", &frame))
             .await
             .map_err(io::Error::other)??;
         self.shared.state.lock().vote = Some(vote.clone());

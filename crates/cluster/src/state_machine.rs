@@ -15,8 +15,9 @@
 //! purged.
 
 use std::fmt::Debug;
-use std::fs::File;
-use std::io::{self, Cursor, Write};
+use std::io::{self, Cursor};
+
+use crate::files::context;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -155,10 +156,6 @@ where
     }
 }
 
-fn context(e: io::Error, op: &str, path: &Path) -> io::Error {
-    io::Error::new(e.kind(), format!("{op} {}: {e}", path.display()))
-}
-
 fn corrupt(path: &Path, reason: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -227,19 +224,6 @@ where
     Ok(Some((meta, data.to_vec())))
 }
 
-fn write_snapshot_file(dir: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = dir.join("snapshot.tmp");
-    let path = dir.join("snapshot");
-    let mut file = File::create(&tmp).map_err(|e| context(e, "create", &tmp))?;
-    file.write_all(bytes)
-        .map_err(|e| context(e, "write", &tmp))?;
-    file.sync_all().map_err(|e| context(e, "sync", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(|e| context(e, "rename", &tmp))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| context(e, "sync", dir))
-}
-
 impl<C, M> StateMachineStore<C, M>
 where
     M: Machine,
@@ -250,9 +234,11 @@ where
     async fn keep_snapshot(&self, meta: SnapshotMetaOf<C>, data: Arc<Vec<u8>>) -> io::Result<()> {
         let bytes = encode_snapshot::<C>(&meta, &data)?;
         let dir = self.shared.dir.clone();
-        tokio::task::spawn_blocking(move || write_snapshot_file(&dir, &bytes))
-            .await
-            .map_err(io::Error::other)??;
+        tokio::task::spawn_blocking(move || {
+            crate::files::replace_atomically(&dir, "snapshot", &bytes)
+        })
+        .await
+        .map_err(io::Error::other)??;
         self.shared.state.lock().snapshot = Some((meta, data));
         Ok(())
     }
