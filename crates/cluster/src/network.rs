@@ -6,13 +6,17 @@
 //! `Result<response, reason>`: a group that fails to serve (shutting down, say) answers with its
 //! reason, which the caller reports to openraft as a network error to retry.
 //!
+//! A snapshot whose data the local state machine cannot decode is answered with an error and
+//! never reaches openraft: openraft takes a failed install for a storage failure and stops the
+//! group.
+//!
 //! Errors are mapped so openraft backs off from dead peers: a peer that cannot be reached is
 //! `Unreachable`; a call that timed out or whose connection closed is a `Network` error, retried
 //! at once (on a new connection).
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::Cursor;
+use std::io::{self, Cursor};
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,6 +36,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::placement::NodeId;
+use crate::state_machine::{Machine, StateMachineStore};
 use crate::transport::{CallError, Service, Transport};
 
 /// The RPCs a group serves, as transport method numbers.
@@ -50,47 +55,24 @@ pub mod method {
     pub const JOIN: u8 = 13;
     /// A node is to be removed (served by the leader).
     pub const LEAVE: u8 = 14;
+    /// A node's view of the cluster, for status reports (see [`crate::status`]).
+    pub const REPORT: u8 = 15;
 }
 
 /// Snapshots may take longer than one RPC's budget.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What openraft needs of a group's types to travel over the transport.
-pub trait WireTypes:
-    RaftTypeConfig<
-        NodeId = NodeId,
-        Node = BasicNode,
-        D: Serialize + DeserializeOwned,
-        R: Serialize + DeserializeOwned,
-    >
-where
-    AppendEntriesRequest<Self>: Serialize + DeserializeOwned,
-    AppendEntriesResponse<Self>: Serialize + DeserializeOwned,
-    VoteRequest<Self>: Serialize + DeserializeOwned,
-    VoteResponse<Self>: Serialize + DeserializeOwned,
-    SnapshotResponse<Self>: Serialize + DeserializeOwned,
-    VoteOf<Self>: Serialize + DeserializeOwned,
-    SnapshotMetaOf<Self>: Serialize + DeserializeOwned,
-{
-}
+/// What a group's types must be to travel over the transport: its node ids are cluster node
+/// ids and its nodes are addresses.
+///
+/// No serde bound is written here or at any use: openraft's `serde` feature (enabled in
+/// Cargo.toml) derives every message with no bounds of its own and requires serde of every
+/// type a message carries, so every type config's messages are serde-capable. A bound in a
+/// trait's `where` clause would not help anyway: Rust does not carry it to the trait's users,
+/// so each of them would have to repeat it.
+pub trait WireTypes: RaftTypeConfig<NodeId = NodeId, Node = BasicNode> {}
 
-impl<C> WireTypes for C
-where
-    C: RaftTypeConfig<
-            NodeId = NodeId,
-            Node = BasicNode,
-            D: Serialize + DeserializeOwned,
-            R: Serialize + DeserializeOwned,
-        >,
-    AppendEntriesRequest<C>: Serialize + DeserializeOwned,
-    AppendEntriesResponse<C>: Serialize + DeserializeOwned,
-    VoteRequest<C>: Serialize + DeserializeOwned,
-    VoteResponse<C>: Serialize + DeserializeOwned,
-    SnapshotResponse<C>: Serialize + DeserializeOwned,
-    VoteOf<C>: Serialize + DeserializeOwned,
-    SnapshotMetaOf<C>: Serialize + DeserializeOwned,
-{
-}
+impl<C> WireTypes for C where C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode> {}
 
 pub(crate) fn to_json(value: &impl Serialize) -> Result<Bytes, String> {
     serde_json::to_vec(value)
@@ -146,16 +128,7 @@ impl<C> GroupNetwork<C> {
     }
 }
 
-impl<C: WireTypes> RaftNetworkFactory<C> for GroupNetwork<C>
-where
-    AppendEntriesRequest<C>: Serialize + DeserializeOwned,
-    AppendEntriesResponse<C>: Serialize + DeserializeOwned,
-    VoteRequest<C>: Serialize + DeserializeOwned,
-    VoteResponse<C>: Serialize + DeserializeOwned,
-    SnapshotResponse<C>: Serialize + DeserializeOwned,
-    VoteOf<C>: Serialize + DeserializeOwned,
-    SnapshotMetaOf<C>: Serialize + DeserializeOwned,
-{
+impl<C: WireTypes> RaftNetworkFactory<C> for GroupNetwork<C> {
     type Network = PeerClient<C>;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient<C> {
@@ -179,16 +152,7 @@ pub struct PeerClient<C> {
     _types: PhantomData<fn() -> C>,
 }
 
-impl<C: WireTypes> PeerClient<C>
-where
-    AppendEntriesRequest<C>: Serialize + DeserializeOwned,
-    AppendEntriesResponse<C>: Serialize + DeserializeOwned,
-    VoteRequest<C>: Serialize + DeserializeOwned,
-    VoteResponse<C>: Serialize + DeserializeOwned,
-    SnapshotResponse<C>: Serialize + DeserializeOwned,
-    VoteOf<C>: Serialize + DeserializeOwned,
-    SnapshotMetaOf<C>: Serialize + DeserializeOwned,
-{
+impl<C: WireTypes> PeerClient<C> {
     async fn rpc<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         method: u8,
@@ -216,16 +180,7 @@ fn rpc_error<C: RaftTypeConfig>(e: CallError) -> RPCError<C> {
     }
 }
 
-impl<C: WireTypes> RaftNetworkV2<C> for PeerClient<C>
-where
-    AppendEntriesRequest<C>: Serialize + DeserializeOwned,
-    AppendEntriesResponse<C>: Serialize + DeserializeOwned,
-    VoteRequest<C>: Serialize + DeserializeOwned,
-    VoteResponse<C>: Serialize + DeserializeOwned,
-    SnapshotResponse<C>: Serialize + DeserializeOwned,
-    VoteOf<C>: Serialize + DeserializeOwned,
-    SnapshotMetaOf<C>: Serialize + DeserializeOwned,
-{
+impl<C: WireTypes> RaftNetworkV2<C> for PeerClient<C> {
     type SnapshotData = Cursor<Vec<u8>>;
 
     async fn append_entries(
@@ -343,19 +298,25 @@ where
     }
 }
 
+/// A state machine that can tell whether snapshot data from a peer is one it could install,
+/// before openraft is given it: openraft takes a failed install for a storage failure and
+/// stops the group, so data that does not decode is refused at the door instead.
+pub trait SnapshotCheck {
+    fn check_snapshot(data: &[u8]) -> io::Result<()>;
+}
+
+impl<C: RaftTypeConfig, M: Machine> SnapshotCheck for StateMachineStore<C, M> {
+    fn check_snapshot(data: &[u8]) -> io::Result<()> {
+        M::decode(data).map(drop)
+    }
+}
+
 impl<C, SM> GroupHandler for RaftServer<C, SM>
 where
     C: WireTypes,
-    SM: RaftStateMachine<C, SnapshotData = Cursor<Vec<u8>>>,
-    AppendEntriesRequest<C>: Serialize + DeserializeOwned,
-    AppendEntriesResponse<C>: Serialize + DeserializeOwned,
-    VoteRequest<C>: Serialize + DeserializeOwned,
-    VoteResponse<C>: Serialize + DeserializeOwned,
-    SnapshotResponse<C>: Serialize + DeserializeOwned,
-    VoteOf<C>: Serialize + DeserializeOwned,
-    SnapshotMetaOf<C>: Serialize + DeserializeOwned,
+    SM: RaftStateMachine<C, SnapshotData = Cursor<Vec<u8>>> + SnapshotCheck,
 {
-    fn handle(&self, _from: NodeId, method: u8, body: Bytes) -> Answer {
+    fn handle(&self, from: NodeId, method: u8, body: Bytes) -> Answer {
         let raft = self.raft.clone();
         Box::pin(async move {
             match method {
@@ -385,6 +346,16 @@ where
                         .ok_or("snapshot request cut short")?;
                     let (vote, meta): (VoteOf<C>, SnapshotMetaOf<C>) = from_json(head)?;
                     let data = body.slice(4 + head_len..).to_vec();
+                    // Decoding a large snapshot takes a while: not on an async worker.
+                    let checked = tokio::task::spawn_blocking(move || {
+                        SM::check_snapshot(&data).map(|()| data)
+                    })
+                    .await
+                    .map_err(|e| format!("checking a snapshot: {e}"))?;
+                    let data = checked.map_err(|e| {
+                        tracing::warn!(from, error = %e, "refused a snapshot whose data does not decode");
+                        format!("snapshot data does not decode: {e}")
+                    })?;
                     let snapshot = SnapshotOf::<C, Cursor<Vec<u8>>> {
                         meta,
                         snapshot: Cursor::new(data),
@@ -398,5 +369,87 @@ where
                 other => Err(format!("unknown Raft method {other}")),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use openraft::alias::{LeaderIdOf, LogIdOf};
+    use openraft::vote::RaftLeaderIdExt;
+    use openraft::{Config, Raft};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::controller::{ControllerState, ControllerTypes};
+    use crate::log_store::LogStore;
+    use crate::transport::TransportConfig;
+
+    type Store = StateMachineStore<ControllerTypes, ControllerState>;
+
+    fn log_id(index: u64) -> LogIdOf<ControllerTypes> {
+        LogIdOf::<ControllerTypes>::new(LeaderIdOf::<ControllerTypes>::new_committed(2, 2), index)
+    }
+
+    /// A snapshot request as [`PeerClient::full_snapshot`] sends it, from node 2 leading term 2.
+    fn snapshot_request(data: &[u8]) -> Bytes {
+        let vote = VoteOf::<ControllerTypes>::new_committed(2, 2);
+        let meta = SnapshotMetaOf::<ControllerTypes> {
+            last_log_id: Some(log_id(10)),
+            last_membership: Default::default(),
+        };
+        let head = to_json(&(&vote, &meta)).expect("encodes");
+        let mut body = BytesMut::new();
+        body.put_u32(head.len() as u32);
+        body.put_slice(&head);
+        body.put_slice(data);
+        body.freeze()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_that_does_not_decode_is_refused_and_raft_keeps_running() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let transport = Transport::start(
+            TransportConfig::new(1, address),
+            listener,
+            Arc::new(Router::default()),
+        );
+        let log = LogStore::<ControllerTypes>::open(&dir.path().join("log")).expect("log opens");
+        let machine = Store::open(&dir.path().join("machine")).expect("machine opens");
+        let config = Config::default().validate().expect("valid config");
+        let raft = Raft::new(
+            1,
+            Arc::new(config),
+            GroupNetwork::new(transport.clone(), 0),
+            log,
+            machine.clone(),
+        )
+        .await
+        .expect("raft starts");
+        let server = RaftServer::new(raft.clone());
+
+        let refused = server
+            .handle(2, method::SNAPSHOT, snapshot_request(b"not a snapshot"))
+            .await
+            .expect_err("an undecodable snapshot is refused");
+        assert!(refused.contains("does not decode"), "{refused}");
+        assert_eq!(machine.last_applied(), None);
+        // openraft never saw it: the group still runs and installs a good snapshot.
+        assert!(raft.is_initialized().await.is_ok(), "raft stopped");
+        let data = ControllerState::default().encode().expect("encodes");
+        let answer = server
+            .handle(2, method::SNAPSHOT, snapshot_request(&data))
+            .await
+            .expect("a good snapshot is served");
+        let answer: Result<SnapshotResponse<ControllerTypes>, String> =
+            from_json(&answer).expect("an answer");
+        answer.expect("a good snapshot installs");
+        assert_eq!(machine.last_applied(), Some(log_id(10)));
+
+        raft.shutdown().await.expect("raft stops");
+        transport.shutdown();
     }
 }

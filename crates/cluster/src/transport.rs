@@ -10,7 +10,9 @@
 //! (welcome or refusal), so both ends learn why a connection was refused. The body is
 //! opaque here: callers choose its encoding, and record batches can travel as raw bytes.
 //! A frame longer than [`TransportConfig::frame_bytes_max`] closes the connection before
-//! anything is allocated for it.
+//! anything is allocated for it. Until a connection is welcomed its frames (hello, welcome,
+//! refusal) may be at most [`HANDSHAKE_FRAME_BYTES_MAX`]: a stranger cannot make this node
+//! allocate a full frame before it has said who it is.
 //!
 //! # One connection per pair
 //! Either node may dial. The first frame each way is a hello (node id, cluster id, advertised
@@ -27,6 +29,18 @@
 //! memory. A failed dial makes calls to that peer fail at once as [`CallError::Unreachable`]
 //! for a backoff that doubles from [`TransportConfig::backoff_min`] to
 //! [`TransportConfig::backoff_max`]; the next call after it dials again.
+//!
+//! At most [`TransportConfig::handshakes_max`] accepted connections may be in their handshake
+//! at once (a further one is closed at once), and a handshake that takes longer than
+//! [`TransportConfig::handshake_timeout`] closes its connection, so a flood of idle sockets
+//! holds a bounded amount of memory for a bounded time.
+//!
+//! # Dead peers
+//! A failed read or write closes the connection at once: its waiting calls fail with
+//! [`CallError::Closed`] and the next call dials again. Every connection has `TCP_NODELAY`,
+//! TCP keepalive and (on Linux) `TCP_USER_TIMEOUT`, so a peer that vanished without closing
+//! its sockets (power loss, a cut network) makes reads and writes fail within seconds instead
+//! of hours.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -39,7 +53,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
@@ -54,6 +68,25 @@ const KIND_REFUSED: u8 = 5;
 const KIND_WELCOME: u8 = 6;
 /// Bytes after the length field before the body.
 const HEADER_BYTES: usize = 1 + 1 + 8 + 4 + 1;
+/// The largest frame read or written before a connection is welcomed (length field excluded).
+/// A hello holds a node id, a cluster id and an address, well under 1 KiB; a refusal holds a
+/// sentence naming two addresses.
+pub const HANDSHAKE_FRAME_BYTES_MAX: u32 = 4096;
+/// A connection idle this long gets keepalive probes...
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+/// ...this far apart...
+#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// ...and closes after this many go unanswered: a silent peer is noticed after about
+/// 5 + 3 × 2 = 11 s, where Linux's defaults take over two hours. (Interval and count are set
+/// on Linux only, the platform Sluice is deployed on.)
+#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
+const KEEPALIVE_RETRIES: u32 = 3;
+/// Sent data unacknowledged this long fails the connection (`TCP_USER_TIMEOUT`, Linux only).
+/// Keepalive probes only an idle connection; without this, a write to a vanished peer is
+/// retransmitted for about 15 minutes before it fails.
+#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
+const UNACKNOWLEDGED_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How the transport behaves; the defaults suit a cluster on one network.
 #[derive(Debug, Clone)]
@@ -73,6 +106,10 @@ pub struct TransportConfig {
     /// The largest frame sent or accepted.
     pub frame_bytes_max: u32,
     pub connect_timeout: Duration,
+    /// How long the exchange of hellos and verdicts may take on a new connection.
+    pub handshake_timeout: Duration,
+    /// Accepted connections in their handshake at once; a further one is closed at once.
+    pub handshakes_max: usize,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
 }
@@ -88,6 +125,8 @@ impl TransportConfig {
             calls_max: 1024,
             frame_bytes_max: 64 << 20,
             connect_timeout: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(5),
+            handshakes_max: 64,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
         }
@@ -406,6 +445,12 @@ impl Transport {
 
     async fn accept_loop(self, listener: TcpListener) {
         let mut shutdown = self.inner.shutdown.subscribe();
+        let handshakes_max = self.inner.config.handshakes_max;
+        let handshakes = Arc::new(Semaphore::new(handshakes_max));
+        // Connections closed for want of a handshake slot since the last warning, which is
+        // given at most once a second: a flood must not become a flood of log lines.
+        let mut turned_away_count = 0u64;
+        let mut warned_at: Option<Instant> = None;
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -413,10 +458,34 @@ impl Transport {
             };
             match accepted {
                 Ok((stream, from)) => {
+                    let Ok(handshake_slot) = Arc::clone(&handshakes).try_acquire_owned() else {
+                        drop(stream);
+                        turned_away_count += 1;
+                        if warned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                            tracing::warn!(
+                                %from,
+                                handshakes_max,
+                                turned_away_count,
+                                "too many cluster handshakes in progress; closing new connections"
+                            );
+                            warned_at = Some(Instant::now());
+                            turned_away_count = 0;
+                        }
+                        continue;
+                    };
                     let transport = self.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = transport.handshake(stream, false, None).await {
-                            tracing::info!(%from, error = %e, "refused a cluster connection");
+                        let handshake = transport.handshake(stream, false, None).await;
+                        drop(handshake_slot);
+                        match handshake {
+                            Ok(_) => {}
+                            // The peer's id is not known yet: the reason alone says more.
+                            Err(CallError::Unreachable { reason, .. }) => {
+                                tracing::info!(%from, %reason, "closed a cluster connection in its handshake");
+                            }
+                            Err(e) => {
+                                tracing::info!(%from, error = %e, "refused a cluster connection");
+                            }
                         }
                     });
                 }
@@ -429,15 +498,38 @@ impl Transport {
     }
 
     /// Exchanges hellos on a new connection (`dialed` by this node or accepted), checks the
-    /// peer, registers the connection and starts its reader and writer.
+    /// peer, registers the connection and starts its reader and writer, all within
+    /// [`TransportConfig::handshake_timeout`].
     async fn handshake(
         &self,
         stream: TcpStream,
         dialed: bool,
         expected: Option<NodeId>,
     ) -> Result<Arc<Connection>, CallError> {
+        if let Err(e) = tune(&stream) {
+            // The connection still works; a dead peer is only noticed later.
+            tracing::warn!(error = %e, "setting TCP options on a cluster connection failed");
+        }
+        let timeout = self.inner.config.handshake_timeout;
+        // Nothing is registered before the last await of the exchange, so a handshake cut
+        // short by the timeout leaves nothing behind.
+        tokio::time::timeout(timeout, self.exchange_hellos(stream, dialed, expected))
+            .await
+            .unwrap_or_else(|_| {
+                Err(unreachable(
+                    expected.unwrap_or(0),
+                    format!("the handshake took longer than {timeout:?}"),
+                ))
+            })
+    }
+
+    async fn exchange_hellos(
+        &self,
+        stream: TcpStream,
+        dialed: bool,
+        expected: Option<NodeId>,
+    ) -> Result<Arc<Connection>, CallError> {
         let peer_for_errors = expected.unwrap_or(0);
-        let _ = stream.set_nodelay(true);
         let (mut reader, writer) = stream.into_split();
         let mut writer = BufWriter::new(writer);
         let config = &self.inner.config;
@@ -449,19 +541,38 @@ impl Transport {
         };
         let hello_bytes =
             serde_json::to_vec(&hello).map_err(|e| unreachable(peer_for_errors, e.to_string()))?;
+        if hello_bytes.len() + HEADER_BYTES > HANDSHAKE_FRAME_BYTES_MAX as usize {
+            return Err(unreachable(
+                peer_for_errors,
+                format!(
+                    "this node's hello is {} bytes, over the handshake frame limit of \
+                     {HANDSHAKE_FRAME_BYTES_MAX}: shorten the advertised address or cluster id",
+                    hello_bytes.len() + HEADER_BYTES
+                ),
+            ));
+        }
         let io = |e: std::io::Error| unreachable(peer_for_errors, format!("handshake: {e}"));
+        let read_io = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                unreachable(
+                    peer_for_errors,
+                    format!(
+                        "handshake: {e} (frames before a welcome are at most \
+                         {HANDSHAKE_FRAME_BYTES_MAX} bytes); closing the connection"
+                    ),
+                )
+            } else {
+                io(e)
+            }
+        };
         writer
             .write_all(&encode(KIND_HELLO, 0, 0, 0, &hello_bytes))
             .await
             .map_err(io)?;
         writer.flush().await.map_err(io)?;
-        let frame = tokio::time::timeout(
-            config.connect_timeout,
-            read_frame(&mut reader, config.frame_bytes_max),
-        )
-        .await
-        .map_err(|_| unreachable(peer_for_errors, "no hello from the peer in time".to_owned()))?
-        .map_err(io)?;
+        let frame = read_frame(&mut reader, HANDSHAKE_FRAME_BYTES_MAX)
+            .await
+            .map_err(read_io)?;
         if frame.kind == KIND_REFUSED {
             return Err(CallError::Refused {
                 peer: peer_for_errors,
@@ -502,7 +613,16 @@ impl Transport {
             })
         };
         // Each side gives its verdict on the other's hello, so a refusal reaches both.
-        if let Some(reason) = refusal {
+        if let Some(mut reason) = refusal {
+            // The reason names addresses the peer chose; it must still fit a handshake frame.
+            let room = HANDSHAKE_FRAME_BYTES_MAX as usize - HEADER_BYTES;
+            if reason.len() > room {
+                let mut end = room;
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                reason.truncate(end);
+            }
             let _ = writer
                 .write_all(&encode(KIND_REFUSED, 0, 0, 0, reason.as_bytes()))
                 .await;
@@ -517,18 +637,9 @@ impl Transport {
             .await
             .map_err(io)?;
         writer.flush().await.map_err(io)?;
-        let verdict = tokio::time::timeout(
-            config.connect_timeout,
-            read_frame(&mut reader, config.frame_bytes_max),
-        )
-        .await
-        .map_err(|_| {
-            unreachable(
-                theirs.node_id,
-                "no verdict from the peer in time".to_owned(),
-            )
-        })?
-        .map_err(io)?;
+        let verdict = read_frame(&mut reader, HANDSHAKE_FRAME_BYTES_MAX)
+            .await
+            .map_err(read_io)?;
         match verdict.kind {
             KIND_WELCOME => {}
             KIND_REFUSED => {
@@ -583,7 +694,12 @@ impl Transport {
         if let Some(loser) = loser {
             loser.close();
         }
-        tokio::spawn(write_loop(writer, queue, connection.closed.subscribe()));
+        tokio::spawn(write_loop(
+            self.clone(),
+            writer,
+            queue,
+            Arc::clone(&connection),
+        ));
         tokio::spawn(read_loop(self.clone(), reader, Arc::clone(&connection)));
         if !kept {
             // The peer keeps the other connection too; this one just closes.
@@ -660,7 +776,7 @@ async fn read_frame(
     if length > frame_bytes_max || (length as usize) < HEADER_BYTES {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("a frame of {length} bytes is outside 15..={frame_bytes_max}"),
+            format!("a frame of {length} bytes is outside {HEADER_BYTES}..={frame_bytes_max}"),
         ));
     }
     let mut bytes = BytesMut::zeroed(length as usize);
@@ -682,30 +798,54 @@ async fn read_frame(
     })
 }
 
-async fn write_loop(
-    mut writer: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+/// Sets the options every cluster connection has: no Nagle delay (Raft's messages are small
+/// and latency-bound) and the dead-peer detection described in the module doc.
+fn tune(stream: &TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
+    // Elsewhere the system's probe interval and count apply.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let keepalive = keepalive
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    socket.set_tcp_keepalive(&keepalive)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    socket.set_tcp_user_timeout(Some(UNACKNOWLEDGED_TIMEOUT))?;
+    Ok(())
+}
+
+/// Writes the connection's queued frames until it closes. A failed write closes the
+/// connection (its waiting calls fail at once, the next call dials again): a connection that
+/// cannot carry requests must not stay registered while its reader still looks healthy.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    transport: Transport,
+    mut writer: W,
     mut queue: mpsc::Receiver<Bytes>,
-    mut closed: watch::Receiver<bool>,
+    connection: Arc<Connection>,
 ) {
-    loop {
-        let frame = tokio::select! {
-            frame = queue.recv() => frame,
-            _ = closed.wait_for(|c| *c) => None,
-        };
-        let Some(frame) = frame else { break };
-        if writer.write_all(&frame).await.is_err() {
-            break;
-        }
-        // Everything queued meanwhile goes in the same write.
-        while let Ok(frame) = queue.try_recv() {
-            if writer.write_all(&frame).await.is_err() {
-                return;
+    let mut closed = connection.closed.subscribe();
+    let written: std::io::Result<()> = async {
+        loop {
+            let frame = tokio::select! {
+                frame = queue.recv() => frame,
+                _ = closed.wait_for(|c| *c) => None,
+            };
+            let Some(frame) = frame else { return Ok(()) };
+            writer.write_all(&frame).await?;
+            // Everything queued meanwhile goes in the same write.
+            while let Ok(frame) = queue.try_recv() {
+                writer.write_all(&frame).await?;
             }
-        }
-        if writer.flush().await.is_err() {
-            break;
+            writer.flush().await?;
         }
     }
+    .await;
+    if let Err(e) = written {
+        tracing::info!(peer = connection.peer, error = %e, "writing to a cluster connection failed; closing it");
+    }
+    connection.close();
+    transport.forget(&connection);
     let _ = writer.shutdown().await;
 }
 
@@ -807,4 +947,97 @@ async fn read_loop(
 pub fn local_address(listener: &TcpListener) -> std::io::Result<String> {
     let address: SocketAddr = listener.local_addr()?;
     Ok(address.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A socket every write to fails, as one to a vanished peer does in the end.
+    struct Broken;
+
+    impl AsyncWrite for Broken {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "peer gone")))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    struct Refuse;
+
+    impl Service for Refuse {
+        fn handle(
+            &self,
+            _: NodeId,
+            _: u32,
+            _: u8,
+            _: Bytes,
+        ) -> Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send + 'static>> {
+            Box::pin(async { Err("not served here".to_owned()) })
+        }
+    }
+
+    /// The reader of such a connection may see nothing wrong (a half-open connection), so the
+    /// writer alone must close it.
+    #[tokio::test]
+    async fn a_failed_write_closes_the_connection_and_fails_its_calls() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = local_address(&listener).expect("address");
+        let transport =
+            Transport::start(TransportConfig::new(1, address), listener, Arc::new(Refuse));
+        let (frames, queue) = mpsc::channel(4);
+        let connection = Arc::new(Connection {
+            peer: 2,
+            dialed_by: 1,
+            frames,
+            waiting: Mutex::new(HashMap::new()),
+            calls: Semaphore::new(4),
+            closed: watch::channel(false).0,
+        });
+        transport
+            .inner
+            .state
+            .lock()
+            .connections
+            .insert(2, Arc::clone(&connection));
+        assert_eq!(transport.connected(), vec![2]);
+        let (waiter, answer) = oneshot::channel();
+        connection.waiting.lock().insert(7, waiter);
+
+        let writing = tokio::spawn(write_loop(
+            transport.clone(),
+            Broken,
+            queue,
+            Arc::clone(&connection),
+        ));
+        connection
+            .frames
+            .send(encode(KIND_REQUEST, 7, 0, 1, b"lost"))
+            .await
+            .expect("the writer is running");
+        let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("the call still waits after its write failed")
+            .expect("the waiter is answered, not dropped");
+        assert_eq!(answer, Err(CallError::Closed { peer: 2 }));
+        writing.await.expect("the writer ends");
+        assert!(connection.is_closed());
+        assert!(transport.connected().is_empty());
+        assert!(transport.live(2).is_none());
+        transport.shutdown();
+    }
 }
