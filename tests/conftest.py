@@ -36,11 +36,12 @@ def run_cli(sluice, *args, input=None, check=True, user="guest", password="guest
 class Sluice:
     """One broker process. Restartable on the same data directory."""
 
-    def __init__(self, data_dir: Path, log_path: Path, extra_args=(), env=None):
+    def __init__(self, data_dir: Path, log_path: Path, extra_args=(), env=None, host="127.0.0.1"):
         self.data_dir = data_dir
         self.log_path = log_path
         self.extra_args = list(extra_args)
         self.env = env or {}
+        self.host = host
         self.process = None
         self.addresses = {}
 
@@ -58,13 +59,23 @@ class Sluice:
         """Base URL of the admin API, metrics and console."""
         return "http://" + self.addresses["http"]
 
+    @property
+    def ready_path(self) -> Path:
+        return self.data_dir.parent / f"{self.data_dir.name}.ready"
+
     def start(self, timeout=30.0):
-        ready = self.data_dir.parent / f"{self.data_dir.name}.ready"
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self):
+        """Starts the process without waiting for it to be ready (a cluster's first nodes are
+        ready only once enough of them run)."""
+        ready = self.ready_path
         if ready.exists():
             ready.unlink()
         # A restart keeps the ports, so clients reconnect to the same addresses.
-        kafka_listen = self.addresses.get("kafka", "127.0.0.1:0")
-        amqp_listen = self.addresses.get("amqp", "127.0.0.1:0")
+        kafka_listen = self.addresses.get("kafka", f"{self.host}:0")
+        amqp_listen = self.addresses.get("amqp", f"{self.host}:0")
         args = [
             str(sluice_binary()),
             "serve",
@@ -75,7 +86,7 @@ class Sluice:
             "--amqp-listen",
             amqp_listen,
             "--http-listen",
-            self.addresses.get("http", "127.0.0.1:0"),
+            self.addresses.get("http", f"{self.host}:0"),
             "--ready-file",
             str(ready),
             *self.extra_args,
@@ -86,6 +97,10 @@ class Sluice:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=log, env=env)
         log.close()
+        return self
+
+    def wait_ready(self, timeout=30.0):
+        ready = self.ready_path
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if self.process.poll() is not None:
@@ -142,10 +157,10 @@ class Sluice:
 def sluice_factory(tmp_path):
     started = []
 
-    def make(name="broker", extra_args=(), env=None):
-        broker = Sluice(tmp_path / name, tmp_path / f"{name}.log", extra_args, env)
+    def make(name="broker", extra_args=(), env=None, host="127.0.0.1", wait=True):
+        broker = Sluice(tmp_path / name, tmp_path / f"{name}.log", extra_args, env, host)
         started.append(broker)
-        return broker.start()
+        return broker.start() if wait else broker.launch()
 
     yield make
     for broker in started:

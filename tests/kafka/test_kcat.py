@@ -14,15 +14,27 @@ def kcat(*args, input=None, timeout=30):
     return result.stdout
 
 
+def node_id(sluice):
+    """The broker's id: the node id it made at its first start."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(sluice.http + "/api/cluster")
+    request.add_header("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["node_id"]
+
+
 def test_metadata_produce_and_consume_with_keys_and_headers(sluice):
     # Produce three keyed records with headers; the topic is created on first use.
     kcat("-b", sluice.kafka, "-t", "kc", "-P", "-K", ":", "-H", "trace=abc", "-H", "source=kcat",
          input="k1:first\nk2:second\nk1:third\n")
     listing = kcat("-b", sluice.kafka, "-L")
     assert "1 brokers:" in listing
-    assert f"broker 0 at {sluice.kafka}" in listing
+    me = node_id(sluice)
+    assert f"broker {me} at {sluice.kafka}" in listing
     assert 'topic "kc" with 1 partitions' in listing
-    assert "partition 0, leader 0, replicas: 0, isrs: 0" in listing
+    assert f"partition 0, leader {me}, replicas: {me}, isrs: {me}" in listing
 
     out = kcat("-b", sluice.kafka, "-t", "kc", "-C", "-e", "-f", "%k|%s|%o|%h\n")
     assert out.splitlines() == [
@@ -40,4 +52,4 @@ def test_json_metadata_and_unknown_topic(sluice):
     kcat("-b", sluice.kafka, "-t", "a", "-P", input="x\n")
     data = json.loads(kcat("-b", sluice.kafka, "-L", "-J"))
     assert [t["topic"] for t in data["topics"]] == ["a"]
-    assert data["brokers"][0]["id"] == 0
+    assert data["brokers"][0]["id"] == node_id(sluice)

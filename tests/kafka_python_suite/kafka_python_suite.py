@@ -54,6 +54,10 @@ SKIP = {
     "test_admin_integration.py::test_describe_metadata_quorum": _LATER["quorum"],
     "test_ssl_integration.py::TestSSLConnection::test_ssl_handshake": _LATER["ssl"],
     "test_ssl_integration.py::TestSSLConnection::test_legacy_kafka_client_ssl": _LATER["ssl"],
+    # The test assigns the new partitions to broker 0, the id its own Kafka fixture gives the
+    # broker; a Sluice node's id is generated at its first start, so the assignment names a
+    # broker that does not exist and is refused (INVALID_REPLICA_ASSIGNMENT), as Kafka would.
+    "test_admin_integration.py::test_create_partitions": "hard-codes broker id 0",
 }
 
 # A race in kafka-python 3.0.x's client, not in the broker: when a consumer subscribes while its

@@ -190,3 +190,17 @@ def test_console_manages_users_permissions_and_virtual_hosts(sluice, page):
 
     page.locator("tr[data-row='user:alice'] button").click()
     page.locator("tr[data-row='user:alice']").wait_for(state="detached")
+
+
+def test_console_shows_the_cluster(sluice, page):
+    login(page, sluice)
+    page.click("a[data-view=cluster]")
+    page.wait_for_selector("tr[data-row^='node:']")
+    # A node started without seeds is a cluster of one: itself, leading the controller.
+    rows = page.locator("tr[data-row^='node:']")
+    assert rows.count() == 1
+    cells = rows.first.locator("td").all_inner_texts()
+    assert cells[1] == "leader", cells
+    assert cells[3] == sluice.kafka, cells
+    leader = page.locator(".stat", has_text="Leader").locator(".value").inner_text()
+    assert leader == cells[0], (leader, cells)

@@ -563,6 +563,39 @@ const views = {
       ], permissions.map((p) => ({ ...p, _key: "permission:" + p.vhost + "/" + p.user })), "No permissions."));
   },
 
+  async cluster(root) {
+    const c = await api("/api/cluster");
+    const removable = (n) => n.id !== c.node_id;
+    root.replaceChildren(
+      h("div", { class: "toolbar" }, h("h1", {}, "Cluster"),
+        h("span", { class: "note" }, c.from_leader ? `as node ${c.reported_by} (the leader) sees it`
+          : `as node ${c.reported_by} sees it: the leader did not answer, so lag and last contact are unknown`)),
+      h("div", { class: "cards" },
+        stat("Cluster", c.cluster_id ?? "forming"),
+        stat("This node", String(c.node_id)),
+        stat("Leader", c.leader == null ? "none" : String(c.leader)),
+        stat("Term", fmt.int(c.term)),
+        stat("Commit index", c.commit_index == null ? "—" : fmt.int(c.commit_index)),
+        stat("Applied index", c.applied_index == null ? "—" : fmt.int(c.applied_index)),
+        stat("Nodes", fmt.int(c.nodes.length))),
+      table([
+        { title: "Id", render: (n) => h("code", {}, String(n.id)) },
+        { title: "Role", render: (n) => n.role },
+        { title: "Cluster address", render: (n) => n.cluster_addr ?? "—" },
+        { title: "Kafka", render: (n) => n.kafka_addr ?? "—" },
+        { title: "AMQP", render: (n) => n.amqp_addr ?? "—" },
+        { title: "HTTP", render: (n) => n.http_addr ? h("a", { href: "http://" + n.http_addr + "/#cluster" }, n.http_addr) : "—" },
+        { title: "Lag", num: true, render: (n) => n.lag == null ? "—" : fmt.int(n.lag) },
+        { title: "Last contact", num: true, render: (n) => n.last_contact_ms == null ? "—" : n.last_contact_ms + " ms" },
+        { title: "Joined", render: (n) => n.joined_ms == null ? "—" : fmt.time(n.joined_ms) },
+        { title: "", render: (n) => removable(n) ? h("button", { class: "danger", onclick: async () => {
+          if (!confirm(`Remove node ${n.id} from the cluster for good? Its id is retired; it can only come back with an empty data directory.`)) return;
+          await api("/api/cluster/nodes/" + n.id, { method: "DELETE" });
+          setTimeout(() => render(), 300);
+        } }, "Remove") : "" },
+      ], c.nodes.map((n) => ({ ...n, _key: "node:" + n.id })), "No nodes yet."));
+  },
+
   async connections(root) {
     const [connections, channels] = await Promise.all([api("/api/connections"), api("/api/channels")]);
     root.replaceChildren(h("div", { class: "toolbar" }, h("h1", {}, "Connections")),
@@ -621,7 +654,7 @@ function start() {
   state.timer = setInterval(() => {
     const view = (location.hash.slice(1) || "overview").split("/")[0];
     const typing = document.activeElement && ["INPUT", "TEXTAREA"].includes(document.activeElement.tagName);
-    if (!typing && ["overview", "groups", "queues", "connections"].includes(view) && (view === "groups" || !location.hash.includes("/"))) render();
+    if (!typing && ["overview", "groups", "queues", "connections", "cluster"].includes(view) && (view === "groups" || !location.hash.includes("/"))) render();
   }, 2000);
 }
 

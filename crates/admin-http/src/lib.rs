@@ -45,6 +45,8 @@ pub struct AdminState {
     pub listeners: BTreeMap<String, String>,
     /// False until every listener is up, and again once shutdown begins.
     pub ready: AtomicBool,
+    /// This node's part in the cluster, once it runs.
+    pub cluster: std::sync::OnceLock<Arc<sluice_cluster::cluster::Cluster>>,
 }
 
 impl AdminState {
@@ -61,7 +63,13 @@ impl AdminState {
             rates: Arc::new(Rates::default()),
             listeners,
             ready: AtomicBool::new(false),
+            cluster: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Serves `/api/cluster` from `cluster` from now on (once).
+    pub fn set_cluster(&self, cluster: Arc<sluice_cluster::cluster::Cluster>) {
+        let _ = self.cluster.set(cluster);
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -75,6 +83,7 @@ impl AdminState {
     components(schemas(error::Problem)),
     tags(
         (name = "overview", description = "The broker at a glance"),
+        (name = "cluster", description = "The cluster's nodes, roles and controller state"),
         (name = "topics", description = "Topics, partitions, configuration and messages"),
         (name = "groups", description = "Consumer groups, lag and committed offsets"),
         (name = "connections", description = "Client connections and AMQP channels"),

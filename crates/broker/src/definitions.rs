@@ -242,9 +242,14 @@ pub(crate) fn effects(
     new: &Definitions,
     command: &DefinitionCommand,
 ) -> Vec<Effect> {
-    let Some(vhost) = command.vhost() else {
-        return Vec::new();
-    };
+    match command.vhost() {
+        Some(vhost) => vhost_effects(old, new, vhost),
+        None => Vec::new(),
+    }
+}
+
+/// What changed in virtual host `vhost` between `old` and `new`, as [`effects`] orders it.
+pub(crate) fn vhost_effects(old: &Definitions, new: &Definitions, vhost: &str) -> Vec<Effect> {
     let empty = VhostDefinitions::default();
     let before = old.vhosts.get(vhost);
     let after = new.vhosts.get(vhost);
@@ -426,6 +431,46 @@ pub(crate) fn changes(
         }
     }
     Ok(changes)
+}
+
+/// Replaces every persisted definition with the durable ones of `definitions` (a replicated
+/// controller's snapshot installed on this node).
+pub(crate) fn replace_all(
+    txn: &WriteTransaction,
+    definitions: &Definitions,
+) -> Result<(), BrokerError> {
+    for table in [VHOSTS, USERS, EXCHANGES, QUEUES, BINDINGS] {
+        txn.delete_table(table)
+            .map_err(|e| meta_error("clear table", e))?;
+    }
+    create_tables(txn)?;
+    let mut changes = Vec::new();
+    for (name, user) in &definitions.users {
+        put(&mut changes, USERS, name.clone(), user)?;
+    }
+    for (vhost, defined) in &definitions.vhosts {
+        let record = VhostRecord {
+            name: vhost.clone(),
+            limits: defined.limits,
+        };
+        put(&mut changes, VHOSTS, vhost.clone(), &record)?;
+        for (name, record) in &defined.exchanges {
+            if record.durable {
+                put(&mut changes, EXCHANGES, scoped(vhost, name), record)?;
+            }
+        }
+        for (name, record) in &defined.queues {
+            if record.is_persistent() {
+                put(&mut changes, QUEUES, scoped(vhost, name), record)?;
+            }
+        }
+        for (key, binding) in &defined.bindings {
+            if defined.is_persistent(binding) {
+                put(&mut changes, BINDINGS, scoped(vhost, key), binding)?;
+            }
+        }
+    }
+    persist(txn, &changes)
 }
 
 /// Writes `changes` in `txn`.

@@ -37,6 +37,7 @@ pub mod operate;
 pub mod partition;
 pub mod producer;
 pub mod queue;
+pub mod replication;
 pub mod supervisor;
 pub mod topic_config;
 pub mod users;
@@ -177,6 +178,12 @@ pub(crate) struct Shared {
     pub fsync_latency: Arc<sluice_metrics::Histogram>,
     /// Refusals by limit, for `sluice_limit_refusals_total`.
     pub refusals: crate::limits::Refusals,
+    /// Set once on a clustered node: where definition changes are committed.
+    pub definition_log: std::sync::OnceLock<Arc<dyn replication::DefinitionLog>>,
+    /// The replicated definition changes applied on this node.
+    pub applied: replication::Applied,
+    /// Held while a definition change is applied and its effects carried out.
+    pub applying: tokio::sync::Mutex<()>,
     /// Held for as long as the broker uses the data directory.
     _lock: File,
 }
@@ -281,6 +288,56 @@ impl Broker {
 
     pub fn cluster_id(&self) -> &str {
         self.shared.metadata.cluster_id()
+    }
+
+    /// Every definition, as this node has applied them.
+    pub fn definitions(&self) -> Arc<MetadataState> {
+        self.shared.metadata.state()
+    }
+
+    /// Makes this node commit its definition changes through `log` (a cluster's controller
+    /// group) from now on; see [`replication`]. Once only: a second call is ignored.
+    pub fn set_definition_log(&self, log: Arc<dyn replication::DefinitionLog>) {
+        if self.shared.definition_log.set(log).is_err() {
+            tracing::warn!("the broker has its definition log already");
+        }
+    }
+
+    /// The index of the last replicated definition change applied on this node (0: none).
+    pub fn replicated_index(&self) -> u64 {
+        self.shared.metadata.applied_index()
+    }
+
+    /// Applies the replicated definition change committed at log `index` on this node:
+    /// writes it to the metadata store and carries out its effects. `None` for a log entry
+    /// that is not a change of definitions. An entry already applied (before a restart) is
+    /// skipped. Entries come in log order.
+    pub async fn apply_replicated(&self, index: u64, command: Option<MetadataCommand>) {
+        let outcome = match command {
+            Some(command) if index > self.shared.metadata.applied_index() => {
+                controller::apply(&self.shared, Some(index), command).await
+            }
+            _ => {
+                self.shared.metadata.skip_to(index);
+                Ok(())
+            }
+        };
+        if let Err(error) = &outcome {
+            tracing::debug!(index, %error, "a replicated definition change failed here");
+        }
+        self.shared.applied.record(index, outcome);
+    }
+
+    /// Replaces every definition with `state`, the replicated definitions at log `index` (a
+    /// controller snapshot, or the cluster's first state), and serves what it defines.
+    pub async fn install_replicated(
+        &self,
+        index: u64,
+        state: MetadataState,
+    ) -> Result<(), BrokerError> {
+        let outcome = controller::install(&self.shared, index, state).await;
+        self.shared.applied.record(index, Ok(()));
+        outcome
     }
 
     pub fn uptime(&self) -> Duration {
@@ -417,6 +474,30 @@ impl Broker {
 
     /// A producer id never handed out before.
     pub async fn next_producer_id(&self) -> Result<i64, BrokerError> {
+        if let Some(log) = self.shared.definition_log.get() {
+            // Nodes reserve blocks through the log; a block another node took first is
+            // refused, and the next one is tried.
+            let mut last = None;
+            for _ in 0..8 {
+                if let Some(id) = self.shared.metadata.take_producer_id() {
+                    return Ok(id);
+                }
+                let (start, count) = self.shared.metadata.producer_id_block();
+                let index = log
+                    .commit(MetadataCommand::AllocateProducerIds { start, count })
+                    .await?;
+                match self.shared.applied.wait(index).await {
+                    Ok(()) => self
+                        .shared
+                        .metadata
+                        .grant_producer_ids(start, start.saturating_add(count)),
+                    Err(error) => last = Some(error),
+                }
+            }
+            return Err(last.unwrap_or_else(|| {
+                BrokerError::metadata("allocate producer id", "no block could be reserved")
+            }));
+        }
         let shared = Arc::clone(&self.shared);
         tokio::task::spawn_blocking(move || shared.metadata.next_producer_id())
             .await

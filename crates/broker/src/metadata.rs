@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -118,6 +119,8 @@ impl MetadataState {
 const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const PRODUCER_ID_COUNTER: &str = "next_producer_id_block";
+/// The index of the last replicated controller command applied here (0: none).
+const APPLIED_INDEX_COUNTER: &str = "controller_applied_index";
 const IDENTITY: TableDefinition<&str, &str> = TableDefinition::new("identity");
 const CLUSTER_ID_KEY: &str = "cluster_id";
 const PRODUCER_ID_BLOCK: u64 = 1_000;
@@ -130,6 +133,11 @@ pub struct MetadataStore {
     /// Producer ids handed out from the current block: (next, end).
     producer_ids: Mutex<(u64, u64)>,
     cluster_id: String,
+    /// The last replicated controller command applied (see [`Self::apply_at`]).
+    applied_index: AtomicU64,
+    /// Held from reading the state a change applies to until the next state is published, so
+    /// two changes applied at once (a producer-id block and a topic) never lose one another.
+    writer: Mutex<()>,
 }
 
 /// A new cluster id in Kafka's form: a random UUID in unpadded URL-safe base64 (22 characters).
@@ -213,12 +221,18 @@ impl MetadataStore {
             state.topics.insert(topic.name.clone(), topic);
         }
         drop(topics);
-        state.next_producer_id = read
+        let counters = read
             .open_table(COUNTERS)
-            .map_err(|e| BrokerError::metadata("open table", e))?
-            .get(PRODUCER_ID_COUNTER)
-            .map_err(|e| BrokerError::metadata("read counter", e))?
-            .map_or(0, |v| v.value());
+            .map_err(|e| BrokerError::metadata("open table", e))?;
+        let counter = |key| {
+            counters
+                .get(key)
+                .map_err(|e| BrokerError::metadata("read counter", e))
+                .map(|v| v.map_or(0, |v| v.value()))
+        };
+        state.next_producer_id = counter(PRODUCER_ID_COUNTER)?;
+        let applied_index = counter(APPLIED_INDEX_COUNTER)?;
+        drop(counters);
         state.messaging = definitions::load(&read)?;
         drop(read);
         Ok(Self {
@@ -226,6 +240,8 @@ impl MetadataStore {
             state: RwLock::new(Arc::new(state)),
             producer_ids: Mutex::new((0, 0)),
             cluster_id,
+            applied_index: AtomicU64::new(applied_index),
+            writer: Mutex::new(()),
         })
     }
 
@@ -251,13 +267,41 @@ impl MetadataStore {
     /// Checks, persists, then publishes one change; returns what has to happen outside the
     /// definitions for it (see [`MetadataState::apply`]). Blocks on disk I/O (an fsync).
     pub fn apply(&self, command: &MetadataCommand) -> Result<Vec<Effect>, BrokerError> {
+        self.apply_at(None, command)
+    }
+
+    /// The index of the last replicated controller command applied to this store (0: none).
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index.load(Ordering::Acquire)
+    }
+
+    /// Whether `command` changes only transient definitions (an exclusive or auto-delete
+    /// queue, a binding to one): nothing this store writes, and nothing a cluster replicates.
+    pub fn is_transient(&self, command: &MetadataCommand) -> Result<bool, BrokerError> {
+        let MetadataCommand::Messaging(messaging) = command else {
+            return Ok(false);
+        };
+        let current = self.state();
+        let (next, _) = current.apply(command)?;
+        Ok(definitions::changes(&current.messaging, &next.messaging, messaging)?.is_empty())
+    }
+
+    /// [`Self::apply`] for the replicated controller command at log `index` (`None` for a
+    /// change of this node alone): the index is written in the same transaction, so a
+    /// command is applied here once, also across restarts. Blocks on disk I/O.
+    pub fn apply_at(
+        &self,
+        index: Option<u64>,
+        command: &MetadataCommand,
+    ) -> Result<Vec<Effect>, BrokerError> {
+        let _writer = self.writer.lock();
         let current = self.state();
         let (next, effects) = current.apply(command)?;
         let next = Arc::new(next);
         let messaging_changes = match command {
             MetadataCommand::Messaging(command) => {
                 let changes = definitions::changes(&current.messaging, &next.messaging, command)?;
-                if changes.is_empty() {
+                if changes.is_empty() && index.is_none() {
                     // Transient definitions only: nothing to write.
                     *self.state.write() = next;
                     return Ok(effects);
@@ -302,10 +346,66 @@ impl MetadataStore {
                 }
             }
         }
+        if let Some(index) = index {
+            txn.open_table(COUNTERS)
+                .map_err(|e| BrokerError::metadata("open table", e))?
+                .insert(APPLIED_INDEX_COUNTER, index)
+                .map_err(|e| BrokerError::metadata("write counter", e))?;
+        }
         txn.commit()
             .map_err(|e| BrokerError::metadata("commit", e))?;
         *self.state.write() = next;
+        if let Some(index) = index {
+            self.applied_index.store(index, Ordering::Release);
+        }
         Ok(effects)
+    }
+
+    /// Records that the replicated command at `index` changed nothing here (the controller
+    /// refused it, or it was not a change of definitions). Not written: applying such a
+    /// command again after a restart changes nothing either.
+    pub fn skip_to(&self, index: u64) {
+        self.applied_index.fetch_max(index, Ordering::AcqRel);
+    }
+
+    /// Replaces every definition with `state`, the replicated controller's state at log
+    /// `index` (a snapshot installed on this node, or the cluster's first state). Blocks on
+    /// disk I/O.
+    pub fn install(&self, index: u64, state: MetadataState) -> Result<(), BrokerError> {
+        let _writer = self.writer.lock();
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| BrokerError::metadata("begin", e))?;
+        txn.delete_table(TOPICS)
+            .map_err(|e| BrokerError::metadata("clear table", e))?;
+        {
+            let mut topics = txn
+                .open_table(TOPICS)
+                .map_err(|e| BrokerError::metadata("open table", e))?;
+            for (name, topic) in &state.topics {
+                let value =
+                    serde_json::to_vec(topic).map_err(|e| BrokerError::metadata("encode", e))?;
+                topics
+                    .insert(name.as_str(), value.as_slice())
+                    .map_err(|e| BrokerError::metadata("write topic", e))?;
+            }
+            let mut counters = txn
+                .open_table(COUNTERS)
+                .map_err(|e| BrokerError::metadata("open table", e))?;
+            counters
+                .insert(PRODUCER_ID_COUNTER, state.next_producer_id)
+                .map_err(|e| BrokerError::metadata("write counter", e))?;
+            counters
+                .insert(APPLIED_INDEX_COUNTER, index)
+                .map_err(|e| BrokerError::metadata("write counter", e))?;
+        }
+        definitions::replace_all(&txn, &state.messaging)?;
+        txn.commit()
+            .map_err(|e| BrokerError::metadata("commit", e))?;
+        *self.state.write() = Arc::new(state);
+        self.applied_index.store(index, Ordering::Release);
+        Ok(())
     }
 
     /// A producer id never handed out before, across restarts. Ids are reserved in blocks
@@ -323,6 +423,26 @@ impl MetadataStore {
         let id = ids.0;
         ids.0 += 1;
         Ok(id as i64)
+    }
+
+    /// The next id of the block this node reserved, if any is left.
+    pub fn take_producer_id(&self) -> Option<i64> {
+        let mut ids = self.producer_ids.lock();
+        (ids.0 < ids.1).then(|| {
+            ids.0 += 1;
+            (ids.0 - 1) as i64
+        })
+    }
+
+    /// The block of producer ids to reserve next: its start and length.
+    pub fn producer_id_block(&self) -> (u64, u64) {
+        (self.state().next_producer_id, PRODUCER_ID_BLOCK)
+    }
+
+    /// Hands out ids from `start..end` from now on: a block the replicated log reserved for
+    /// this node.
+    pub fn grant_producer_ids(&self, start: u64, end: u64) {
+        *self.producer_ids.lock() = (start, end);
     }
 }
 

@@ -36,12 +36,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
+use sluice_broker::Broker;
 use tokio::sync::watch;
 
-use crate::controller::{ControllerCommand, ControllerReply, NodeRecord};
+use crate::controller::{ControllerCommand, ControllerReply, ControllerState, NodeRecord};
+use crate::definitions::{BrokerObserver, ControllerLog};
 use crate::network::{Router, from_json, method, to_json};
 use crate::node::{CONTROLLER_GROUP, ControllerNode, ControllerSettings, ProposeError};
 use crate::placement::NodeId;
+use crate::state_machine::Observer;
 use crate::transport::{CallError, Transport, TransportConfig};
 
 /// The most controller voters; further nodes are learners.
@@ -152,6 +155,8 @@ pub struct Cluster {
     transport: Transport,
     /// Whether the node belongs to the controller group yet.
     member: watch::Sender<Membership>,
+    /// The broker whose definitions the controller group carries, if this node has one.
+    broker: Option<Broker>,
 }
 
 /// Where a node stands in the cluster.
@@ -177,10 +182,15 @@ impl Cluster {
     /// Starts this node's cluster transport on `listener` and its controller under `dir`, then
     /// forms, joins or rejoins the cluster in the background ([`Self::wait_member`] waits for
     /// it). Fails at once on a wiped node that kept its old identity.
+    ///
+    /// With a `broker`, the controller group carries its definitions from now on: changes go
+    /// through the group, and every committed change is applied to it in log order (see
+    /// [`crate::definitions`]).
     pub async fn start(
         dir: &Path,
         listener: tokio::net::TcpListener,
         settings: ClusterSettings,
+        broker: Option<Broker>,
     ) -> Result<Arc<Self>, ClusterError> {
         let identity = {
             let dir = dir.to_owned();
@@ -198,8 +208,14 @@ impl Cluster {
             transport.clone(),
             router,
             settings.controller.clone(),
+            broker
+                .clone()
+                .map(|b| Arc::new(BrokerObserver::new(b)) as Arc<dyn Observer<ControllerState>>),
         )
         .await?;
+        if let Some(broker) = &broker {
+            broker.set_definition_log(Arc::new(ControllerLog::new(Arc::clone(&controller))));
+        }
         let has_state = controller.has_state().await?;
         if !has_state && let Some(cluster_id) = &identity.cluster_id {
             transport.shutdown();
@@ -220,6 +236,7 @@ impl Cluster {
             controller,
             transport,
             member,
+            broker,
         });
         if has_state {
             cluster.controller.serve();
@@ -258,6 +275,43 @@ impl Cluster {
         let mut member = self.member.subscribe();
         let _ = tokio::time::timeout(timeout, member.wait_for(|m| *m != Membership::Pending)).await;
         member.borrow().clone()
+    }
+
+    /// Waits until this node belongs to the cluster and its broker holds the cluster's
+    /// definitions (the cluster's first command applied, and everything this node has
+    /// applied since): only then may it serve clients, or a definition made in the meantime
+    /// would be replaced by the cluster's. Returns the reason if the cluster refused the node.
+    /// Says every `complain_every` what it is waiting for.
+    pub async fn wait_ready(&self, complain_every: Duration) -> Result<(), String> {
+        let started = tokio::time::Instant::now();
+        let mut complained = started;
+        loop {
+            match self.wait_member(Duration::from_millis(20)).await {
+                Membership::Refused(reason) => return Err(reason),
+                Membership::Member => {
+                    let (named, applied) = self
+                        .controller
+                        .read_local(|s| (s.cluster_id.is_some(), s.applied_index));
+                    let broker_caught_up = self
+                        .broker
+                        .as_ref()
+                        .is_none_or(|b| b.replicated_index() >= applied);
+                    if named && broker_caught_up {
+                        return Ok(());
+                    }
+                }
+                Membership::Pending => {}
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if complained.elapsed() >= complain_every {
+                complained = tokio::time::Instant::now();
+                tracing::warn!(
+                    waited_s = started.elapsed().as_secs(),
+                    seeds = ?self.settings.seeds,
+                    "waiting to take part in the cluster before serving clients"
+                );
+            }
+        }
     }
 
     /// Stops the controller and the transport.
@@ -417,6 +471,15 @@ impl Cluster {
                     self.register_self().await;
                     return Ok(());
                 }
+                if let Some(broker) = &self.broker
+                    && let Some(what) = own_definitions(broker)
+                {
+                    return Err(ClusterError::Refused(format!(
+                        "this node has definitions of its own ({what}) and would lose them by \
+                         joining cluster {cluster_id}: a node joins a cluster with an empty data \
+                         directory"
+                    )));
+                }
                 if let Some(cluster_id) = &status.cluster_id {
                     self.remember_cluster_id(cluster_id).await?;
                 }
@@ -480,6 +543,12 @@ impl Cluster {
             .controller
             .propose(ControllerCommand::Form {
                 cluster_id: cluster_id.clone(),
+                definitions: Box::new(
+                    self.broker
+                        .as_ref()
+                        .map(|b| b.definitions().as_ref().clone())
+                        .unwrap_or_default(),
+                ),
             })
             .await?
         {
@@ -586,6 +655,23 @@ impl Cluster {
             MembershipAnswer::NotLeader(_) => Err(ClusterError::Refused("no leader".into())),
         }
     }
+}
+
+/// What a broker that never belonged to a cluster defines beyond a fresh node's defaults (its
+/// topics and durable queues), if anything.
+fn own_definitions(broker: &Broker) -> Option<String> {
+    if broker.replicated_index() > 0 {
+        return None;
+    }
+    let state = broker.definitions();
+    let queues: usize = state
+        .messaging
+        .vhosts
+        .values()
+        .map(|v| v.queues.values().filter(|q| q.is_persistent()).count())
+        .sum();
+    (!state.topics.is_empty() || queues > 0)
+        .then(|| format!("{} topics, {queues} durable queues", state.topics.len()))
 }
 
 fn now_ms() -> i64 {

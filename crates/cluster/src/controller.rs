@@ -9,9 +9,8 @@
 //! fit the state (a topic that exists already, a node id the cluster has had) changes nothing
 //! and is answered with [`ControllerReply::Refused`] — on every node alike.
 //!
-//! Not here yet: carrying out each command's local effects (opening logs, starting queue
-//! owners) after apply, and the node's own `meta.redb` as the applied state; both come with
-//! wiring the controller group into the broker.
+//! Each node also carries every committed change of definitions into its broker (its own
+//! `meta.redb`, then the change's local effects): see [`crate::definitions`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -40,8 +39,13 @@ pub struct NodeRecord {
 /// A change to the controller's state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ControllerCommand {
-    /// The cluster's id, set once by the node that formed it.
-    Form { cluster_id: String },
+    /// The cluster's id, set once by the node that formed it, with the definitions it starts
+    /// from: those the forming node had (a node that ran alone before it formed the cluster).
+    Form {
+        cluster_id: String,
+        #[serde(default)]
+        definitions: Box<MetadataState>,
+    },
     /// A change of definitions (topics, queues, exchanges, bindings, virtual hosts, users,
     /// producer-id blocks).
     Metadata(MetadataCommand),
@@ -57,7 +61,7 @@ pub enum ControllerCommand {
 impl fmt::Display for ControllerCommand {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Form { cluster_id } => write!(f, "form cluster {cluster_id}"),
+            Self::Form { cluster_id, .. } => write!(f, "form cluster {cluster_id}"),
             Self::Metadata(command) => write!(f, "metadata {}", metadata_name(command)),
             Self::AddNode(node) => write!(f, "add node {} at {}", node.id, node.cluster_addr),
             Self::UpdateNode(node) => write!(f, "update node {} at {}", node.id, node.cluster_addr),
@@ -115,11 +119,15 @@ impl ControllerState {
 
     fn try_apply(&mut self, command: &ControllerCommand) -> Result<(), String> {
         match command {
-            ControllerCommand::Form { cluster_id } => {
+            ControllerCommand::Form {
+                cluster_id,
+                definitions,
+            } => {
                 if let Some(existing) = &self.cluster_id {
                     return Err(format!("the cluster was formed already, as {existing}"));
                 }
                 self.cluster_id = Some(cluster_id.clone());
+                self.metadata = definitions.as_ref().clone();
             }
             ControllerCommand::Metadata(command) => {
                 let (next, _effects) = self.metadata.apply(command).map_err(|e| e.to_string())?;

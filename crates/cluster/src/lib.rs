@@ -17,10 +17,12 @@
 
 pub mod cluster;
 pub mod controller;
+pub mod definitions;
 mod files;
 pub mod log_store;
 pub mod network;
 pub mod node;
 pub mod placement;
 pub mod state_machine;
+pub mod status;
 pub mod transport;

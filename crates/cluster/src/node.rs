@@ -15,7 +15,6 @@
 //! the local state. Lease reads are never used: they depend on clocks.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +33,7 @@ use crate::network::{
     Answer, GroupHandler, GroupNetwork, RaftServer, Router, from_json, method, to_json,
 };
 use crate::placement::NodeId;
-use crate::state_machine::StateMachineStore;
+use crate::state_machine::{Observer, StateMachineStore};
 use crate::transport::{CallError, Transport};
 
 /// The controller group's id on the transport.
@@ -92,7 +91,8 @@ pub enum ProposeError {
 /// A forwarded write's answer.
 #[derive(Debug, Serialize, Deserialize)]
 enum WriteAnswer {
-    Applied(ControllerReply),
+    /// Committed and applied at this log index.
+    Applied(u64, ControllerReply),
     /// This node does not lead (any more); try the one named, if any.
     NotLeader(Option<NodeId>),
     Failed(String),
@@ -135,6 +135,7 @@ impl ControllerNode {
         transport: Transport,
         router: Arc<Router>,
         settings: ControllerSettings,
+        observer: Option<Arc<dyn Observer<ControllerState>>>,
     ) -> Result<Arc<Self>, ProposeError> {
         let stopped = |e: &dyn std::fmt::Display| ProposeError::Stopped(e.to_string());
         // Opening reads and may sync files: on the blocking pool, never a runtime worker.
@@ -147,6 +148,12 @@ impl ControllerNode {
         .await
         .map_err(|e| stopped(&e))?
         .map_err(|e| stopped(&e))?;
+        if let Some(observer) = observer {
+            machine
+                .set_observer(observer)
+                .await
+                .map_err(|e| stopped(&e))?;
+        }
         let config = Config {
             cluster_name: "sluice-controller".into(),
             heartbeat_interval: settings.heartbeat_ms,
@@ -154,6 +161,9 @@ impl ControllerNode {
             election_timeout_max: settings.election_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
             max_in_snapshot_log_to_keep: settings.logs_kept,
+            // Purge in batches of a fifth of the snapshot interval (openraft's default, 256,
+            // would keep a short interval's log forever).
+            purge_batch_size: (settings.snapshot_every / 5).clamp(1, 256),
             enable_pre_vote: Some(true),
             ..Default::default()
         }
@@ -274,6 +284,14 @@ impl ControllerNode {
         &self,
         command: ControllerCommand,
     ) -> Result<ControllerReply, ProposeError> {
+        self.propose_at(command).await.map(|(_, reply)| reply)
+    }
+
+    /// Commits `command` through the leader and returns its log index and reply.
+    pub async fn propose_at(
+        &self,
+        command: ControllerCommand,
+    ) -> Result<(u64, ControllerReply), ProposeError> {
         let deadline = tokio::time::Instant::now() + self.settings.request_timeout;
         let mut last = String::from("no leader elected yet");
         let mut hint: Option<NodeId> = None;
@@ -284,8 +302,14 @@ impl ControllerNode {
             };
             match leader {
                 Some(leader) if leader == self.id => {
-                    match self.raft.client_write(command.clone()).await {
-                        Ok(response) => return Ok(response.data),
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let Ok(written) =
+                        tokio::time::timeout(left, self.raft.client_write(command.clone())).await
+                    else {
+                        return Err(ProposeError::Indeterminate("not committed in time".into()));
+                    };
+                    match written {
+                        Ok(response) => return Ok((index_of(&response.log_id), response.data)),
                         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
                             last = "leadership moved".into();
                             hint = forward.leader_id.filter(|&l| l != self.id);
@@ -310,7 +334,7 @@ impl ControllerNode {
                         Ok(answer) => match from_json::<WriteAnswer>(&answer)
                             .map_err(ProposeError::Indeterminate)?
                         {
-                            WriteAnswer::Applied(reply) => return Ok(reply),
+                            WriteAnswer::Applied(index, reply) => return Ok((index, reply)),
                             WriteAnswer::NotLeader(next) => {
                                 last = format!("node {leader} no longer leads");
                                 hint = next.filter(|&l| l != leader);
@@ -436,12 +460,20 @@ impl GroupHandler for ControllerServer {
                         return to_json(&WriteAnswer::Failed("the controller is stopping".into()));
                     };
                     let command: ControllerCommand = from_json(&body)?;
-                    let answer = match node.raft.client_write(command).await {
-                        Ok(response) => WriteAnswer::Applied(response.data),
-                        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                            WriteAnswer::NotLeader(forward.leader_id)
+                    let written = tokio::time::timeout(
+                        node.settings.request_timeout,
+                        node.raft.client_write(command),
+                    )
+                    .await;
+                    let answer = match written {
+                        Err(_) => WriteAnswer::Failed("not committed in time".into()),
+                        Ok(Ok(response)) => {
+                            WriteAnswer::Applied(index_of(&response.log_id), response.data)
                         }
-                        Err(e) => WriteAnswer::Failed(e.to_string()),
+                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(
+                            forward,
+                        )))) => WriteAnswer::NotLeader(forward.leader_id),
+                        Ok(Err(e)) => WriteAnswer::Failed(e.to_string()),
                     };
                     to_json(&answer)
                 })
@@ -453,6 +485,15 @@ impl GroupHandler for ControllerServer {
                         return to_json(&ReadAnswer::Failed("the controller is stopping".into()));
                     };
                     to_json(&node.read_index().await)
+                })
+            }
+            method::REPORT => {
+                let node = self.node.upgrade();
+                Box::pin(async move {
+                    let Some(node) = node else {
+                        return Err("the controller is stopping".into());
+                    };
+                    crate::status::serve(&node)
                 })
             }
             method::STATUS | method::JOIN | method::LEAVE => {
@@ -468,6 +509,3 @@ impl GroupHandler for ControllerServer {
         }
     }
 }
-
-/// The snapshot data type every group uses.
-pub type SnapshotData = Cursor<Vec<u8>>;

@@ -54,6 +54,21 @@ pub trait Machine: Default + Send + Sync + 'static {
     fn decode(bytes: &[u8]) -> io::Result<Self>;
 }
 
+/// A future an [`Observer`] returns.
+pub type ObserverFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// What a node does with committed entries besides keeping its machine: carries out what they
+/// mean outside Raft (the broker applying definitions to its own store). Called in log order,
+/// after the machine applied the entry and before the next one; may take its time (Raft waits,
+/// so a slow observer slows the group down rather than queueing without bound).
+pub trait Observer<M: Machine>: Send + Sync + 'static {
+    /// The entry at `index` was applied; `command` is `None` for Raft's own entries.
+    fn applied<'a>(&'a self, index: u64, command: Option<&'a M::Command>) -> ObserverFuture<'a>;
+
+    /// The machine was replaced by `machine`, a snapshot's state as of log `index`.
+    fn installed<'a>(&'a self, index: u64, machine: &'a M) -> ObserverFuture<'a>;
+}
+
 /// What this store needs of a type config: openraft's own entry type carrying the machine's
 /// commands, replies of the machine's type, and snapshot metadata that serde can write.
 pub trait MachineTypes<M: Machine>:
@@ -106,6 +121,10 @@ impl<C: RaftTypeConfig, M> Debug for StateMachineStore<C, M> {
 struct Shared<C: RaftTypeConfig, M> {
     dir: PathBuf,
     state: Mutex<State<C, M>>,
+    observer: std::sync::OnceLock<Arc<dyn Observer<M>>>,
+    /// Held while the snapshot file is replaced: a snapshot built and one installed at once
+    /// write one after the other, and an older one never replaces a newer.
+    writing: tokio::sync::Mutex<()>,
 }
 
 struct State<C: RaftTypeConfig, M> {
@@ -141,8 +160,24 @@ where
             shared: Arc::new(Shared {
                 dir: dir.to_owned(),
                 state: Mutex::new(state),
+                observer: std::sync::OnceLock::new(),
+                writing: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// Sets what is told about each entry applied from now on (once; later calls are ignored),
+    /// and tells it the state the snapshot on disk holds, if there is one: call before Raft
+    /// starts applying.
+    pub async fn set_observer(&self, observer: Arc<dyn Observer<M>>) -> io::Result<()> {
+        let snapshot = self.shared.state.lock().snapshot.clone();
+        if let Some((meta, data)) = snapshot {
+            let machine = M::decode(&data)?;
+            let index = meta.last_log_id.as_ref().map_or(0, |id| id.index());
+            observer.installed(index, &machine).await;
+        }
+        let _ = self.shared.observer.set(observer);
+        Ok(())
     }
 
     /// Reads the machine (under a lock: keep `read` short, and never await in it).
@@ -232,6 +267,17 @@ where
 {
     /// Writes `meta` and `data` as the current snapshot, durably, then remembers them.
     async fn keep_snapshot(&self, meta: SnapshotMetaOf<C>, data: Arc<Vec<u8>>) -> io::Result<()> {
+        let _writing = self.shared.writing.lock().await;
+        let newer_kept = {
+            let state = self.shared.state.lock();
+            state
+                .snapshot
+                .as_ref()
+                .is_some_and(|(kept, _)| kept.last_log_id > meta.last_log_id)
+        };
+        if newer_kept {
+            return Ok(());
+        }
         let bytes = encode_snapshot::<C>(&meta, &data)?;
         let dir = self.shared.dir.clone();
         tokio::task::spawn_blocking(move || {
@@ -309,6 +355,13 @@ where
                     }
                 }
             };
+            if let Some(observer) = self.shared.observer.get() {
+                let command = match &entry.payload {
+                    EntryPayload::Normal(command) => Some(command),
+                    _ => None,
+                };
+                observer.applied(log_id.index(), command).await;
+            }
             // Every entry with a waiting writer gets an answer, Raft's own included: a
             // membership change waits for it.
             if let Some(responder) = responder {
@@ -331,6 +384,15 @@ where
         let machine = M::decode(&data)?;
         let data = Arc::new(data);
         self.keep_snapshot(meta.clone(), Arc::clone(&data)).await?;
+        let index = meta.last_log_id.as_ref().map_or(0, |id| id.index());
+        tracing::info!(
+            dir = %self.shared.dir.display(),
+            index,
+            "installed a snapshot from the leader"
+        );
+        if let Some(observer) = self.shared.observer.get() {
+            observer.installed(index, &machine).await;
+        }
         let mut state = self.shared.state.lock();
         state.machine = machine;
         state.last_applied = meta.last_log_id.clone();

@@ -33,7 +33,7 @@ fn settings(advertise: &str, seeds: &[&String]) -> ClusterSettings {
 }
 
 async fn start(dir: &Path, listener: TcpListener, settings: ClusterSettings) -> Arc<Cluster> {
-    Cluster::start(dir, listener, settings)
+    Cluster::start(dir, listener, settings, None)
         .await
         .expect("starts")
 }
@@ -188,7 +188,7 @@ async fn a_fourth_node_joins_and_leaves_and_impostors_are_refused() -> anyhow::R
     drop(n4);
     std::fs::remove_dir_all(root.path().join("n4").join("controller"))?;
     let (l4b, _) = listener().await;
-    let err = Cluster::start(&root.path().join("n4"), l4b, settings(&a4, &[&a2]))
+    let err = Cluster::start(&root.path().join("n4"), l4b, settings(&a4, &[&a2]), None)
         .await
         .expect_err("a wiped node under its old id is refused");
     assert!(err.to_string().contains("wiped"), "{err}");

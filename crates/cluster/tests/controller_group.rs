@@ -38,7 +38,7 @@ async fn start(id: u64, dir: &Path, address: &str, settings: ControllerSettings)
         listener,
         router.clone(),
     );
-    let node = ControllerNode::open(id, dir, transport.clone(), router, settings)
+    let node = ControllerNode::open(id, dir, transport.clone(), router, settings, None)
         .await
         .expect("controller opens");
     node.serve();

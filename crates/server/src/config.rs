@@ -26,8 +26,9 @@ pub use crate::amqp_config::AmqpSection;
 pub struct Config {
     /// Where logs, metadata and the lock file live.
     pub data_dir: PathBuf,
-    /// This node's id in the (future) cluster.
-    pub node_id: u32,
+    /// The earlier node id setting: ids are generated now; refused with a message saying so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<u32>,
     /// How long connections may take to finish in-flight work on shutdown.
     pub shutdown_grace_ms: u64,
     /// Threads of the async runtime that runs every connection and owner task; 0 picks one
@@ -38,6 +39,53 @@ pub struct Config {
     pub storage: StorageSection,
     pub log: LogSection,
     pub http: HttpSection,
+    pub cluster: ClusterSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Where other nodes reach this one. Port 0 picks a free port (a node others join must
+    /// have a fixed one).
+    pub listen: String,
+    /// The cluster address other nodes are told; defaults to the bound listen address (or the
+    /// machine's hostname when listening on all interfaces).
+    pub advertise: Option<String>,
+    /// Other nodes' cluster addresses (`host:port`). Empty: this node forms a cluster of its
+    /// own, which others may join by naming it as their seed.
+    pub seeds: Vec<String>,
+    /// The AMQP and HTTP addresses the cluster shows for this node; default: their bound
+    /// addresses. (Kafka's are `kafka.advertised_host` and `kafka.advertised_port`.)
+    pub advertise_amqp: Option<String>,
+    pub advertise_http: Option<String>,
+    /// The controller takes a snapshot of its state every this many log entries, then keeps a
+    /// fifth of that in its log for nodes that are only a little behind; a node further behind
+    /// catches up from the snapshot.
+    pub snapshot_entries: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:0".into(),
+            advertise: None,
+            seeds: Vec::new(),
+            advertise_amqp: None,
+            advertise_http: None,
+            snapshot_entries: 5000,
+        }
+    }
+}
+
+/// Checks that `address` looks like `host:port`.
+fn check_host_port(key: &str, address: &str) -> anyhow::Result<()> {
+    let valid = address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !valid {
+        bail!("{key}: {address:?} is not an address like node1.example.com:7946");
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -128,7 +176,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./data"),
-            node_id: 0,
+            node_id: None,
             shutdown_grace_ms: 10_000,
             worker_threads: 0,
             kafka: KafkaSection::default(),
@@ -136,6 +184,7 @@ impl Default for Config {
             storage: StorageSection::default(),
             log: LogSection::default(),
             http: HttpSection::default(),
+            cluster: ClusterSection::default(),
         }
     }
 }
@@ -198,6 +247,10 @@ pub struct Overrides {
     pub fsync: Option<String>,
     pub log_level: Option<String>,
     pub http_listen: Option<String>,
+    pub cluster_listen: Option<String>,
+    pub cluster_advertise: Option<String>,
+    /// Comma-separated `host:port` list.
+    pub cluster_seeds: Option<String>,
 }
 
 /// The most runtime threads `worker_threads` may ask for.
@@ -215,6 +268,7 @@ const ENV_SECTIONS: &[&str] = &[
     "storage",
     "log",
     "http",
+    "cluster",
 ];
 
 impl Config {
@@ -267,6 +321,25 @@ impl Config {
         if let Some(listen) = &overrides.http_listen {
             flags.insert("http".into(), serde_json::json!({ "listen": listen }));
         }
+        let mut cluster = serde_json::Map::new();
+        if let Some(listen) = &overrides.cluster_listen {
+            cluster.insert("listen".into(), listen.clone().into());
+        }
+        if let Some(advertise) = &overrides.cluster_advertise {
+            cluster.insert("advertise".into(), advertise.clone().into());
+        }
+        if let Some(seeds) = &overrides.cluster_seeds {
+            let seeds: Vec<serde_json::Value> = seeds
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| s.to_owned().into())
+                .collect();
+            cluster.insert("seeds".into(), seeds.into());
+        }
+        if !cluster.is_empty() {
+            flags.insert("cluster".into(), cluster.into());
+        }
         figment = figment.merge(Serialized::defaults(serde_json::Value::Object(flags)));
         let config: Config = figment.extract().map_err(|error| {
             let mut message = String::from("invalid configuration");
@@ -308,6 +381,33 @@ impl Config {
         }
         if self.http.enabled {
             self.http_listen()?;
+        }
+        if self.node_id.is_some() {
+            bail!(
+                "node_id is no longer set: a node's id is generated at its first start and kept \
+                 in the data directory (cluster/node.json); remove the key"
+            );
+        }
+        self.cluster_listen()?;
+        if let Some(advertise) = &self.cluster.advertise {
+            check_host_port("cluster.advertise", advertise)?;
+        }
+        if !(10..=10_000_000).contains(&self.cluster.snapshot_entries) {
+            bail!(
+                "cluster.snapshot_entries must be between 10 and 10000000, got {}",
+                self.cluster.snapshot_entries
+            );
+        }
+        for seed in &self.cluster.seeds {
+            check_host_port("cluster.seeds", seed)?;
+        }
+        for (key, value) in [
+            ("cluster.advertise_amqp", &self.cluster.advertise_amqp),
+            ("cluster.advertise_http", &self.cluster.advertise_http),
+        ] {
+            if let Some(value) = value {
+                check_host_port(key, value)?;
+            }
         }
         if self.kafka.default_partitions.is_some() {
             bail!("kafka.default_partitions is now called kafka.num_partitions (Kafka's name)");
@@ -381,6 +481,15 @@ impl Config {
         })
     }
 
+    pub fn cluster_listen(&self) -> anyhow::Result<SocketAddr> {
+        self.cluster.listen.parse().with_context(|| {
+            format!(
+                "cluster.listen {:?} is not an address like 127.0.0.1:7946",
+                self.cluster.listen
+            )
+        })
+    }
+
     pub fn kafka_listen(&self) -> anyhow::Result<SocketAddr> {
         self.kafka.listen.parse().with_context(|| {
             format!(
@@ -419,7 +528,6 @@ impl Config {
 
     pub fn broker_config(&self) -> anyhow::Result<BrokerConfig> {
         let mut broker = BrokerConfig::new(&self.data_dir);
-        broker.node_id = self.node_id;
         broker.log_defaults = self.log_config()?;
         broker.auto_create_topics = self.kafka.auto_create_topics;
         broker.default_partition_count = self.kafka.num_partitions;

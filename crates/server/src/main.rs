@@ -66,6 +66,15 @@ struct ServeArgs {
     /// Log filter, for example info or sluice_storage=debug,info.
     #[arg(long)]
     log_level: Option<String>,
+    /// Cluster listener address, for example 127.0.0.1:7946.
+    #[arg(long)]
+    cluster_listen: Option<String>,
+    /// The cluster address other nodes are told (default: the listen address).
+    #[arg(long)]
+    cluster_advertise: Option<String>,
+    /// Other nodes' cluster addresses, comma-separated: host:port,host:port.
+    #[arg(long)]
+    cluster_seeds: Option<String>,
     /// Once every listener is bound, write their addresses here as JSON.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -82,6 +91,9 @@ fn main() -> ExitCode {
                 fsync: args.fsync,
                 log_level: args.log_level,
                 http_listen: args.http_listen,
+                cluster_listen: args.cluster_listen,
+                cluster_advertise: args.cluster_advertise,
+                cluster_seeds: args.cluster_seeds,
             };
             let config = match Config::load(args.config.as_deref(), &overrides) {
                 Ok(config) => config,

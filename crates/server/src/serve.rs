@@ -6,8 +6,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
 use anyhow::Context;
 use sluice_broker::{Broker, Supervisor};
+use sluice_cluster::cluster::{Cluster, ClusterSettings, NodeIdentity};
+use sluice_cluster::node::ControllerSettings;
 use sluice_storage::SystemClock;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +45,14 @@ pub fn run(config: Config, ready_file: Option<PathBuf>) -> ExitCode {
 }
 
 fn init_tracing(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+    // The consensus library reports every election and membership step at info; its warnings
+    // are what an operator needs, unless they ask for more.
+    let level = if config.log.level.contains("openraft") {
+        config.log.level.clone()
+    } else {
+        format!("{},openraft=warn", config.log.level)
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
@@ -61,15 +72,46 @@ struct Bound {
     admin: Option<Arc<sluice_admin::AdminState>>,
 }
 
+/// Every listener, bound but not served yet.
+struct Listeners {
+    kafka: Option<(TcpListener, SocketAddr)>,
+    amqp: Option<(TcpListener, SocketAddr)>,
+    http: Option<(TcpListener, SocketAddr)>,
+    /// Taken when the cluster starts; the address stays.
+    cluster: Option<TcpListener>,
+    cluster_local: SocketAddr,
+}
+
+/// The directory under the data directory that holds the node's identity and its controller.
+fn cluster_dir(config: &Config) -> PathBuf {
+    config.data_dir.join("cluster")
+}
+
 async fn serve(config: Config, ready_file: Option<PathBuf>) -> ExitCode {
     let (supervisor, mut fatal) = Supervisor::new();
-    let broker_config = match config.broker_config() {
+    let mut broker_config = match config.broker_config() {
         Ok(broker_config) => broker_config,
         Err(error) => {
             tracing::error!("{error:#}");
             return ExitCode::from(EXIT_STARTUP);
         }
     };
+    // The node's id is its broker id too.
+    let identity = {
+        let dir = cluster_dir(&config);
+        tokio::task::spawn_blocking(move || NodeIdentity::load_or_create(&dir)).await
+    };
+    match identity {
+        Ok(Ok(identity)) => broker_config.node_id = identity.node_id as u32,
+        Ok(Err(error)) => {
+            tracing::error!(%error, "cannot read or create this node's identity");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot read this node's identity");
+            return ExitCode::from(EXIT_STARTUP);
+        }
+    }
     let broker = match Broker::open(broker_config, Arc::new(SystemClock), supervisor.clone()).await
     {
         Ok(broker) => broker,
@@ -80,8 +122,31 @@ async fn serve(config: Config, ready_file: Option<PathBuf>) -> ExitCode {
     };
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
-    let bound = match start_listeners(&config, &broker, &shutdown, &connections).await {
-        Ok(bound) => bound,
+    let started = async {
+        // The configured users and virtual hosts go in before the node takes part in a
+        // cluster: a node that forms one brings them, a node that joins takes the cluster's.
+        if config.amqp.enabled {
+            config.amqp.apply(&broker).await?;
+        }
+        let mut listeners = bind_listeners(&config).await?;
+        let cluster = start_cluster(&config, &broker, &mut listeners).await?;
+        cluster
+            .wait_ready(Duration::from_secs(5))
+            .await
+            .map_err(|reason| anyhow::anyhow!("the cluster refused this node: {reason}"))?;
+        let bound = start_listeners(
+            &config,
+            &broker,
+            &cluster,
+            listeners,
+            &shutdown,
+            &connections,
+        )?;
+        anyhow::Ok((cluster, bound))
+    }
+    .await;
+    let (cluster, bound) = match started {
+        Ok(started) => started,
         Err(error) => {
             tracing::error!("{error:#}");
             let _ = broker.shutdown().await;
@@ -128,6 +193,7 @@ async fn serve(config: Config, ready_file: Option<PathBuf>) -> ExitCode {
             "connections still open after the grace period; closing them"
         );
     }
+    cluster.shutdown().await;
     let closed = broker.shutdown().await;
     match (code, closed) {
         (Some(code), _) => ExitCode::from(code),
@@ -142,29 +208,141 @@ async fn serve(config: Config, ready_file: Option<PathBuf>) -> ExitCode {
     }
 }
 
-async fn start_listeners(
+async fn bind(
+    enabled: bool,
+    address: SocketAddr,
+    what: &str,
+) -> anyhow::Result<Option<(TcpListener, SocketAddr)>> {
+    if !enabled {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen for {what} on {address}"))?;
+    let local = listener
+        .local_addr()
+        .with_context(|| format!("{what} listener address"))?;
+    Ok(Some((listener, local)))
+}
+
+async fn bind_listeners(config: &Config) -> anyhow::Result<Listeners> {
+    let kafka = bind(
+        config.kafka.enabled,
+        config.kafka_listen()?,
+        "Kafka clients",
+    )
+    .await?;
+    let amqp = if config.amqp.enabled {
+        bind(true, config.amqp.listen_address()?, "AMQP clients").await?
+    } else {
+        None
+    };
+    let http = bind(config.http.enabled, config.http_listen()?, "HTTP").await?;
+    let (cluster, cluster_local) = bind(true, config.cluster_listen()?, "other cluster nodes")
+        .await?
+        .context("the cluster listener")?;
+    Ok(Listeners {
+        kafka,
+        amqp,
+        http,
+        cluster: Some(cluster),
+        cluster_local,
+    })
+}
+
+/// The host and port Kafka clients are told for a listener bound at `local`.
+fn kafka_advertised(config: &Config, local: SocketAddr) -> (String, u16) {
+    (
+        config
+            .kafka
+            .advertised_host
+            .clone()
+            .unwrap_or_else(|| advertised_host_for(local)),
+        config.kafka.advertised_port.unwrap_or(local.port()),
+    )
+}
+
+fn advertised(local: SocketAddr) -> String {
+    format!("{}:{}", advertised_host_for(local), local.port())
+}
+
+/// Starts this node's part in the cluster: forms one of its own when it has no seeds.
+async fn start_cluster(
     config: &Config,
     broker: &Broker,
+    listeners: &mut Listeners,
+) -> anyhow::Result<Arc<Cluster>> {
+    let advertise = config
+        .cluster
+        .advertise
+        .clone()
+        .unwrap_or_else(|| advertised(listeners.cluster_local));
+    let seeds = config
+        .cluster
+        .seeds
+        .iter()
+        .filter(|seed| **seed != advertise)
+        .cloned()
+        .collect();
+    let settings = ClusterSettings {
+        advertise,
+        seeds,
+        kafka_addr: listeners.kafka.as_ref().map(|(_, local)| {
+            let (host, port) = kafka_advertised(config, *local);
+            format!("{host}:{port}")
+        }),
+        amqp_addr: listeners.amqp.as_ref().map(|(_, local)| {
+            config
+                .cluster
+                .advertise_amqp
+                .clone()
+                .unwrap_or_else(|| advertised(*local))
+        }),
+        http_addr: listeners.http.as_ref().map(|(_, local)| {
+            config
+                .cluster
+                .advertise_http
+                .clone()
+                .unwrap_or_else(|| advertised(*local))
+        }),
+        controller: ControllerSettings {
+            snapshot_every: config.cluster.snapshot_entries,
+            logs_kept: config.cluster.snapshot_entries / 5,
+            ..ControllerSettings::default()
+        },
+    };
+    let listener = listeners
+        .cluster
+        .take()
+        .context("the cluster listener is in use")?;
+    Cluster::start(
+        &cluster_dir(config),
+        listener,
+        settings,
+        Some(broker.clone()),
+    )
+    .await
+    .context("cannot take part in the cluster")
+}
+
+fn start_listeners(
+    config: &Config,
+    broker: &Broker,
+    cluster: &Arc<Cluster>,
+    listeners: Listeners,
     shutdown: &CancellationToken,
     connections: &TaskTracker,
 ) -> anyhow::Result<Bound> {
     let mut addresses = BTreeMap::new();
+    addresses.insert("cluster", listeners.cluster_local.to_string());
     let kafka_frontend = Arc::new(sluice_kafka::KafkaFrontend::default());
     let amqp_frontend = Arc::new(sluice_amqp::observe::AmqpFrontend::default());
-    if config.kafka.enabled {
-        let address = config.kafka_listen()?;
-        let listener = TcpListener::bind(address)
-            .await
-            .with_context(|| format!("cannot listen for Kafka clients on {address}"))?;
-        let local = listener.local_addr().context("kafka listener address")?;
+    if let Some((listener, local)) = listeners.kafka {
         addresses.insert("kafka", local.to_string());
+        let (advertised_host, advertised_port) = kafka_advertised(config, local);
         let settings = sluice_kafka::KafkaSettings {
-            advertised_host: config
-                .kafka
-                .advertised_host
-                .clone()
-                .unwrap_or_else(|| advertised_host_for(local)),
-            advertised_port: config.kafka.advertised_port.unwrap_or(local.port()),
+            advertised_host,
+            advertised_port,
             listen_address: local.to_string(),
             max_request_bytes: config.kafka.max_request_bytes,
             max_connections: config.kafka.max_connections,
@@ -180,13 +358,7 @@ async fn start_listeners(
             connections.clone(),
         ));
     }
-    if config.amqp.enabled {
-        config.amqp.apply(broker).await?;
-        let address = config.amqp.listen_address()?;
-        let listener = TcpListener::bind(address)
-            .await
-            .with_context(|| format!("cannot listen for AMQP clients on {address}"))?;
-        let local = listener.local_addr().context("amqp listener address")?;
+    if let Some((listener, local)) = listeners.amqp {
         addresses.insert("amqp", local.to_string());
         tokio::spawn(sluice_amqp::serve(
             listener,
@@ -198,19 +370,15 @@ async fn start_listeners(
         ));
     }
     let mut admin = None;
-    if config.http.enabled {
-        let address = config.http_listen()?;
-        let listener = TcpListener::bind(address)
-            .await
-            .with_context(|| format!("cannot listen for HTTP on {address}"))?;
-        let local = listener.local_addr().context("http listener address")?;
+    if let Some((listener, local)) = listeners.http {
         addresses.insert("http", local.to_string());
-        let listeners = addresses
+        let named = addresses
             .iter()
             .map(|(k, v)| ((*k).to_owned(), v.clone()))
             .collect();
         let state =
-            sluice_admin::AdminState::new(broker.clone(), kafka_frontend, amqp_frontend, listeners);
+            sluice_admin::AdminState::new(broker.clone(), kafka_frontend, amqp_frontend, named);
+        state.set_cluster(Arc::clone(cluster));
         connections.spawn(sluice_admin::serve(
             listener,
             Arc::clone(&state),

@@ -1,5 +1,6 @@
 //! The `/api` routes, one module per resource. Each handler carries its OpenAPI description.
 
+mod cluster;
 mod connections;
 mod exchanges;
 mod fields;
@@ -22,6 +23,8 @@ pub fn routes() -> OpenApiRouter<Arc<AdminState>> {
     OpenApiRouter::new()
         .routes(routes!(overview::overview))
         .routes(routes!(overview::history))
+        .routes(routes!(cluster::status))
+        .routes(routes!(cluster::remove_node))
         .routes(routes!(topics::list, topics::create))
         .routes(routes!(topics::describe, topics::delete))
         .routes(routes!(topics::alter_config))

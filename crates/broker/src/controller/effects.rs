@@ -14,6 +14,7 @@ use sluice_storage::Log;
 
 use super::messaging;
 use crate::command::{Effect, MetadataCommand, OffsetCommand};
+use crate::definitions;
 use crate::error::BrokerError;
 use crate::metadata::{MetadataState, TopicRecord};
 use crate::partition::{Partition, PartitionSpec, partition_dir};
@@ -23,17 +24,118 @@ use crate::{Shared, Topic, topic_config};
 /// Applies `command` to the definitions (persisting it, on the blocking pool: it fsyncs), then
 /// carries out its effects. Stops at the first effect that fails and returns its error; the
 /// caller decides what undoes the command.
+///
+/// On a clustered node the command is committed through the cluster's definition log instead
+/// (unless it changes only transient definitions), and this returns once this node has applied
+/// it, with what applying it gave here (see [`crate::replication`]).
 pub(super) async fn commit(
     shared: &Arc<Shared>,
     command: MetadataCommand,
 ) -> Result<(), BrokerError> {
+    if let Some(log) = shared.definition_log.get()
+        && !shared.metadata.is_transient(&command)?
+    {
+        let index = log.commit(command).await?;
+        return shared.applied.wait(index).await;
+    }
+    apply(shared, None, command).await
+}
+
+/// Applies `command` (the replicated one at log `index`, if it has one) to the definitions,
+/// then carries out its effects. Changes are applied one at a time, so effects never
+/// interleave: a routing table published is always the latest.
+pub(crate) async fn apply(
+    shared: &Arc<Shared>,
+    index: Option<u64>,
+    command: MetadataCommand,
+) -> Result<(), BrokerError> {
+    let _applying = shared.applying.lock().await;
     let effects = {
         let shared = Arc::clone(shared);
-        tokio::task::spawn_blocking(move || shared.metadata.apply(&command))
+        tokio::task::spawn_blocking(move || shared.metadata.apply_at(index, &command))
             .await
-            .map_err(|e| BrokerError::metadata("apply", e))??
+            .map_err(|e| BrokerError::metadata("apply", e))?
+    };
+    let effects = match effects {
+        Ok(effects) => effects,
+        Err(error) => {
+            if let Some(index) = index {
+                // The command changed nothing here, as on every node: it is done with.
+                shared.metadata.skip_to(index);
+            }
+            return Err(error);
+        }
     };
     carry_out(shared, effects).await
+}
+
+/// Replaces the definitions with the replicated controller's `state` at log `index`, then
+/// carries out what changed: topics and queues gone are stopped, new ones started.
+pub(crate) async fn install(
+    shared: &Arc<Shared>,
+    index: u64,
+    state: MetadataState,
+) -> Result<(), BrokerError> {
+    let _applying = shared.applying.lock().await;
+    let old = shared.metadata.state();
+    let effects = between(&old, &state);
+    {
+        let shared = Arc::clone(shared);
+        tokio::task::spawn_blocking(move || shared.metadata.install(index, state))
+            .await
+            .map_err(|e| BrokerError::metadata("install", e))??;
+    }
+    carry_out(shared, effects).await
+}
+
+/// The effects that take a node serving `old` to serving `new`.
+pub(super) fn between(old: &MetadataState, new: &MetadataState) -> Vec<Effect> {
+    let mut effects = Vec::new();
+    for (name, topic) in &old.topics {
+        if new.topics.get(name).map(|t| t.id) != Some(topic.id) {
+            effects.push(Effect::StopTopic {
+                name: name.clone(),
+                id: topic.id,
+            });
+        }
+    }
+    for (name, topic) in &new.topics {
+        let to = topic.partitions.len() as u32;
+        match old.topics.get(name).filter(|t| t.id == topic.id) {
+            None => effects.push(Effect::StartPartitions {
+                topic: name.clone(),
+                from: 0,
+                to,
+            }),
+            Some(before) => {
+                let from = before.partitions.len() as u32;
+                if from < to {
+                    effects.push(Effect::StartPartitions {
+                        topic: name.clone(),
+                        from,
+                        to,
+                    });
+                }
+                if before.config != topic.config {
+                    effects.push(Effect::ReconfigureTopic { name: name.clone() });
+                }
+            }
+        }
+    }
+    let vhosts: std::collections::BTreeSet<&String> = old
+        .messaging
+        .vhosts
+        .keys()
+        .chain(new.messaging.vhosts.keys())
+        .collect();
+    for vhost in vhosts {
+        effects.extend(definitions::vhost_effects(
+            &old.messaging,
+            &new.messaging,
+            vhost,
+        ));
+    }
+    effects
 }
 
 /// The effects that serve everything `state` defines, as if each definition had just been

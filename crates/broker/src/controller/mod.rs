@@ -87,6 +87,7 @@ pub(crate) fn load(
         reason: format!("{} is in use by another broker", config.data_dir.display()),
     })?;
     let metadata = MetadataStore::open(&config.data_dir.join("meta.redb"))?;
+    let applied = crate::replication::Applied::new(metadata.applied_index());
     let offsets = OffsetStore::open(metadata.database())?;
     let logs = config.data_dir.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| io("create", &logs, e))?;
@@ -117,6 +118,9 @@ pub(crate) fn load(
         started: Instant::now(),
         fsync_latency: Arc::new(sluice_metrics::Histogram::default()),
         refusals: crate::limits::Refusals::default(),
+        definition_log: std::sync::OnceLock::new(),
+        applied,
+        applying: tokio::sync::Mutex::new(()),
         _lock: lock,
     })
 }
@@ -129,6 +133,7 @@ pub(crate) async fn start(shared: &Arc<Shared>) -> Result<(), BrokerError> {
     effects::carry_out(shared, effects).await
 }
 
+pub(crate) use self::effects::{apply, install};
 pub(crate) use self::messaging::{shutdown, start_services};
 
 pub(crate) async fn run(

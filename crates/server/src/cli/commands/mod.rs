@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 
 mod binding;
+mod cluster;
 mod common;
 mod consume;
 mod exchange;
@@ -22,6 +23,7 @@ mod user;
 mod vhost;
 
 use binding::{BindingArgs, binding};
+use cluster::{ClusterArgs, cluster};
 use consume::{Consume, consume, consume_queue};
 use exchange::{ExchangeArgs, exchange};
 use group::{GroupArgs, group};
@@ -38,6 +40,8 @@ use vhost::{VhostArgs, vhost};
 pub enum Cli {
     /// Version, uptime, totals and current rates of a running broker.
     Status(Status),
+    /// The cluster's nodes and controller; remove a node.
+    Cluster(ClusterArgs),
     /// Create, list, inspect, change and delete topics.
     Topic(TopicArgs),
     /// Declare, list, purge and delete queues.
@@ -66,6 +70,7 @@ pub enum Cli {
 pub fn run(command: Cli) -> ExitCode {
     let result = match command {
         Cli::Status(args) => status(&args.connection),
+        Cli::Cluster(args) => cluster(args.command, &args.connection),
         Cli::Topic(args) => topic(args.command, &args.connection),
         Cli::Queue(args) => queue(args.command, &args.vhost, &args.connection),
         Cli::Exchange(args) => exchange(args.command, &args.vhost, &args.connection),

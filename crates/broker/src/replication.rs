@@ -1,0 +1,94 @@
+//! Definition changes through a replicated log.
+//!
+//! Alone, the broker's controller applies each [`MetadataCommand`] it decides to its own
+//! metadata store and carries out the effects. In a cluster the command goes instead to a
+//! [`DefinitionLog`] (the cluster's controller group), and every node applies what the log
+//! commits, in log order, through [`Applied`]: [`crate::Broker::apply_replicated`] writes the
+//! command to `meta.redb` with its log index and carries out its effects on this node. The
+//! node that proposed a command waits until its own node has applied it and answers with what
+//! applying it gave there — the same on every node, since apply is deterministic.
+//!
+//! Changes of transient definitions (exclusive and auto-delete queues, bindings to them) stay
+//! on their node: they are never proposed.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::error::BrokerError;
+use crate::metadata::MetadataCommand;
+
+/// A future a [`DefinitionLog`] returns.
+pub type LogFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'a>>;
+
+/// Where a clustered node's definition changes are committed.
+pub trait DefinitionLog: Send + Sync + std::fmt::Debug + 'static {
+    /// Commits `command` and returns its log index. An error means it may or may not have
+    /// been committed; the message says which.
+    fn commit(&self, command: MetadataCommand) -> LogFuture<'_, u64>;
+}
+
+/// How long a node that proposed a change waits for its own node to apply it once committed.
+pub(crate) const APPLY_WAIT: Duration = Duration::from_secs(30);
+/// Outcomes kept for proposers that have not collected theirs yet.
+const OUTCOMES_MAX: usize = 1024;
+
+/// Which replicated commands this node has applied, and what applying gave for the ones whose
+/// proposer may be waiting here.
+#[derive(Debug)]
+pub(crate) struct Applied {
+    index: watch::Sender<u64>,
+    /// Failures by log index (a success is the absence of one); bounded, oldest dropped.
+    failures: Mutex<BTreeMap<u64, BrokerError>>,
+}
+
+impl Applied {
+    pub fn new(index: u64) -> Self {
+        Self {
+            index: watch::Sender::new(index),
+            failures: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Records that the command at `index` was applied here, with what that gave.
+    pub fn record(&self, index: u64, outcome: Result<(), BrokerError>) {
+        if let Err(error) = outcome {
+            let mut failures = self.failures.lock();
+            failures.insert(index, error);
+            while failures.len() > OUTCOMES_MAX {
+                failures.pop_first();
+            }
+        }
+        self.index.send_if_modified(|current| {
+            let moved = index > *current;
+            *current = (*current).max(index);
+            moved
+        });
+    }
+
+    /// Waits until the command at `index` is applied here and returns what applying it gave.
+    pub async fn wait(&self, index: u64) -> Result<(), BrokerError> {
+        let mut applied = self.index.subscribe();
+        match tokio::time::timeout(APPLY_WAIT, applied.wait_for(|&i| i >= index)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err(BrokerError::ShuttingDown),
+            Err(_) => {
+                return Err(BrokerError::metadata(
+                    "apply a change",
+                    format!(
+                        "it was committed at index {index} but this node has not applied it \
+                         within {APPLY_WAIT:?}"
+                    ),
+                ));
+            }
+        }
+        match self.failures.lock().remove(&index) {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
