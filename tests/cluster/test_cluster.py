@@ -279,3 +279,112 @@ def test_a_node_with_an_id_the_cluster_has_is_refused(nodes_factory, tmp_path):
     assert impostor.process.wait(timeout=60) != 0
     log = impostor.log_path.read_text(errors="replace")
     assert "refused" in log, log[-2000:]
+
+
+def test_kafka_clients_reach_every_partition_through_any_node(nodes_factory):
+    """A topic created through node B, a producer that knows only node A, a consumer group of
+    three each bootstrapped from a different node: every record read exactly once, in order
+    per key, and the partitions' data spread over the three nodes."""
+    import shutil
+    import subprocess
+    import threading
+
+    from confluent_kafka import Consumer, Producer
+
+    cluster = nodes_factory(3).start()
+    a, b, c = cluster.nodes
+    wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
+    cli(b, "topic", "create", "orders", "--partitions", "12")
+
+    if shutil.which("kcat"):
+        # Each node counts the others live once they answer its pings (twice a second).
+        def listing():
+            out = subprocess.run(["kcat", "-b", a.kafka, "-L", "-t", "orders"], capture_output=True,
+                                 text=True, timeout=30).stdout
+            return out if " 3 brokers:" in out and "Leader not available" not in out else None
+
+        out = wait_for("kcat -L to list three brokers", listing, timeout=20)
+        assert 'topic "orders" with 12 partitions' in out, out
+
+    total, keys = 100_000, 500
+    assigned = [threading.Event() for _ in range(3)]
+    received = [[] for _ in range(3)]
+    done = threading.Event()
+    failures = []
+
+    def consume(slot, node):
+        consumer = Consumer({"bootstrap.servers": node.kafka, "group.id": "readers",
+                             "auto.offset.reset": "earliest", "enable.auto.commit": True,
+                             "auto.commit.interval.ms": 200, "session.timeout.ms": 10000})
+        try:
+            consumer.subscribe(["orders"], on_assign=lambda c, parts: assigned[slot].set() if parts else None)
+            while not done.is_set():
+                message = consumer.poll(0.2)
+                if message is None:
+                    continue
+                if message.error():
+                    failures.append(str(message.error()))
+                    continue
+                received[slot].append((message.key().decode(), int(message.value()), message.partition()))
+        except Exception as error:  # reported by the test thread
+            failures.append(repr(error))
+        finally:
+            consumer.close()
+
+    threads = [threading.Thread(target=consume, args=(i, node)) for i, node in enumerate(cluster.nodes)]
+    for thread in threads:
+        thread.start()
+    try:
+        # Produce only once the group has settled with three members, so no rebalance moves a
+        # partition while records flow (a moved partition may be read again before a commit).
+        wait_for("three consumers with partitions", lambda: all(e.is_set() for e in assigned), timeout=60)
+        wait_for("a settled assignment", lambda: stable_assignment(cluster.nodes, "readers"), timeout=60)
+        producer = Producer({"bootstrap.servers": a.kafka, "acks": "all", "enable.idempotence": True,
+                             "linger.ms": 5})
+        for i in range(total):
+            key = f"k{i % keys}"
+            producer.produce("orders", key=key, value=str(i // keys).encode())
+            if i % 10_000 == 0:
+                producer.poll(0)
+        assert producer.flush(60) == 0
+
+        wait_for("every record consumed", lambda: sum(map(len, received)) >= total, timeout=120)
+        time.sleep(1)  # anything beyond `total` would be a duplicate
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert not failures, failures[:5]
+
+    everything = [record for part in received for record in part]
+    assert len(everything) == total
+    per_key = {}
+    partition_of = {}
+    for part in received:
+        for key, sequence, partition in part:
+            per_key.setdefault(key, []).append(sequence)
+            assert partition_of.setdefault(key, partition) == partition, "a key moved partition"
+    assert len(per_key) == keys
+    for key, sequences in per_key.items():
+        assert sequences == list(range(total // keys)), f"{key}: out of order or not exactly once"
+
+    # The records are on the three nodes, each holding the partitions placed on it.
+    held = []
+    for node in cluster.nodes:
+        detail = json.loads(cli(node, "topic", "describe", "orders", "--output", "json").stdout)
+        held.append(sum(p["high_watermark"] or 0 for p in detail["partitions"]))
+    assert sum(held) == total and all(h > 0 for h in held), held
+
+
+def stable_assignment(nodes, group):
+    """Whether `group` is Stable with three members, each with partitions, on its coordinator
+    (whichever node that is)."""
+    for node in nodes:
+        result = cli(node, "group", "describe", group, "--output", "json", check=False)
+        if result.returncode != 0:
+            continue
+        out = json.loads(result.stdout)
+        members = out.get("members") or []
+        if out.get("state") == "Stable" and len(members) == 3 and all(m["assignment"] for m in members):
+            return True
+    return False

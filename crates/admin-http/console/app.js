@@ -249,7 +249,7 @@ const views = {
         { title: "Start offset", num: true, render: (p) => fmt.int(p.log_start_offset) },
         { title: "High watermark", num: true, render: (p) => fmt.int(p.high_watermark) },
         { title: "Size", num: true, render: (p) => fmt.bytes(p.size_bytes) },
-        { title: "Segments", num: true, render: (p) => p.segments },
+        { title: "Segments", num: true, render: (p) => p.segments ?? "—" },
       ], topic.partitions, "No partitions."),
       h("div", { class: "two" },
         publish,

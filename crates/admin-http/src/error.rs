@@ -79,6 +79,8 @@ impl From<BrokerError> for ApiError {
         match &error {
             E::UnknownTopic(_) | E::UnknownPartition { .. } => Self::not_found(error.to_string()),
             E::TopicExists(_) => Self::conflict(error.to_string()),
+            // Asked of the wrong node: the partition's node answers it.
+            E::NotLeader { .. } => Self::new(StatusCode::MISDIRECTED_REQUEST, error.to_string()),
             E::InvalidTopic { .. }
             | E::InvalidPartitions(_)
             | E::PolicyViolation(_)

@@ -81,7 +81,7 @@ pub async fn render(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     for (family, help, kind) in partition_families {
         text.family(family, help, kind);
         for topic in &topics {
-            for partition in &topic.partitions {
+            for partition in topic.served() {
                 let index = partition.index().to_string();
                 let labels = [("topic", &*topic.name), ("partition", index.as_str())];
                 let stats = partition.stats();

@@ -78,7 +78,7 @@ impl Totals {
             totals.messages_acked += queue.acked;
         }
         for topic in broker.topics() {
-            for partition in &topic.partitions {
+            for partition in topic.served() {
                 let stats = partition.stats();
                 totals.records_in += stats.records_in.get();
                 totals.records_out += stats.records_out.get();

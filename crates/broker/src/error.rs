@@ -3,12 +3,21 @@
 
 use sluice_storage::{BatchError, StorageError};
 
+use crate::metadata::NodeId;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("topic {0:?} does not exist")]
     UnknownTopic(String),
     #[error("partition {partition} of topic {topic:?} does not exist")]
     UnknownPartition { topic: String, partition: i32 },
+    #[error("partition {partition} of topic {topic:?} is served by another node ({leader:?})")]
+    NotLeader {
+        topic: String,
+        partition: i32,
+        /// The node the partition is placed on.
+        leader: Option<NodeId>,
+    },
     #[error("topic {0:?} already exists")]
     TopicExists(String),
     #[error("invalid topic name {name:?}: {reason}")]

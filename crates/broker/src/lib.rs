@@ -140,16 +140,49 @@ impl BrokerConfig {
     }
 }
 
-/// A topic as it is being served: its definition and its live partitions.
+/// A topic as it is being served: its definition and the partitions this node serves.
 #[derive(Debug)]
 pub struct Topic {
     pub name: Arc<str>,
     pub id: Uuid,
-    pub partitions: Vec<Arc<Partition>>,
+    /// Every partition by index: `Some` where this node serves it (it is placed here).
+    pub partitions: Vec<Option<Arc<Partition>>>,
+    /// Each partition's node, by index, as the definitions place it.
+    pub leaders: Vec<NodeId>,
     /// Config overrides as stored.
     pub overrides: BTreeMap<String, String>,
     pub config: EffectiveTopicConfig,
     pub created_ms: i64,
+}
+
+impl Topic {
+    /// How many partitions the topic has, wherever they are served.
+    pub fn partition_count(&self) -> usize {
+        self.partitions.len()
+    }
+
+    /// The partitions this node serves.
+    pub fn served(&self) -> impl Iterator<Item = &Arc<Partition>> {
+        self.partitions.iter().flatten()
+    }
+
+    /// Partition `index` if this node serves it; otherwise whether it does not exist or is
+    /// served by another node (which one).
+    pub fn get(&self, index: i32) -> Result<&Arc<Partition>, BrokerError> {
+        let position = usize::try_from(index).ok();
+        match position.and_then(|i| self.partitions.get(i)) {
+            Some(Some(partition)) => Ok(partition),
+            Some(None) => Err(BrokerError::NotLeader {
+                topic: self.name.to_string(),
+                partition: index,
+                leader: position.and_then(|i| self.leaders.get(i).copied()),
+            }),
+            None => Err(BrokerError::UnknownPartition {
+                topic: self.name.to_string(),
+                partition: index,
+            }),
+        }
+    }
 }
 
 /// A request to create a topic.
@@ -178,8 +211,8 @@ pub(crate) struct Shared {
     pub fsync_latency: Arc<sluice_metrics::Histogram>,
     /// Refusals by limit, for `sluice_limit_refusals_total`.
     pub refusals: crate::limits::Refusals,
-    /// Set once on a clustered node: where definition changes are committed.
-    pub definition_log: std::sync::OnceLock<Arc<dyn replication::DefinitionLog>>,
+    /// Set once on a clustered node: where definition changes are committed, and the nodes.
+    pub cluster: std::sync::OnceLock<Arc<dyn replication::ClusterLink>>,
     /// The replicated definition changes applied on this node.
     pub applied: replication::Applied,
     /// Held while a definition change is applied and its effects carried out.
@@ -295,11 +328,41 @@ impl Broker {
         self.shared.metadata.state()
     }
 
-    /// Makes this node commit its definition changes through `log` (a cluster's controller
-    /// group) from now on; see [`replication`]. Once only: a second call is ignored.
-    pub fn set_definition_log(&self, log: Arc<dyn replication::DefinitionLog>) {
-        if self.shared.definition_log.set(log).is_err() {
-            tracing::warn!("the broker has its definition log already");
+    /// Makes this node commit its definition changes through `link` (a cluster's controller
+    /// group) from now on, and place partitions on the cluster's nodes; see [`replication`].
+    /// Once only: a second call is ignored.
+    pub fn set_cluster_link(&self, link: Arc<dyn replication::ClusterLink>) {
+        if self.shared.cluster.set(link).is_err() {
+            tracing::warn!("the broker has its cluster link already");
+        }
+    }
+
+    /// The cluster's nodes: this one alone when the broker has no cluster.
+    pub fn cluster_nodes(&self) -> Vec<replication::ClusterNode> {
+        match self.shared.cluster.get() {
+            Some(link) => link.nodes(),
+            None => vec![replication::ClusterNode {
+                id: self.node_id(),
+                kafka_addr: None,
+                live: true,
+            }],
+        }
+    }
+
+    /// The controller's leader: this node when the broker has no cluster.
+    pub fn controller_node(&self) -> Option<NodeId> {
+        match self.shared.cluster.get() {
+            Some(link) => link.controller(),
+            None => Some(self.node_id()),
+        }
+    }
+
+    /// The node that coordinates consumer group `group`: this one when the broker has no
+    /// cluster.
+    pub fn group_owner(&self, group: &str) -> Option<NodeId> {
+        match self.shared.cluster.get() {
+            Some(link) => link.group_owner(group),
+            None => Some(self.node_id()),
         }
     }
 
@@ -365,13 +428,7 @@ impl Broker {
         let found = self
             .topic(topic)
             .ok_or_else(|| BrokerError::UnknownTopic(topic.to_owned()))?;
-        usize::try_from(index)
-            .ok()
-            .and_then(|i| found.partitions.get(i).cloned())
-            .ok_or_else(|| BrokerError::UnknownPartition {
-                topic: topic.to_owned(),
-                partition: index,
-            })
+        found.get(index).cloned()
     }
 
     async fn request<T>(
@@ -474,7 +531,7 @@ impl Broker {
 
     /// A producer id never handed out before.
     pub async fn next_producer_id(&self) -> Result<i64, BrokerError> {
-        if let Some(log) = self.shared.definition_log.get() {
+        if let Some(log) = self.shared.cluster.get() {
             // Nodes reserve blocks through the log; a block another node took first is
             // refused, and the next one is tried.
             let mut last = None;
@@ -555,7 +612,7 @@ impl Broker {
         let topics: Vec<Arc<Topic>> = self.topics();
         let mut closing = tokio::task::JoinSet::new();
         for topic in topics {
-            for partition in topic.partitions.clone() {
+            for partition in topic.served().cloned() {
                 closing.spawn(async move {
                     let result = partition.close().await;
                     (partition, result)

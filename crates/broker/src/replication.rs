@@ -2,7 +2,7 @@
 //!
 //! Alone, the broker's controller applies each [`MetadataCommand`] it decides to its own
 //! metadata store and carries out the effects. In a cluster the command goes instead to a
-//! [`DefinitionLog`] (the cluster's controller group), and every node applies what the log
+//! [`ClusterLink`] (the cluster's controller group), and every node applies what the log
 //! commits, in log order, through [`Applied`]: [`crate::Broker::apply_replicated`] writes the
 //! command to `meta.redb` with its log index and carries out its effects on this node. The
 //! node that proposed a command waits until its own node has applied it and answers with what
@@ -19,17 +19,43 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use crate::error::BrokerError;
-use crate::metadata::MetadataCommand;
+use uuid::Uuid;
 
-/// A future a [`DefinitionLog`] returns.
+use crate::error::BrokerError;
+use crate::metadata::{MetadataCommand, NodeId};
+
+/// A future a [`ClusterLink`] returns.
 pub type LogFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'a>>;
 
-/// Where a clustered node's definition changes are committed.
-pub trait DefinitionLog: Send + Sync + std::fmt::Debug + 'static {
+/// A node of the cluster as the broker sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub id: NodeId,
+    /// Where Kafka clients reach it (`host:port`), if it serves Kafka.
+    pub kafka_addr: Option<String>,
+    /// Whether it answered lately (this node always does).
+    pub live: bool,
+}
+
+/// The cluster as a clustered node's broker uses it: where definition changes are committed,
+/// which nodes there are, and where things are placed.
+pub trait ClusterLink: Send + Sync + std::fmt::Debug + 'static {
     /// Commits `command` and returns its log index. An error means it may or may not have
     /// been committed; the message says which.
     fn commit(&self, command: MetadataCommand) -> LogFuture<'_, u64>;
+
+    /// Every node of the cluster, this one included.
+    fn nodes(&self) -> Vec<ClusterNode>;
+
+    /// The controller group's leader, if one is known.
+    fn controller(&self) -> Option<NodeId>;
+
+    /// The node each of partitions `from..to` of the topic incarnation `topic_id` is placed
+    /// on, in order.
+    fn place_partitions(&self, topic_id: Uuid, from: u32, to: u32) -> Vec<NodeId>;
+
+    /// The node that coordinates consumer group `group`, if the cluster has nodes.
+    fn group_owner(&self, group: &str) -> Option<NodeId>;
 }
 
 /// How long a node that proposed a change waits for its own node to apply it once committed.

@@ -40,7 +40,8 @@ use sluice_broker::Broker;
 use tokio::sync::watch;
 
 use crate::controller::{ControllerCommand, ControllerReply, ControllerState, NodeRecord};
-use crate::definitions::{BrokerObserver, ControllerLog};
+use crate::definitions::{BrokerLink, BrokerObserver};
+use crate::liveness::Liveness;
 use crate::network::{Router, from_json, method, to_json};
 use crate::node::{CONTROLLER_GROUP, ControllerNode, ControllerSettings, ProposeError};
 use crate::placement::NodeId;
@@ -213,8 +214,13 @@ impl Cluster {
                 .map(|b| Arc::new(BrokerObserver::new(b)) as Arc<dyn Observer<ControllerState>>),
         )
         .await?;
+        let liveness = Arc::new(Liveness::default());
+        liveness.start(&controller);
         if let Some(broker) = &broker {
-            broker.set_definition_log(Arc::new(ControllerLog::new(Arc::clone(&controller))));
+            broker.set_cluster_link(Arc::new(BrokerLink::new(
+                Arc::clone(&controller),
+                Arc::clone(&liveness),
+            )));
         }
         let has_state = controller.has_state().await?;
         if !has_state && let Some(cluster_id) = &identity.cluster_id {
@@ -543,12 +549,7 @@ impl Cluster {
             .controller
             .propose(ControllerCommand::Form {
                 cluster_id: cluster_id.clone(),
-                definitions: Box::new(
-                    self.broker
-                        .as_ref()
-                        .map(|b| b.definitions().as_ref().clone())
-                        .unwrap_or_default(),
-                ),
+                definitions: Box::new(self.starting_definitions()),
             })
             .await?
         {
@@ -567,6 +568,23 @@ impl Cluster {
         }
         self.register_self().await;
         Ok(())
+    }
+
+    /// The definitions the cluster starts from: this node's, with every partition placed on
+    /// this node (a node that ran alone served them all, under whatever id it had then).
+    fn starting_definitions(&self) -> sluice_broker::MetadataState {
+        let Some(broker) = &self.broker else {
+            return sluice_broker::MetadataState::default();
+        };
+        let mut definitions = broker.definitions().as_ref().clone();
+        let me = self.node_id() as sluice_broker::NodeId;
+        for topic in definitions.topics.values_mut() {
+            for partition in &mut topic.partitions {
+                partition.leader = me;
+                partition.replicas = vec![me];
+            }
+        }
+        definitions
     }
 
     async fn status_of(&self, peer: NodeId) -> Result<Status, String> {

@@ -1,6 +1,7 @@
 //! The broker's definitions on the controller group: what this node proposes goes into the
-//! group's log ([`ControllerLog`]), and what the log commits comes back into the broker, in
-//! log order, on every node ([`BrokerObserver`]).
+//! group's log ([`BrokerLink`], which also tells the broker the nodes and where partitions and
+//! groups are placed), and what the log commits comes back into the broker, in log order, on
+//! every node ([`BrokerObserver`]).
 //!
 //! The broker keeps its own `meta.redb` with the index of the last command it applied, in the
 //! same transaction. A command the controller's state refused is applied to the broker too: it
@@ -12,11 +13,14 @@
 use std::sync::Arc;
 
 use sluice_broker::error::BrokerError;
-use sluice_broker::replication::{DefinitionLog, LogFuture};
+use sluice_broker::replication::{ClusterLink, ClusterNode, LogFuture};
 use sluice_broker::{Broker, MetadataCommand};
+use uuid::Uuid;
 
 use crate::controller::{ControllerCommand, ControllerState};
+use crate::liveness::Liveness;
 use crate::node::ControllerNode;
+use crate::placement::{self, NodeId, PlacementKey};
 use crate::state_machine::{Observer, ObserverFuture};
 
 /// Carries committed controller entries into the broker.
@@ -66,19 +70,26 @@ impl Observer<ControllerState> for BrokerObserver {
     }
 }
 
-/// The controller group as the broker's definition log.
+/// The cluster as the broker uses it: the controller group for definition changes, the
+/// registry and liveness for nodes, placement for partitions and groups.
 #[derive(Debug)]
-pub struct ControllerLog {
+pub struct BrokerLink {
     node: Arc<ControllerNode>,
+    liveness: Arc<Liveness>,
 }
 
-impl ControllerLog {
-    pub fn new(node: Arc<ControllerNode>) -> Self {
-        Self { node }
+impl BrokerLink {
+    pub fn new(node: Arc<ControllerNode>, liveness: Arc<Liveness>) -> Self {
+        Self { node, liveness }
+    }
+
+    /// The registered nodes' ids, in order.
+    fn node_ids(&self) -> Vec<NodeId> {
+        self.node.read_local(|s| s.nodes.keys().copied().collect())
     }
 }
 
-impl DefinitionLog for ControllerLog {
+impl ClusterLink for BrokerLink {
     fn commit(&self, command: MetadataCommand) -> LogFuture<'_, u64> {
         Box::pin(async move {
             self.node
@@ -91,4 +102,61 @@ impl DefinitionLog for ControllerLog {
                 })
         })
     }
+
+    fn nodes(&self) -> Vec<ClusterNode> {
+        let me = self.node.id();
+        let registered: Vec<_> = self
+            .node
+            .read_local(|s| s.nodes.values().cloned().collect());
+        let mut nodes: Vec<ClusterNode> = registered
+            .into_iter()
+            .map(|record| ClusterNode {
+                id: broker_id(record.id),
+                kafka_addr: record.kafka_addr,
+                live: record.id == me || self.liveness.is_live(record.id),
+            })
+            .collect();
+        if !nodes.iter().any(|n| u64::from(n.id) == me) {
+            // Not registered yet (it registers once it belongs): still itself.
+            nodes.push(ClusterNode {
+                id: broker_id(me),
+                kafka_addr: None,
+                live: true,
+            });
+        }
+        nodes
+    }
+
+    fn controller(&self) -> Option<sluice_broker::NodeId> {
+        self.node.metrics().current_leader.map(broker_id)
+    }
+
+    fn place_partitions(&self, topic_id: Uuid, from: u32, to: u32) -> Vec<sluice_broker::NodeId> {
+        let mut nodes = self.node_ids();
+        if nodes.is_empty() {
+            nodes.push(self.node.id());
+        }
+        let keys: Vec<PlacementKey> = (from..to)
+            .map(|index| PlacementKey::partition(&topic_id, index))
+            .collect();
+        match placement::assign(&keys, &nodes, 1) {
+            Ok(assigned) => assigned
+                .into_iter()
+                .map(|replicas| broker_id(replicas.first().copied().unwrap_or(self.node.id())))
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot place partitions; placing them on this node");
+                vec![broker_id(self.node.id()); (to - from) as usize]
+            }
+        }
+    }
+
+    fn group_owner(&self, group: &str) -> Option<sluice_broker::NodeId> {
+        placement::owner(PlacementKey::group(group), &self.node_ids()).map(broker_id)
+    }
+}
+
+/// A node id as the broker (and Kafka) knows it: node ids are 31 bits.
+fn broker_id(id: NodeId) -> sluice_broker::NodeId {
+    id as sluice_broker::NodeId
 }

@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod controller;
 pub mod definitions;
 mod files;
+pub mod liveness;
 pub mod log_store;
 pub mod network;
 pub mod node;

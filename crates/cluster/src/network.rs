@@ -57,6 +57,8 @@ pub mod method {
     pub const LEAVE: u8 = 14;
     /// A node's view of the cluster, for status reports (see [`crate::status`]).
     pub const REPORT: u8 = 15;
+    /// Are you there? Answered at once, empty (see [`crate::liveness`]).
+    pub const PING: u8 = 16;
 }
 
 /// Snapshots may take longer than one RPC's budget.

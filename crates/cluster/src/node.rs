@@ -487,6 +487,7 @@ impl GroupHandler for ControllerServer {
                     to_json(&node.read_index().await)
                 })
             }
+            method::PING => Box::pin(async { Ok(Bytes::new()) }),
             method::REPORT => {
                 let node = self.node.upgrade();
                 Box::pin(async move {

@@ -33,6 +33,9 @@ pub fn kafka_error(error: &BrokerError) -> KafkaError {
         BrokerError::UnknownTopic(_) | BrokerError::UnknownPartition { .. } => {
             ResponseError::UnknownTopicOrPartition
         }
+        // The client asks for metadata again and finds the partition's node (or, while that
+        // node is down, LEADER_NOT_AVAILABLE).
+        BrokerError::NotLeader { .. } => ResponseError::NotLeaderOrFollower,
         BrokerError::TopicExists(_) => ResponseError::TopicAlreadyExists,
         BrokerError::InvalidTopic { .. } => ResponseError::InvalidTopicException,
         BrokerError::InvalidPartitions(_) => ResponseError::InvalidPartitions,

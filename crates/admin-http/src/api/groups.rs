@@ -352,7 +352,7 @@ pub async fn reset_offsets(
     let mut resets = Vec::new();
     for topic in topics {
         let found = super::topics::find(&state, &topic)?;
-        for partition in &found.partitions {
+        for partition in found.served() {
             let start = partition.log_start_offset();
             let end = partition.high_watermark();
             let new = match &request.target {

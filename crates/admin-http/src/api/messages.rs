@@ -172,7 +172,7 @@ async fn publish_one(
     topic: &str,
     message: PublishMessage,
 ) -> ApiResult<Published> {
-    let count = found.partitions.len() as u32;
+    let count = found.partition_count() as u32;
     let key = message
         .key
         .as_deref()
@@ -202,10 +202,7 @@ async fn publish_one(
     let mut builder = BatchBuilder::new(now_ms);
     builder.push(now_ms, key.as_deref(), Some(&value), &headers);
     let batch = builder.finish();
-    let target = found
-        .partitions
-        .get(partition as usize)
-        .ok_or_else(|| ApiError::internal("partition vanished"))?;
+    let target = found.get(partition as i32)?;
     let outcome = target.produce(batch).await?;
     Ok(Published {
         topic: topic.to_owned(),
@@ -265,13 +262,15 @@ pub async fn peek(
 ) -> ApiResult<Json<Vec<MessageView>>> {
     let found = find(&state, &topic)?;
     let limit = query.limit.unwrap_or(20).clamp(1, PEEK_MAX);
-    let partitions: Vec<_> =
-        match query.partition {
-            Some(p) => vec![found.partitions.get(p as usize).cloned().ok_or_else(|| {
-                ApiError::not_found(format!("topic {topic:?} has no partition {p}"))
-            })?],
-            None => found.partitions.clone(),
-        };
+    let partitions: Vec<_> = match query.partition {
+        Some(p) if p as usize >= found.partition_count() => {
+            return Err(ApiError::not_found(format!(
+                "topic {topic:?} has no partition {p}"
+            )));
+        }
+        Some(p) => vec![found.get(p as i32)?.clone()],
+        None => found.served().cloned().collect(),
+    };
     let mut messages = Vec::new();
     for partition in partitions {
         let start = partition.log_start_offset();

@@ -62,7 +62,7 @@ pub async fn overview(State(state): State<Arc<AdminState>>) -> Json<Overview> {
     let mut records = 0;
     let mut log_bytes = 0;
     for topic in &topics {
-        for partition in &topic.partitions {
+        for partition in topic.served() {
             partitions += 1;
             records += partition
                 .high_watermark()

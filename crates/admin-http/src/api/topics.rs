@@ -30,14 +30,17 @@ pub struct TopicSummary {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PartitionDetail {
     pub partition: u32,
+    /// The node that serves the partition.
     pub leader: u32,
-    pub log_start_offset: u64,
-    pub high_watermark: u64,
-    pub log_end_offset: u64,
-    pub size_bytes: u64,
-    pub segments: usize,
-    pub records_in: u64,
-    pub records_out: u64,
+    /// The figures below are this node's, so only for partitions it serves (null for the
+    /// others: ask their node).
+    pub log_start_offset: Option<u64>,
+    pub high_watermark: Option<u64>,
+    pub log_end_offset: Option<u64>,
+    pub size_bytes: Option<u64>,
+    pub segments: Option<usize>,
+    pub records_in: Option<u64>,
+    pub records_out: Option<u64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -85,13 +88,13 @@ fn summary(topic: &Topic) -> TopicSummary {
     let mut summary = TopicSummary {
         name: topic.name.to_string(),
         id: topic.id.to_string(),
-        partitions: topic.partitions.len(),
+        partitions: topic.partition_count(),
         records: 0,
         size_bytes: 0,
         records_in: 0,
         records_out: 0,
     };
-    for partition in &topic.partitions {
+    for partition in topic.served() {
         summary.records += partition
             .high_watermark()
             .saturating_sub(partition.log_start_offset());
@@ -121,16 +124,24 @@ fn detail(state: &AdminState, topic: &Topic) -> ApiResult<TopicDetail> {
         partitions: topic
             .partitions
             .iter()
-            .map(|p| PartitionDetail {
-                partition: p.index(),
-                leader: state.broker.node_id(),
-                log_start_offset: p.log_start_offset(),
-                high_watermark: p.high_watermark(),
-                log_end_offset: p.reader().log_end_offset(),
-                size_bytes: p.reader().size_bytes(),
-                segments: p.reader().segments().len(),
-                records_in: p.stats().records_in.get(),
-                records_out: p.stats().records_out.get(),
+            .enumerate()
+            .map(|(index, served)| {
+                let served = served.as_ref();
+                PartitionDetail {
+                    partition: index as u32,
+                    leader: topic
+                        .leaders
+                        .get(index)
+                        .copied()
+                        .unwrap_or(state.broker.node_id()),
+                    log_start_offset: served.map(|p| p.log_start_offset()),
+                    high_watermark: served.map(|p| p.high_watermark()),
+                    log_end_offset: served.map(|p| p.reader().log_end_offset()),
+                    size_bytes: served.map(|p| p.reader().size_bytes()),
+                    segments: served.map(|p| p.reader().segments().len()),
+                    records_in: served.map(|p| p.stats().records_in.get()),
+                    records_out: served.map(|p| p.stats().records_out.get()),
+                }
             })
             .collect(),
         config,

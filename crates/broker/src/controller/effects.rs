@@ -32,7 +32,7 @@ pub(super) async fn commit(
     shared: &Arc<Shared>,
     command: MetadataCommand,
 ) -> Result<(), BrokerError> {
-    if let Some(log) = shared.definition_log.get()
+    if let Some(log) = shared.cluster.get()
         && !shared.metadata.is_transient(&command)?
     {
         let index = log.commit(command).await?;
@@ -229,19 +229,21 @@ async fn open_logs(
 fn topic_from(
     shared: &Shared,
     record: &TopicRecord,
-    partitions: Vec<Arc<Partition>>,
+    partitions: Vec<Option<Arc<Partition>>>,
 ) -> Arc<Topic> {
     Arc::new(Topic {
         name: Arc::from(record.name.as_str()),
         id: record.id,
         partitions,
+        leaders: record.partitions.iter().map(|p| p.leader).collect(),
         overrides: record.config.clone(),
         config: topic_config::effective(&shared.config.log_defaults, &record.config),
         created_ms: record.created_ms,
     })
 }
 
-/// Opens and serves partitions `from..to` of a topic, after the ones it already serves.
+/// Serves partitions `from..to` of a topic, after the ones it has: opens those placed on this
+/// node, and knows the others' nodes.
 async fn start_partitions(
     shared: &Arc<Shared>,
     topic: &str,
@@ -259,18 +261,30 @@ async fn start_partitions(
         .filter(|live| live.id == record.id)
         .map(|live| live.partitions.clone())
         .unwrap_or_default();
-    // Partitions already served stay as they are.
+    // Partitions already known stay as they are.
     let from = from.max(partitions.len() as u32);
-    if from >= to {
-        return Ok(());
-    }
-    let opened = open_logs(shared, specs(shared, &record, from, to)).await?;
-    for (spec, log, producers) in opened {
-        let (partition, task) = Partition::start(&spec, log, producers, shared.owner_options());
-        shared
-            .supervisor
-            .watch(format!("partition {}-{}", spec.topic, spec.index), task);
-        partitions.push(partition);
+    let to = to.min(record.partitions.len() as u32);
+    if from < to {
+        let here = shared.config.node_id;
+        let local: Vec<PartitionSpec> = specs(shared, &record, from, to)
+            .into_iter()
+            .filter(|spec| record.partitions[spec.index as usize].leader == here)
+            .collect();
+        let mut opened = open_logs(shared, local).await?.into_iter().peekable();
+        for index in from..to {
+            let partition = match opened.next_if(|(spec, _, _)| spec.index == index) {
+                Some((spec, log, producers)) => {
+                    let (partition, task) =
+                        Partition::start(&spec, log, producers, shared.owner_options());
+                    shared
+                        .supervisor
+                        .watch(format!("partition {}-{}", spec.topic, spec.index), task);
+                    Some(partition)
+                }
+                None => None,
+            };
+            partitions.push(partition);
+        }
     }
     let served = topic_from(shared, &record, partitions);
     shared.topics.write().insert(record.name.clone(), served);
@@ -289,7 +303,7 @@ async fn stop_topic(shared: &Arc<Shared>, name: &str, id: uuid::Uuid) {
     };
     let mut dirs = Vec::new();
     if let Some(topic) = removed {
-        for partition in &topic.partitions {
+        for partition in topic.served() {
             if let Err(error) = partition.close().await {
                 tracing::warn!(topic = name, partition = partition.index(), %error, "closing a deleted partition failed");
             }
@@ -328,7 +342,7 @@ async fn reconfigure_topic(shared: &Arc<Shared>, name: &str) -> Result<(), Broke
         .get(name)
         .map(|t| t.partitions.clone())
         .unwrap_or_default();
-    for partition in &partitions {
+    for partition in partitions.iter().flatten() {
         partition.reconfigure(effective.clone()).await?;
     }
     shared

@@ -118,7 +118,7 @@ pub(crate) fn load(
         started: Instant::now(),
         fsync_latency: Arc::new(sluice_metrics::Histogram::default()),
         refusals: crate::limits::Refusals::default(),
-        definition_log: std::sync::OnceLock::new(),
+        cluster: std::sync::OnceLock::new(),
         applied,
         applying: tokio::sync::Mutex::new(()),
         _lock: lock,

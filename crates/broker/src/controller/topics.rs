@@ -12,13 +12,25 @@ use crate::error::BrokerError;
 use crate::limits::Limit;
 use crate::{NewTopic, Shared, Topic, names, topic_config};
 
-fn partition_records(shared: &Shared, from: u32, to: u32) -> Vec<PartitionRecord> {
+/// Records for partitions `from..to` of the topic incarnation `topic_id`, each on the node
+/// the cluster places it on (this node when the broker has no cluster).
+fn partition_records(shared: &Shared, topic_id: Uuid, from: u32, to: u32) -> Vec<PartitionRecord> {
+    let placed = shared
+        .cluster
+        .get()
+        .map(|link| link.place_partitions(topic_id, from, to))
+        .filter(|placed| placed.len() == (to - from) as usize);
     (from..to)
-        .map(|index| PartitionRecord {
-            index,
-            leader: shared.config.node_id,
-            replicas: vec![shared.config.node_id],
-            leader_epoch: 0,
+        .map(|index| {
+            let node = placed.as_ref().map_or(shared.config.node_id, |placed| {
+                placed[(index - from) as usize]
+            });
+            PartitionRecord {
+                index,
+                leader: node,
+                replicas: vec![node],
+                leader_epoch: 0,
+            }
         })
         .collect()
 }
@@ -87,15 +99,15 @@ pub(super) async fn create_topic(
     if validate_only {
         return Ok(None);
     }
+    let id = Uuid::new_v4();
     let record = TopicRecord {
         name: request.name.clone(),
-        id: Uuid::new_v4(),
-        partitions: partition_records(shared, 0, count),
+        id,
+        partitions: partition_records(shared, id, 0, count),
         config,
         created_ms: shared.clock.now_ms(),
     };
     let name = record.name.clone();
-    let id = record.id;
     if let Err(error) = commit(shared, MetadataCommand::CreateTopic(record)).await {
         // Its logs could not be opened: a topic nothing serves must not stay defined.
         if shared.metadata.topic(&name).is_some_and(|t| t.id == id) {
@@ -145,7 +157,7 @@ pub(super) async fn create_partitions(
     }
     let command = MetadataCommand::AddPartitions {
         name: name.to_owned(),
-        partitions: partition_records(shared, current, total),
+        partitions: partition_records(shared, record.id, current, total),
     };
     if let Err(error) = commit(shared, command).await {
         // Partitions cannot be taken back out of a topic: those that failed to open stay

@@ -1,5 +1,5 @@
-//! The cluster's shape: DescribeCluster, and FindCoordinator (this broker coordinates every
-//! group).
+//! The cluster's shape: DescribeCluster, and FindCoordinator (a group's coordinator is the
+//! node its id hashes to among the cluster's nodes).
 
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
@@ -9,23 +9,30 @@ use kafka_protocol::messages::{
     FindCoordinatorResponse,
 };
 
-use super::metadata::{CLUSTER_OPERATIONS, OPERATIONS_NOT_REQUESTED};
-use super::{node, text};
+use kafka_protocol::messages::BrokerId;
+
+use super::metadata::{CLUSTER_OPERATIONS, OPERATIONS_NOT_REQUESTED, Reachable, live_brokers};
+use super::{controller, text};
 use crate::Context;
 
 /// FindCoordinator key types.
 const KEY_GROUP: i8 = 0;
 
 pub(crate) fn describe(ctx: &Context, request: DescribeClusterRequest) -> DescribeClusterResponse {
-    let broker = DescribeClusterBroker::default()
-        .with_broker_id(node(ctx))
-        .with_host(text(ctx.settings.advertised_host.clone()))
-        .with_port(i32::from(ctx.settings.advertised_port));
+    let brokers = live_brokers(ctx)
+        .into_iter()
+        .map(|b| {
+            DescribeClusterBroker::default()
+                .with_broker_id(BrokerId(b.id))
+                .with_host(text(b.host))
+                .with_port(b.port)
+        })
+        .collect();
     DescribeClusterResponse::default()
         .with_endpoint_type(request.endpoint_type)
         .with_cluster_id(text(ctx.broker.cluster_id()))
-        .with_controller_id(node(ctx))
-        .with_brokers(vec![broker])
+        .with_controller_id(controller(ctx))
+        .with_brokers(brokers)
         .with_cluster_authorized_operations(if request.include_cluster_authorized_operations {
             CLUSTER_OPERATIONS
         } else {
@@ -33,50 +40,72 @@ pub(crate) fn describe(ctx: &Context, request: DescribeClusterRequest) -> Descri
         })
 }
 
+/// Where the coordinator of group `key` is: the node the group's id hashes to, while it is
+/// live; otherwise COORDINATOR_NOT_AVAILABLE (clients ask again).
+fn locate(ctx: &Context, key: &str, live: &[Reachable]) -> Result<(i32, String, i32), i16> {
+    let owner = ctx
+        .broker
+        .group_owner(key)
+        .ok_or(ResponseError::CoordinatorNotAvailable.code())?;
+    live.iter()
+        .find(|b| b.id == owner as i32)
+        .map(|b| (b.id, b.host.clone(), b.port))
+        .ok_or(ResponseError::CoordinatorNotAvailable.code())
+}
+
+/// NOT_COORDINATOR unless this node coordinates `group` (the client then asks
+/// FindCoordinator again).
+pub(crate) fn check_coordinator(ctx: &Context, group: &str) -> Result<(), i16> {
+    match ctx.broker.group_owner(group) {
+        Some(owner) if owner == ctx.broker.node_id() => Ok(()),
+        _ => Err(ResponseError::NotCoordinator.code()),
+    }
+}
+
 pub(crate) fn find_coordinator(
     ctx: &Context,
     request: FindCoordinatorRequest,
     version: i16,
 ) -> FindCoordinatorResponse {
-    let (code, message) = if request.key_type == KEY_GROUP {
-        (0, None)
-    } else {
-        (
-            ResponseError::CoordinatorNotAvailable.code(),
-            Some(text("transactions are not supported by this broker")),
-        )
+    let live = live_brokers(ctx);
+    let answer = |key: &str| -> Result<(i32, String, i32), (i16, &'static str)> {
+        if request.key_type != KEY_GROUP {
+            return Err((
+                ResponseError::CoordinatorNotAvailable.code(),
+                "transactions are not supported by this broker",
+            ));
+        }
+        locate(ctx, key, &live).map_err(|code| (code, "the group's coordinator is not available"))
     };
-    let host = text(ctx.settings.advertised_host.clone());
-    let port = i32::from(ctx.settings.advertised_port);
     if version < 4 {
-        return FindCoordinatorResponse::default()
-            .with_error_code(code)
-            .with_error_message(message)
-            .with_node_id(if code == 0 {
-                node(ctx)
-            } else {
-                kafka_protocol::messages::BrokerId(-1)
-            })
-            .with_host(if code == 0 { host } else { text("") })
-            .with_port(if code == 0 { port } else { -1 });
+        return match answer(request.key.as_str()) {
+            Ok((id, host, port)) => FindCoordinatorResponse::default()
+                .with_node_id(BrokerId(id))
+                .with_host(text(host))
+                .with_port(port),
+            Err((code, message)) => FindCoordinatorResponse::default()
+                .with_error_code(code)
+                .with_error_message(Some(text(message)))
+                .with_node_id(BrokerId(-1))
+                .with_host(text(""))
+                .with_port(-1),
+        };
     }
     let coordinators = request
         .coordinator_keys
-        .into_iter()
+        .iter()
         .map(|key| {
-            let entry = Coordinator::default()
-                .with_key(key)
-                .with_error_code(code)
-                .with_error_message(message.clone());
-            if code == 0 {
-                entry
-                    .with_node_id(node(ctx))
-                    .with_host(host.clone())
-                    .with_port(port)
-            } else {
-                entry
-                    .with_node_id(kafka_protocol::messages::BrokerId(-1))
-                    .with_port(-1)
+            let entry = Coordinator::default().with_key(key.clone());
+            match answer(key.as_str()) {
+                Ok((id, host, port)) => entry
+                    .with_node_id(BrokerId(id))
+                    .with_host(text(host))
+                    .with_port(port),
+                Err((code, message)) => entry
+                    .with_error_code(code)
+                    .with_error_message(Some(text(message)))
+                    .with_node_id(BrokerId(-1))
+                    .with_port(-1),
             }
         })
         .collect();

@@ -55,16 +55,10 @@ fn resolve(ctx: &Context, request: &FetchRequest, version: i16) -> Vec<Wanted> {
         };
         for partition in &topic.partitions {
             let target = found.clone().and_then(|topic| {
-                let index = usize::try_from(partition.partition).ok();
-                let found = index
-                    .and_then(|i| topic.partitions.get(i))
+                let found = topic
+                    .get(partition.partition)
                     .cloned()
-                    .ok_or_else(|| {
-                        kafka_error(&BrokerError::UnknownPartition {
-                            topic: topic.name.to_string(),
-                            partition: partition.partition,
-                        })
-                    })?;
+                    .map_err(|e| kafka_error(&e))?;
                 // A single node never changes leader: epoch 0 is the only current one.
                 match partition.current_leader_epoch {
                     epoch if epoch > 0 => Err(KafkaError::new(

@@ -17,6 +17,7 @@ use kafka_protocol::messages::{
 use sluice_broker::group::{GroupError, GroupState, JoinRequest, SyncRequest};
 use sluice_broker::limits::Limit;
 
+use super::cluster::check_coordinator;
 use super::metadata::OPERATIONS_NOT_REQUESTED;
 use super::{Client, text};
 use crate::Context;
@@ -35,6 +36,13 @@ pub(crate) async fn join(
     request: JoinGroupRequest,
     version: i16,
 ) -> JoinGroupResponse {
+    if let Err(code) = check_coordinator(ctx, request.group_id.as_str()) {
+        return JoinGroupResponse::default()
+            .with_error_code(code)
+            .with_generation_id(-1)
+            .with_protocol_name((version < 7).then(|| text("")))
+            .with_member_id(request.member_id);
+    }
     let rebalance_timeout_ms = if request.rebalance_timeout_ms > 0 {
         request.rebalance_timeout_ms
     } else {
@@ -93,6 +101,9 @@ pub(crate) async fn join(
 }
 
 pub(crate) async fn sync(ctx: &Context, request: SyncGroupRequest) -> SyncGroupResponse {
+    if let Err(code) = check_coordinator(ctx, request.group_id.as_str()) {
+        return SyncGroupResponse::default().with_error_code(code);
+    }
     let outcome = ctx
         .broker
         .groups()
@@ -120,6 +131,9 @@ pub(crate) async fn sync(ctx: &Context, request: SyncGroupRequest) -> SyncGroupR
 }
 
 pub(crate) async fn heartbeat(ctx: &Context, request: HeartbeatRequest) -> HeartbeatResponse {
+    if let Err(code) = check_coordinator(ctx, request.group_id.as_str()) {
+        return HeartbeatResponse::default().with_error_code(code);
+    }
     let result = ctx
         .broker
         .groups()
@@ -138,6 +152,9 @@ pub(crate) async fn leave(
     request: LeaveGroupRequest,
     version: i16,
 ) -> LeaveGroupResponse {
+    if let Err(code) = check_coordinator(ctx, request.group_id.as_str()) {
+        return LeaveGroupResponse::default().with_error_code(code);
+    }
     // v0-2 name one member; v3+ a batch, possibly by instance id.
     let members: Vec<(String, Option<String>)> = if version >= 3 {
         request
@@ -246,6 +263,10 @@ pub(crate) async fn describe(
         let entry = DescribedGroup::default()
             .with_group_id(group_id.clone())
             .with_authorized_operations(operations);
+        if let Err(code) = check_coordinator(ctx, group_id.as_str()) {
+            groups.push(entry.with_error_code(code));
+            continue;
+        }
         let described = ctx.broker.groups().describe(group_id.as_str()).await;
         let has_offsets = ctx
             .broker
@@ -291,12 +312,16 @@ pub(crate) async fn describe(
 pub(crate) async fn delete(ctx: &Context, request: DeleteGroupsRequest) -> DeleteGroupsResponse {
     let mut results = Vec::with_capacity(request.groups_names.len());
     for group_id in request.groups_names {
-        let code = match ctx.broker.groups().forget(group_id.as_str()).await {
-            Err(error) => group_code(error),
-            Ok(had_state) => match ctx.broker.delete_group_offsets(group_id.as_str()).await {
-                Ok(0) if !had_state => group_code(GroupError::GroupIdNotFound),
-                Ok(_) => 0,
-                Err(error) => crate::errors::kafka_error(&error).code,
+        let owned = check_coordinator(ctx, group_id.as_str());
+        let code = match owned {
+            Err(code) => code,
+            Ok(()) => match ctx.broker.groups().forget(group_id.as_str()).await {
+                Err(error) => group_code(error),
+                Ok(had_state) => match ctx.broker.delete_group_offsets(group_id.as_str()).await {
+                    Ok(0) if !had_state => group_code(GroupError::GroupIdNotFound),
+                    Ok(_) => 0,
+                    Err(error) => crate::errors::kafka_error(&error).code,
+                },
             },
         };
         results.push(

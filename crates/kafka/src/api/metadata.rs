@@ -12,13 +12,13 @@ use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
 use kafka_protocol::messages::{
-    DescribeTopicPartitionsRequest, DescribeTopicPartitionsResponse, MetadataRequest,
+    BrokerId, DescribeTopicPartitionsRequest, DescribeTopicPartitionsResponse, MetadataRequest,
     MetadataResponse,
 };
 use sluice_broker::{BrokerError, Topic, names};
 use uuid::Uuid;
 
-use super::{node, text, topic_name};
+use super::{controller, node, text, topic_name};
 use crate::Context;
 use crate::errors::kafka_error;
 
@@ -34,25 +34,88 @@ pub(crate) const CLUSTER_OPERATIONS: i32 =
 /// "Not requested" in Kafka's authorized-operations fields.
 pub(crate) const OPERATIONS_NOT_REQUESTED: i32 = i32::MIN;
 
-pub(crate) fn broker_entry(ctx: &Context) -> MetadataResponseBroker {
-    MetadataResponseBroker::default()
-        .with_node_id(node(ctx))
-        .with_host(text(ctx.settings.advertised_host.clone()))
-        .with_port(i32::from(ctx.settings.advertised_port))
+/// A live broker of the cluster as clients reach it: this one as its listener advertises
+/// itself, the others as they registered.
+pub(crate) struct Reachable {
+    pub id: i32,
+    pub host: String,
+    pub port: i32,
 }
 
-fn topic_entry(ctx: &Context, topic: &Topic, include_operations: bool) -> MetadataResponseTopic {
-    let leader = node(ctx);
-    let partitions = topic
-        .partitions
+/// The cluster's live brokers, this one first.
+pub(crate) fn live_brokers(ctx: &Context) -> Vec<Reachable> {
+    let me = node(ctx).0;
+    let mut brokers = vec![Reachable {
+        id: me,
+        host: ctx.settings.advertised_host.clone(),
+        port: i32::from(ctx.settings.advertised_port),
+    }];
+    for other in ctx.broker.cluster_nodes() {
+        if other.id as i32 == me || !other.live {
+            continue;
+        }
+        let Some((host, port)) = other
+            .kafka_addr
+            .as_deref()
+            .and_then(|addr| addr.rsplit_once(':'))
+            .and_then(|(host, port)| Some((host.to_owned(), port.parse::<i32>().ok()?)))
+        else {
+            continue;
+        };
+        brokers.push(Reachable {
+            id: other.id as i32,
+            host,
+            port,
+        });
+    }
+    brokers
+}
+
+fn broker_entries(brokers: &[Reachable]) -> Vec<MetadataResponseBroker> {
+    brokers
         .iter()
-        .map(|partition| {
-            MetadataResponsePartition::default()
-                .with_partition_index(partition.index() as i32)
-                .with_leader_id(leader)
-                .with_leader_epoch(0)
-                .with_replica_nodes(vec![leader])
-                .with_isr_nodes(vec![leader])
+        .map(|b| {
+            MetadataResponseBroker::default()
+                .with_node_id(BrokerId(b.id))
+                .with_host(text(b.host.clone()))
+                .with_port(b.port)
+        })
+        .collect()
+}
+
+/// Partition `index`'s leader as clients are told: its node while it is live, else none
+/// (LEADER_NOT_AVAILABLE until it returns).
+fn leader_of(topic: &Topic, index: usize, live: &[Reachable]) -> Result<i32, i16> {
+    match topic.leaders.get(index) {
+        Some(&leader) if live.iter().any(|b| b.id == leader as i32) => Ok(leader as i32),
+        _ => Err(ResponseError::LeaderNotAvailable.code()),
+    }
+}
+
+fn topic_entry(
+    topic: &Topic,
+    include_operations: bool,
+    live: &[Reachable],
+) -> MetadataResponseTopic {
+    let partitions = (0..topic.partition_count())
+        .map(|index| {
+            let entry = MetadataResponsePartition::default().with_partition_index(index as i32);
+            match leader_of(topic, index, live) {
+                Ok(leader) => entry
+                    .with_leader_id(BrokerId(leader))
+                    .with_leader_epoch(0)
+                    .with_replica_nodes(vec![BrokerId(leader)])
+                    .with_isr_nodes(vec![BrokerId(leader)]),
+                Err(code) => {
+                    let placed = topic.leaders.get(index).map(|&l| BrokerId(l as i32));
+                    entry
+                        .with_error_code(code)
+                        .with_leader_id(BrokerId(-1))
+                        .with_leader_epoch(0)
+                        .with_replica_nodes(placed.into_iter().collect())
+                        .with_isr_nodes(Vec::new())
+                }
+            }
         })
         .collect();
     MetadataResponseTopic::default()
@@ -106,19 +169,20 @@ pub(crate) async fn handle(
         other => other,
     };
     let auto_create = version < 4 || request.allow_auto_topic_creation;
+    let live = live_brokers(ctx);
     let topics = match requested {
         None => ctx
             .broker
             .topics()
             .iter()
-            .map(|topic| topic_entry(ctx, topic, include_operations))
+            .map(|topic| topic_entry(topic, include_operations, &live))
             .collect(),
         Some(wanted) => {
             let mut entries = Vec::with_capacity(wanted.len());
             for want in wanted {
                 let entry = match &want.name {
                     Some(name) => match resolve(ctx, name, auto_create).await {
-                        Ok(topic) => topic_entry(ctx, &topic, include_operations),
+                        Ok(topic) => topic_entry(&topic, include_operations, &live),
                         Err(error) => error_entry(
                             Some(name),
                             Uuid::nil(),
@@ -127,7 +191,7 @@ pub(crate) async fn handle(
                         ),
                     },
                     None => match ctx.broker.topic_by_id(want.topic_id) {
-                        Some(topic) => topic_entry(ctx, &topic, include_operations),
+                        Some(topic) => topic_entry(&topic, include_operations, &live),
                         None => error_entry(
                             None,
                             want.topic_id,
@@ -142,9 +206,9 @@ pub(crate) async fn handle(
         }
     };
     MetadataResponse::default()
-        .with_brokers(vec![broker_entry(ctx)])
+        .with_brokers(broker_entries(&live))
         .with_cluster_id(Some(text(ctx.broker.cluster_id())))
-        .with_controller_id(node(ctx))
+        .with_controller_id(controller(ctx))
         .with_topics(topics)
         .with_cluster_authorized_operations(if request.include_cluster_authorized_operations {
             CLUSTER_OPERATIONS
@@ -200,7 +264,7 @@ pub(crate) fn describe_topic_partitions(
     let mut room = usize::try_from(request.response_partition_limit)
         .unwrap_or(0)
         .clamp(1, PARTITIONS_PER_PAGE_MAX);
-    let leader = node(ctx);
+    let live = live_brokers(ctx);
     let mut topics = Vec::new();
     let mut next_cursor = None;
     for (position, name) in names.iter().enumerate() {
@@ -229,19 +293,33 @@ pub(crate) fn describe_topic_partitions(
             }
             _ => 0,
         };
-        let count = topic.partitions.len().saturating_sub(first);
+        let count = topic.partition_count().saturating_sub(first);
         let taken = count.min(room);
         room -= taken;
         let partitions = (first..first + taken)
             .map(|index| {
-                DescribeTopicPartitionsResponsePartition::default()
+                let entry = DescribeTopicPartitionsResponsePartition::default()
                     .with_partition_index(index as i32)
-                    .with_leader_id(leader)
                     .with_leader_epoch(0)
-                    .with_replica_nodes(vec![leader])
-                    .with_isr_nodes(vec![leader])
                     .with_eligible_leader_replicas(Some(Vec::new()))
-                    .with_last_known_elr(Some(Vec::new()))
+                    .with_last_known_elr(Some(Vec::new()));
+                match leader_of(&topic, index, &live) {
+                    Ok(leader) => entry
+                        .with_leader_id(BrokerId(leader))
+                        .with_replica_nodes(vec![BrokerId(leader)])
+                        .with_isr_nodes(vec![BrokerId(leader)]),
+                    Err(code) => entry
+                        .with_error_code(code)
+                        .with_leader_id(BrokerId(-1))
+                        .with_replica_nodes(
+                            topic
+                                .leaders
+                                .get(index)
+                                .map(|&l| BrokerId(l as i32))
+                                .into_iter()
+                                .collect(),
+                        ),
+                }
             })
             .collect();
         topics.push(

@@ -90,6 +90,11 @@ pub(crate) fn node(ctx: &Context) -> BrokerId {
     BrokerId(ctx.broker.node_id() as i32)
 }
 
+/// The controller's leader as clients are told (-1 while there is none).
+pub(crate) fn controller(ctx: &Context) -> BrokerId {
+    BrokerId(ctx.broker.controller_node().map_or(-1, |id| id as i32))
+}
+
 /// Handles one request. `None` means no response is sent (a produce with acks=0).
 pub(crate) async fn handle(
     ctx: &Context,

@@ -16,6 +16,7 @@ use kafka_protocol::messages::{
 };
 use sluice_broker::{BrokerError, CommittedOffset, OffsetEntry};
 
+use super::cluster::check_coordinator;
 use super::{text, topic_name};
 use crate::Context;
 use crate::errors::{group_code, kafka_error};
@@ -31,6 +32,8 @@ pub(crate) async fn commit(
     let group = request.group_id.to_string();
     let membership = if group.is_empty() {
         Err(ResponseError::InvalidGroupId.code())
+    } else if let Err(code) = check_coordinator(ctx, &group) {
+        Err(code)
     } else {
         ctx.broker
             .groups()
@@ -261,6 +264,7 @@ fn fetch_group(
     if group.is_empty() {
         return Err(ResponseError::InvalidGroupId.code());
     }
+    check_coordinator(ctx, group)?;
     let topics = requested(ctx, group, wanted).map_err(|e| kafka_error(&e).code)?;
     Ok(topics
         .into_iter()

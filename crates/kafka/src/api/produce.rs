@@ -68,15 +68,7 @@ pub(crate) async fn handle(
                         ));
                     }
                     let topic = resolved?;
-                    let partition = usize::try_from(index)
-                        .ok()
-                        .and_then(|i| topic.partitions.get(i))
-                        .ok_or_else(|| {
-                            kafka_error(&BrokerError::UnknownPartition {
-                                topic: topic.name.to_string(),
-                                partition: index,
-                            })
-                        })?;
+                    let partition = topic.get(index).map_err(|e| kafka_error(&e))?;
                     let Some(records) = records else {
                         return Err(KafkaError::new(
                             ResponseError::CorruptMessage,

@@ -1,0 +1,97 @@
+//! Which nodes answer: every node pings every other registered node twice a second over the
+//! transport, and counts one live while its last answer is recent.
+//!
+//! A connection being open says little (a frozen process keeps its sockets, and two followers
+//! may have no reason to talk), so liveness is an answer to a request, end to end. Kafka clients
+//! are told only live brokers and get LEADER_NOT_AVAILABLE for a partition whose node is not
+//! live; nothing safety-related depends on it (Raft decides what is committed).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::network::method;
+use crate::node::{CONTROLLER_GROUP, ControllerNode};
+use crate::placement::NodeId;
+
+/// How often each node is pinged.
+const PING_EVERY: Duration = Duration::from_millis(500);
+/// How long a ping may take.
+const PING_TIMEOUT: Duration = Duration::from_millis(1000);
+/// A node is live while its last answer is this recent.
+const LIVE_FOR: Duration = Duration::from_millis(3000);
+
+/// When each node last answered.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    answered: Mutex<HashMap<NodeId, Instant>>,
+}
+
+impl Liveness {
+    /// Whether `node` answered within the last few seconds.
+    pub fn is_live(&self, node: NodeId) -> bool {
+        self.answered
+            .lock()
+            .get(&node)
+            .is_some_and(|at| at.elapsed() < LIVE_FOR)
+    }
+
+    fn answered(&self, node: NodeId) {
+        self.answered.lock().insert(node, Instant::now());
+    }
+
+    /// Pings every registered node other than this one until the controller stops; the
+    /// task ends when `controller` is dropped.
+    pub fn start(self: &Arc<Self>, controller: &Arc<ControllerNode>) {
+        let liveness = Arc::clone(self);
+        let controller = Arc::downgrade(controller);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PING_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(node) = controller.upgrade() else {
+                    return;
+                };
+                let me = node.id();
+                let peers: Vec<(NodeId, String)> = node.read_local(|s| {
+                    s.nodes
+                        .values()
+                        .filter(|n| n.id != me)
+                        .map(|n| (n.id, n.cluster_addr.clone()))
+                        .collect()
+                });
+                {
+                    // Forget nodes that left.
+                    let mut answered = liveness.answered.lock();
+                    answered.retain(|id, _| peers.iter().any(|(peer, _)| peer == id));
+                }
+                let pings = peers.into_iter().map(|(peer, address)| {
+                    let node = Arc::clone(&node);
+                    let liveness = Arc::clone(&liveness);
+                    async move {
+                        node.transport().set_address(peer, address);
+                        let answer = node
+                            .transport()
+                            .call(
+                                peer,
+                                CONTROLLER_GROUP,
+                                method::PING,
+                                Bytes::new(),
+                                PING_TIMEOUT,
+                            )
+                            .await;
+                        if answer.is_ok() {
+                            liveness.answered(peer);
+                        }
+                    }
+                });
+                futures_util::future::join_all(pings).await;
+            }
+        });
+    }
+}
