@@ -199,6 +199,10 @@ impl Cluster {
                 .await
                 .map_err(|e| ClusterError::Refused(e.to_string()))??
         };
+        let mut settings = settings;
+        if let Ok(local) = listener.local_addr() {
+            settings.seeds = without_self(settings.seeds, local).await;
+        }
         let router = Arc::new(Router::default());
         let mut config = TransportConfig::new(identity.node_id, settings.advertise.clone());
         config.cluster_id = identity.cluster_id.clone();
@@ -373,8 +377,14 @@ impl Cluster {
                 .await;
             let result = match known {
                 Ok((_, None)) => {
-                    // Not named yet: the forming node's first command is on its way.
+                    // Not named yet: the forming node's first command is on its way, or the
+                    // forming node stopped before it was committed; then the leader names
+                    // the cluster (a second Form, should the first still come, is refused).
+                    if self.controller.metrics().current_leader == Some(self.node_id()) {
+                        let _ = self.propose_form().await;
+                    }
                     tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
                     continue;
                 }
                 Ok((record, Some(cluster_id))) => {
@@ -447,13 +457,17 @@ impl Cluster {
             }
             // A peer serving a controller group with members belongs to a formed cluster
             // (its id may not be committed yet).
+            // A peer that does not answer counts as missing: it may have formed a cluster
+            // already, and forming another beside it would split the nodes in two.
             let mut formed = None;
-            for &peer in peers.keys() {
-                if let Ok(status) = self.status_of(peer).await
-                    && !status.voters.is_empty()
-                {
-                    formed = Some((peer, status));
-                    break;
+            for (&peer, seed) in &peers {
+                match self.status_of(peer).await {
+                    Ok(status) if !status.voters.is_empty() => {
+                        formed = Some((peer, status));
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(reason) => missing.push(format!("{seed} (status: {reason})")),
                 }
             }
             if let Some((peer, status)) = formed {
@@ -469,9 +483,9 @@ impl Cluster {
                              join as a new node"
                         )));
                     }
-                    if let Some(cluster_id) = &status.cluster_id {
-                        self.remember_cluster_id(cluster_id).await?;
-                    }
+                    // The cluster id is kept once this node holds the log (register_self
+                    // reads it back linearizably): kept earlier, a crash before the log came
+                    // would leave a node that looks wiped.
                     self.controller.serve();
                     self.member.send_replace(Membership::Member);
                     self.register_self().await;
@@ -486,13 +500,14 @@ impl Cluster {
                          directory"
                     )));
                 }
-                if let Some(cluster_id) = &status.cluster_id {
-                    self.remember_cluster_id(cluster_id).await?;
-                }
                 self.controller.serve();
                 asked_to_join = true;
                 match self.ask_leader(peer, method::JOIN, &self.record()).await? {
                     MembershipAnswer::Done => {
+                        // Admitted once caught up: the log is here, so the id may be kept.
+                        if let Some(cluster_id) = &status.cluster_id {
+                            self.remember_cluster_id(cluster_id).await?;
+                        }
                         self.member.send_replace(Membership::Member);
                         return Ok(());
                     }
@@ -527,7 +542,6 @@ impl Cluster {
                 .clone()
                 .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
         };
-        self.remember_cluster_id(&cluster_id).await?;
         let mut all: BTreeMap<NodeId, BasicNode> = peers
             .into_iter()
             .map(|(id, address)| (id, BasicNode::new(address)))
@@ -543,18 +557,17 @@ impl Cluster {
             .collect();
         self.controller.serve();
         self.controller.initialize(voters.clone()).await?;
+        // Kept only once the group's first entry is on disk: a crash before it leaves a node
+        // that forms again, not one that looks wiped.
+        self.remember_cluster_id(&cluster_id).await?;
         self.member.send_replace(Membership::Member);
         tracing::info!(%cluster_id, voters = ?voters.keys().collect::<Vec<_>>(), "formed the cluster");
-        match self
-            .controller
-            .propose(ControllerCommand::Form {
-                cluster_id: cluster_id.clone(),
-                definitions: Box::new(self.starting_definitions()),
-            })
-            .await?
-        {
-            ControllerReply::Applied => {}
-            ControllerReply::Refused(reason) => tracing::warn!(%reason, "forming"),
+        // Until it is committed: the other voters may still be starting.
+        let mut delay = Duration::from_millis(100);
+        while let Err(e) = self.propose_form().await {
+            tracing::info!(error = %e, "naming the cluster; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
         }
         for (id, node) in all.iter().skip(VOTERS_MAX) {
             if let Err(e) = self
@@ -567,6 +580,27 @@ impl Cluster {
             }
         }
         self.register_self().await;
+        Ok(())
+    }
+
+    /// Proposes the cluster's first command: its id and the definitions it starts from.
+    async fn propose_form(&self) -> Result<(), ProposeError> {
+        let cluster_id = self
+            .identity
+            .lock()
+            .cluster_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        let reply = self
+            .controller
+            .propose(ControllerCommand::Form {
+                cluster_id,
+                definitions: Box::new(self.starting_definitions()),
+            })
+            .await?;
+        if let ControllerReply::Refused(reason) = reply {
+            tracing::debug!(%reason, "the cluster is named already");
+        }
         Ok(())
     }
 
@@ -673,6 +707,30 @@ impl Cluster {
             MembershipAnswer::NotLeader(_) => Err(ClusterError::Refused("no leader".into())),
         }
     }
+}
+
+/// `seeds` without the ones that name this node's own listener at `local` (a seed list shared
+/// by every node names each node too, however it is spelled).
+async fn without_self(seeds: Vec<String>, local: std::net::SocketAddr) -> Vec<String> {
+    let mut kept = Vec::with_capacity(seeds.len());
+    for seed in seeds {
+        let is_self = match tokio::net::lookup_host(seed.as_str()).await {
+            Ok(mut addresses) => addresses.any(|address| {
+                address == local
+                    || (local.ip().is_unspecified()
+                        && address.port() == local.port()
+                        && address.ip().is_loopback())
+            }),
+            // Resolved again, and complained about, when it is dialed.
+            Err(_) => false,
+        };
+        if is_self {
+            tracing::info!(%seed, "a seed names this node; skipping it");
+        } else {
+            kept.push(seed);
+        }
+    }
+    kept
 }
 
 /// What a broker that never belonged to a cluster defines beyond a fresh node's defaults (its

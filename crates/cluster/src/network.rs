@@ -136,7 +136,7 @@ impl<C: WireTypes> RaftNetworkFactory<C> for GroupNetwork<C> {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient<C> {
         // openraft never asks for a client to the local node; one would panic its leader.
         debug_assert_ne!(target, self.transport.node_id());
-        self.transport.set_address(target, node.addr.clone());
+        self.transport.suggest_address(target, node.addr.clone());
         PeerClient {
             transport: self.transport.clone(),
             group: self.group,

@@ -116,6 +116,8 @@ pub struct ControllerNode {
     settings: ControllerSettings,
     /// Membership changes this node makes as leader go one at a time.
     membership: tokio::sync::Mutex<()>,
+    /// Whether it answers Raft and membership requests yet (see [`Self::serve`]).
+    serving: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ControllerNode {
@@ -173,7 +175,7 @@ impl ControllerNode {
         let raft = Raft::new(id, Arc::new(config), network, log, machine.clone())
             .await
             .map_err(|e| stopped(&e))?;
-        Ok(Arc::new(Self {
+        let node = Arc::new(Self {
             id,
             raft,
             machine,
@@ -181,7 +183,10 @@ impl ControllerNode {
             router,
             settings,
             membership: tokio::sync::Mutex::new(()),
-        }))
+            serving: std::sync::atomic::AtomicBool::new(false),
+        });
+        node.register();
+        Ok(node)
     }
 
     pub(crate) fn membership_lock(&self) -> &tokio::sync::Mutex<()> {
@@ -190,8 +195,15 @@ impl ControllerNode {
 
     /// Answers peers for the controller group from now on. Until this is called the node
     /// takes no part in the group: a node must not answer Raft before it is known to belong
-    /// (see [`crate::cluster`]).
+    /// (see [`crate::cluster`]); it answers only what it knows of the cluster (`STATUS`,
+    /// `PING`), so nodes forming a cluster can tell a peer that has not formed one from a peer
+    /// they cannot reach.
     pub fn serve(self: &Arc<Self>) {
+        self.serving
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn register(self: &Arc<Self>) {
         self.router.register(
             CONTROLLER_GROUP,
             Arc::new(ControllerServer {
@@ -199,6 +211,10 @@ impl ControllerNode {
                 node: Arc::downgrade(self),
             }),
         );
+    }
+
+    fn is_serving(&self) -> bool {
+        self.serving.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether this node's Raft holds any state (a vote, log or snapshot): it has been part of
@@ -262,10 +278,18 @@ impl ControllerNode {
     }
 
     /// Makes sure the transport can reach `peer`, from the group's membership.
+    /// Makes sure the transport can reach `peer`: at the address it registered (kept current
+    /// when it restarts with a new one), or failing that the one Raft's membership remembers.
     pub(crate) fn learn_address(&self, peer: NodeId) {
-        let metrics = self.metrics();
-        if let Some(node) = metrics.membership_config.membership().get_node(&peer) {
-            self.transport.set_address(peer, node.addr.clone());
+        let registered = self.read_local(|s| s.nodes.get(&peer).map(|n| n.cluster_addr.clone()));
+        match registered {
+            Some(address) => self.transport.set_address(peer, address),
+            None => {
+                let metrics = self.metrics();
+                if let Some(node) = metrics.membership_config.membership().get_node(&peer) {
+                    self.transport.suggest_address(peer, node.addr.clone());
+                }
+            }
         }
     }
 
@@ -452,6 +476,12 @@ struct ControllerServer {
 
 impl GroupHandler for ControllerServer {
     fn handle(&self, from: NodeId, method: u8, body: Bytes) -> Answer {
+        let serving = self.node.upgrade().is_some_and(|node| node.is_serving());
+        if !serving && !matches!(method, method::STATUS | method::PING) {
+            return Box::pin(async {
+                Err("this node does not take part in the controller group yet".into())
+            });
+        }
         match method {
             method::WRITE => {
                 let node = self.node.upgrade();

@@ -262,6 +262,15 @@ impl Transport {
         self.inner.config.node_id
     }
 
+    /// Sets `peer`'s address unless one is known already (the registry's, set by
+    /// [`Self::set_address`], wins over what Raft's membership remembers).
+    pub fn suggest_address(&self, peer: NodeId, address: String) {
+        let known = self.inner.state.lock().addresses.contains_key(&peer);
+        if !known {
+            self.set_address(peer, address);
+        }
+    }
+
     /// Where `peer` is reached. A changed address closes the connection to the old one.
     pub fn set_address(&self, peer: NodeId, address: String) {
         let old = {

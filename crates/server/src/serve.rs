@@ -277,16 +277,10 @@ async fn start_cluster(
         .advertise
         .clone()
         .unwrap_or_else(|| advertised(listeners.cluster_local));
-    let seeds = config
-        .cluster
-        .seeds
-        .iter()
-        .filter(|seed| **seed != advertise)
-        .cloned()
-        .collect();
     let settings = ClusterSettings {
         advertise,
-        seeds,
+        // The cluster drops the seeds that name this node itself.
+        seeds: config.cluster.seeds.clone(),
         kafka_addr: listeners.kafka.as_ref().map(|(_, local)| {
             let (host, port) = kafka_advertised(config, *local);
             format!("{host}:{port}")
