@@ -388,3 +388,58 @@ def stable_assignment(nodes, group):
         if out.get("state") == "Stable" and len(members) == 3 and all(m["assignment"] for m in members):
             return True
     return False
+
+
+def test_a_node_that_is_down_takes_its_partitions_away_until_it_returns(nodes_factory):
+    import shutil
+    import subprocess
+
+    from confluent_kafka import Consumer, Producer
+
+    if not shutil.which("kcat"):
+        pytest.skip("kcat is installed by scripts/test")
+    cluster = nodes_factory(3).start()
+    a, b, c = cluster.nodes
+    wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
+    cli(a, "topic", "create", "events", "--partitions", "6")
+
+    def metadata():
+        out = subprocess.run(["kcat", "-b", a.kafka, "-L", "-J", "-t", "events"], capture_output=True,
+                             text=True, timeout=30).stdout
+        return json.loads(out) if out else None
+
+    full = wait_for("three brokers", lambda: (m := metadata()) and len(m["brokers"]) == 3 and m, timeout=20)
+    c_id = status(c)["node_id"]
+    on_c = {p["partition"] for p in full["topics"][0]["partitions"] if p["leader"] == c_id}
+    assert on_c, "no partition placed on the node to stop"
+
+    producer = Producer({"bootstrap.servers": a.kafka, "acks": "all"})
+    for i in range(600):
+        producer.produce("events", key=f"k{i % 60}", value=f"v{i}")
+    assert producer.flush(30) == 0
+
+    c.kill()
+
+    def without_c():
+        m = metadata()
+        if not m or len(m["brokers"]) != 2:
+            return None
+        parts = {p["partition"]: p for p in m["topics"][0]["partitions"]}
+        unavailable = {i for i, p in parts.items() if p["leader"] == -1}
+        return m if unavailable == on_c else None
+
+    wait_for("the stopped node's partitions to be unavailable", without_c, timeout=20)
+    c.start(timeout=FORM_TIMEOUT)
+    wait_for("three brokers again", lambda: (m := metadata()) and len(m["brokers"]) == 3
+             and all(p["leader"] != -1 for p in m["topics"][0]["partitions"]), timeout=20)
+
+    consumer = Consumer({"bootstrap.servers": b.kafka, "group.id": "after", "auto.offset.reset": "earliest"})
+    consumer.subscribe(["events"])
+    values = []
+    deadline = time.monotonic() + 60
+    while len(values) < 600 and time.monotonic() < deadline:
+        message = consumer.poll(0.5)
+        if message is not None and not message.error():
+            values.append(message.value().decode())
+    consumer.close()
+    assert sorted(values) == sorted(f"v{i}" for i in range(600))
