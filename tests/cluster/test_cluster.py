@@ -23,15 +23,17 @@ FAILOVER_TIMEOUT = 15.0
 
 
 def free_port(hosts):
-    """A TCP port free on every one of `hosts`."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind((hosts[0], 0))
-            port = probe.getsockname()[1]
+    """A TCP port free on every one of `hosts`, below the kernel's ephemeral range (so no
+    listener on port 0 and no outgoing connection takes it between this check and the bind)."""
+    import random
+
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    for _ in range(200):
+        port = random.randrange(10_000, max(low, 10_001))
         try:
-            for host in hosts[1:]:
-                with socket.socket() as other:
-                    other.bind((host, port))
+            for host in hosts:
+                with socket.socket() as probe:
+                    probe.bind((host, port))
             return port
         except OSError:
             continue
@@ -294,6 +296,8 @@ def test_kafka_clients_reach_every_partition_through_any_node(nodes_factory):
     cluster = nodes_factory(3).start()
     a, b, c = cluster.nodes
     wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
+    # New partitions go to the nodes that answer: wait until B counts the others live.
+    wait_for("three live brokers", lambda: live_brokers(b) == 3, timeout=20)
     cli(b, "topic", "create", "orders", "--partitions", "12")
 
     if shutil.which("kcat"):
@@ -376,6 +380,13 @@ def test_kafka_clients_reach_every_partition_through_any_node(nodes_factory):
     assert sum(held) == total and all(h > 0 for h in held), held
 
 
+def live_brokers(node):
+    """How many brokers `node` tells Kafka clients about (the live ones)."""
+    from confluent_kafka.admin import AdminClient
+
+    return len(AdminClient({"bootstrap.servers": node.kafka}).list_topics(timeout=10).brokers)
+
+
 def stable_assignment(nodes, group):
     """Whether `group` is Stable with three members, each with partitions, on its coordinator
     (whichever node that is)."""
@@ -401,6 +412,7 @@ def test_a_node_that_is_down_takes_its_partitions_away_until_it_returns(nodes_fa
     cluster = nodes_factory(3).start()
     a, b, c = cluster.nodes
     wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
+    wait_for("three live brokers", lambda: live_brokers(a) == 3, timeout=20)
     cli(a, "topic", "create", "events", "--partitions", "6")
 
     def metadata():
@@ -429,6 +441,19 @@ def test_a_node_that_is_down_takes_its_partitions_away_until_it_returns(nodes_fa
         return m if unavailable == on_c else None
 
     wait_for("the stopped node's partitions to be unavailable", without_c, timeout=20)
+    # While C is down, a manual assignment may not name it; one naming a live node is kept.
+    from kafka.admin import KafkaAdminClient
+    from kafka.admin import NewTopic as AssignedTopic
+    from kafka.errors import InvalidReplicationAssignmentError
+
+    admin = KafkaAdminClient(bootstrap_servers=a.kafka)
+    a_id = status(a)["node_id"]
+    with pytest.raises(InvalidReplicationAssignmentError, match="not a live broker"):
+        admin.create_topics([AssignedTopic("on-c", -1, -1, replica_assignments={0: [c_id]})])
+    admin.create_topics([AssignedTopic("on-a", -1, -1, replica_assignments={0: [a_id], 1: [a_id]})])
+    admin.close()
+    pinned = json.loads(cli(b, "topic", "describe", "on-a", "--output", "json").stdout)
+    assert [p["leader"] for p in pinned["partitions"]] == [a_id, a_id]
     c.start(timeout=FORM_TIMEOUT)
     wait_for("three brokers again", lambda: (m := metadata()) and len(m["brokers"]) == 3
              and all(p["leader"] != -1 for p in m["topics"][0]["partitions"]), timeout=20)

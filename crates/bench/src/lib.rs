@@ -22,6 +22,7 @@
 pub mod amqp;
 pub mod amqp_raw;
 pub mod chart;
+pub mod definitions;
 pub mod error;
 pub mod kafka;
 pub mod kafka_raw;

@@ -13,7 +13,7 @@ use sluice_bench::kafka::{self, KafkaOptions};
 use sluice_bench::limits::{self, LimitsOptions};
 use sluice_bench::report::{RunReport, write_json, write_text};
 use sluice_bench::storage::{self, StorageOptions};
-use sluice_bench::{chart, suite};
+use sluice_bench::{chart, definitions, suite};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -68,6 +68,15 @@ enum Command {
     },
     /// Everything above against Sluice and RabbitMQ, gathered into one table.
     Suite(suite::SuiteOptions),
+    /// Definition changes per second: topics created (Kafka admin API) and durable queues
+    /// declared (AMQP), one change per request, by a few clients at once.
+    Definitions {
+        #[command(flatten)]
+        options: definitions::DefinitionOptions,
+        /// Write the result as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -159,6 +168,16 @@ async fn main() -> anyhow::Result<()> {
                 write_json(path, &report)?;
             }
             println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Definitions { options, json } => {
+            let results = definitions::run(&options)
+                .await
+                .map_err(|error| anyhow::anyhow!(error.chain()))
+                .context("definition changes")?;
+            if let Some(path) = &json {
+                write_json(path, &results)?;
+            }
+            print!("{}", definitions::to_markdown(&results));
         }
         Command::Suite(options) => {
             let report = suite::run(&options)

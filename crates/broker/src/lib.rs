@@ -191,9 +191,12 @@ pub struct NewTopic {
     pub name: String,
     /// `None` for the broker default.
     pub partition_count: Option<u32>,
-    /// `None` for the broker default; only 1 is possible on a single node.
+    /// `None` for the broker default; only 1 is possible for now (one copy per partition).
     pub replication_factor: Option<i16>,
     pub config: BTreeMap<String, String>,
+    /// The node of each partition, by index, as the client chose them (Kafka's manual
+    /// assignments); `None` lets the cluster place them.
+    pub assignments: Option<Vec<NodeId>>,
 }
 
 /// State shared by the broker handle and the controller task.
@@ -485,16 +488,20 @@ impl Broker {
     }
 
     /// Grows a topic to `total` partitions.
+    /// `assignments` names the node of each new partition (Kafka's manual assignments);
+    /// `None` lets the cluster place them.
     pub async fn create_partitions(
         &self,
         name: &str,
         total: u32,
+        assignments: Option<Vec<NodeId>>,
         validate_only: bool,
     ) -> Result<(), BrokerError> {
         let name = name.to_owned();
         self.request(|reply| Request::CreatePartitions {
             name,
             total,
+            assignments,
             validate_only,
             reply,
         })

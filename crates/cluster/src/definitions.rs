@@ -132,9 +132,15 @@ impl ClusterLink for BrokerLink {
     }
 
     fn place_partitions(&self, topic_id: Uuid, from: u32, to: u32) -> Vec<sluice_broker::NodeId> {
-        let mut nodes = self.node_ids();
+        // New partitions go to the nodes that answer now, as Kafka places them on live brokers.
+        let me = self.node.id();
+        let mut nodes: Vec<NodeId> = self
+            .node_ids()
+            .into_iter()
+            .filter(|&id| id == me || self.liveness.is_live(id))
+            .collect();
         if nodes.is_empty() {
-            nodes.push(self.node.id());
+            nodes.push(me);
         }
         let keys: Vec<PlacementKey> = (from..to)
             .map(|index| PlacementKey::partition(&topic_id, index))

@@ -1,12 +1,11 @@
 //! `sluice serve`: start the broker, its listeners, and wait for a signal or a fatal error.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::net::SocketAddr;
 
 use anyhow::Context;
 use sluice_broker::{Broker, Supervisor};

@@ -171,6 +171,7 @@ pub async fn create(
                 partition_count: request.partitions,
                 replication_factor: None,
                 config: request.config,
+                assignments: None,
             },
             false,
         )
@@ -246,7 +247,7 @@ pub async fn add_partitions(
 ) -> ApiResult<Json<TopicDetail>> {
     state
         .broker
-        .create_partitions(&topic, request.count, false)
+        .create_partitions(&topic, request.count, None, false)
         .await?;
     let found = find(&state, &topic)?;
     Ok(Json(detail(&state, &found)?))

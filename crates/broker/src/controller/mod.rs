@@ -53,6 +53,8 @@ pub(crate) enum Request {
     CreatePartitions {
         name: String,
         total: u32,
+        /// The node of each new partition, if the client chose them.
+        assignments: Option<Vec<crate::NodeId>>,
         validate_only: bool,
         reply: Reply<()>,
     },
@@ -155,11 +157,14 @@ pub(crate) async fn run(
             Request::CreatePartitions {
                 name,
                 total,
+                assignments,
                 validate_only,
                 reply,
             } => {
-                let _ = reply
-                    .send(topics::create_partitions(&shared, &name, total, validate_only).await);
+                let _ = reply.send(
+                    topics::create_partitions(&shared, &name, total, assignments, validate_only)
+                        .await,
+                );
             }
             Request::SetTopicConfig {
                 name,

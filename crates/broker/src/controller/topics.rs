@@ -7,19 +7,29 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::effects::commit;
-use crate::command::{MetadataCommand, PartitionRecord, TopicRecord};
+use crate::command::{MetadataCommand, NodeId, PartitionRecord, TopicRecord};
 use crate::error::BrokerError;
 use crate::limits::Limit;
 use crate::{NewTopic, Shared, Topic, names, topic_config};
 
 /// Records for partitions `from..to` of the topic incarnation `topic_id`, each on the node
-/// the cluster places it on (this node when the broker has no cluster).
-fn partition_records(shared: &Shared, topic_id: Uuid, from: u32, to: u32) -> Vec<PartitionRecord> {
-    let placed = shared
-        .cluster
-        .get()
-        .map(|link| link.place_partitions(topic_id, from, to))
-        .filter(|placed| placed.len() == (to - from) as usize);
+/// `chosen` names (the client's assignments, one per new partition), or else on the node the
+/// cluster places it on (this node when the broker has no cluster).
+fn partition_records(
+    shared: &Shared,
+    topic_id: Uuid,
+    from: u32,
+    to: u32,
+    chosen: Option<&[NodeId]>,
+) -> Vec<PartitionRecord> {
+    let placed = match chosen {
+        Some(chosen) => Some(chosen.to_vec()),
+        None => shared
+            .cluster
+            .get()
+            .map(|link| link.place_partitions(topic_id, from, to)),
+    }
+    .filter(|placed| placed.len() == (to - from) as usize);
     (from..to)
         .map(|index| {
             let node = placed.as_ref().map_or(shared.config.node_id, |placed| {
@@ -85,7 +95,7 @@ pub(super) async fn create_topic(
         None | Some(-1) | Some(1) => {}
         Some(other) => {
             return Err(BrokerError::InvalidReplicationFactor(format!(
-                "replication factor {other} needs more brokers than this single-node cluster has (1)"
+                "replication factor {other} is not available: every partition has one copy (on the node it is placed on)"
             )));
         }
     }
@@ -103,7 +113,7 @@ pub(super) async fn create_topic(
     let record = TopicRecord {
         name: request.name.clone(),
         id,
-        partitions: partition_records(shared, id, 0, count),
+        partitions: partition_records(shared, id, 0, count, request.assignments.as_deref()),
         config,
         created_ms: shared.clock.now_ms(),
     };
@@ -139,6 +149,7 @@ pub(super) async fn create_partitions(
     shared: &Arc<Shared>,
     name: &str,
     total: u32,
+    assignments: Option<Vec<NodeId>>,
     validate_only: bool,
 ) -> Result<(), BrokerError> {
     let record = shared
@@ -152,12 +163,21 @@ pub(super) async fn create_partitions(
         )));
     }
     check_partition_limits(shared, total, current)?;
+    if let Some(chosen) = &assignments
+        && chosen.len() != (total - current) as usize
+    {
+        return Err(BrokerError::InvalidPartitions(format!(
+            "{} assignments for {} new partitions",
+            chosen.len(),
+            total - current
+        )));
+    }
     if validate_only {
         return Ok(());
     }
     let command = MetadataCommand::AddPartitions {
         name: name.to_owned(),
-        partitions: partition_records(shared, record.id, current, total),
+        partitions: partition_records(shared, record.id, current, total, assignments.as_deref()),
     };
     if let Err(error) = commit(shared, command).await {
         // Partitions cannot be taken back out of a topic: those that failed to open stay

@@ -12,7 +12,7 @@ use kafka_protocol::messages::{
     BrokerId, CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest,
     CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
 };
-use sluice_broker::{NewTopic, topic_config};
+use sluice_broker::{NewTopic, NodeId, topic_config};
 
 use super::{text, topic_name};
 use crate::Context;
@@ -23,19 +23,31 @@ pub(crate) const SOURCE_TOPIC: i8 = 1;
 pub(crate) const SOURCE_DEFAULT: i8 = 5;
 
 /// Manual replica assignments can only name this broker.
-fn check_assignment(ctx: &Context, brokers: &[BrokerId]) -> Result<(), KafkaError> {
-    let me = super::node(ctx);
-    if brokers.len() == 1 && brokers[0] == me {
-        Ok(())
-    } else {
-        Err(KafkaError::new(
+/// A manual assignment's node: one replica (partitions have one copy), on a live node.
+fn check_assignment(ctx: &Context, brokers: &[BrokerId]) -> Result<NodeId, KafkaError> {
+    let live: Vec<NodeId> = ctx
+        .broker
+        .cluster_nodes()
+        .into_iter()
+        .filter(|n| n.live)
+        .map(|n| n.id)
+        .collect();
+    match brokers {
+        [one] if live.iter().any(|&id| id as i32 == one.0) => Ok(one.0 as NodeId),
+        [_] => Err(KafkaError::new(
             ResponseError::InvalidReplicaAssignment,
             format!(
-                "replicas {:?} do not exist; this cluster has one broker, {}",
-                brokers.iter().map(|b| b.0).collect::<Vec<_>>(),
-                me.0
+                "broker {} is not a live broker of this cluster ({live:?})",
+                brokers[0].0
             ),
-        ))
+        )),
+        _ => Err(KafkaError::new(
+            ResponseError::InvalidReplicaAssignment,
+            format!(
+                "replicas {:?}: every partition has one copy, so an assignment names one broker",
+                brokers.iter().map(|b| b.0).collect::<Vec<_>>()
+            ),
+        )),
     }
 }
 
@@ -59,6 +71,7 @@ pub(crate) async fn create(
             if duplicates.contains(&name) {
                 return Err(KafkaError::new(ResponseError::InvalidRequest, format!("topic {name:?} appears more than once in the request")));
             }
+            let mut assignments = None;
             let partition_count = if topic.assignments.is_empty() {
                 match topic.num_partitions {
                     -1 => None,
@@ -72,12 +85,14 @@ pub(crate) async fn create(
                         "give either manual assignments or a partition count and replication factor, not both",
                     ));
                 }
+                let mut chosen = Vec::with_capacity(topic.assignments.len());
                 for (position, assignment) in topic.assignments.iter().enumerate() {
                     if assignment.partition_index != position as i32 {
                         return Err(KafkaError::new(ResponseError::InvalidReplicaAssignment, "assignments must cover partitions 0..n in order"));
                     }
-                    check_assignment(ctx, &assignment.broker_ids)?;
+                    chosen.push(check_assignment(ctx, &assignment.broker_ids)?);
                 }
+                assignments = Some(chosen);
                 Some(topic.assignments.len() as u32)
             };
             let config: BTreeMap<String, String> = topic
@@ -93,6 +108,7 @@ pub(crate) async fn create(
                         partition_count,
                         replication_factor: (topic.replication_factor != -1).then_some(topic.replication_factor),
                         config: config.clone(),
+                        assignments,
                     },
                     request.validate_only,
                 )
@@ -215,15 +231,20 @@ pub(crate) async fn create_partitions(
                     format!("partition count must be positive, not {}", topic.count),
                 ));
             }
-            if let Some(assignments) = &topic.assignments {
-                for assignment in assignments {
-                    check_assignment(ctx, &assignment.broker_ids)?;
-                }
-            }
+            let chosen = match &topic.assignments {
+                Some(assignments) => Some(
+                    assignments
+                        .iter()
+                        .map(|a| check_assignment(ctx, &a.broker_ids))
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+                None => None,
+            };
             ctx.broker
                 .create_partitions(
                     topic.name.as_str(),
                     topic.count as u32,
+                    chosen,
                     request.validate_only,
                 )
                 .await
