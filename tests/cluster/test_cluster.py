@@ -147,6 +147,16 @@ def test_three_nodes_form_from_their_seeds_in_any_order(nodes_factory, order):
             assert entry["kafka_addr"] == node.kafka
             assert entry["amqp_addr"] == node.amqp
 
+    # Kafka clients see the controller group as KRaft's metadata quorum.
+    from kafka.admin import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=cluster.nodes[2].kafka)
+    quorum = admin.describe_metadata_quorum()["topics"][0]["partitions"][0]
+    admin.close()
+    assert quorum["leader_id"] == views[0]["leader"]
+    assert {v["replica_id"] for v in quorum["current_voters"]} == ids
+    assert quorum["high_watermark"] > 0
+
     # The command line and the API agree.
     through_cli = json.loads(cli(cluster.nodes[1], "cluster", "status", "--output", "json").stdout)
     assert through_cli["cluster_id"] == views[0]["cluster_id"]

@@ -37,7 +37,6 @@ _LATER = {
     "elect": "ElectLeaders: the replication issue (clustering part 2) enables this",
     "logdirs": "DescribeLogDirs/AlterReplicaLogDirs: log directories, not served",
     "reassign": "partition reassignment: clustering part 3 (scale-out) enables this",
-    "quorum": "DescribeQuorum: the KRaft metadata quorum; clustering part 1 enables this",
     "ssl": "SSL: the security issue enables this (the module also starts a broker of its own)",
 }
 
@@ -51,7 +50,6 @@ SKIP = {
     "test_admin_integration.py::test_alter_replica_log_dirs": _LATER["logdirs"],
     "test_admin_integration.py::test_alter_partition_reassignments": _LATER["reassign"],
     "test_admin_integration.py::test_list_partition_reassignments": _LATER["reassign"],
-    "test_admin_integration.py::test_describe_metadata_quorum": _LATER["quorum"],
     "test_ssl_integration.py::TestSSLConnection::test_ssl_handshake": _LATER["ssl"],
     "test_ssl_integration.py::TestSSLConnection::test_legacy_kafka_client_ssl": _LATER["ssl"],
     # The test assigns the new partitions to broker 0, the id its own Kafka fixture gives the

@@ -369,6 +369,14 @@ impl Broker {
         }
     }
 
+    /// The controller group as its leader sees it; `None` when the broker has no cluster.
+    pub async fn quorum(&self) -> Option<Result<replication::QuorumView, BrokerError>> {
+        match self.shared.cluster.get() {
+            Some(link) => Some(link.quorum().await),
+            None => None,
+        }
+    }
+
     /// The index of the last replicated definition change applied on this node (0: none).
     pub fn replicated_index(&self) -> u64 {
         self.shared.metadata.applied_index()

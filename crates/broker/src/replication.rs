@@ -37,6 +37,30 @@ pub struct ClusterNode {
     pub live: bool,
 }
 
+/// The controller group as its leader sees it (Kafka's DescribeQuorum).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuorumView {
+    pub leader: Option<NodeId>,
+    /// The leader's term: Kafka's leader epoch of the metadata log.
+    pub term: u64,
+    /// The highest index known committed.
+    pub commit_index: u64,
+    pub voters: Vec<ReplicaView>,
+    pub observers: Vec<ReplicaView>,
+}
+
+/// One member of the controller group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaView {
+    pub id: NodeId,
+    /// The last log index the leader knows it has (`None` outside the leader's view).
+    pub matched_index: Option<u64>,
+    /// Milliseconds since it last answered the leader.
+    pub last_contact_ms: Option<u64>,
+    /// Entries it is behind the leader's log.
+    pub lag: Option<u64>,
+}
+
 /// The cluster as a clustered node's broker uses it: where definition changes are committed,
 /// which nodes there are, and where things are placed.
 pub trait ClusterLink: Send + Sync + std::fmt::Debug + 'static {
@@ -56,6 +80,10 @@ pub trait ClusterLink: Send + Sync + std::fmt::Debug + 'static {
 
     /// The node that coordinates consumer group `group`, if the cluster has nodes.
     fn group_owner(&self, group: &str) -> Option<NodeId>;
+
+    /// The controller group as its leader sees it (this node's own view when the leader
+    /// cannot be asked).
+    fn quorum(&self) -> LogFuture<'_, QuorumView>;
 }
 
 /// How long a node that proposed a change waits for its own node to apply it once committed.

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use sluice_broker::error::BrokerError;
-use sluice_broker::replication::{ClusterLink, ClusterNode, LogFuture};
+use sluice_broker::replication::{ClusterLink, ClusterNode, LogFuture, QuorumView, ReplicaView};
 use sluice_broker::{Broker, MetadataCommand};
 use uuid::Uuid;
 
@@ -160,7 +160,39 @@ impl ClusterLink for BrokerLink {
     fn group_owner(&self, group: &str) -> Option<sluice_broker::NodeId> {
         placement::owner(PlacementKey::group(group), &self.node_ids()).map(broker_id)
     }
+
+    fn quorum(&self) -> LogFuture<'_, QuorumView> {
+        Box::pin(async move {
+            let status = crate::status::current(&self.node, QUORUM_WAIT).await;
+            let replica = |node: &crate::status::NodeStatus| ReplicaView {
+                id: broker_id(node.id),
+                matched_index: node.matched_index,
+                last_contact_ms: node.last_contact_ms,
+                lag: node.lag,
+            };
+            Ok(QuorumView {
+                leader: status.leader.map(broker_id),
+                term: status.term,
+                commit_index: status.commit_index.unwrap_or(0),
+                voters: status
+                    .nodes
+                    .iter()
+                    .filter(|n| n.role == "leader" || n.role == "voter")
+                    .map(replica)
+                    .collect(),
+                observers: status
+                    .nodes
+                    .iter()
+                    .filter(|n| n.role == "learner")
+                    .map(replica)
+                    .collect(),
+            })
+        })
+    }
 }
+
+/// How long a quorum description waits for the leader's view.
+const QUORUM_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A node id as the broker (and Kafka) knows it: node ids are 31 bits.
 fn broker_id(id: NodeId) -> sluice_broker::NodeId {

@@ -1,12 +1,16 @@
-//! The cluster's shape: DescribeCluster, and FindCoordinator (a group's coordinator is the
-//! node its id hashes to among the cluster's nodes).
+//! The cluster's shape: DescribeCluster, DescribeQuorum (the controller group, as KRaft's
+//! `__cluster_metadata` quorum), and FindCoordinator (a group's coordinator is the node its id
+//! hashes to among the cluster's nodes).
 
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
+use kafka_protocol::messages::describe_quorum_response::{
+    Listener, Node, PartitionData as QuorumPartition, ReplicaState, TopicData as QuorumTopic,
+};
 use kafka_protocol::messages::find_coordinator_response::Coordinator;
 use kafka_protocol::messages::{
-    DescribeClusterRequest, DescribeClusterResponse, FindCoordinatorRequest,
-    FindCoordinatorResponse,
+    DescribeClusterRequest, DescribeClusterResponse, DescribeQuorumRequest, DescribeQuorumResponse,
+    FindCoordinatorRequest, FindCoordinatorResponse,
 };
 
 use kafka_protocol::messages::BrokerId;
@@ -110,4 +114,105 @@ pub(crate) fn find_coordinator(
         })
         .collect();
     FindCoordinatorResponse::default().with_coordinators(coordinators)
+}
+
+/// The topic and partition KRaft names its metadata log by; the controller group plays it.
+const METADATA_TOPIC: &str = "__cluster_metadata";
+
+/// DescribeQuorum: the controller group as its leader sees it, as KRaft describes its
+/// metadata quorum (any node answers, asking the leader as KRaft brokers forward it). The
+/// leader epoch is the Raft term, offsets are log indexes, timestamps are this node's clock
+/// less the time since each member last answered the leader.
+pub(crate) async fn describe_quorum(
+    ctx: &Context,
+    request: DescribeQuorumRequest,
+    version: i16,
+) -> DescribeQuorumResponse {
+    let view = match ctx.broker.quorum().await {
+        Some(Ok(view)) => view,
+        Some(Err(error)) => {
+            let error = crate::errors::kafka_error(&error);
+            return DescribeQuorumResponse::default()
+                .with_error_code(error.code)
+                .with_error_message(Some(text(error.message)));
+        }
+        None => {
+            return DescribeQuorumResponse::default()
+                .with_error_code(ResponseError::UnsupportedVersion.code())
+                .with_error_message(Some(text("this broker has no controller quorum")));
+        }
+    };
+    let now_ms = ctx.broker.clock().now_ms();
+    let replica = |r: &sluice_broker::replication::ReplicaView| {
+        let last_fetch = r.last_contact_ms.map_or(-1, |ago| now_ms - ago as i64);
+        ReplicaState::default()
+            .with_replica_id(BrokerId(r.id as i32))
+            .with_log_end_offset(r.matched_index.map_or(-1, |i| i as i64))
+            .with_last_fetch_timestamp(last_fetch)
+            .with_last_caught_up_timestamp(if r.lag == Some(0) { last_fetch } else { -1 })
+    };
+    let topics = request
+        .topics
+        .iter()
+        .map(|topic| {
+            let partitions = topic
+                .partitions
+                .iter()
+                .map(|p| {
+                    let entry = QuorumPartition::default().with_partition_index(p.partition_index);
+                    if topic.topic_name.as_str() != METADATA_TOPIC || p.partition_index != 0 {
+                        return entry
+                            .with_error_code(ResponseError::UnknownTopicOrPartition.code())
+                            .with_leader_id(BrokerId(-1));
+                    }
+                    entry
+                        .with_leader_id(BrokerId(view.leader.map_or(-1, |l| l as i32)))
+                        .with_leader_epoch(view.term as i32)
+                        .with_high_watermark(view.commit_index as i64)
+                        .with_current_voters(view.voters.iter().map(replica).collect())
+                        .with_observers(view.observers.iter().map(replica).collect())
+                })
+                .collect();
+            QuorumTopic::default()
+                .with_topic_name(topic.topic_name.clone())
+                .with_partitions(partitions)
+        })
+        .collect();
+    // v2 (KIP-853) also names each member's endpoints: here, its Kafka listener.
+    let nodes = if version >= 2 {
+        let members: Vec<_> = view
+            .voters
+            .iter()
+            .chain(&view.observers)
+            .map(|r| r.id)
+            .collect();
+        ctx.broker
+            .cluster_nodes()
+            .into_iter()
+            .filter(|n| members.contains(&n.id))
+            .map(|n| {
+                let listeners = n
+                    .kafka_addr
+                    .as_deref()
+                    .and_then(|addr| addr.rsplit_once(':'))
+                    .and_then(|(host, port)| Some((host.to_owned(), port.parse::<u16>().ok()?)))
+                    .map(|(host, port)| {
+                        Listener::default()
+                            .with_name(text("PLAINTEXT"))
+                            .with_host(text(host))
+                            .with_port(port)
+                    })
+                    .into_iter()
+                    .collect();
+                Node::default()
+                    .with_node_id(BrokerId(n.id as i32))
+                    .with_listeners(listeners)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    DescribeQuorumResponse::default()
+        .with_topics(topics)
+        .with_nodes(nodes)
 }

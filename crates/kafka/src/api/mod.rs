@@ -61,6 +61,7 @@ const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::IncrementalAlterConfigs, 0, 1),
     (ApiKey::DeleteGroups, 0, 2),
     (ApiKey::DescribeCluster, 0, 2),
+    (ApiKey::DescribeQuorum, 0, 2),
     (ApiKey::ListConfigResources, 0, 1),
     (ApiKey::DescribeTopicPartitions, 0, 0),
 ];
@@ -145,6 +146,9 @@ pub(crate) async fn handle(
         }
         RequestKind::DescribeCluster(request) => {
             ResponseKind::DescribeCluster(cluster::describe(ctx, request))
+        }
+        RequestKind::DescribeQuorum(request) => {
+            ResponseKind::DescribeQuorum(cluster::describe_quorum(ctx, request, version).await)
         }
         RequestKind::DescribeTopicPartitions(request) => {
             ResponseKind::DescribeTopicPartitions(metadata::describe_topic_partitions(ctx, request))
@@ -244,6 +248,7 @@ mod tests {
             }
             ApiKey::DeleteGroups => both!(DeleteGroupsRequest, DeleteGroupsResponse),
             ApiKey::DescribeCluster => both!(DescribeClusterRequest, DescribeClusterResponse),
+            ApiKey::DescribeQuorum => both!(DescribeQuorumRequest, DescribeQuorumResponse),
             ApiKey::ListConfigResources => {
                 both!(ListConfigResourcesRequest, ListConfigResourcesResponse)
             }
