@@ -16,7 +16,7 @@ use crate::node::{CONTROLLER_GROUP, ControllerNode};
 use crate::placement::NodeId;
 
 /// The cluster as one node sees it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterStatus {
     pub cluster_id: Option<String>,
     /// The node whose view this is: the leader when it could be reached.
@@ -34,7 +34,7 @@ pub struct ClusterStatus {
 }
 
 /// One node of the cluster.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeStatus {
     pub id: NodeId,
     /// `leader`, `voter`, `learner`, or `none` (registered, not in the controller group).
