@@ -86,6 +86,10 @@ pub enum ProposeError {
     /// The local Raft stopped.
     #[error("the controller stopped: {0}")]
     Stopped(String),
+    /// The command cannot be sent at all (it is over the transport's frame limit); nothing was
+    /// written.
+    #[error("the command cannot be sent: {0}")]
+    Unsendable(String),
 }
 
 /// A forwarded write's answer.
@@ -367,12 +371,18 @@ impl ControllerNode {
                                 return Err(ProposeError::Indeterminate(reason));
                             }
                         },
+                        // Not sent, or answered before the command reached Raft (the peer
+                        // does not take part yet, is stopping, or is too busy): nothing was
+                        // written, so trying again is safe.
                         Err(
                             e @ (CallError::Unreachable { .. }
                             | CallError::Refused { .. }
-                            | CallError::TooLarge { .. }),
+                            | CallError::Remote { .. }),
                         ) => {
                             last = e.to_string();
+                        }
+                        Err(e @ CallError::TooLarge { .. }) => {
+                            return Err(ProposeError::Unsendable(e.to_string()));
                         }
                         Err(e) => return Err(ProposeError::Indeterminate(e.to_string())),
                     }
