@@ -452,6 +452,10 @@ impl Cluster {
                     Err(CallError::Refused { reason, .. }) => {
                         return Err(ClusterError::Refused(format!("seed {seed}: {reason}")));
                     }
+                    // The peer's id is not known before its hello: say what failed only.
+                    Err(CallError::Unreachable { reason, .. }) => {
+                        missing.push(format!("{seed} ({reason})"));
+                    }
                     Err(e) => missing.push(format!("{seed} ({e})")),
                 }
             }
