@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::watch;
-
 use uuid::Uuid;
 
 use crate::error::BrokerError;
@@ -35,6 +34,14 @@ pub struct ClusterNode {
     pub kafka_addr: Option<String>,
     /// Whether it answered lately (this node always does).
     pub live: bool,
+}
+
+impl ClusterNode {
+    /// Its Kafka address as host and port, if it registered a well-formed one.
+    pub fn kafka_endpoint(&self) -> Option<(&str, u16)> {
+        let (host, port) = self.kafka_addr.as_deref()?.rsplit_once(':')?;
+        Some((host, port.parse().ok()?))
+    }
 }
 
 /// The controller group as its leader sees it (Kafka's DescribeQuorum).

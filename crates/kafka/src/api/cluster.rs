@@ -192,10 +192,7 @@ pub(crate) async fn describe_quorum(
             .filter(|n| members.contains(&n.id))
             .map(|n| {
                 let listeners = n
-                    .kafka_addr
-                    .as_deref()
-                    .and_then(|addr| addr.rsplit_once(':'))
-                    .and_then(|(host, port)| Some((host.to_owned(), port.parse::<u16>().ok()?)))
+                    .kafka_endpoint()
                     .map(|(host, port)| {
                         Listener::default()
                             .with_name(text("PLAINTEXT"))

@@ -54,18 +54,13 @@ pub(crate) fn live_brokers(ctx: &Context) -> Vec<Reachable> {
         if other.id as i32 == me || !other.live {
             continue;
         }
-        let Some((host, port)) = other
-            .kafka_addr
-            .as_deref()
-            .and_then(|addr| addr.rsplit_once(':'))
-            .and_then(|(host, port)| Some((host.to_owned(), port.parse::<i32>().ok()?)))
-        else {
+        let Some((host, port)) = other.kafka_endpoint() else {
             continue;
         };
         brokers.push(Reachable {
             id: other.id as i32,
-            host,
-            port,
+            host: host.to_owned(),
+            port: i32::from(port),
         });
     }
     brokers
