@@ -121,7 +121,7 @@ impl From<BrokerError> for ApiError {
                     | M::Locked { .. }
                     | M::ExclusiveConsume { .. } => StatusCode::CONFLICT,
                     M::AccessRefused(_) => StatusCode::FORBIDDEN,
-                    M::Unreadable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                    M::Unreadable { .. } | M::NodeDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
                     M::QueueFailed { .. } => return Self::internal(&error),
                 };
                 Self::new(status, error.to_string())

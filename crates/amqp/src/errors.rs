@@ -110,7 +110,9 @@ pub fn exception(error: &BrokerError) -> Exception {
             let code = match messaging.as_ref() {
                 // RabbitMQ answers 404 when a queue's process cannot serve (it is down); the
                 // channel closes, the connection stays.
-                MessagingError::NotFound { .. } | MessagingError::Unreadable { .. } => NOT_FOUND,
+                MessagingError::NotFound { .. }
+                | MessagingError::Unreadable { .. }
+                | MessagingError::NodeDown { .. } => NOT_FOUND,
                 MessagingError::Inequivalent { .. }
                 | MessagingError::InvalidArgument { .. }
                 | MessagingError::InUse { .. }

@@ -291,6 +291,7 @@ impl Broker {
             exclusive_owner: declare.exclusive.then_some(declare.connection),
             arguments: declare.arguments.clone(),
             created_ms: self.shared.clock.now_ms(),
+            node: None,
         };
         let queue = self
             .request(|reply| Request::Messaging(MessagingRequest::DeclareQueue { record, reply }))

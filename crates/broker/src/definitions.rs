@@ -588,6 +588,7 @@ mod tests {
             exclusive_owner: None,
             arguments: Vec::new(),
             created_ms: 0,
+            node: None,
         }
     }
 

@@ -162,7 +162,7 @@ impl From<MessagingError> for BrokerError {
 }
 
 /// What a queue, exchange or binding is, in error messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ResourceKind {
     Queue,
     Exchange,
@@ -179,7 +179,7 @@ impl std::fmt::Display for ResourceKind {
 
 /// Errors of queues, exchanges, bindings, virtual hosts and users. The texts are the ones
 /// RabbitMQ gives for the same misuse, since applications and their operators read them.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum MessagingError {
     #[error("no {kind} '{name}' in vhost '{vhost}'")]
     NotFound {
@@ -246,6 +246,15 @@ pub enum MessagingError {
         vhost: String,
         name: String,
         offset: u64,
+    },
+    /// The queue lives on another node, which cannot be reached now.
+    #[error(
+        "home node {node} of durable queue '{name}' in vhost '{vhost}' is down or inaccessible"
+    )]
+    NodeDown {
+        vhost: String,
+        name: String,
+        node: crate::NodeId,
     },
     /// A queue failed (its log stopped accepting writes) and refuses work.
     #[error("queue '{name}' in vhost '{vhost}' failed: {reason}")]

@@ -220,6 +220,8 @@ pub(crate) struct Shared {
     pub applied: replication::Applied,
     /// Held while a definition change is applied and its effects carried out.
     pub applying: tokio::sync::Mutex<()>,
+    /// Requests for queues on other nodes, both ways.
+    pub forwarding: Arc<queue::remote::Forwarding>,
     /// Held for as long as the broker uses the data directory.
     _lock: File,
 }
@@ -335,9 +337,23 @@ impl Broker {
     /// group) from now on, and place partitions on the cluster's nodes; see [`replication`].
     /// Once only: a second call is ignored.
     pub fn set_cluster_link(&self, link: Arc<dyn replication::ClusterLink>) {
-        if self.shared.cluster.set(link).is_err() {
+        if self.shared.cluster.set(Arc::clone(&link)).is_err() {
             tracing::warn!("the broker has its cluster link already");
+            return;
         }
+        self.shared
+            .forwarding
+            .set_link(link, Arc::downgrade(&self.shared));
+    }
+
+    /// Serves a queue request another node forwarded (see [`queue::remote`]).
+    pub fn serve_forwarded(
+        &self,
+        from: NodeId,
+        body: bytes::Bytes,
+    ) -> impl std::future::Future<Output = Result<bytes::Bytes, String>> + Send + 'static {
+        let forwarding = Arc::clone(&self.shared.forwarding);
+        async move { forwarding.serve(from, body).await }
     }
 
     /// The cluster's nodes: this one alone when the broker has no cluster.

@@ -97,7 +97,7 @@ impl UserLimits {
 }
 
 /// A limit whose refusals are counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Limit {
     /// AMQP connections on this node (`amqp.max_connections`).
     NodeConnections,

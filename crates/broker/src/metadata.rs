@@ -527,6 +527,7 @@ mod tests {
             exclusive_owner: None,
             arguments: Vec::new(),
             created_ms: 5,
+            node: None,
         };
         let mut a = topic("a", 2);
         a.id = Uuid::from_u128(99);

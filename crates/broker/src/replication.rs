@@ -16,6 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -25,6 +26,9 @@ use crate::metadata::{MetadataCommand, NodeId};
 
 /// A future a [`ClusterLink`] returns.
 pub type LogFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'a>>;
+
+/// A future [`ClusterLink::forward`] returns.
+pub type ForwardFuture<'a> = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send + 'a>>;
 
 /// A node of the cluster as the broker sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +89,13 @@ pub trait ClusterLink: Send + Sync + std::fmt::Debug + 'static {
     /// on, in order.
     fn place_partitions(&self, topic_id: Uuid, from: u32, to: u32) -> Vec<NodeId>;
 
+    /// The node the durable queue with id `queue_id` is placed on.
+    fn place_queue(&self, queue_id: Uuid) -> NodeId;
+
+    /// Sends a queue request to `node` and returns its answer, or why there is none (see
+    /// [`crate::queue::remote`]).
+    fn forward(&self, node: NodeId, body: Bytes, timeout: Duration) -> ForwardFuture<'_>;
+
     /// The node that coordinates consumer group `group`, if the cluster has nodes.
     fn group_owner(&self, group: &str) -> Option<NodeId>;
 
@@ -129,6 +140,20 @@ impl Applied {
             *current = (*current).max(index);
             moved
         });
+    }
+
+    /// The highest index applied here.
+    pub fn current(&self) -> u64 {
+        *self.index.borrow()
+    }
+
+    /// Waits up to `timeout` until the command at `index` is applied here; whether it is.
+    pub async fn reached(&self, index: u64, timeout: Duration) -> bool {
+        let mut applied = self.index.subscribe();
+        matches!(
+            tokio::time::timeout(timeout, applied.wait_for(|&i| i >= index)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Waits until the command at `index` is applied here and returns what applying it gave.

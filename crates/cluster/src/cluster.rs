@@ -207,6 +207,14 @@ impl Cluster {
         let mut config = TransportConfig::new(identity.node_id, settings.advertise.clone());
         config.cluster_id = identity.cluster_id.clone();
         let transport = Transport::start(config, listener, router.clone());
+        if let Some(broker) = &broker {
+            router.register(
+                crate::definitions::FORWARD_GROUP,
+                Arc::new(crate::definitions::ForwardServer {
+                    broker: broker.clone(),
+                }),
+            );
+        }
         let controller = ControllerNode::open(
             identity.node_id,
             &dir.join("controller"),
@@ -608,8 +616,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// The definitions the cluster starts from: this node's, with every partition placed on
-    /// this node (a node that ran alone served them all, under whatever id it had then).
+    /// The definitions the cluster starts from: this node's, with every partition and durable
+    /// queue placed on this node (a node that ran alone served them all, under whatever id it
+    /// had then).
     fn starting_definitions(&self) -> sluice_broker::MetadataState {
         let Some(broker) = &self.broker else {
             return sluice_broker::MetadataState::default();
@@ -620,6 +629,15 @@ impl Cluster {
             for partition in &mut topic.partitions {
                 partition.leader = me;
                 partition.replicas = vec![me];
+            }
+        }
+        // And so did its durable queues.
+        for vhost in definitions.messaging.vhosts.values_mut() {
+            let vhost = std::sync::Arc::make_mut(vhost);
+            for queue in vhost.queues.values_mut() {
+                if queue.is_persistent() {
+                    queue.node = Some(me);
+                }
             }
         }
         definitions

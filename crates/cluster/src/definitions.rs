@@ -13,12 +13,18 @@
 use std::sync::Arc;
 
 use sluice_broker::error::BrokerError;
-use sluice_broker::replication::{ClusterLink, ClusterNode, LogFuture, QuorumView, ReplicaView};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sluice_broker::replication::{
+    ClusterLink, ClusterNode, ForwardFuture, LogFuture, QuorumView, ReplicaView,
+};
 use sluice_broker::{Broker, MetadataCommand};
 use uuid::Uuid;
 
 use crate::controller::{ControllerCommand, ControllerState};
 use crate::liveness::Liveness;
+use crate::network::{Answer, GroupHandler};
 use crate::node::ControllerNode;
 use crate::placement::{self, NodeId, PlacementKey};
 use crate::state_machine::{Observer, ObserverFuture};
@@ -157,6 +163,32 @@ impl ClusterLink for BrokerLink {
         }
     }
 
+    fn place_queue(&self, queue_id: Uuid) -> sluice_broker::NodeId {
+        // Like partitions: on the nodes that answer now.
+        let me = self.node.id();
+        let nodes: Vec<NodeId> = self
+            .node_ids()
+            .into_iter()
+            .filter(|&id| id == me || self.liveness.is_live(id))
+            .collect();
+        broker_id(placement::owner(PlacementKey::queue(&queue_id), &nodes).unwrap_or(me))
+    }
+
+    fn forward(
+        &self,
+        node: sluice_broker::NodeId,
+        body: Bytes,
+        timeout: Duration,
+    ) -> ForwardFuture<'_> {
+        Box::pin(async move {
+            self.node
+                .transport()
+                .call(NodeId::from(node), FORWARD_GROUP, FORWARD, body, timeout)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
     fn group_owner(&self, group: &str) -> Option<sluice_broker::NodeId> {
         placement::owner(PlacementKey::group(group), &self.node_ids()).map(broker_id)
     }
@@ -188,6 +220,26 @@ impl ClusterLink for BrokerLink {
                     .collect(),
             })
         })
+    }
+}
+
+/// The transport group that carries requests for queues on other nodes.
+pub const FORWARD_GROUP: u32 = u32::MAX - 1;
+/// Its one method: the body says what is asked (see `sluice_broker::queue::remote`).
+const FORWARD: u8 = 1;
+
+/// Serves the queue requests other nodes forward to this one's broker.
+#[derive(Debug)]
+pub struct ForwardServer {
+    pub broker: Broker,
+}
+
+impl GroupHandler for ForwardServer {
+    fn handle(&self, from: NodeId, method: u8, body: Bytes) -> Answer {
+        if method != FORWARD {
+            return Box::pin(async move { Err(format!("unknown forwarding method {method}")) });
+        }
+        Box::pin(self.broker.serve_forwarded(broker_id(from), body))
     }
 }
 

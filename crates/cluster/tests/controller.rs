@@ -84,6 +84,7 @@ fn command(choice: u8, n: u8) -> ControllerCommand {
                 exclusive_owner: None,
                 arguments: Vec::new(),
                 created_ms: i64::from(n),
+                node: Some(u32::from(n % 3)),
             }),
         )),
         6 => ControllerCommand::Metadata(MetadataCommand::Messaging(

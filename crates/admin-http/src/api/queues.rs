@@ -37,6 +37,9 @@ pub struct QueueView {
     pub durable: bool,
     pub auto_delete: bool,
     pub exclusive: bool,
+    /// The node that holds the queue. Counts and rates are kept there: another node's
+    /// answer has zeros for them.
+    pub node: u32,
     /// Queue arguments as declared (`x-max-length`, `x-message-ttl`, ...).
     #[schema(value_type = Object)]
     pub arguments: Map<String, Value>,
@@ -159,6 +162,7 @@ fn view(state: &AdminState, queue: &Queue) -> QueueView {
         durable: record.durable,
         auto_delete: record.auto_delete,
         exclusive: record.exclusive_owner.is_some(),
+        node: queue.remote_node().unwrap_or(state.broker.node_id()),
         arguments: table_to_json(&record.arguments),
         messages: ready + unacked,
         messages_ready: ready,

@@ -192,6 +192,15 @@ pub(super) async fn start_queue(
         tracing::warn!(queue = %record.name, vhost = %record.vhost, arg = %error.arg, reason = %error.reason, "stored queue argument is invalid; ignoring the queue's arguments");
         QueueArgs::default()
     });
+    if let Some(node) = record.node.filter(|&node| node != shared.config.node_id) {
+        // Its home is another node: requests for it are forwarded there.
+        let queue = Queue::remote(record.clone(), args, node, Arc::clone(&shared.forwarding));
+        live.queues
+            .lock()
+            .insert(record.name.clone(), Arc::new(queue));
+        tracing::debug!(queue = %record.name, vhost = %record.vhost, node, "queue lives on another node");
+        return Ok(());
+    }
     let spec = queue_spec(shared, &record, args);
     let opened = {
         let spec = spec.clone();
@@ -491,6 +500,13 @@ async fn declare_queue(
     if let Some(existing) = live_queue(shared, &record.vhost, &record.name) {
         // Declared meanwhile; the caller checks equivalence.
         return Ok(existing);
+    }
+    let mut record = record;
+    if record.is_persistent()
+        && let Some(link) = shared.cluster.get()
+    {
+        // The controller places a durable queue once; every node learns where from the log.
+        record.node = Some(link.place_queue(record.id));
     }
     let (vhost, name, id) = (record.vhost.clone(), record.name.clone(), record.id);
     if let Err(error) = apply(shared, DefinitionCommand::DeclareQueue(record)).await {

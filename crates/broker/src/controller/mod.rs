@@ -123,6 +123,7 @@ pub(crate) fn load(
         cluster: std::sync::OnceLock::new(),
         applied,
         applying: tokio::sync::Mutex::new(()),
+        forwarding: Arc::default(),
         _lock: lock,
     })
 }

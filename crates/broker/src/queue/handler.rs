@@ -242,7 +242,7 @@ pub(crate) fn start(
     let queue = Arc::new(Queue {
         record: spec.record.clone(),
         args: spec.args.clone(),
-        owner: owner.clone(),
+        backend: super::Backend::Local(owner.clone()),
         counters,
         flow: flow_state,
         unreadable,

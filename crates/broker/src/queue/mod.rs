@@ -21,6 +21,7 @@ pub mod flow;
 pub(crate) mod handler;
 pub mod journal;
 pub mod ranges;
+pub mod remote;
 pub mod state;
 
 use std::sync::Arc;
@@ -53,6 +54,11 @@ pub struct QueueRecord {
     pub exclusive_owner: Option<u64>,
     pub arguments: FieldTable,
     pub created_ms: i64,
+    /// The node that holds the queue, placed by the controller when it was declared in a
+    /// cluster. `None` for a queue of this node alone (transient, or defined before it was
+    /// clustered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<crate::NodeId>,
 }
 
 impl QueueRecord {
@@ -70,12 +76,17 @@ impl QueueRecord {
 /// which pauses the credit of every consumer of a full channel ([`Self::pause`]) and resumes
 /// it when an acknowledgement frees room, so that the queue stops offering them messages
 /// instead of having them handed back.
+///
+/// The credit of a consumer whose queue is on another node is *relayed*: what the channel
+/// grants, pauses and resumes is passed on to the queue's node (see [`remote`]), where the
+/// queue takes from a credit of its own.
 #[derive(Debug)]
 pub struct Credit {
     messages: AtomicI64,
     window: AtomicI64,
     starved: AtomicBool,
     paused: AtomicBool,
+    relay: std::sync::OnceLock<Arc<remote::CreditRelay>>,
 }
 
 /// Bytes of body per unit of window credit.
@@ -88,18 +99,26 @@ impl Credit {
             window: AtomicI64::new(window),
             starved: AtomicBool::new(false),
             paused: AtomicBool::new(false),
+            relay: std::sync::OnceLock::new(),
         }
     }
 
     /// Stops deliveries whatever the counters say, until [`Self::resume`].
     pub fn pause(&self) {
         self.paused.store(true, Ordering::SeqCst);
+        if let Some(relay) = self.relay.get() {
+            relay.pause_changed();
+        }
     }
 
     /// Lets deliveries go on after [`Self::pause`]. True if the queue had run dry and must be
     /// woken (see [`Queue::wake`]).
     pub fn resume(&self) -> bool {
         self.paused.store(false, Ordering::SeqCst);
+        if let Some(relay) = self.relay.get() {
+            relay.pause_changed();
+            return false;
+        }
         self.starved.swap(false, Ordering::SeqCst)
     }
 
@@ -114,6 +133,10 @@ impl Credit {
 
     /// Adds credit. True if the queue had run dry and must be woken (see [`Queue::wake`]).
     pub fn grant(&self, messages: i64, window: i64) -> bool {
+        if let Some(relay) = self.relay.get() {
+            relay.grant(messages, window);
+            return false;
+        }
         if messages != 0 {
             self.messages.fetch_add(messages, Ordering::SeqCst);
         }
@@ -125,6 +148,10 @@ impl Credit {
 
     pub fn messages(&self) -> i64 {
         self.messages.load(Ordering::SeqCst)
+    }
+
+    pub fn window(&self) -> i64 {
+        self.window.load(Ordering::SeqCst)
     }
 
     pub fn is_starved(&self) -> bool {
@@ -284,7 +311,7 @@ pub struct UnreadableMessage {
 pub struct Queue {
     record: QueueRecord,
     args: QueueArgs,
-    owner: OwnerHandle<QueueRequest, Reply>,
+    backend: Backend,
     counters: Arc<QueueCounters>,
     /// True while publishers must wait for the consumers (see [`flow`]).
     flow: tokio::sync::watch::Receiver<bool>,
@@ -292,7 +319,45 @@ pub struct Queue {
     unreadable: Arc<parking_lot::Mutex<Option<UnreadableMessage>>>,
 }
 
+/// Where a queue's requests go.
+#[derive(Debug)]
+pub(crate) enum Backend {
+    /// Its owner task on this node.
+    Local(OwnerHandle<QueueRequest, Reply>),
+    /// The node that holds it, through the cluster.
+    Remote {
+        node: crate::NodeId,
+        forwarding: Arc<remote::Forwarding>,
+    },
+}
+
 impl Queue {
+    /// A handle for a queue that lives on `node`: requests are forwarded there.
+    pub(crate) fn remote(
+        record: QueueRecord,
+        args: QueueArgs,
+        node: crate::NodeId,
+        forwarding: Arc<remote::Forwarding>,
+    ) -> Self {
+        let (_, flow) = tokio::sync::watch::channel(false);
+        Self {
+            record,
+            args,
+            backend: Backend::Remote { node, forwarding },
+            counters: Arc::default(),
+            flow,
+            unreadable: Arc::default(),
+        }
+    }
+
+    /// The node that holds the queue, if not this one.
+    pub fn remote_node(&self) -> Option<crate::NodeId> {
+        match &self.backend {
+            Backend::Local(_) => None,
+            Backend::Remote { node, .. } => Some(*node),
+        }
+    }
+
     pub fn record(&self) -> &QueueRecord {
         &self.record
     }
@@ -338,7 +403,13 @@ impl Queue {
     }
 
     async fn call(&self, request: QueueRequest) -> Reply {
-        match self.owner.call(request).await {
+        let owner = match &self.backend {
+            Backend::Local(owner) => owner,
+            Backend::Remote { node, forwarding } => {
+                return forwarding.call(*node, &self.record, request).await;
+            }
+        };
+        match owner.call(request).await {
             Ok(reply) => reply,
             Err(StorageError::OwnerGone) => Err(MessagingError::NotFound {
                 kind: crate::error::ResourceKind::Queue,
@@ -445,7 +516,10 @@ impl Queue {
 
     /// Finishes pending work, fsyncs and stops the owner task.
     pub(crate) async fn close(&self) -> Result<(), BrokerError> {
-        match self.owner.close().await {
+        let Backend::Local(owner) = &self.backend else {
+            return Ok(());
+        };
+        match owner.close().await {
             Ok(()) | Err(StorageError::OwnerGone) => Ok(()),
             Err(error) => Err(error.into()),
         }

@@ -109,7 +109,7 @@ pub enum Effect {
 }
 
 /// How a client settles delivered messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SettleOp {
     Ack,
     /// Back to the queue, marked redelivered (nack/reject with requeue, recover, channel gone).
