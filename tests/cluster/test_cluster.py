@@ -3,7 +3,8 @@
 The nodes find each other through their seeds, form a three-voter controller group whatever the
 order they start in, replicate every definition through it, survive the controller leader's
 SIGKILL, catch up after a restart (from a snapshot once the log was compacted), and refuse nodes
-that present an id the cluster already has.
+that present an id the cluster already has. A node started to wait for an invitation joins when
+`sluice cluster add-node` names it.
 """
 
 import base64
@@ -53,10 +54,10 @@ class Nodes:
     def address(self, host):
         return f"{host}:{self.port}"
 
-    def make(self, index, seed_hosts, name=None):
+    def make(self, index, seed_hosts, name=None, extra=()):
         host = f"127.0.0.{2 + index}"
         seeds = ",".join(self.address(h) for h in seed_hosts if h != host)
-        args = ["--cluster-listen", self.address(host)]
+        args = ["--cluster-listen", self.address(host), *extra]
         if seeds:
             args += ["--cluster-seeds", seeds]
         name = name or f"node{index}"
@@ -165,13 +166,27 @@ def test_three_nodes_form_from_their_seeds_in_any_order(nodes_factory, order):
     for node_id in ids:
         assert str(node_id) in table
 
-    # A fourth node joins through one seed, as a voter (fewer than five vote).
-    fourth = cluster.make(3, [cluster.hosts[0]], name="node3")
+    # A fourth node, started without seeds to wait for an invitation, is added through one
+    # node's command line and joins as a voter (fewer than five vote).
+    fourth = cluster.make(3, [], name="node3", extra=["--cluster-wait-for-invite"])
     cluster.nodes.append(fourth)
-    fourth.start(timeout=FORM_TIMEOUT)
+    fourth.launch()
+    fourth_address = cluster.address(fourth.host)
+
+    def listening():
+        with socket.create_connection((fourth.host, cluster.port), timeout=1):
+            return True
+
+    wait_for("the fourth node's cluster listener", listening)
+    added = cli(cluster.nodes[2], "cluster", "add-node", fourth_address).stdout
+    fourth.wait_ready(FORM_TIMEOUT)
     views = wait_for("a fourth voter", lambda: settled(cluster.nodes, 4))
     fourth_id = status(fourth)["node_id"]
+    assert f"added node {fourth_id} at {fourth_address}" in added
     assert fourth_id in roles(views[0])
+    # A member cannot be added again.
+    again = cli(cluster.nodes[0], "cluster", "add-node", fourth_address, check=False)
+    assert again.returncode != 0 and "already in the cluster" in again.stderr
 
     # Then it is removed through another node's command line.
     removed = cli(cluster.nodes[1], "cluster", "remove-node", str(fourth_id)).stdout

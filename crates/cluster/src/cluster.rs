@@ -23,7 +23,9 @@
 //!   as learners); the others wait to be listed. So nodes started with each other's
 //!   addresses form one group whatever order they start in. The seed lists must name the same
 //!   nodes.
-//! - A node without seeds forms a cluster of one.
+//! - A node without seeds forms a cluster of one, unless it was started to wait for an
+//!   invitation (`cluster.wait_for_invite`): then it waits until a member's
+//!   [`Cluster::add_node`] sends it the members' addresses, and joins through them as above.
 //!
 //! Membership changes go one at a time through the leader (openraft's joint consensus does
 //! the rest); node ids and addresses are checked by the controller's deterministic apply.
@@ -119,6 +121,9 @@ pub struct ClusterSettings {
     pub advertise: String,
     /// Other nodes' cluster addresses.
     pub seeds: Vec<String>,
+    /// Without seeds, wait for a member's invitation ([`Cluster::add_node`]) instead of
+    /// forming a cluster of one.
+    pub wait_for_invite: bool,
     /// The addresses clients reach this node at, as the cluster shows them.
     pub kafka_addr: Option<String>,
     pub amqp_addr: Option<String>,
@@ -158,6 +163,8 @@ pub struct Cluster {
     member: watch::Sender<Membership>,
     /// The broker whose definitions the controller group carries, if this node has one.
     broker: Option<Broker>,
+    /// Whether this node waits for, or has taken, an invitation into a cluster.
+    invite: Arc<watch::Sender<Invite>>,
 }
 
 /// Where a node stands in the cluster.
@@ -207,6 +214,21 @@ impl Cluster {
         let mut config = TransportConfig::new(identity.node_id, settings.advertise.clone());
         config.cluster_id = identity.cluster_id.clone();
         let transport = Transport::start(config, listener, router.clone());
+        // Waiting from the first moment the listener answers; a node found to have Raft state
+        // stops waiting below.
+        let invite = Arc::new(watch::Sender::new(
+            if settings.wait_for_invite && settings.seeds.is_empty() {
+                Invite::Waiting
+            } else {
+                Invite::NotWaiting
+            },
+        ));
+        router.register(
+            INVITE_GROUP,
+            Arc::new(InviteServer {
+                invite: Arc::clone(&invite),
+            }),
+        );
         if let Some(broker) = &broker {
             router.register(
                 crate::definitions::FORWARD_GROUP,
@@ -255,8 +277,10 @@ impl Cluster {
             transport,
             member,
             broker,
+            invite,
         });
         if has_state {
+            cluster.invite.send_replace(Invite::NotWaiting);
             cluster.controller.serve();
             cluster.member.send_replace(Membership::Member);
             let registering = Arc::clone(&cluster);
@@ -264,7 +288,11 @@ impl Cluster {
         } else {
             let forming = Arc::clone(&cluster);
             tokio::spawn(async move {
-                if let Err(e) = forming.form_or_join().await {
+                let seeds = match forming.settings.wait_for_invite {
+                    true if forming.settings.seeds.is_empty() => forming.invitation().await,
+                    _ => forming.settings.seeds.clone(),
+                };
+                if let Err(e) = forming.form_or_join(seeds).await {
                     tracing::error!(error = %e, "this node cannot take its place in the cluster");
                     forming
                         .member
@@ -434,10 +462,36 @@ impl Cluster {
         }
     }
 
-    /// Forms the cluster, or finds it and joins, as the module documentation says.
-    async fn form_or_join(self: &Arc<Self>) -> Result<(), ClusterError> {
+    /// Waits for a member's invitation (see [`Self::add_node`]) and returns the seeds it
+    /// names.
+    async fn invitation(&self) -> Vec<String> {
+        tracing::info!(
+            node = self.node_id(),
+            address = %self.settings.advertise,
+            "waiting for an invitation into a cluster: run `sluice cluster add-node {}` against \
+             one of its nodes",
+            self.settings.advertise,
+        );
+        let mut invite = self.invite.subscribe();
+        let invited = invite
+            .wait_for(|i| matches!(i, Invite::Invited { .. }))
+            .await
+            .map(|i| i.clone());
+        match invited {
+            Ok(Invite::Invited { cluster_id, seeds }) => {
+                tracing::info!(cluster = ?cluster_id, seeds = ?seeds, "invited into a cluster");
+                seeds
+            }
+            // The sender lives as long as the cluster: not reached.
+            _ => Vec::new(),
+        }
+    }
+
+    /// Forms the cluster, or finds it through `seeds` and joins, as the module documentation
+    /// says.
+    async fn form_or_join(self: &Arc<Self>, seeds: Vec<String>) -> Result<(), ClusterError> {
         let me = self.node_id();
-        if self.settings.seeds.is_empty() {
+        if seeds.is_empty() {
             return self.form(BTreeMap::new()).await;
         }
         let mut delay = Duration::from_millis(100);
@@ -448,7 +502,7 @@ impl Cluster {
         let mut asked_to_join = false;
         loop {
             let mut missing = Vec::new();
-            for seed in &self.settings.seeds {
+            for seed in &seeds {
                 if peers.values().any(|known| known == seed) {
                     continue;
                 }
@@ -728,6 +782,143 @@ impl Cluster {
             }
             MembershipAnswer::NotLeader(_) => Err(ClusterError::Refused("no leader".into())),
         }
+    }
+}
+
+impl Cluster {
+    /// Invites the node waiting at cluster address `address` (started with
+    /// `cluster.wait_for_invite`) into this cluster, and waits up to `timeout` until it is
+    /// registered and in the controller group. Returns its id.
+    pub async fn add_node(&self, address: &str, timeout: Duration) -> Result<NodeId, ClusterError> {
+        let id = self
+            .transport
+            .introduce(address)
+            .await
+            .map_err(|e| ClusterError::Refused(format!("no node answers at {address}: {e}")))?;
+        let (known, cluster_id, seeds) = self.controller.read_local(|s| {
+            (
+                s.nodes.contains_key(&id),
+                s.cluster_id.clone(),
+                s.nodes
+                    .values()
+                    .map(|n| n.cluster_addr.clone())
+                    .collect::<Vec<_>>(),
+            )
+        });
+        if known || self.in_group(id) {
+            return Err(ClusterError::Refused(format!(
+                "node {id} at {address} is already in the cluster"
+            )));
+        }
+        self.transport.set_address(id, address.to_owned());
+        let body =
+            to_json(&Invite::Invited { cluster_id, seeds }).map_err(ClusterError::Refused)?;
+        let answer = self
+            .transport
+            .call(id, INVITE_GROUP, INVITE, body, INVITE_TIMEOUT)
+            .await
+            .map_err(|e| ClusterError::Refused(format!("inviting node {id} at {address}: {e}")))?;
+        if let InviteAnswer::Refused(reason) =
+            from_json::<InviteAnswer>(&answer).map_err(ClusterError::Refused)?
+        {
+            return Err(ClusterError::Refused(format!(
+                "node {id} at {address} refused the invitation: {reason}"
+            )));
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.controller.read_local(|s| s.nodes.contains_key(&id)) && self.in_group(id) {
+                return Ok(id);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClusterError::Refused(format!(
+                    "node {id} at {address} took the invitation but has not joined within \
+                     {} s; its log says why",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether node `id` is a voter or learner of the controller group as this node knows it.
+    fn in_group(&self, id: NodeId) -> bool {
+        let metrics = self.controller.metrics();
+        let membership = metrics.membership_config.membership();
+        membership.voter_ids().any(|v| v == id) || membership.learner_ids().any(|l| l == id)
+    }
+}
+
+/// The group on which a node answers invitations into a cluster.
+pub const INVITE_GROUP: u32 = u32::MAX - 2;
+/// Its one method: the body is an [`Invite::Invited`].
+const INVITE: u8 = 1;
+/// How long an inviting node waits for the invited one to answer.
+const INVITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether a node waits for an invitation into a cluster, and the one it took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum Invite {
+    /// It has seeds, or belongs to a cluster already.
+    NotWaiting,
+    Waiting,
+    /// The inviting cluster's id and its members' cluster addresses.
+    Invited {
+        cluster_id: Option<String>,
+        seeds: Vec<String>,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum InviteAnswer {
+    Accepted,
+    Refused(String),
+}
+
+/// Takes the first invitation while the node waits for one; the same cluster inviting again
+/// is told yes (the inviter may have retried), another is refused.
+struct InviteServer {
+    invite: Arc<watch::Sender<Invite>>,
+}
+
+impl crate::network::GroupHandler for InviteServer {
+    fn handle(&self, _from: NodeId, method: u8, body: Bytes) -> crate::network::Answer {
+        let answer = (|| {
+            if method != INVITE {
+                return Err(format!("unknown invitation method {method}"));
+            }
+            let Invite::Invited { cluster_id, seeds } = from_json::<Invite>(&body)? else {
+                return Err("an invitation names a cluster's nodes".into());
+            };
+            let mut answer = InviteAnswer::Accepted;
+            self.invite.send_if_modified(|current| match current {
+                Invite::NotWaiting => {
+                    answer = InviteAnswer::Refused(
+                        "it does not wait for an invitation (it was started with seeds, or \
+                         belongs to a cluster already)"
+                            .into(),
+                    );
+                    false
+                }
+                Invite::Waiting => {
+                    *current = Invite::Invited { cluster_id, seeds };
+                    true
+                }
+                Invite::Invited {
+                    cluster_id: taken, ..
+                } => {
+                    if *taken != cluster_id {
+                        answer = InviteAnswer::Refused(format!(
+                            "it has been invited into cluster {} already",
+                            taken.as_deref().unwrap_or("(not yet named)")
+                        ));
+                    }
+                    false
+                }
+            });
+            to_json(&answer)
+        })();
+        Box::pin(async move { answer })
     }
 }
 

@@ -28,6 +28,7 @@ fn settings(advertise: &str, seeds: &[&String]) -> ClusterSettings {
         kafka_addr: Some(format!("kafka-of-{advertise}")),
         amqp_addr: None,
         http_addr: None,
+        wait_for_invite: false,
         controller: ControllerSettings::default(),
     }
 }
@@ -270,5 +271,75 @@ async fn a_node_of_another_cluster_is_refused_naming_both() -> anyhow::Result<()
     assert!(text.contains(&ids[0]) && text.contains(&ids[1]), "{text}");
     again.shutdown().await;
     one.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_waiting_for_an_invitation_joins_when_a_member_adds_it() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let (first_listener, first_address) = listener().await;
+    let first = start(
+        &root.path().join("first"),
+        first_listener,
+        settings(&first_address, &[]),
+    )
+    .await;
+    assert_eq!(first.wait_member(WAIT).await, Membership::Member);
+
+    // Without seeds and waiting, the second node forms nothing of its own.
+    let (second_listener, second_address) = listener().await;
+    let mut waiting = settings(&second_address, &[]);
+    waiting.wait_for_invite = true;
+    let second = start(&root.path().join("second"), second_listener, waiting).await;
+    assert_eq!(
+        second.wait_member(Duration::from_millis(500)).await,
+        Membership::Pending
+    );
+
+    let id = first.add_node(&second_address, WAIT).await?;
+    assert_eq!(id, second.node_id());
+    assert_eq!(second.wait_member(WAIT).await, Membership::Member);
+    let ids = BTreeSet::from([first.node_id(), second.node_id()]);
+    registry_becomes(&first, &ids).await;
+    registry_becomes(&second, &ids).await;
+
+    // A member, or an address where nobody listens, cannot be added; nothing changes.
+    let again = first.add_node(&second_address, WAIT).await;
+    assert!(
+        again
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("already in the cluster")),
+        "{again:?}"
+    );
+    let (gone, gone_address) = listener().await;
+    drop(gone);
+    let nobody = first.add_node(&gone_address, WAIT).await;
+    assert!(
+        nobody
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("no node answers")),
+        "{nobody:?}"
+    );
+    assert_eq!(registry(&first).await, ids);
+
+    // A node started with seeds does not take invitations.
+    let (third_listener, third_address) = listener().await;
+    let (_, nowhere) = listener().await;
+    let third = start(
+        &root.path().join("third"),
+        third_listener,
+        settings(&third_address, &[&nowhere]),
+    )
+    .await;
+    let refused = first.add_node(&third_address, WAIT).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("does not wait for an invitation")),
+        "{refused:?}"
+    );
+    for node in [first, second, third] {
+        node.shutdown().await;
+    }
     Ok(())
 }

@@ -54,6 +54,9 @@ pub struct ClusterSection {
     /// Other nodes' cluster addresses (`host:port`). Empty: this node forms a cluster of its
     /// own, which others may join by naming it as their seed.
     pub seeds: Vec<String>,
+    /// Without seeds, wait for a member to add this node (`sluice cluster add-node`) instead
+    /// of forming a cluster of one.
+    pub wait_for_invite: bool,
     /// The AMQP and HTTP addresses the cluster shows for this node; default: their bound
     /// addresses. (Kafka's are `kafka.advertised_host` and `kafka.advertised_port`.)
     pub advertise_amqp: Option<String>,
@@ -70,6 +73,7 @@ impl Default for ClusterSection {
             listen: "127.0.0.1:0".into(),
             advertise: None,
             seeds: Vec::new(),
+            wait_for_invite: false,
             advertise_amqp: None,
             advertise_http: None,
             snapshot_entries: 5000,
@@ -251,6 +255,8 @@ pub struct Overrides {
     pub cluster_advertise: Option<String>,
     /// Comma-separated `host:port` list.
     pub cluster_seeds: Option<String>,
+    /// `--cluster-wait-for-invite` (only `true` is given on the command line).
+    pub cluster_wait_for_invite: bool,
 }
 
 /// The most runtime threads `worker_threads` may ask for.
@@ -337,6 +343,9 @@ impl Config {
                 .collect();
             cluster.insert("seeds".into(), seeds.into());
         }
+        if overrides.cluster_wait_for_invite {
+            cluster.insert("wait_for_invite".into(), true.into());
+        }
         if !cluster.is_empty() {
             flags.insert("cluster".into(), cluster.into());
         }
@@ -400,6 +409,12 @@ impl Config {
         }
         for seed in &self.cluster.seeds {
             check_host_port("cluster.seeds", seed)?;
+        }
+        if self.cluster.wait_for_invite && !self.cluster.seeds.is_empty() {
+            bail!(
+                "cluster.wait_for_invite and cluster.seeds exclude each other: a node either \
+                 finds the cluster through its seeds or waits to be added by one of its nodes"
+            );
         }
         for (key, value) in [
             ("cluster.advertise_amqp", &self.cluster.advertise_amqp),

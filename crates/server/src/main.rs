@@ -75,6 +75,10 @@ struct ServeArgs {
     /// Other nodes' cluster addresses, comma-separated: host:port,host:port.
     #[arg(long)]
     cluster_seeds: Option<String>,
+    /// Without seeds: wait until a node of a cluster adds this one (`sluice cluster add-node
+    /// ADDRESS`) instead of forming a cluster of one.
+    #[arg(long)]
+    cluster_wait_for_invite: bool,
     /// Once every listener is bound, write their addresses here as JSON.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
                 cluster_listen: args.cluster_listen,
                 cluster_advertise: args.cluster_advertise,
                 cluster_seeds: args.cluster_seeds,
+                cluster_wait_for_invite: args.cluster_wait_for_invite,
             };
             let config = match Config::load(args.config.as_deref(), &overrides) {
                 Ok(config) => config,

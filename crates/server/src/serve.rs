@@ -280,6 +280,7 @@ async fn start_cluster(
         advertise,
         // The cluster drops the seeds that name this node itself.
         seeds: config.cluster.seeds.clone(),
+        wait_for_invite: config.cluster.wait_for_invite,
         kafka_addr: listeners.kafka.as_ref().map(|(_, local)| {
             let (host, port) = kafka_advertised(config, *local);
             format!("{host}:{port}")

@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sluice_cluster::cluster::Cluster;
 use sluice_cluster::status::ClusterStatus;
 use utoipa::ToSchema;
@@ -49,6 +49,51 @@ pub async fn status(State(state): State<Arc<AdminState>>) -> ApiResult<Json<Clus
         node_id: cluster.node_id(),
         status,
     }))
+}
+
+/// How long adding a node waits for it to join (it catches up with the controller's log first).
+const JOIN_WAIT: Duration = Duration::from_secs(45);
+
+/// A node to add: the cluster address of a node started with `cluster.wait_for_invite`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct AddNode {
+    /// Its cluster address, `host:port`.
+    pub address: String,
+}
+
+/// A node added to the cluster.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AddedNode {
+    pub id: u64,
+    pub address: String,
+}
+
+#[utoipa::path(post, path = "/api/cluster/nodes", tag = "cluster",
+    request_body = AddNode,
+    responses(
+        (status = 201, description = "The node joined the cluster", body = AddedNode),
+        (status = 400, description = "The address is not host:port", body = crate::error::Problem),
+        (status = 409, description = "No node waits for an invitation at that address, or it did not join", body = crate::error::Problem),
+        (status = 503, description = "The node is still starting", body = crate::error::Problem)))]
+pub async fn add_node(
+    State(state): State<Arc<AdminState>>,
+    Json(body): Json<AddNode>,
+) -> ApiResult<(StatusCode, Json<AddedNode>)> {
+    let cluster = cluster(&state)?;
+    let address = body.address.trim().to_owned();
+    let valid = address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !valid {
+        return Err(ApiError::bad_request(format!(
+            "address {address:?} is not host:port (a node's cluster address)"
+        )));
+    }
+    let id = cluster
+        .add_node(&address, JOIN_WAIT)
+        .await
+        .map_err(|e| ApiError::conflict(e.to_string()))?;
+    Ok((StatusCode::CREATED, Json(AddedNode { id, address })))
 }
 
 #[utoipa::path(delete, path = "/api/cluster/nodes/{id}", tag = "cluster",

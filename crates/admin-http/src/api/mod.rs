@@ -25,6 +25,7 @@ pub fn routes() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(overview::history))
         .routes(routes!(cluster::status))
         .routes(routes!(cluster::remove_node))
+        .routes(routes!(cluster::add_node))
         .routes(routes!(topics::list, topics::create))
         .routes(routes!(topics::describe, topics::delete))
         .routes(routes!(topics::alter_config))

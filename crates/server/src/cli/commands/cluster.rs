@@ -1,4 +1,4 @@
-//! `sluice cluster`: the cluster's nodes and controller, and removing a node.
+//! `sluice cluster`: the cluster's nodes and controller, adding a node and removing one.
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -20,6 +20,13 @@ pub(super) enum ClusterCommand {
     /// The nodes with their addresses and roles, the controller's term and indexes, and each
     /// node's lag and last contact as the controller's leader sees them.
     Status,
+    /// Add the node waiting at ADDRESS (started with --cluster-wait-for-invite and no seeds):
+    /// it joins, catches up with the controller's log, and votes while there are fewer than
+    /// five voters. Answers once it has joined.
+    AddNode {
+        /// The new node's cluster address, host:port.
+        address: String,
+    },
     /// Take a node out of the cluster for good: its id is retired, and a node with its data
     /// directory can never rejoin. Another node takes its controller vote if there is one.
     RemoveNode {
@@ -38,6 +45,22 @@ pub(super) fn cluster(command: ClusterCommand, connection: &Connection) -> Resul
                 print_json(&status);
             } else {
                 print!("{}", render(&status));
+            }
+        }
+        ClusterCommand::AddNode { address } => {
+            let added = api.send(
+                "POST",
+                "/api/cluster/nodes",
+                Some(&json!({ "address": address })),
+            )?;
+            if json_out {
+                print_json(&added);
+            } else {
+                println!(
+                    "added node {} at {}",
+                    cell(&added["id"]),
+                    cell(&added["address"])
+                );
             }
         }
         ClusterCommand::RemoveNode { id } => {
