@@ -183,14 +183,19 @@ def test_what_a_killed_nodes_consumer_held_goes_to_a_consumer_on_another_node(no
     for i in range(200):
         channel.basic_publish("", name, f"m{i}".encode(), pika.BasicProperties(delivery_mode=2))
 
-    # A consumer on B takes 50 and acknowledges none of them; then B is SIGKILLed.
+    # A consumer on B takes 50 and acknowledges none of them, another channel on B takes 5
+    # more with basic.get and acknowledges none either; then B is SIGKILLed.
     holder = pika.BlockingConnection(amqp_parameters(b))
-    _, held, _ = consume(holder, name, 50, prefetch=50, ack=lambda i: False)
-    assert held == [f"m{i}" for i in range(50)]
+    _, consumed, _ = consume(holder, name, 50, prefetch=50, ack=lambda i: False)
+    assert consumed == [f"m{i}" for i in range(50)]
+    getter = holder.channel()
+    got = [getter.basic_get(name, auto_ack=False)[2].decode() for _ in range(5)]
+    assert got == [f"m{i}" for i in range(50, 55)]
+    held = consumed + got
     b.kill()
 
-    # Node C notices that B is gone and requeues what B's consumer held; A's consumer gets
-    # every message, the held ones marked redelivered.
+    # Node C notices that B is gone and requeues what B's consumer and getter held; A's
+    # consumer gets every message, the held ones marked redelivered.
     reader = pika.BlockingConnection(amqp_parameters(a))
     _, bodies, flags = consume(reader, name, 200, prefetch=100)
     assert sorted(bodies, key=lambda m: int(m[1:])) == [f"m{i}" for i in range(200)]

@@ -813,11 +813,29 @@ impl Cluster {
         self.transport.set_address(id, address.to_owned());
         let body =
             to_json(&Invite::Invited { cluster_id, seeds }).map_err(ClusterError::Refused)?;
-        let answer = self
-            .transport
-            .call(id, INVITE_GROUP, INVITE, body, INVITE_TIMEOUT)
-            .await
-            .map_err(|e| ClusterError::Refused(format!("inviting node {id} at {address}: {e}")))?;
+        // Taking the invitation, the invited node dials this one to join, and the pair keeps one
+        // connection (the one the lower id dialed): the answer may be lost with the connection
+        // it came on. Asking again is harmless (the same cluster is told yes again).
+        let deadline = tokio::time::Instant::now() + INVITE_TIMEOUT;
+        let answer = loop {
+            match self
+                .transport
+                .call(id, INVITE_GROUP, INVITE, body.clone(), INVITE_TIMEOUT)
+                .await
+            {
+                Ok(answer) => break answer,
+                Err(CallError::Closed { .. } | CallError::Unreachable { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(ClusterError::Refused(format!(
+                        "inviting node {id} at {address}: {e}"
+                    )));
+                }
+            }
+        };
         if let InviteAnswer::Refused(reason) =
             from_json::<InviteAnswer>(&answer).map_err(ClusterError::Refused)?
         {

@@ -21,7 +21,7 @@
 //! On the wire a request or answer is a small JSON head followed by its messages, if any, as
 //! one record batch in the log's own format (raw bytes, never through serde).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -141,11 +141,13 @@ enum Call {
     },
     Settle {
         queue: QueueRef,
+        origin: u64,
         offsets: Vec<u64>,
         op: SettleOp,
     },
     Get {
         queue: QueueRef,
+        origin: u64,
         no_ack: bool,
     },
     Purge {
@@ -175,6 +177,8 @@ enum Call {
         origin: u64,
         consumers: Vec<ConsumerId>,
     },
+    /// From a home node holding messages an origin took with `basic.get`: which run is it?
+    Incarnation,
 }
 
 impl Call {
@@ -193,7 +197,8 @@ impl Call {
             Self::Credit { .. }
             | Self::Deliver { .. }
             | Self::AuditProxies { .. }
-            | Self::AuditConsumers { .. } => None,
+            | Self::AuditConsumers { .. }
+            | Self::Incarnation => None,
         }
     }
 }
@@ -233,6 +238,7 @@ enum Answer {
     },
     /// The consumers the answering node does not know.
     Unknown(Vec<ConsumerId>),
+    Incarnation(u64),
     Failed(MessagingError),
 }
 
@@ -316,6 +322,16 @@ pub struct Forwarding {
     proxies: Mutex<HashMap<ProxyKey, Proxy>>,
     /// The latest incarnation heard from each origin node.
     origins: Mutex<HashMap<NodeId, u64>>,
+    /// What origins took with `basic.get` and have not settled, by origin and queue: requeued
+    /// when the origin's run ends, as its consumers' deliveries are.
+    gets: Mutex<HashMap<(NodeId, u64), HashMap<Uuid, HeldGets>>>,
+}
+
+/// Offsets of one queue that an origin took with `basic.get`, unsettled.
+#[derive(Debug)]
+struct HeldGets {
+    queue: Arc<Queue>,
+    offsets: BTreeSet<u64>,
 }
 
 impl Default for Forwarding {
@@ -328,6 +344,7 @@ impl Default for Forwarding {
             relayed: Mutex::default(),
             proxies: Mutex::default(),
             origins: Mutex::default(),
+            gets: Mutex::default(),
         }
     }
 }
@@ -435,14 +452,23 @@ impl Forwarding {
                 QueueReply::Done
             }
             QueueRequest::Settle(offsets, op) => {
-                let call = Call::Settle { queue, offsets, op };
+                let call = Call::Settle {
+                    queue,
+                    origin,
+                    offsets,
+                    op,
+                };
                 self.send(node, record, &call, &[]).await?;
                 QueueReply::Done
             }
             // Relayed credit wakes the queue on its own node.
             QueueRequest::Wake | QueueRequest::Timer => QueueReply::Done,
             QueueRequest::Get { no_ack } => {
-                let call = Call::Get { queue, no_ack };
+                let call = Call::Get {
+                    queue,
+                    origin,
+                    no_ack,
+                };
                 match self.send(node, record, &call, &[]).await? {
                     (
                         Answer::Got {
@@ -809,12 +835,56 @@ impl Forwarding {
                 }
                 done
             }
-            Call::Settle { offsets, op, .. } => {
+            Call::Settle {
+                queue: named,
+                origin,
+                offsets,
+                op,
+            } => {
+                self.heard_from(from, origin).await;
+                {
+                    let mut gets = self.gets.lock();
+                    if let Some(held) = gets.get_mut(&(from, origin)) {
+                        if let Some(queue) = held.get_mut(&named.id) {
+                            for offset in &offsets {
+                                queue.offsets.remove(offset);
+                            }
+                            if queue.offsets.is_empty() {
+                                held.remove(&named.id);
+                            }
+                        }
+                        if held.is_empty() {
+                            gets.remove(&(from, origin));
+                        }
+                    }
+                }
                 local()?.settle(offsets, op).await?;
                 done
             }
-            Call::Get { no_ack, .. } => match local()?.get(no_ack).await? {
-                Some(got) => Ok((
+            Call::Get {
+                queue: named,
+                origin,
+                no_ack,
+            } => {
+                self.heard_from(from, origin).await;
+                let queue = local()?;
+                let Some(got) = queue.get(no_ack).await? else {
+                    return Ok((Answer::Empty, Vec::new()));
+                };
+                if !no_ack {
+                    self.gets
+                        .lock()
+                        .entry((from, origin))
+                        .or_default()
+                        .entry(named.id)
+                        .or_insert_with(|| HeldGets {
+                            queue: Arc::clone(&queue),
+                            offsets: BTreeSet::new(),
+                        })
+                        .offsets
+                        .insert(got.delivery.offset);
+                }
+                Ok((
                     Answer::Got {
                         offset: got.delivery.offset,
                         redelivered: got.delivery.redelivered,
@@ -822,9 +892,8 @@ impl Forwarding {
                         message_count: got.message_count,
                     },
                     vec![got.delivery.message],
-                )),
-                None => Ok((Answer::Empty, Vec::new())),
-            },
+                ))
+            }
             Call::Purge { .. } => Ok((Answer::Count(local()?.purge().await?), Vec::new())),
             Call::Stat { touch, .. } => {
                 let stat = local()?.stat(touch).await?;
@@ -863,6 +932,7 @@ impl Forwarding {
                     .collect();
                 Ok((Answer::Unknown(unknown), Vec::new()))
             }
+            Call::Incarnation => Ok((Answer::Incarnation(self.incarnation), Vec::new())),
             Call::AuditConsumers { origin, consumers } => {
                 let unknown = if origin == self.incarnation {
                     let relayed = self.relayed.lock();
@@ -941,6 +1011,38 @@ impl Forwarding {
             .copied()
             .collect();
         self.drop_proxies(stale).await;
+        let stale: Vec<(NodeId, u64)> = self
+            .gets
+            .lock()
+            .keys()
+            .filter(|(n, o)| *n == node && *o != origin)
+            .copied()
+            .collect();
+        self.requeue_gets(stale).await;
+    }
+
+    /// Returns to their queues, redelivered, the messages that ended runs of origins took with
+    /// `basic.get` and never settled.
+    async fn requeue_gets(&self, origins: Vec<(NodeId, u64)>) {
+        let held: Vec<HeldGets> = {
+            let mut gets = self.gets.lock();
+            origins
+                .iter()
+                .filter_map(|key| gets.remove(key))
+                .flat_map(HashMap::into_values)
+                .collect()
+        };
+        for HeldGets { queue, offsets } in held {
+            tracing::debug!(
+                queue = queue.name(),
+                vhost = queue.vhost(),
+                messages = offsets.len(),
+                "messages got through another node, whose run ended; requeueing them"
+            );
+            let _ = queue
+                .settle(offsets.into_iter().collect(), SettleOp::Requeue)
+                .await;
+        }
     }
 
     /// Removes proxies whose consumer is gone; their queues requeue what they held.
@@ -1032,6 +1134,19 @@ impl Forwarding {
                 .collect();
             self.drop_proxies(keys).await;
         }
+        let holders: Vec<(NodeId, u64)> = self.gets.lock().keys().copied().collect();
+        let mut ended = Vec::new();
+        for (node, origin) in holders {
+            match self
+                .forward(node, &Call::Incarnation, &[], AUDIT_TIMEOUT)
+                .await
+            {
+                Ok((Answer::Incarnation(now), _)) if now != origin => ended.push((node, origin)),
+                Err(_) if !live.contains(&node) => ended.push((node, origin)),
+                _ => {}
+            }
+        }
+        self.requeue_gets(ended).await;
     }
 }
 
