@@ -71,6 +71,16 @@ class Nodes:
             node.wait_ready(FORM_TIMEOUT)
         return self
 
+    def restart_all(self):
+        """Stops every node (SIGTERM), then starts them all again (they need each other to be
+        ready) and waits until each is."""
+        for node in self.nodes:
+            node.stop()
+        for node in self.nodes:
+            node.launch()
+        for node in self.nodes:
+            node.wait_ready(FORM_TIMEOUT)
+
     def kill_all(self):
         for node in self.nodes:
             node.kill()
@@ -233,12 +243,7 @@ def test_definitions_made_on_one_node_are_on_every_node_and_survive_restarts(nod
     again = cli(c, "topic", "create", "orders", "--partitions", "3", check=False)
     assert again.returncode != 0 and "exists" in again.stderr
 
-    for node in cluster.nodes:
-        node.stop()
-    for node in cluster.nodes:
-        node.launch()
-    for node in cluster.nodes:
-        node.wait_ready(FORM_TIMEOUT)
+    cluster.restart_all()
     wait_for("the definitions after a restart", everywhere, timeout=20)
 
 

@@ -115,12 +115,7 @@ def test_a_queue_on_one_node_is_used_through_the_others_and_survives_restarts(no
     )
 
     # Every node restarts while B's consumer still holds its deliveries.
-    for node in cluster.nodes:
-        node.stop()
-    for node in cluster.nodes:
-        node.launch()
-    for node in cluster.nodes:
-        node.wait_ready(FORM_TIMEOUT)
+    cluster.restart_all()
     wait_for("a settled cluster after the restart", lambda: settled(cluster.nodes, 3))
     assert queue_info(a, name)["node"] == c_id
 
