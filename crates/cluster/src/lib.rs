@@ -8,6 +8,7 @@
 //! - [`controller`]: the controller group's commands, state and Raft types.
 //! - [`placement`]: rendezvous hashing of partitions, queues and consumer groups to nodes.
 //! - [`log_store`]: a durable Raft log in one append-only file with a CRC per record.
+//! - [`partition`]: replicated partitions: a Raft group whose log is the partition's segments.
 //! - [`node`]: the controller group on one node: proposals and linearizable reads from any node.
 //! - [`network`]: openraft's RPCs over the transport, and the per-group request router.
 //! - [`transport`]: one multiplexed TCP connection per pair of nodes.
@@ -23,6 +24,7 @@ pub mod liveness;
 pub mod log_store;
 pub mod network;
 pub mod node;
+pub mod partition;
 pub mod placement;
 pub mod state_machine;
 pub mod status;

@@ -133,6 +133,44 @@ impl EpochCache {
         self.persist()
     }
 
+    /// Makes `epoch` the one batches from `start_offset` (the log end) on carry, whether it is
+    /// newer or older than the current one: a replicated log follows its leader, and after a
+    /// divergent tail was truncated the next batches may belong to an epoch older than the one
+    /// the removed tail had. Entries starting at or after `start_offset` are dropped first.
+    /// Epochs before `start_offset` newer than `epoch` are an error: a log's epochs never go
+    /// backwards.
+    pub fn set_from(&mut self, epoch: i32, start_offset: u64) -> Result<(), StorageError> {
+        let mut entries = self.entries.clone();
+        while entries
+            .last()
+            .is_some_and(|last| last.start_offset >= start_offset)
+        {
+            entries.pop();
+        }
+        match entries.last() {
+            Some(last) if last.epoch > epoch => {
+                return Err(StorageError::Corrupt {
+                    path: self.path.clone(),
+                    position: 0,
+                    reason: format!(
+                        "epoch {epoch} at offset {start_offset} would follow epoch {} at offset {}",
+                        last.epoch, last.start_offset
+                    ),
+                });
+            }
+            Some(last) if last.epoch == epoch => {}
+            _ => entries.push(EpochEntry {
+                epoch,
+                start_offset,
+            }),
+        }
+        if entries == self.entries {
+            return Ok(());
+        }
+        self.entries = entries;
+        self.persist()
+    }
+
     /// After the log end moved back to `log_end_offset`, no epoch may start past it.
     pub fn clamp_to(&mut self, log_end_offset: u64) -> Result<(), StorageError> {
         if self

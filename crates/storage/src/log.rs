@@ -842,6 +842,28 @@ impl Log {
         self.epochs.begin(epoch, end)
     }
 
+    /// Appends batches (validated as [`Self::append`] does) stamped with `epoch` rather than the
+    /// current one, starting that epoch at the log end if it is not the current one (see
+    /// [`crate::epoch`]): a replicated log's batches carry the term of the entry they belong
+    /// to, older or newer. The batches go to one segment, so the whole append can be read back
+    /// with one read.
+    pub fn append_in_epoch(
+        &mut self,
+        batches: &[u8],
+        epoch: i32,
+        now_ms: i64,
+    ) -> Result<AppendInfo, StorageError> {
+        self.check_writable()?;
+        let (headers, record_total) = check_batches(batches, self.config.max_batch_bytes)?;
+        self.write_deferred()?;
+        let end = self.log_end_offset();
+        if let Err(error) = self.epochs.set_from(epoch, end) {
+            self.fail(&error);
+            return Err(error);
+        }
+        self.append_headers(batches, headers, record_total, now_ms)
+    }
+
     /// Kafka's OffsetForLeaderEpoch: the largest epoch at or below `epoch` and the offset where
     /// it ended.
     pub fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, u64)> {

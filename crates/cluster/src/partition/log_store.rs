@@ -1,0 +1,490 @@
+//! openraft's log storage for a partition group over the partition's own segmented log.
+//!
+//! # Files (in the partition's directory, beside the segments)
+//! - the segments, indexes, `log-start-offset` and `leader-epoch-checkpoint` of
+//!   [`sluice_storage::Log`]: each entry's batches, stamped with the entry's term as their
+//!   leader epoch;
+//! - `raft-entries`: the entry index ([`super::entries`]);
+//! - `raft-vote`: the vote, JSON, replaced atomically;
+//! - `raft-purged`: the last purged log id, JSON, replaced atomically.
+//!
+//! # Rules
+//! - An append writes each entry's batches to the segments, then its record to the entry
+//!   index; both are readable at once. Under `fsync = always` the append is reported flushed
+//!   (openraft's `IOFlushed`) only after one fsync round has covered both; one flusher task
+//!   syncs for every append queued meanwhile (group commit) on the blocking pool. Under the
+//!   other policies it is reported at once, as Kafka acknowledges from the page cache.
+//! - The vote is durable before `save_vote` returns.
+//! - Truncation cuts the segments at the first removed entry's base offset (which rolls the
+//!   leader-epoch checkpoint back with them) and then the entry index, both synced.
+//! - Purging only moves the purge mark: data leaves the segments by retention, never because
+//!   openraft purged (a partition group never snapshots, so openraft never purges by itself).
+//! - Opening reconciles the two files after a crash: index records whose batches did not
+//!   survive are dropped, and batches the index does not describe (written, never reported
+//!   durable) are cut off the segments.
+//! - Every entry read back is checked: its first batch must start at the offset the index
+//!   gives and carry the entry's term, or the read fails naming the file and offset.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::alias::VoteOf;
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::{LogState, RaftLogReader};
+use parking_lot::Mutex;
+use sluice_storage::batch::BatchHeader;
+use sluice_storage::{FsyncPolicy, Log, LogConfig, LogReader};
+use tokio::sync::mpsc;
+
+use super::entries::{EntryIndex, EntryLoc, EntryReader};
+use super::{Entry, LogId, PartitionTypes, decode_entry, encode_entry};
+use crate::files::{context, replace_atomically};
+
+const ENTRIES_FILE: &str = "raft-entries";
+const VOTE_FILE: &str = "raft-vote";
+const PURGED_FILE: &str = "raft-purged";
+/// Appends waiting for their fsync; a full queue makes the next append wait.
+const FLUSH_QUEUE_MAX: usize = 1024;
+
+type Vote = VoteOf<PartitionTypes>;
+
+/// A partition's Raft log. Cheap to clone; every clone is the same log.
+#[derive(Clone)]
+pub struct PartitionLog {
+    shared: Arc<Shared>,
+    flushes: Option<mpsc::Sender<IOFlushed<PartitionTypes>>>,
+}
+
+impl Debug for PartitionLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionLog")
+            .field("dir", &self.shared.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    dir: PathBuf,
+    reader: LogReader,
+    state: Mutex<State>,
+}
+
+struct State {
+    log: Log,
+    entries: EntryIndex,
+    vote: Option<Vote>,
+    purged: Option<LogId>,
+}
+
+impl State {
+    fn last_log_id(&self) -> io::Result<Option<LogId>> {
+        Ok(match self.entries.last()? {
+            Some((index, loc)) if self.purged.as_ref().is_none_or(|p| p.index < index) => {
+                Some(LogId::new_term_index(loc.term, index))
+            }
+            _ => self.purged,
+        })
+    }
+
+    /// The first index still readable: after the purge mark, and held by the entry index.
+    fn first_readable(&self) -> u64 {
+        let after_purge = self.purged.as_ref().map_or(0, |p| p.index + 1);
+        after_purge.max(self.entries.first_index())
+    }
+}
+
+fn storage(e: sluice_storage::StorageError) -> io::Error {
+    match e {
+        sluice_storage::StorageError::Corrupt { .. } => {
+            io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+        }
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl PartitionLog {
+    /// Opens (or creates) the partition log in `dir` and starts its flusher. Blocking: call it
+    /// from the blocking pool or before the runtime serves anything (it needs a runtime for
+    /// the flusher).
+    pub fn open(dir: &Path, config: LogConfig) -> io::Result<Self> {
+        let fsync = config.fsync;
+        let mut log = Log::open(dir, config, now_ms()).map_err(storage)?;
+        let mut entries = EntryIndex::open(&dir.join(ENTRIES_FILE), log.log_end_offset())?;
+        // Index records whose batches a crash took are dropped; batches past the last record
+        // were never reported durable and are cut off.
+        while let Some((_, last)) = entries.last()? {
+            if last.end_offset() <= log.log_end_offset() {
+                break;
+            }
+            entries.pop()?;
+        }
+        let described_end = entries.end_offset()?;
+        if log.log_end_offset() > described_end {
+            tracing::warn!(
+                dir = %dir.display(),
+                from = described_end,
+                to = log.log_end_offset(),
+                "cutting off batches no Raft entry describes (written before a crash, never acknowledged)",
+            );
+            log.truncate_to(described_end, now_ms()).map_err(storage)?;
+        }
+        let vote = read_json(&dir.join(VOTE_FILE))?;
+        let purged = read_json(&dir.join(PURGED_FILE))?;
+        let shared = Arc::new(Shared {
+            dir: dir.to_owned(),
+            reader: log.reader(),
+            state: Mutex::new(State {
+                log,
+                entries,
+                vote,
+                purged,
+            }),
+        });
+        let flushes = (fsync == FsyncPolicy::Always).then(|| {
+            let (flushes, queue) = mpsc::channel(FLUSH_QUEUE_MAX);
+            tokio::spawn(flush_loop(Arc::clone(&shared), queue));
+            flushes
+        });
+        Ok(Self { shared, flushes })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// The partition's data as Kafka readers see it (whole batches, Raft's own included).
+    pub fn reader(&self) -> LogReader {
+        self.shared.reader.clone()
+    }
+
+    /// Where the entry at `index` is, if the log holds it.
+    pub fn entry_loc(&self, index: u64) -> io::Result<Option<EntryLoc>> {
+        let state = self.shared.state.lock();
+        if index < state.first_readable() {
+            return Ok(None);
+        }
+        state.entries.get(index)
+    }
+
+    /// Closes the log: writes what is pending and syncs it.
+    pub fn close(&self) -> io::Result<()> {
+        let state = self.shared.state.lock();
+        state.entries.sync()?;
+        Ok(())
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(context(e, "read", path)),
+    };
+    // Replaced by rename, so whole or absent: anything undecodable is damage.
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("corrupt {}: {e}", path.display()),
+        )
+    })
+}
+
+async fn write_json(
+    dir: &Path,
+    name: &'static str,
+    value: &impl serde::Serialize,
+) -> io::Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(io::Error::other)?;
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || replace_atomically(&dir, name, &bytes))
+        .await
+        .map_err(io::Error::other)?
+}
+
+/// Syncs segments and entry index for every queued append, many at a time, and reports them
+/// in order.
+async fn flush_loop(shared: Arc<Shared>, mut queue: mpsc::Receiver<IOFlushed<PartitionTypes>>) {
+    let mut batch = Vec::new();
+    while queue.recv_many(&mut batch, FLUSH_QUEUE_MAX).await > 0 {
+        let (job, file) = {
+            let mut state = shared.state.lock();
+            (state.log.flush_job(), state.entries.file())
+        };
+        let run = tokio::task::spawn_blocking(move || {
+            let result = match &job {
+                Some(job) => job.run(),
+                None => Ok(()),
+            };
+            (job, result)
+        })
+        .await;
+        let synced: io::Result<()> = match run {
+            Ok((job, result)) => {
+                let logged = match job {
+                    Some(job) => shared
+                        .state
+                        .lock()
+                        .log
+                        .complete_flush(&job, result)
+                        .map(|_| ())
+                        .map_err(storage),
+                    None => {
+                        // No job: nothing to sync, or the log refuses writes (say why).
+                        let state = shared.state.lock();
+                        match state.log.failure() {
+                            Some(reason) => Err(io::Error::other(reason.to_owned())),
+                            None => Ok(()),
+                        }
+                    }
+                };
+                match logged {
+                    Ok(()) => tokio::task::spawn_blocking(move || file.sync_data())
+                        .await
+                        .unwrap_or_else(|e| Err(io::Error::other(e))),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(io::Error::other(e)),
+        };
+        if let Err(e) = &synced {
+            tracing::error!(dir = %shared.dir.display(), error = %e, "fsync of a partition's Raft log failed");
+        }
+        for callback in batch.drain(..) {
+            callback.io_completed(match &synced {
+                Ok(()) => Ok(()),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            });
+        }
+    }
+}
+
+/// Reads entries without the writer's lock but for an instant.
+#[derive(Clone)]
+pub struct PartitionLogReader {
+    shared: Arc<Shared>,
+}
+
+impl Debug for PartitionLogReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionLogReader")
+            .field("dir", &self.shared.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartitionLogReader {
+    fn read_entries(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+        let (first, last_end, index_reader, first_index): (u64, u64, EntryReader, u64) = {
+            let state = self.shared.state.lock();
+            (
+                state.first_readable(),
+                state.entries.end_index(),
+                state.entries.reader(),
+                state.entries.first_index(),
+            )
+        };
+        let start = start.max(first);
+        let end = end.min(last_end);
+        let mut out = Vec::with_capacity(end.saturating_sub(start).min(4096) as usize);
+        for index in start..end {
+            let loc = index_reader.read(index - first_index)?;
+            out.push(self.read_entry(index, loc)?);
+        }
+        Ok(out)
+    }
+
+    fn read_entry(&self, index: u64, loc: EntryLoc) -> io::Result<Entry> {
+        let read = self
+            .shared
+            .reader
+            .read_until(loc.base_offset, loc.end_offset(), loc.bytes as usize, true)
+            .map_err(storage)?;
+        let damaged = |reason: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "Raft entry {index} in {} at offset {}: {reason}",
+                    self.shared.dir.display(),
+                    loc.base_offset
+                ),
+            )
+        };
+        if read.bytes.len() != loc.bytes as usize {
+            return Err(damaged(format!(
+                "{} bytes read, {} expected",
+                read.bytes.len(),
+                loc.bytes
+            )));
+        }
+        let header = BatchHeader::parse(&read.bytes).map_err(|e| damaged(e.to_string()))?;
+        if header.base_offset != loc.base_offset as i64
+            || i64::from(header.partition_leader_epoch) != loc.term as i64
+        {
+            return Err(damaged(format!(
+                "the batch there starts at {} in epoch {}, the entry index says {} in term {}",
+                header.base_offset, header.partition_leader_epoch, loc.base_offset, loc.term
+            )));
+        }
+        decode_entry(LogId::new_term_index(loc.term, index), read.bytes)
+    }
+}
+
+fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s + 1,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.saturating_add(1),
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<PartitionTypes> for PartitionLogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let (start, end) = bounds(&range);
+        self.read_entries(start, end)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.shared.state.lock().vote)
+    }
+}
+
+impl RaftLogReader<PartitionTypes> for PartitionLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let mut reader = PartitionLogReader {
+            shared: Arc::clone(&self.shared),
+        };
+        reader.try_get_log_entries(range).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.shared.state.lock().vote)
+    }
+}
+
+impl RaftLogStorage<PartitionTypes> for PartitionLog {
+    type LogReader = PartitionLogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<PartitionTypes>, io::Error> {
+        let state = self.shared.state.lock();
+        Ok(LogState {
+            last_purged_log_id: state.purged,
+            last_log_id: state.last_log_id()?,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        PartitionLogReader {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        write_json(&self.shared.dir, VOTE_FILE, vote).await?;
+        self.shared.state.lock().vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<PartitionTypes>,
+    ) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        {
+            let mut guard = self.shared.state.lock();
+            let state = &mut *guard;
+            let now = now_ms();
+            for entry in entries {
+                let index = entry.index();
+                let term = entry.log_id.leader_id.term;
+                let epoch = i32::try_from(term).map_err(|_| {
+                    io::Error::other(format!(
+                        "Raft term {term} does not fit a Kafka leader epoch"
+                    ))
+                })?;
+                let bytes = encode_entry(&entry)?;
+                let info = state
+                    .log
+                    .append_in_epoch(&bytes, epoch, now)
+                    .map_err(storage)?;
+                state.entries.push(
+                    index,
+                    EntryLoc {
+                        term,
+                        base_offset: info.base_offset,
+                        records: (info.last_offset + 1 - info.base_offset) as u32,
+                        bytes: bytes.len() as u32,
+                    },
+                )?;
+            }
+        }
+        match &self.flushes {
+            Some(flushes) => flushes
+                .send(callback)
+                .await
+                .map_err(|_| io::Error::other("the partition log's flusher has stopped")),
+            None => {
+                callback.io_completed(Ok(()));
+                Ok(())
+            }
+        }
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let mut guard = self.shared.state.lock();
+        let state = &mut *guard;
+        let from = match &last_log_id {
+            Some(id) => id.index + 1,
+            None => state.entries.first_index(),
+        };
+        let from = from.max(state.entries.first_index());
+        let Some(first_removed) = state.entries.get(from)? else {
+            return Ok(());
+        };
+        if state.purged.as_ref().is_some_and(|p| p.index >= from) {
+            return Err(io::Error::other(format!(
+                "cannot truncate purged Raft entry {from} of {}",
+                self.shared.dir.display()
+            )));
+        }
+        state
+            .log
+            .truncate_to(first_removed.base_offset, now_ms())
+            .map_err(storage)?;
+        state.entries.truncate_from(from)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        write_json(&self.shared.dir, PURGED_FILE, &log_id).await?;
+        let mut state = self.shared.state.lock();
+        if state.purged.as_ref().is_none_or(|p| p.index < log_id.index) {
+            state.purged = Some(log_id);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,329 @@
+//! A partition's Raft log is its segmented log: openraft's conformance suite against it, and
+//! what the files hold after appends, truncations, restarts and crashes.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use bytes::Bytes;
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::type_config::TypeConfigExt;
+use openraft::{BasicNode, EntryPayload, Membership, RaftLogReader, StorageError};
+use sluice_cluster::partition::log_store::PartitionLog;
+use sluice_cluster::partition::machine::PartitionMachine;
+use sluice_cluster::partition::{Batches, Entry, LogId, PartitionTypes};
+use sluice_cluster::state_machine::StateMachineStore;
+use sluice_storage::batch::BatchHeader;
+use sluice_storage::record::BatchBuilder;
+use sluice_storage::{FsyncPolicy, LogConfig};
+use tempfile::TempDir;
+
+fn config() -> LogConfig {
+    LogConfig {
+        fsync: FsyncPolicy::Always,
+        ..LogConfig::default()
+    }
+}
+
+struct OnDisk;
+
+impl
+    StoreBuilder<
+        PartitionTypes,
+        PartitionLog,
+        StateMachineStore<PartitionTypes, PartitionMachine>,
+        TempDir,
+    > for OnDisk
+{
+    async fn build(
+        &self,
+    ) -> Result<
+        (
+            TempDir,
+            PartitionLog,
+            StateMachineStore<PartitionTypes, PartitionMachine>,
+        ),
+        StorageError<PartitionTypes>,
+    > {
+        let fail = |e: std::io::Error| StorageError::read(PartitionTypes::err_from_error(&e));
+        let dir = tempfile::tempdir().map_err(fail)?;
+        let log = PartitionLog::open(&dir.path().join("log"), config()).map_err(fail)?;
+        let machine = StateMachineStore::open(&dir.path().join("machine")).map_err(fail)?;
+        Ok((dir, log, machine))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_log_passes_openraft_conformance_suite()
+-> Result<(), StorageError<PartitionTypes>> {
+    Suite::test_all(OnDisk).await
+}
+
+fn batch(records: usize, tag: &str) -> Bytes {
+    let mut builder = BatchBuilder::new(1_700_000_000_000);
+    for i in 0..records {
+        let value = format!("{tag}-{i}");
+        builder.push(
+            1_700_000_000_000 + i as i64,
+            None,
+            Some(value.as_bytes()),
+            &[],
+        );
+    }
+    builder.finish()
+}
+
+fn normal(term: u64, index: u64, bytes: Bytes) -> Entry {
+    Entry {
+        log_id: LogId::new_term_index(term, index),
+        payload: EntryPayload::Normal(Batches(bytes)),
+    }
+}
+
+fn blank(term: u64, index: u64) -> Entry {
+    Entry {
+        log_id: LogId::new_term_index(term, index),
+        payload: EntryPayload::Blank,
+    }
+}
+
+fn membership(term: u64, index: u64, voters: &[u64]) -> Entry {
+    let voters: BTreeSet<u64> = voters.iter().copied().collect();
+    let nodes = voters
+        .iter()
+        .map(|id| (*id, BasicNode::new(format!("127.0.0.{id}:1"))));
+    Entry {
+        log_id: LogId::new_term_index(term, index),
+        payload: EntryPayload::Membership(
+            Membership::new(
+                vec![voters.clone()],
+                nodes.collect::<std::collections::BTreeMap<_, _>>(),
+            )
+            .expect("membership"),
+        ),
+    }
+}
+
+async fn append(log: &mut PartitionLog, entries: Vec<Entry>) {
+    let (tx, rx) = PartitionTypes::oneshot();
+    let callback = IOFlushed::<PartitionTypes>::signal(tx);
+    log.append(entries, callback).await.expect("append");
+    rx.await.expect("flushed").expect("flush succeeded");
+}
+
+async fn all_entries(log: &mut PartitionLog) -> Vec<Entry> {
+    log.try_get_log_entries(0..u64::MAX).await.expect("read")
+}
+
+/// Every batch in the segments, as (base offset, leader epoch, control?).
+fn batches_in(dir: &Path) -> Vec<(i64, i32, bool)> {
+    let log = sluice_storage::Log::open(dir, config(), 0).expect("open as a plain log");
+    let mut out = Vec::new();
+    let mut offset = log.log_start_offset();
+    while offset < log.log_end_offset() {
+        let read = log.read(offset, 1 << 20, true).expect("read");
+        let mut at = 0;
+        while at < read.bytes.len() {
+            let header = BatchHeader::parse(&read.bytes[at..]).expect("header");
+            out.push((
+                header.base_offset,
+                header.partition_leader_epoch,
+                header.is_control(),
+            ));
+            offset = header.next_offset() as u64;
+            at += header.total_bytes();
+        }
+    }
+    out
+}
+
+/// The batches with their base offsets and leader epochs cleared.
+fn unstamped(bytes: &[u8]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    let mut at = 0;
+    while at < out.len() {
+        let header = BatchHeader::parse(&out[at..]).expect("header");
+        sluice_storage::batch::set_base_offset(&mut out[at..], 0);
+        sluice_storage::batch::set_partition_leader_epoch(&mut out[at..], -1);
+        at += header.total_bytes();
+    }
+    out
+}
+
+fn sample() -> Vec<Entry> {
+    vec![
+        membership(1, 0, &[1, 2, 3]),
+        blank(1, 1),
+        normal(1, 2, batch(3, "a")),
+        normal(1, 3, {
+            // Two batches in one entry, as merged produce requests are.
+            let mut both = batch(2, "b").to_vec();
+            both.extend_from_slice(&batch(4, "c"));
+            Bytes::from(both)
+        }),
+        blank(2, 4),
+        normal(2, 5, batch(1, "d")),
+    ]
+}
+
+fn payload_eq(a: &Entry, b: &Entry) -> bool {
+    a.log_id == b.log_id
+        && match (&a.payload, &b.payload) {
+            (EntryPayload::Blank, EntryPayload::Blank) => true,
+            (EntryPayload::Membership(x), EntryPayload::Membership(y)) => x == y,
+            // The log assigns offsets and the epoch: compare the rest.
+            (EntryPayload::Normal(x), EntryPayload::Normal(y)) => {
+                unstamped(&x.0) == unstamped(&y.0)
+            }
+            _ => false,
+        }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_are_kafka_batches_stamped_with_their_term_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    let written = sample();
+    {
+        let mut log = PartitionLog::open(&path, config()).unwrap();
+        append(&mut log, written.clone()).await;
+        let read = all_entries(&mut log).await;
+        assert_eq!(read.len(), written.len());
+        for (a, b) in read.iter().zip(&written) {
+            assert!(payload_eq(a, b), "{a:?} != {b:?}");
+        }
+        log.close().unwrap();
+    }
+    // Offsets: membership 0, blank 1, 3 records 2..=4, 2 + 4 records 5..=10, blank 11, 12.
+    assert_eq!(
+        batches_in(&path),
+        vec![
+            (0, 1, true),
+            (1, 1, true),
+            (2, 1, false),
+            (5, 1, false),
+            (7, 1, false),
+            (11, 2, true),
+            (12, 2, false),
+        ]
+    );
+    let mut log = PartitionLog::open(&path, config()).unwrap();
+    let read = all_entries(&mut log).await;
+    for (a, b) in read.iter().zip(&written) {
+        assert!(payload_eq(a, b), "after a restart: {a:?} != {b:?}");
+    }
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id, Some(LogId::new_term_index(2, 5)));
+    let loc = log.entry_loc(3).unwrap().expect("entry 3");
+    assert_eq!((loc.base_offset, loc.records, loc.term), (5, 6, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_tail_is_replaced_by_entries_of_an_older_term() {
+    // A follower that appended entries of term 3 as a deposed leader takes the new leader's
+    // entries of term 2 in their place: offsets and epochs are rolled back with the tail.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    let mut log = PartitionLog::open(&path, config()).unwrap();
+    append(
+        &mut log,
+        vec![
+            blank(1, 1),
+            normal(1, 2, batch(2, "a")),
+            blank(3, 3),
+            normal(3, 4, batch(5, "lost")),
+        ],
+    )
+    .await;
+    log.truncate_after(Some(LogId::new_term_index(1, 2)))
+        .await
+        .unwrap();
+    append(&mut log, vec![normal(2, 3, batch(1, "kept")), blank(4, 4)]).await;
+    log.close().unwrap();
+    drop(log);
+    assert_eq!(
+        batches_in(&path),
+        vec![(0, 1, true), (1, 1, false), (3, 2, false), (4, 4, true)]
+    );
+    let mut log = PartitionLog::open(&path, config()).unwrap();
+    let read = all_entries(&mut log).await;
+    let ids: Vec<_> = read.iter().map(|e| e.log_id()).collect();
+    assert_eq!(
+        ids,
+        vec![
+            LogId::new_term_index(1, 1),
+            LogId::new_term_index(1, 2),
+            LogId::new_term_index(2, 3),
+            LogId::new_term_index(4, 4),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_two_files_is_repaired_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    {
+        let mut log = PartitionLog::open(&path, config()).unwrap();
+        append(&mut log, sample()).await;
+        log.close().unwrap();
+    }
+    // The last entry's batches were written, its index record was not: the batches go.
+    let entries = path.join("raft-entries");
+    let len = std::fs::metadata(&entries).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&entries)
+        .unwrap();
+    file.set_len(len - 25).unwrap();
+    drop(file);
+    {
+        let mut log = PartitionLog::open(&path, config()).unwrap();
+        let read = all_entries(&mut log).await;
+        assert_eq!(read.len(), 5);
+        assert_eq!(log.reader().log_end_offset(), 12);
+        // The next entry lands where the lost one was.
+        append(&mut log, vec![normal(2, 5, batch(2, "again"))]).await;
+        assert_eq!(log.reader().log_end_offset(), 14);
+        log.close().unwrap();
+    }
+    // The segment lost its tail, the index did not: the index records without data go.
+    let segment = path.join(format!("{:020}.log", 0));
+    let len = std::fs::metadata(&segment).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap();
+    file.set_len(len - 5).unwrap();
+    drop(file);
+    let mut log = PartitionLog::open(&path, config()).unwrap();
+    let read = all_entries(&mut log).await;
+    assert_eq!(read.len(), 5);
+    assert_eq!(log.reader().log_end_offset(), 12);
+    assert_eq!(
+        log.get_log_state().await.unwrap().last_log_id,
+        Some(LogId::new_term_index(2, 4))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_index_record_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    {
+        let mut log = PartitionLog::open(&path, config()).unwrap();
+        append(&mut log, sample()).await;
+        log.close().unwrap();
+    }
+    let entries = path.join("raft-entries");
+    let mut bytes = std::fs::read(&entries).unwrap();
+    bytes[24 + 32 + 9] ^= 0x40;
+    std::fs::write(&entries, &bytes).unwrap();
+    let error = PartitionLog::open(&path, config()).unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("raft-entries") && text.contains("byte 56"),
+        "{text}"
+    );
+}
