@@ -2,8 +2,11 @@
 //! its own files: batches written through the leader are committed on all three, every
 //! replica's segments hold the same bytes, and a replica stopped while the others go on
 //! catches up from the log when it returns — also after the leader itself was the one stopped.
+//! A leader cut off from the others (every request between it and them refused) appends
+//! writes it can never commit; once healed, that tail is truncated and replaced by what the
+//! majority committed meanwhile.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +19,7 @@ use sluice_cluster::partition::log_store::PartitionLog;
 use sluice_cluster::partition::machine::PartitionMachine;
 use sluice_cluster::partition::{Batches, PartitionTypes};
 use sluice_cluster::state_machine::StateMachineStore;
-use sluice_cluster::transport::{Transport, TransportConfig};
+use sluice_cluster::transport::{Service, Transport, TransportConfig};
 use sluice_storage::record::BatchBuilder;
 use sluice_storage::{FsyncPolicy, LogConfig};
 use tokio::net::TcpListener;
@@ -50,7 +53,38 @@ fn raft_config() -> Arc<Config> {
     )
 }
 
+/// Nodes cut off from every other: requests to or from them are refused.
+type Cut = Arc<parking_lot::RwLock<BTreeSet<u64>>>;
+
+/// The router behind a fault: refuses what crosses the cut.
+struct Faulty {
+    id: u64,
+    cut: Cut,
+    router: Arc<Router>,
+}
+
+impl Service for Faulty {
+    fn handle(
+        &self,
+        from: u64,
+        group: u32,
+        method: u8,
+        body: Bytes,
+    ) -> sluice_cluster::network::Answer {
+        let cut = self.cut.read();
+        if from != self.id && (cut.contains(&from) || cut.contains(&self.id)) {
+            return Box::pin(async { Err("cut off".to_owned()) });
+        }
+        drop(cut);
+        self.router.handle(from, group, method, body)
+    }
+}
+
 async fn start(id: u64, dir: &Path, address: &str) -> Replica {
+    start_cut(id, dir, address, Cut::default()).await
+}
+
+async fn start_cut(id: u64, dir: &Path, address: &str, cut: Cut) -> Replica {
     let listener = loop {
         match TcpListener::bind(address).await {
             Ok(listener) => break listener,
@@ -60,11 +94,12 @@ async fn start(id: u64, dir: &Path, address: &str) -> Replica {
     };
     let address = listener.local_addr().expect("address").to_string();
     let router = Arc::new(Router::default());
-    let transport = Transport::start(
-        TransportConfig::new(id, address.clone()),
-        listener,
-        router.clone(),
-    );
+    let service = Arc::new(Faulty {
+        id,
+        cut,
+        router: router.clone(),
+    });
+    let transport = Transport::start(TransportConfig::new(id, address.clone()), listener, service);
     let log = PartitionLog::open(
         &dir.join("log"),
         LogConfig {
@@ -111,12 +146,18 @@ fn batch(tag: u64) -> Bytes {
 }
 
 async fn leader_of(replicas: &BTreeMap<u64, Replica>) -> u64 {
+    let all: BTreeSet<u64> = replicas.keys().copied().collect();
+    leader_among(replicas, &all).await
+}
+
+/// The leader that the replicas in `among` agree on.
+async fn leader_among(replicas: &BTreeMap<u64, Replica>, among: &BTreeSet<u64>) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        for replica in replicas.values() {
+        for replica in among.iter().map(|id| &replicas[id]) {
             let metrics = replica.raft.metrics().borrow_watched().clone();
             if let Some(leader) = metrics.current_leader
-                && replicas.contains_key(&leader)
+                && among.contains(&leader)
                 && replicas[&leader]
                     .raft
                     .metrics()
@@ -135,7 +176,11 @@ async fn leader_of(replicas: &BTreeMap<u64, Replica>) -> u64 {
 /// Writes `count` batches through the leader, each answered once committed.
 async fn write(replicas: &BTreeMap<u64, Replica>, from: u64, count: u64) {
     let leader = leader_of(replicas).await;
-    let raft = &replicas[&leader].raft;
+    write_to(&replicas[&leader], from, count).await;
+}
+
+async fn write_to(leader: &Replica, from: u64, count: u64) {
+    let raft = &leader.raft;
     let mut last_end = 0;
     for tag in from..from + count {
         let reply = raft
@@ -254,6 +299,74 @@ async fn three_replicas_hold_the_same_bytes_and_a_stopped_one_catches_up_from_th
     replicas.insert(leader, start(leader, &dirs[&leader], &address).await);
     assert_identical(&replicas).await;
 
+    for (_, replica) in std::mem::take(&mut replicas) {
+        stop(replica).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_leader_commits_nothing_and_its_tail_is_replaced_when_healed() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let cut = Cut::default();
+    let mut replicas = BTreeMap::new();
+    for id in 1..=3 {
+        let dir = root.path().join(format!("n{id}"));
+        replicas.insert(id, start_cut(id, &dir, "127.0.0.1:0", cut.clone()).await);
+    }
+    let members: BTreeMap<u64, BasicNode> = replicas
+        .iter()
+        .map(|(id, r)| (*id, BasicNode::new(r.address.clone())))
+        .collect();
+    replicas[&1]
+        .raft
+        .initialize(members)
+        .await
+        .expect("initialized");
+    write(&replicas, 0, 50).await;
+    assert_identical(&replicas).await;
+
+    let old = leader_of(&replicas).await;
+    let old_term = replicas[&old].raft.metrics().borrow_watched().current_term;
+    let committed_before = replicas[&old].raft.metrics().borrow_watched().last_applied;
+    cut.write().insert(old);
+    // Writes to the cut-off leader: appended to its log while it still believes it leads, never
+    // committed.
+    let stranded: Vec<_> = (0..20)
+        .map(|tag| {
+            let raft = replicas[&old].raft.clone();
+            tokio::spawn(async move { raft.client_write(Batches(batch(10_000 + tag))).await })
+        })
+        .collect();
+    let others: BTreeSet<u64> = replicas.keys().copied().filter(|id| *id != old).collect();
+    let new = leader_among(&replicas, &others).await;
+    assert_ne!(new, old);
+    write_to(&replicas[&new], 1_000, 50).await;
+    let old_metrics = replicas[&old].raft.metrics().borrow_watched().clone();
+    assert!(
+        old_metrics.last_log_index > committed_before.map(|id| id.index),
+        "the cut-off leader appended the stranded writes"
+    );
+    assert_eq!(
+        old_metrics.last_applied, committed_before,
+        "the cut-off leader committed nothing in term {old_term}"
+    );
+
+    cut.write().clear();
+    assert_identical(&replicas).await;
+    for task in stranded {
+        let result = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("a stranded write is answered once healed")
+            .expect("task");
+        assert!(
+            result.is_err(),
+            "a write to the cut-off leader was acknowledged: {result:?}"
+        );
+    }
+    for (id, replica) in &replicas {
+        let applied = replica.machine.read(|m| m.applied_entries);
+        assert_eq!(applied, 100, "replica {id} applied {applied} data entries");
+    }
     for (_, replica) in std::mem::take(&mut replicas) {
         stop(replica).await;
     }
