@@ -15,8 +15,12 @@
 //!
 //! Bounds: at most `max_producer_count` producers are tracked; past that, and after
 //! `expiration_ms` of silence, the least recently seen are forgotten (as Kafka expires them).
+//!
+//! Determinism: given the same batches recorded with the same times, two states are equal and
+//! encode to the same bytes (producers are kept in id order, and ties in eviction go to the
+//! lowest id), so a replicated partition's replicas derive the same state from one log.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -59,15 +63,16 @@ pub enum SequenceCheck {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Snapshot {
     end_offset: u64,
-    producers: HashMap<i64, ProducerEntry>,
+    producers: BTreeMap<i64, ProducerEntry>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProducerStates {
-    producers: HashMap<i64, ProducerEntry>,
+    producers: BTreeMap<i64, ProducerEntry>,
     expiration_ms: i64,
     max_producer_count: usize,
     /// Set when the state changed since the last snapshot.
+    #[serde(skip)]
     dirty: bool,
 }
 
@@ -82,7 +87,7 @@ fn next_sequence(sequence: i32) -> i32 {
 impl ProducerStates {
     pub fn new(expiration_ms: i64, max_producer_count: usize) -> Self {
         Self {
-            producers: HashMap::new(),
+            producers: BTreeMap::new(),
             expiration_ms,
             max_producer_count,
             dirty: false,
@@ -184,7 +189,7 @@ impl ProducerStates {
         if let Some(oldest) = self
             .producers
             .iter()
-            .min_by_key(|(_, entry)| entry.last_seen_ms)
+            .min_by_key(|(id, entry)| (entry.last_seen_ms, **id))
             .map(|(id, _)| *id)
         {
             self.producers.remove(&oldest);

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use openraft::type_config::async_runtime::WatchReceiver;
 use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
+use sluice_broker::producer::SequenceCheck;
 use sluice_cluster::network::{GroupNetwork, RaftServer, Router};
 use sluice_cluster::partition::log_store::PartitionLog;
 use sluice_cluster::partition::machine::PartitionMachine;
@@ -141,6 +142,35 @@ fn batch(tag: u64) -> Bytes {
     for i in 0..5 {
         let value = format!("record {tag}-{i} {}", "x".repeat(100));
         builder.push(1_700_000_000_000 + i, None, Some(value.as_bytes()), &[]);
+    }
+    builder.finish()
+}
+
+/// Waits until a leader has applied an entry of its own term (its blank entry): from then on
+/// it has applied everything committed before it, as a leader must before it serves.
+async fn wait_ready(leader: &Replica) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = leader.raft.metrics().borrow_watched().clone();
+        if metrics
+            .last_applied
+            .is_some_and(|id| id.leader_id.term == metrics.current_term)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader applied nothing of its term"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Five records of producer 42, epoch 0, from `sequence` on.
+fn idempotent_batch(sequence: i32) -> Bytes {
+    let mut builder = BatchBuilder::new(1_700_000_000_000).producer(42, 0, sequence);
+    for i in 0..5 {
+        builder.push(1_700_000_000_000 + i, None, Some(b"idempotent"), &[]);
     }
     builder.finish()
 }
@@ -292,9 +322,48 @@ async fn three_replicas_hold_the_same_bytes_and_a_stopped_one_catches_up_from_th
     replicas.insert(follower, start(follower, &dirs[&follower], &address).await);
     assert_identical(&replicas).await;
 
-    // The leader stops: another is elected, writes go on, and the old leader catches up.
+    // An idempotent producer writes three batches; then the leader stops. The new leader knows
+    // the producer's sequences: a retry of the last batch is a duplicate with its original
+    // offsets, and the next sequence is the one that follows.
     let leader = leader_of(&replicas).await;
+    let mut acked = Vec::new();
+    for sequence in [0, 5, 10] {
+        let reply = replicas[&leader]
+            .raft
+            .client_write(Batches(idempotent_batch(sequence)))
+            .await
+            .expect("committed");
+        acked.push(reply.data);
+    }
     let address = stop(replicas.remove(&leader).expect("leader")).await;
+    let new_leader = leader_of(&replicas).await;
+    wait_ready(&replicas[&new_leader]).await;
+    let retry = sluice_storage::BatchHeader::parse(&idempotent_batch(10)).expect("header");
+    assert_eq!(
+        replicas[&new_leader]
+            .machine
+            .read(|m| m.check(&retry))
+            .expect("checked"),
+        SequenceCheck::Duplicate {
+            base_offset: acked[2].base_offset,
+            last_offset: acked[2].last_offset,
+        }
+    );
+    let next = sluice_storage::BatchHeader::parse(&idempotent_batch(15)).expect("header");
+    assert_eq!(
+        replicas[&new_leader]
+            .machine
+            .read(|m| m.check(&next))
+            .expect("checked"),
+        SequenceCheck::Append
+    );
+    let gap = sluice_storage::BatchHeader::parse(&idempotent_batch(20)).expect("header");
+    assert!(
+        replicas[&new_leader]
+            .machine
+            .read(|m| m.check(&gap))
+            .is_err()
+    );
     write(&replicas, 500, 100).await;
     replicas.insert(leader, start(leader, &dirs[&leader], &address).await);
     assert_identical(&replicas).await;

@@ -1,26 +1,61 @@
 //! The state a partition group derives from its log, the same on every replica: what apply
 //! computes from committed entries alone.
 //!
-//! Today that is where the last committed batches are (the high watermark). The producer
-//! state of idempotent producers joins it, so that a new leader knows every producer's
-//! sequences before it accepts a write.
+//! - The end of the committed data (the high watermark as far as data entries go).
+//! - The idempotent producers' state (the broker's [`ProducerStates`]): each producer's epoch
+//!   and the sequences and offsets of its last five batches, recorded with the batch's own max
+//!   timestamp, never a clock. A new leader has applied every committed entry before it serves
+//!   (its term's blank entry commits after them), so it knows every producer's sequences: a
+//!   retried batch gets its original offsets, and the next one continues the sequence.
 
 use std::io;
 
 use serde::{Deserialize, Serialize};
+use sluice_broker::BrokerError;
+use sluice_broker::producer::{ProducerStates, SequenceCheck};
 use sluice_storage::batch::BatchHeader;
 
 use super::{Appended, Batches};
 use crate::state_machine::Machine;
 
+/// Producers silent this long are forgotten (Kafka's `producer.id.expiration.ms` default is a
+/// day); eviction by count is the bound that applies deterministically during apply.
+const PRODUCER_EXPIRATION_MS: i64 = 24 * 3600 * 1000;
+/// At most this many producers are remembered per partition.
+const PRODUCERS_MAX: usize = 100_000;
+
 /// A partition's derived state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionMachine {
-    /// The offset after the last record of the last applied data entry: the high watermark
-    /// as far as data entries go (Raft's own entries after it are control batches).
+    /// The offset after the last record of the last applied data entry.
     pub data_end_offset: u64,
     /// Data entries applied.
     pub applied_entries: u64,
+    producers: ProducerStates,
+}
+
+impl Default for PartitionMachine {
+    fn default() -> Self {
+        Self {
+            data_end_offset: 0,
+            applied_entries: 0,
+            producers: ProducerStates::new(PRODUCER_EXPIRATION_MS, PRODUCERS_MAX),
+        }
+    }
+}
+
+impl PartitionMachine {
+    /// What the committed state says of a batch a producer sends (its header as sent): append
+    /// it, acknowledge the offsets it already has, or refuse it. The leader checks against
+    /// this plus what it has proposed and not yet seen applied.
+    pub fn check(&self, header: &BatchHeader) -> Result<SequenceCheck, BrokerError> {
+        self.producers.check(header)
+    }
+
+    /// Producers remembered.
+    pub fn producer_count(&self) -> usize {
+        self.producers.len()
+    }
 }
 
 impl Machine for PartitionMachine {
@@ -40,6 +75,8 @@ impl Machine for PartitionMachine {
             };
             first.get_or_insert(header.base_offset as u64);
             last = Some(header.last_offset() as u64);
+            // The batch's own time, so every replica records the same.
+            self.producers.record(&header, header.max_timestamp);
             at += header.total_bytes();
         }
         let (Some(base_offset), Some(last_offset)) = (first, last) else {
