@@ -204,3 +204,6 @@ openraft::declare_raft_types!(
         Node = openraft::impls::BasicNode,
         LeaderId = openraft::impls::leader_id_std::LeaderId<u64, NodeId>,
 );
+
+/// The controller's messages travel as JSON.
+impl crate::network::WireTypes for ControllerTypes {}

@@ -65,16 +65,24 @@ pub mod method {
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a group's types must be to travel over the transport: its node ids are cluster node
-/// ids and its nodes are addresses.
+/// ids and its nodes are addresses; and how its AppendEntries are framed (JSON unless the
+/// group says otherwise: a partition group sends its batches as raw bytes).
 ///
 /// No serde bound is written here or at any use: openraft's `serde` feature (enabled in
 /// Cargo.toml) derives every message with no bounds of its own and requires serde of every
 /// type a message carries, so every type config's messages are serde-capable. A bound in a
 /// trait's `where` clause would not help anyway: Rust does not carry it to the trait's users,
 /// so each of them would have to repeat it.
-pub trait WireTypes: RaftTypeConfig<NodeId = NodeId, Node = BasicNode> {}
+pub trait WireTypes: RaftTypeConfig<NodeId = NodeId, Node = BasicNode> {
+    fn encode_append(request: &AppendEntriesRequest<Self>) -> Result<Bytes, String> {
+        to_json(request)
+    }
 
-impl<C> WireTypes for C where C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode> {}
+    /// Decodes what [`Self::encode_append`] made. Damaged input is an error, never a panic.
+    fn decode_append(body: Bytes) -> Result<AppendEntriesRequest<Self>, String> {
+        from_json(&body)
+    }
+}
 
 pub(crate) fn to_json(value: &impl Serialize) -> Result<Bytes, String> {
     serde_json::to_vec(value)
@@ -162,6 +170,16 @@ impl<C: WireTypes> PeerClient<C> {
         timeout: Duration,
     ) -> Result<Resp, RPCError<C>> {
         let body = to_json(request).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        self.call(method, body, timeout).await
+    }
+
+    /// Sends an encoded request; the answer is JSON.
+    async fn call<Resp: DeserializeOwned>(
+        &self,
+        method: u8,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<C>> {
         let answer = self
             .transport
             .call(self.target, self.group, method, body, timeout)
@@ -190,7 +208,9 @@ impl<C: WireTypes> RaftNetworkV2<C> for PeerClient<C> {
         rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        self.rpc(method::APPEND, &rpc, option.hard_ttl()).await
+        let body =
+            C::encode_append(&rpc).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        self.call(method::APPEND, body, option.hard_ttl()).await
     }
 
     async fn vote(
@@ -323,7 +343,7 @@ where
         Box::pin(async move {
             match method {
                 method::APPEND => {
-                    let request: AppendEntriesRequest<C> = from_json(&body)?;
+                    let request = C::decode_append(body)?;
                     let answer = raft
                         .append_entries(request)
                         .await

@@ -12,11 +12,15 @@
 //!   ([`entries`]) maps each Raft index to its batches' offsets.
 //!
 //! [`log_store`] is openraft's log storage over those files; [`machine`] the state derived from
-//! the log (what apply computes on every replica alike).
+//! the log (what apply computes on every replica alike); [`replica`] one replica's group on a
+//! node, with the leader's write path and the high watermark. Entries travel between replicas
+//! as raw bytes (`wire`).
 
 pub mod entries;
 pub mod log_store;
 pub mod machine;
+pub mod replica;
+mod wire;
 
 use std::fmt;
 use std::io;
