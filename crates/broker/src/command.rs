@@ -34,7 +34,15 @@ pub struct PartitionRecord {
     pub replicas: Vec<NodeId>,
     /// Bumped on every leader change; stamped on each batch the leader appends.
     pub leader_epoch: i32,
+    /// The partition's Raft group on the cluster transport when it is replicated (more than
+    /// one replica), given by the controller when the partition is defined; 0 when it is not.
+    #[serde(default)]
+    pub group: u32,
 }
+
+/// Replicated partitions' Raft groups are numbered from here (below are the controller's and
+/// other fixed groups).
+pub const FIRST_PARTITION_GROUP: u32 = 1 << 16;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicRecord {

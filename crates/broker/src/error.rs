@@ -18,6 +18,13 @@ pub enum BrokerError {
         /// The node the partition is placed on.
         leader: Option<NodeId>,
     },
+    /// This node leads the partition's group but has not applied an entry of its term yet;
+    /// nothing was written.
+    #[error("partition {partition} of topic {topic:?}: the new leader is not ready yet")]
+    LeaderNotReady { topic: String, partition: i32 },
+    /// A replicated write whose outcome is unknown: it may still be committed.
+    #[error("the write may or may not have been committed: {0}")]
+    WriteIndeterminate(String),
     #[error("topic {0:?} already exists")]
     TopicExists(String),
     #[error("invalid topic name {name:?}: {reason}")]
@@ -68,7 +75,8 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    pub(crate) fn metadata(op: &'static str, error: impl std::fmt::Display) -> Self {
+    /// A failure to read, write or act on the definitions: `op` says what was being done.
+    pub fn metadata(op: &'static str, error: impl std::fmt::Display) -> Self {
         Self::Metadata {
             op,
             reason: error.to_string(),

@@ -147,8 +147,11 @@ pub struct Topic {
     pub id: Uuid,
     /// Every partition by index: `Some` where this node serves it (it is placed here).
     pub partitions: Vec<Option<Arc<Partition>>>,
-    /// Each partition's node, by index, as the definitions place it.
+    /// Each partition's node, by index, as the definitions place it (a replicated partition's
+    /// preferred leader).
     pub leaders: Vec<NodeId>,
+    /// Each partition's replicas, by index, the preferred leader first.
+    pub replicas: Vec<Vec<NodeId>>,
     /// Config overrides as stored.
     pub overrides: BTreeMap<String, String>,
     pub config: EffectiveTopicConfig,
@@ -166,12 +169,35 @@ impl Topic {
         self.partitions.iter().flatten()
     }
 
+    /// Partition `index`'s leader, leader epoch and replicas as this node knows them: a
+    /// single copy's node; for a replicated partition, what this node's replica knows of its
+    /// group, or the preferred leader when this node holds no replica.
+    pub fn partition_view(&self, index: usize) -> Option<PartitionView> {
+        let placed = *self.leaders.get(index)?;
+        let replicas = self
+            .replicas
+            .get(index)
+            .cloned()
+            .unwrap_or_else(|| vec![placed]);
+        let here = self.partitions.get(index).and_then(|p| p.as_ref());
+        let (leader, epoch) = match here.and_then(|p| p.replica_leader()) {
+            Some((leader, epoch)) => (leader, epoch),
+            None => (Some(placed), 0),
+        };
+        Some(PartitionView {
+            leader,
+            epoch,
+            replicas,
+        })
+    }
+
     /// Partition `index` if this node serves it; otherwise whether it does not exist or is
-    /// served by another node (which one).
+    /// served by another node (which one). A replicated partition is served by its group's
+    /// ready leader only.
     pub fn get(&self, index: i32) -> Result<&Arc<Partition>, BrokerError> {
         let position = usize::try_from(index).ok();
         match position.and_then(|i| self.partitions.get(i)) {
-            Some(Some(partition)) => Ok(partition),
+            Some(Some(partition)) => partition.serving().map(|()| partition),
             Some(None) => Err(BrokerError::NotLeader {
                 topic: self.name.to_string(),
                 partition: index,
@@ -185,13 +211,24 @@ impl Topic {
     }
 }
 
+/// Where a partition is served, for clients' metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionView {
+    /// The node that leads it, if known.
+    pub leader: Option<NodeId>,
+    /// The leader epoch (a replicated partition's Raft term; 0 for a single copy).
+    pub epoch: i32,
+    /// Every node holding a copy, the preferred leader first.
+    pub replicas: Vec<NodeId>,
+}
+
 /// A request to create a topic.
 #[derive(Debug, Clone, Default)]
 pub struct NewTopic {
     pub name: String,
     /// `None` for the broker default.
     pub partition_count: Option<u32>,
-    /// `None` for the broker default; only 1 is possible for now (one copy per partition).
+    /// `None` for the broker default (1); more needs a cluster with that many live nodes.
     pub replication_factor: Option<i16>,
     pub config: BTreeMap<String, String>,
     /// The node of each partition, by index, as the client chose them (Kafka's manual
@@ -344,6 +381,9 @@ impl Broker {
         self.shared
             .forwarding
             .set_link(link, Arc::downgrade(&self.shared));
+        // Replicated partitions need the cluster: those defined before it was here open now.
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move { controller::effects::open_deferred_replicas(&shared).await });
     }
 
     /// Serves a queue request another node forwarded (see [`queue::remote`]).

@@ -36,9 +36,28 @@ pub struct MetadataState {
     pub messaging: Definitions,
     /// The first producer id not reserved yet.
     pub next_producer_id: u64,
+    /// Replicated partition groups numbered so far (see [`PartitionRecord::group`]).
+    #[serde(default)]
+    pub partition_groups: u32,
+}
+
+/// Gives each replicated partition (more than one replica) the next Raft group number.
+fn number_groups(counter: &mut u32, partitions: &mut [PartitionRecord]) {
+    for partition in partitions {
+        partition.group = if partition.replicas.len() > 1 {
+            *counter += 1;
+            crate::command::FIRST_PARTITION_GROUP + *counter
+        } else {
+            0
+        };
+    }
 }
 
 impl MetadataState {
+    fn number_groups(&mut self, partitions: &mut [PartitionRecord]) {
+        number_groups(&mut self.partition_groups, partitions);
+    }
+
     /// Checks `command` against this state; returns the state after it and what has to happen
     /// outside the definitions for it. Deterministic: no clock, no randomness, nothing but the
     /// state and the command.
@@ -50,6 +69,8 @@ impl MetadataState {
                 if next.topics.contains_key(&topic.name) {
                     return Err(BrokerError::TopicExists(topic.name.clone()));
                 }
+                let mut topic = topic.clone();
+                next.number_groups(&mut topic.partitions);
                 next.topics.insert(topic.name.clone(), topic.clone());
                 effects.push(Effect::StartPartitions {
                     topic: topic.name.clone(),
@@ -80,7 +101,9 @@ impl MetadataState {
                         )));
                     }
                 }
-                topic.partitions.extend(partitions.iter().cloned());
+                let mut partitions = partitions.clone();
+                number_groups(&mut next.partition_groups, &mut partitions);
+                topic.partitions.extend(partitions);
                 effects.push(Effect::StartPartitions {
                     topic: name.clone(),
                     from: from as u32,
@@ -460,6 +483,7 @@ mod tests {
                     leader: 0,
                     replicas: vec![0],
                     leader_epoch: 0,
+                    group: 0,
                 })
                 .collect(),
             config: BTreeMap::new(),
@@ -487,6 +511,7 @@ mod tests {
                     leader: 0,
                     replicas: vec![0],
                     leader_epoch: 0,
+                    group: 0,
                 }],
             })
             .unwrap();
@@ -550,6 +575,7 @@ mod tests {
                     leader: 0,
                     replicas: vec![0],
                     leader_epoch: 0,
+                    group: 0,
                 }],
             },
             MetadataCommand::AllocateProducerIds {
@@ -675,7 +701,8 @@ mod tests {
                         index: 5,
                         leader: 0,
                         replicas: vec![0],
-                        leader_epoch: 0
+                        leader_epoch: 0,
+                        group: 0,
                     }],
                 })
                 .is_err()

@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::error::BrokerError;
 use crate::producer::{ProducerStates, SequenceCheck};
+use crate::replication::ReplicatedLog;
 use crate::topic_config::{EffectiveTopicConfig, TimestampType};
 
 const TOPIC_ID_FILE: &str = "topic-id";
@@ -302,8 +303,17 @@ pub struct Partition {
     topic_id: Uuid,
     index: u32,
     reader: LogReader,
-    owner: OwnerHandle<PartitionRequest, Reply>,
+    backend: Backend,
     high_watermark: watch::Receiver<u64>,
+}
+
+/// Who writes the partition's log.
+#[derive(Debug)]
+enum Backend {
+    /// This node's owner task: the partition's only copy.
+    Owner(OwnerHandle<PartitionRequest, Reply>),
+    /// A Raft group of the cluster, of which this node holds a replica.
+    Replicated(Arc<dyn ReplicatedLog>),
 }
 
 /// Everything needed to open a partition.
@@ -330,6 +340,31 @@ impl Partition {
         spec: &PartitionSpec,
         clock: &dyn Clock,
     ) -> Result<(Log, ProducerStates), BrokerError> {
+        Self::prepare_dir(spec)?;
+        let now_ms = clock.now_ms();
+        let (mut log, report) = Log::open_with_report(&spec.dir, spec.config.log.clone(), now_ms)?;
+        if report.truncated_bytes > 0 || report.rebuilt_index_count > 0 {
+            tracing::warn!(
+                topic = %spec.topic, partition = spec.index,
+                truncated_bytes = report.truncated_bytes,
+                rebuilt_indexes = report.rebuilt_index_count,
+                "recovered partition log"
+            );
+        }
+        log.begin_leader_epoch(spec.leader_epoch)?;
+        let producers = ProducerStates::load(
+            &spec.dir,
+            &log.reader(),
+            spec.producer_limits.expiration_ms,
+            spec.producer_limits.max_producer_count,
+            now_ms,
+        )?;
+        Ok((log, producers))
+    }
+
+    /// Makes the partition's directory this topic incarnation's: one left by a deleted topic
+    /// of the same name is removed first. Blocking.
+    pub fn prepare_dir(spec: &PartitionSpec) -> Result<(), BrokerError> {
         let id_path = spec.dir.join(TOPIC_ID_FILE);
         match std::fs::read_to_string(&id_path) {
             Ok(found) if found.trim() == spec.topic_id.to_string() => {}
@@ -363,25 +398,7 @@ impl Partition {
                 spec.topic_id.to_string().as_bytes(),
             )?;
         }
-        let now_ms = clock.now_ms();
-        let (mut log, report) = Log::open_with_report(&spec.dir, spec.config.log.clone(), now_ms)?;
-        if report.truncated_bytes > 0 || report.rebuilt_index_count > 0 {
-            tracing::warn!(
-                topic = %spec.topic, partition = spec.index,
-                truncated_bytes = report.truncated_bytes,
-                rebuilt_indexes = report.rebuilt_index_count,
-                "recovered partition log"
-            );
-        }
-        log.begin_leader_epoch(spec.leader_epoch)?;
-        let producers = ProducerStates::load(
-            &spec.dir,
-            &log.reader(),
-            spec.producer_limits.expiration_ms,
-            spec.producer_limits.max_producer_count,
-            now_ms,
-        )?;
-        Ok((log, producers))
+        Ok(())
     }
 
     /// Starts the owner task of an opened log. Must run inside a tokio runtime.
@@ -408,10 +425,85 @@ impl Partition {
             topic_id: spec.topic_id,
             index: spec.index,
             reader,
-            owner,
+            backend: Backend::Owner(owner),
             high_watermark: receiver,
         });
         (partition, task)
+    }
+
+    /// A partition served by this node's replica of its Raft group.
+    pub fn replicated(
+        topic: Arc<str>,
+        topic_id: Uuid,
+        index: u32,
+        log: Arc<dyn ReplicatedLog>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            stats: Arc::new(PartitionStats::default()),
+            topic,
+            topic_id,
+            index,
+            reader: log.reader(),
+            high_watermark: log.watch_high_watermark(),
+            backend: Backend::Replicated(log),
+        })
+    }
+
+    /// Whether this node serves the partition's reads and writes now: always for a single
+    /// copy; for a replicated one, while its replica leads and is ready.
+    pub fn serving(&self) -> Result<(), BrokerError> {
+        let Backend::Replicated(log) = &self.backend else {
+            return Ok(());
+        };
+        if log.ready_epoch().is_some() {
+            return Ok(());
+        }
+        let (leader, _) = log.leader();
+        if leader == Some(log.node()) {
+            Err(BrokerError::LeaderNotReady {
+                topic: self.topic.to_string(),
+                partition: self.index as i32,
+            })
+        } else {
+            Err(BrokerError::NotLeader {
+                topic: self.topic.to_string(),
+                partition: self.index as i32,
+                leader,
+            })
+        }
+    }
+
+    /// Names this partition in a replica's "not the leader" errors.
+    fn name_partition(&self, error: BrokerError) -> BrokerError {
+        match error {
+            BrokerError::NotLeader { leader, .. } => BrokerError::NotLeader {
+                topic: self.topic.to_string(),
+                partition: self.index as i32,
+                leader,
+            },
+            BrokerError::LeaderNotReady { .. } => BrokerError::LeaderNotReady {
+                topic: self.topic.to_string(),
+                partition: self.index as i32,
+            },
+            other => other,
+        }
+    }
+
+    /// The current leader epoch: 0 for a single copy (its leader never changes); a replicated
+    /// partition's Raft term.
+    pub fn leader_epoch(&self) -> i32 {
+        match &self.backend {
+            Backend::Owner(_) => 0,
+            Backend::Replicated(log) => log.ready_epoch().unwrap_or_else(|| log.leader().1),
+        }
+    }
+
+    /// The leader and epoch of a replicated partition as its replica here knows them.
+    pub fn replica_leader(&self) -> Option<(Option<crate::NodeId>, i32)> {
+        match &self.backend {
+            Backend::Owner(_) => None,
+            Backend::Replicated(log) => Some(log.leader()),
+        }
     }
 
     pub fn topic(&self) -> &str {
@@ -449,7 +541,16 @@ impl Partition {
     }
 
     async fn call(&self, request: PartitionRequest) -> Result<PartitionReply, BrokerError> {
-        match self.owner.call(request).await {
+        let owner = match &self.backend {
+            Backend::Owner(owner) => owner,
+            Backend::Replicated(_) => {
+                return Err(BrokerError::PolicyViolation(format!(
+                    "partition {} of topic {:?} is replicated, and this operation is not available for replicated partitions yet",
+                    self.index, self.topic
+                )));
+            }
+        };
+        match owner.call(request).await {
             Ok(reply) => reply,
             Err(StorageError::OwnerGone) => Err(BrokerError::ShuttingDown),
             Err(other) => Err(other.into()),
@@ -469,6 +570,31 @@ impl Partition {
                 return Err(error.into());
             }
         };
+        if let Backend::Replicated(log) = &self.backend {
+            for header in checked.headers() {
+                if let batch::Compression::Unknown(id) = header.compression() {
+                    return Err(BrokerError::UnsupportedCompression(id));
+                }
+                if header.is_transactional() || header.is_control() {
+                    return Err(BrokerError::TransactionsUnsupported);
+                }
+            }
+            let records = checked.record_count();
+            let bytes = checked.bytes().len() as u64;
+            return match log.produce(checked.bytes().clone()).await {
+                Ok(outcome) => {
+                    if !outcome.duplicate {
+                        self.stats.records_in.add(records);
+                        self.stats.bytes_in.add(bytes);
+                    }
+                    Ok(outcome)
+                }
+                Err(error) => {
+                    self.stats.produce_errors.increment();
+                    Err(self.name_partition(error))
+                }
+            };
+        }
         match self.call(PartitionRequest::Produce(checked)).await {
             Ok(PartitionReply::Produced(outcome)) => Ok(outcome),
             Ok(other) => unreachable!("produce is answered with Produced, not {other:?}"),
@@ -489,6 +615,10 @@ impl Partition {
     }
 
     pub async fn reconfigure(&self, config: EffectiveTopicConfig) -> Result<(), BrokerError> {
+        if matches!(self.backend, Backend::Replicated(_)) {
+            // A replicated log takes its settings when its replica opens.
+            return Ok(());
+        }
         self.call(PartitionRequest::Reconfigure(config))
             .await
             .map(|_| ())
@@ -499,6 +629,9 @@ impl Partition {
         &self,
         epoch: i32,
     ) -> Result<Option<(i32, u64)>, BrokerError> {
+        if let Backend::Replicated(log) = &self.backend {
+            return Ok(log.end_offset_for_epoch(epoch));
+        }
         match self
             .call(PartitionRequest::EndOffsetForEpoch(epoch))
             .await?
@@ -649,7 +782,14 @@ impl Partition {
 
     /// Finishes pending work, saves producer state and closes the log.
     pub async fn close(&self) -> Result<(), BrokerError> {
-        match self.owner.close().await {
+        let owner = match &self.backend {
+            Backend::Owner(owner) => owner,
+            Backend::Replicated(log) => {
+                log.close().await;
+                return Ok(());
+            }
+        };
+        match owner.close().await {
             Ok(()) | Err(StorageError::OwnerGone) => Ok(()),
             Err(error) => Err(error.into()),
         }

@@ -72,6 +72,48 @@ pub struct ReplicaView {
     pub lag: Option<u64>,
 }
 
+/// A partition whose log a Raft group in the cluster layer replicates, as this node's replica
+/// of it. Writes are served by the group's leader once it is ready (it applied an entry of its
+/// own term); readers stop at the high watermark, which is the end of the committed entries
+/// and never moves back.
+pub trait ReplicatedLog: Send + Sync + std::fmt::Debug + 'static {
+    /// The partition's data (whole batches, Raft's own control batches included).
+    fn reader(&self) -> sluice_storage::LogReader;
+
+    fn watch_high_watermark(&self) -> watch::Receiver<u64>;
+
+    /// Writes batches (checked: structure and CRC) and answers once they are committed:
+    /// where they landed, or why not — [`BrokerError::NotLeader`] and
+    /// [`BrokerError::LeaderNotReady`] only when nothing was written,
+    /// [`BrokerError::WriteIndeterminate`] when it may have been.
+    fn produce(&self, batches: Bytes) -> LogFuture<'_, crate::ProduceOutcome>;
+
+    /// The leader epoch (Raft term) when this replica leads and is ready to serve.
+    fn ready_epoch(&self) -> Option<i32>;
+
+    /// The leader this replica knows of, and the current epoch.
+    fn leader(&self) -> (Option<NodeId>, i32);
+
+    /// The node this replica is on.
+    fn node(&self) -> NodeId;
+
+    /// Kafka's OffsetForLeaderEpoch from the replicated epochs.
+    fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, u64)>;
+
+    /// Stops the replica (its data stays).
+    fn close(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// What the broker asks of the cluster to open its replica of a partition.
+#[derive(Debug, Clone)]
+pub struct ReplicaRequest {
+    pub group: u32,
+    pub dir: std::path::PathBuf,
+    pub log: sluice_storage::LogConfig,
+    /// Every replica's node, the preferred leader first.
+    pub replicas: Vec<NodeId>,
+}
+
 /// The cluster as a clustered node's broker uses it: where definition changes are committed,
 /// which nodes there are, and where things are placed.
 pub trait ClusterLink: Send + Sync + std::fmt::Debug + 'static {
@@ -85,9 +127,24 @@ pub trait ClusterLink: Send + Sync + std::fmt::Debug + 'static {
     /// The controller group's leader, if one is known.
     fn controller(&self) -> Option<NodeId>;
 
-    /// The node each of partitions `from..to` of the topic incarnation `topic_id` is placed
-    /// on, in order.
-    fn place_partitions(&self, topic_id: Uuid, from: u32, to: u32) -> Vec<NodeId>;
+    /// The replicas of each of partitions `from..to` of the topic incarnation `topic_id`, in
+    /// order, `replication_factor` nodes each (the preferred leader first).
+    fn place_partitions(
+        &self,
+        topic_id: Uuid,
+        from: u32,
+        to: u32,
+        replication_factor: usize,
+    ) -> Result<Vec<Vec<NodeId>>, BrokerError>;
+
+    /// How many nodes new partitions may be placed on now (the live ones).
+    fn live_node_count(&self) -> usize;
+
+    /// Opens this node's replica of a replicated partition.
+    fn open_replica(
+        &self,
+        request: ReplicaRequest,
+    ) -> LogFuture<'_, std::sync::Arc<dyn ReplicatedLog>>;
 
     /// The node the durable queue with id `queue_id` is placed on.
     fn place_queue(&self, queue_id: Uuid) -> NodeId;

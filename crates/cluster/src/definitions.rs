@@ -17,15 +17,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sluice_broker::replication::{
-    ClusterLink, ClusterNode, ForwardFuture, LogFuture, QuorumView, ReplicaView,
+    ClusterLink, ClusterNode, ForwardFuture, LogFuture, QuorumView, ReplicaRequest, ReplicaView,
+    ReplicatedLog,
 };
-use sluice_broker::{Broker, MetadataCommand};
+use sluice_broker::{Broker, MetadataCommand, ProduceOutcome};
 use uuid::Uuid;
 
 use crate::controller::{ControllerCommand, ControllerState};
 use crate::liveness::Liveness;
 use crate::network::{Answer, GroupHandler};
 use crate::node::ControllerNode;
+use crate::partition::replica::{PartitionReplica, ReplicaError, ReplicaSettings, ReplicaSpec};
 use crate::placement::{self, NodeId, PlacementKey};
 use crate::state_machine::{Observer, ObserverFuture};
 
@@ -93,6 +95,113 @@ impl BrokerLink {
     fn node_ids(&self) -> Vec<NodeId> {
         self.node.read_local(|s| s.nodes.keys().copied().collect())
     }
+
+    /// The registered nodes that answer now (this one always does).
+    fn live_nodes(&self) -> Vec<NodeId> {
+        let me = self.node.id();
+        let mut nodes: Vec<NodeId> = self
+            .node_ids()
+            .into_iter()
+            .filter(|&id| id == me || self.liveness.is_live(id))
+            .collect();
+        if nodes.is_empty() {
+            nodes.push(me);
+        }
+        nodes
+    }
+}
+
+/// A partition replica as the broker sees it.
+#[derive(Debug)]
+struct BrokerReplica {
+    replica: Arc<PartitionReplica>,
+}
+
+/// How long a replicated produce waits for its commit before answering "maybe written".
+const PRODUCE_COMMIT_WAIT: Duration = Duration::from_secs(10);
+
+fn epoch(term: u64) -> i32 {
+    i32::try_from(term).unwrap_or(i32::MAX)
+}
+
+impl ReplicatedLog for BrokerReplica {
+    fn reader(&self) -> sluice_storage::LogReader {
+        self.replica.reader()
+    }
+
+    fn watch_high_watermark(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.replica.watch_high_watermark()
+    }
+
+    fn produce(&self, batches: Bytes) -> LogFuture<'_, ProduceOutcome> {
+        Box::pin(async move {
+            match self.replica.produce(batches, PRODUCE_COMMIT_WAIT).await {
+                Ok(produced) => Ok(ProduceOutcome {
+                    base_offset: produced.appended.base_offset,
+                    last_offset: produced.appended.last_offset,
+                    log_append_time_ms: None,
+                    log_start_offset: self.replica.reader().log_start_offset(),
+                    duplicate: produced.duplicate,
+                }),
+                Err(ReplicaError::NotLeader { leader }) => Err(BrokerError::NotLeader {
+                    topic: String::new(),
+                    partition: -1,
+                    leader: leader.map(broker_id),
+                }),
+                Err(ReplicaError::NotReady) => Err(BrokerError::LeaderNotReady {
+                    topic: String::new(),
+                    partition: -1,
+                }),
+                Err(ReplicaError::Refused(error)) => Err(match error.as_ref() {
+                    BrokerError::OutOfOrderSequence {
+                        producer_id,
+                        expected,
+                        received,
+                    } => BrokerError::OutOfOrderSequence {
+                        producer_id: *producer_id,
+                        expected: *expected,
+                        received: *received,
+                    },
+                    BrokerError::InvalidProducerEpoch {
+                        producer_id,
+                        current,
+                        received,
+                    } => BrokerError::InvalidProducerEpoch {
+                        producer_id: *producer_id,
+                        current: *current,
+                        received: *received,
+                    },
+                    // A batch whose header does not parse; the broker checked every batch
+                    // before, so this does not happen.
+                    _ => BrokerError::InvalidProducerBatch { producer_id: -1 },
+                }),
+                Err(error @ (ReplicaError::Indeterminate(_) | ReplicaError::Stopped(_))) => {
+                    Err(BrokerError::WriteIndeterminate(error.to_string()))
+                }
+            }
+        })
+    }
+
+    fn ready_epoch(&self) -> Option<i32> {
+        self.replica.ready_epoch().map(epoch)
+    }
+
+    fn leader(&self) -> (Option<sluice_broker::NodeId>, i32) {
+        let (leader, term) = self.replica.leader();
+        (leader.map(broker_id), epoch(term))
+    }
+
+    fn node(&self) -> sluice_broker::NodeId {
+        broker_id(self.replica.node())
+    }
+
+    fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, u64)> {
+        self.replica.end_offset_for_epoch(epoch)
+    }
+
+    fn close(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.replica.shutdown())
+    }
 }
 
 impl ClusterLink for BrokerLink {
@@ -137,30 +246,76 @@ impl ClusterLink for BrokerLink {
         self.node.metrics().current_leader.map(broker_id)
     }
 
-    fn place_partitions(&self, topic_id: Uuid, from: u32, to: u32) -> Vec<sluice_broker::NodeId> {
+    fn place_partitions(
+        &self,
+        topic_id: Uuid,
+        from: u32,
+        to: u32,
+        replication_factor: usize,
+    ) -> Result<Vec<Vec<sluice_broker::NodeId>>, BrokerError> {
         // New partitions go to the nodes that answer now, as Kafka places them on live brokers.
-        let me = self.node.id();
-        let mut nodes: Vec<NodeId> = self
-            .node_ids()
-            .into_iter()
-            .filter(|&id| id == me || self.liveness.is_live(id))
-            .collect();
-        if nodes.is_empty() {
-            nodes.push(me);
-        }
+        let nodes = self.live_nodes();
         let keys: Vec<PlacementKey> = (from..to)
             .map(|index| PlacementKey::partition(&topic_id, index))
             .collect();
-        match placement::assign(&keys, &nodes, 1) {
-            Ok(assigned) => assigned
+        match placement::assign(&keys, &nodes, replication_factor) {
+            Ok(assigned) => Ok(assigned
                 .into_iter()
-                .map(|replicas| broker_id(replicas.first().copied().unwrap_or(self.node.id())))
-                .collect(),
-            Err(error) => {
+                .map(|replicas| replicas.into_iter().map(broker_id).collect())
+                .collect()),
+            Err(error) if replication_factor == 1 => {
                 tracing::warn!(%error, "cannot place partitions; placing them on this node");
-                vec![broker_id(self.node.id()); (to - from) as usize]
+                Ok(vec![vec![broker_id(self.node.id())]; (to - from) as usize])
             }
+            Err(error) => Err(BrokerError::InvalidReplicationFactor(error.to_string())),
         }
+    }
+
+    fn live_node_count(&self) -> usize {
+        self.live_nodes().len()
+    }
+
+    fn open_replica(&self, request: ReplicaRequest) -> LogFuture<'_, Arc<dyn ReplicatedLog>> {
+        Box::pin(async move {
+            let addresses: std::collections::BTreeMap<NodeId, String> = self.node.read_local(|s| {
+                s.nodes
+                    .values()
+                    .map(|n| (n.id, n.cluster_addr.clone()))
+                    .collect()
+            });
+            let mut members = std::collections::BTreeMap::new();
+            for replica in &request.replicas {
+                let id = NodeId::from(*replica);
+                let address = addresses.get(&id).cloned().ok_or_else(|| {
+                    BrokerError::metadata(
+                        "open a partition replica",
+                        format!("replica node {id} is not registered"),
+                    )
+                })?;
+                members.insert(id, openraft::BasicNode::new(address));
+            }
+            let spec = ReplicaSpec {
+                node: self.node.id(),
+                group: request.group,
+                dir: request.dir.clone(),
+                log_config: request.log,
+                members,
+            };
+            let replica = PartitionReplica::open(
+                spec,
+                self.node.transport().clone(),
+                Arc::clone(self.node.router()),
+                &ReplicaSettings::default(),
+            )
+            .await
+            .map_err(|e| {
+                BrokerError::metadata(
+                    "open a partition replica",
+                    format!("{}: {e}", request.dir.display()),
+                )
+            })?;
+            Ok(Arc::new(BrokerReplica { replica }) as Arc<dyn ReplicatedLog>)
+        })
     }
 
     fn place_queue(&self, queue_id: Uuid) -> sluice_broker::NodeId {

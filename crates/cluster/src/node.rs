@@ -235,6 +235,11 @@ impl ControllerNode {
         &self.transport
     }
 
+    /// The router the node's groups are served through.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
     /// The settings the group runs with.
     pub fn settings(&self) -> &ControllerSettings {
         &self.settings

@@ -31,6 +31,7 @@ fn topic(name: &str, id: u128, partitions: u32, created_ms: i64) -> TopicRecord 
                 leader: 1,
                 replicas: vec![1],
                 leader_epoch: 0,
+                group: 0,
             })
             .collect(),
         config: BTreeMap::from([("retention.ms".to_owned(), "60000".to_owned())]),
@@ -121,6 +122,7 @@ fn command(choice: u8, n: u8) -> ControllerCommand {
                 leader: 1,
                 replicas: vec![1],
                 leader_epoch: 0,
+                group: 0,
             }],
         }),
     }

@@ -36,6 +36,11 @@ pub fn kafka_error(error: &BrokerError) -> KafkaError {
         // The client asks for metadata again and finds the partition's node (or, while that
         // node is down, LEADER_NOT_AVAILABLE).
         BrokerError::NotLeader { .. } => ResponseError::NotLeaderOrFollower,
+        // Nothing was written; the client retries (a new leader is ready within moments).
+        BrokerError::LeaderNotReady { .. } => ResponseError::NotLeaderOrFollower,
+        // The write may still commit: a "maybe persisted" code, so an idempotent producer
+        // retries with the same sequence and the retry is deduplicated.
+        BrokerError::WriteIndeterminate(_) => ResponseError::RequestTimedOut,
         BrokerError::TopicExists(_) => ResponseError::TopicAlreadyExists,
         BrokerError::InvalidTopic { .. } => ResponseError::InvalidTopicException,
         BrokerError::InvalidPartitions(_) => ResponseError::InvalidPartitions,

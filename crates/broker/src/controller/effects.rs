@@ -19,6 +19,7 @@ use crate::error::BrokerError;
 use crate::metadata::{MetadataState, TopicRecord};
 use crate::partition::{Partition, PartitionSpec, partition_dir};
 use crate::producer::ProducerStates;
+use crate::replication::ReplicaRequest;
 use crate::{Shared, Topic, topic_config};
 
 /// Applies `command` to the definitions (persisting it, on the blocking pool: it fsyncs), then
@@ -226,6 +227,90 @@ async fn open_logs(
     .map_err(|e| BrokerError::metadata("open logs", e))?
 }
 
+/// Opens this node's replicas of the replicated partitions `specs` through the cluster.
+async fn open_replicas(
+    shared: &Arc<Shared>,
+    record: &TopicRecord,
+    specs: Vec<PartitionSpec>,
+) -> Result<Vec<Arc<Partition>>, BrokerError> {
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(link) = shared.cluster.get() else {
+        // Before this node has joined its cluster (at start-up): opened once it has
+        // (`open_deferred_replicas`).
+        tracing::debug!(
+            topic = %record.name,
+            count = specs.len(),
+            "replicated partitions wait until this node is in its cluster"
+        );
+        return Ok(Vec::new());
+    };
+    let mut opened = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let placed = &record.partitions[spec.index as usize];
+        let prepared = spec.clone();
+        tokio::task::spawn_blocking(move || Partition::prepare_dir(&prepared))
+            .await
+            .map_err(|e| BrokerError::metadata("prepare a partition directory", e))??;
+        let log = link
+            .open_replica(ReplicaRequest {
+                group: placed.group,
+                dir: spec.dir.clone(),
+                log: spec.config.log.clone(),
+                replicas: placed.replicas.clone(),
+            })
+            .await?;
+        opened.push(Partition::replicated(
+            Arc::clone(&spec.topic),
+            spec.topic_id,
+            spec.index,
+            log,
+        ));
+    }
+    Ok(opened)
+}
+
+/// Opens this node's replicas of replicated partitions that could not be opened before the
+/// node had its cluster link (definitions applied at start-up, or replayed while joining).
+pub(crate) async fn open_deferred_replicas(shared: &Arc<Shared>) {
+    let _applying = shared.applying.lock().await;
+    let here = shared.config.node_id;
+    let records: Vec<TopicRecord> = shared.metadata.state().topics.values().cloned().collect();
+    for record in records {
+        let live = shared.topics.read().get(&record.name).cloned();
+        let Some(live) = live.filter(|live| live.id == record.id) else {
+            continue;
+        };
+        let missing: Vec<PartitionSpec> = specs(shared, &record, 0, record.partitions.len() as u32)
+            .into_iter()
+            .filter(|spec| {
+                let placed = &record.partitions[spec.index as usize];
+                placed.group != 0
+                    && placed.replicas.contains(&here)
+                    && matches!(live.partitions.get(spec.index as usize), Some(None))
+            })
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        match open_replicas(shared, &record, missing).await {
+            Ok(opened) => {
+                let mut partitions = live.partitions.clone();
+                for partition in opened {
+                    let index = partition.index() as usize;
+                    partitions[index] = Some(partition);
+                }
+                let served = topic_from(shared, &record, partitions);
+                shared.topics.write().insert(record.name.clone(), served);
+            }
+            Err(error) => {
+                tracing::error!(topic = %record.name, %error, "cannot open this node's replicas of the topic's partitions");
+            }
+        }
+    }
+}
+
 fn topic_from(
     shared: &Shared,
     record: &TopicRecord,
@@ -236,6 +321,11 @@ fn topic_from(
         id: record.id,
         partitions,
         leaders: record.partitions.iter().map(|p| p.leader).collect(),
+        replicas: record
+            .partitions
+            .iter()
+            .map(|p| p.replicas.clone())
+            .collect(),
         overrides: record.config.clone(),
         config: topic_config::effective(&shared.config.log_defaults, &record.config),
         created_ms: record.created_ms,
@@ -266,22 +356,35 @@ async fn start_partitions(
     let to = to.min(record.partitions.len() as u32);
     if from < to {
         let here = shared.config.node_id;
-        let local: Vec<PartitionSpec> = specs(shared, &record, from, to)
+        let (replicated, single): (Vec<PartitionSpec>, Vec<PartitionSpec>) =
+            specs(shared, &record, from, to)
+                .into_iter()
+                .filter(|spec| {
+                    let placed = &record.partitions[spec.index as usize];
+                    if placed.group == 0 {
+                        placed.leader == here
+                    } else {
+                        placed.replicas.contains(&here)
+                    }
+                })
+                .partition(|spec| record.partitions[spec.index as usize].group != 0);
+        let mut opened = open_logs(shared, single).await?.into_iter().peekable();
+        let mut replicas = open_replicas(shared, &record, replicated)
+            .await?
             .into_iter()
-            .filter(|spec| record.partitions[spec.index as usize].leader == here)
-            .collect();
-        let mut opened = open_logs(shared, local).await?.into_iter().peekable();
+            .peekable();
         for index in from..to {
-            let partition = match opened.next_if(|(spec, _, _)| spec.index == index) {
-                Some((spec, log, producers)) => {
-                    let (partition, task) =
-                        Partition::start(&spec, log, producers, shared.owner_options());
-                    shared
-                        .supervisor
-                        .watch(format!("partition {}-{}", spec.topic, spec.index), task);
-                    Some(partition)
-                }
-                None => None,
+            let partition = if let Some((spec, log, producers)) =
+                opened.next_if(|(spec, _, _)| spec.index == index)
+            {
+                let (partition, task) =
+                    Partition::start(&spec, log, producers, shared.owner_options());
+                shared
+                    .supervisor
+                    .watch(format!("partition {}-{}", spec.topic, spec.index), task);
+                Some(partition)
+            } else {
+                replicas.next_if(|partition| partition.index() == index)
             };
             partitions.push(partition);
         }

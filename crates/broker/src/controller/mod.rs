@@ -17,7 +17,7 @@
 //! cannot be created), the controller commits the command that undoes it and reports the
 //! error: a definition is never left in place without what serves it.
 
-mod effects;
+pub(crate) mod effects;
 mod messaging;
 mod topics;
 

@@ -13,36 +13,78 @@ use crate::limits::Limit;
 use crate::{NewTopic, Shared, Topic, names, topic_config};
 
 /// Records for partitions `from..to` of the topic incarnation `topic_id`, each on the node
-/// `chosen` names (the client's assignments, one per new partition), or else on the node the
-/// cluster places it on (this node when the broker has no cluster).
+/// `chosen` names (the client's assignments, one per new partition), or else on the
+/// `replication_factor` nodes the cluster places it on (this node alone when the broker has
+/// no cluster).
 fn partition_records(
     shared: &Shared,
     topic_id: Uuid,
     from: u32,
     to: u32,
     chosen: Option<&[NodeId]>,
-) -> Vec<PartitionRecord> {
-    let placed = match chosen {
-        Some(chosen) => Some(chosen.to_vec()),
-        None => shared
-            .cluster
-            .get()
-            .map(|link| link.place_partitions(topic_id, from, to)),
+    replication_factor: usize,
+) -> Result<Vec<PartitionRecord>, BrokerError> {
+    let placed: Option<Vec<Vec<NodeId>>> = match chosen {
+        Some(chosen) => Some(chosen.iter().map(|node| vec![*node]).collect()),
+        None => match shared.cluster.get() {
+            Some(link) => Some(link.place_partitions(topic_id, from, to, replication_factor)?),
+            None => None,
+        },
     }
     .filter(|placed| placed.len() == (to - from) as usize);
-    (from..to)
+    Ok((from..to)
         .map(|index| {
-            let node = placed.as_ref().map_or(shared.config.node_id, |placed| {
-                placed[(index - from) as usize]
-            });
+            let replicas = placed
+                .as_ref()
+                .and_then(|placed| placed.get((index - from) as usize))
+                .filter(|replicas| !replicas.is_empty())
+                .cloned()
+                .unwrap_or_else(|| vec![shared.config.node_id]);
             PartitionRecord {
                 index,
-                leader: node,
-                replicas: vec![node],
+                leader: replicas[0],
+                replicas,
                 leader_epoch: 0,
+                group: 0,
             }
         })
-        .collect()
+        .collect())
+}
+
+/// The replication factor a topic is created with: the client's, or 1. A factor above one
+/// needs a cluster with that many live nodes and the cluster's own placement.
+fn replication_factor(
+    shared: &Shared,
+    requested: Option<i16>,
+    manual: bool,
+) -> Result<usize, BrokerError> {
+    let factor = match requested {
+        None | Some(-1) => return Ok(1),
+        Some(factor) if factor >= 1 => factor as usize,
+        Some(other) => {
+            return Err(BrokerError::InvalidReplicationFactor(format!(
+                "replication factor must be at least 1 (or -1 for the default), not {other}"
+            )));
+        }
+    };
+    if factor == 1 {
+        return Ok(1);
+    }
+    let available = shared
+        .cluster
+        .get()
+        .map_or(1, |link| link.live_node_count());
+    if factor > available {
+        return Err(BrokerError::InvalidReplicationFactor(format!(
+            "replication factor: {factor} larger than available brokers: {available}"
+        )));
+    }
+    if manual {
+        return Err(BrokerError::InvalidReplicationFactor(
+            "manual replica assignments are not available for replicated partitions yet".into(),
+        ));
+    }
+    Ok(factor)
 }
 
 /// Refuses a topic growing from `current` to `total` partitions past `kafka.max_partitions_per_topic`
@@ -91,14 +133,11 @@ pub(super) async fn create_topic(
         )));
     }
     check_partition_limits(shared, count, 0)?;
-    match request.replication_factor {
-        None | Some(-1) | Some(1) => {}
-        Some(other) => {
-            return Err(BrokerError::InvalidReplicationFactor(format!(
-                "replication factor {other} is not available: every partition has one copy (on the node it is placed on)"
-            )));
-        }
-    }
+    let factor = replication_factor(
+        shared,
+        request.replication_factor,
+        request.assignments.is_some(),
+    )?;
     let config = topic_config::validate(&request.config)?;
     topic_config::effective(&shared.config.log_defaults, &config)
         .log
@@ -113,7 +152,14 @@ pub(super) async fn create_topic(
     let record = TopicRecord {
         name: request.name.clone(),
         id,
-        partitions: partition_records(shared, id, 0, count, request.assignments.as_deref()),
+        partitions: partition_records(
+            shared,
+            id,
+            0,
+            count,
+            request.assignments.as_deref(),
+            factor,
+        )?,
         config,
         created_ms: shared.clock.now_ms(),
     };
@@ -163,6 +209,16 @@ pub(super) async fn create_partitions(
         )));
     }
     check_partition_limits(shared, total, current)?;
+    // New partitions get as many replicas as the topic's first has.
+    let factor = record
+        .partitions
+        .first()
+        .map_or(1, |p| p.replicas.len().max(1));
+    if factor > 1 && assignments.is_some() {
+        return Err(BrokerError::InvalidReplicationFactor(
+            "manual replica assignments are not available for replicated partitions yet".into(),
+        ));
+    }
     if let Some(chosen) = &assignments
         && chosen.len() != (total - current) as usize
     {
@@ -177,7 +233,14 @@ pub(super) async fn create_partitions(
     }
     let command = MetadataCommand::AddPartitions {
         name: name.to_owned(),
-        partitions: partition_records(shared, record.id, current, total, assignments.as_deref()),
+        partitions: partition_records(
+            shared,
+            record.id,
+            current,
+            total,
+            assignments.as_deref(),
+            factor,
+        )?,
     };
     if let Err(error) = commit(shared, command).await {
         // Partitions cannot be taken back out of a topic: those that failed to open stay

@@ -176,6 +176,11 @@ impl PartitionLog {
         state.entries.get(index)
     }
 
+    /// The largest epoch at or below `epoch` and the offset where it ended.
+    pub fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, u64)> {
+        self.shared.state.lock().log.end_offset_for_epoch(epoch)
+    }
+
     /// Closes the log: writes what is pending and syncs it.
     pub fn close(&self) -> io::Result<()> {
         let state = self.shared.state.lock();

@@ -241,6 +241,17 @@ impl PartitionReplica {
         self.group
     }
 
+    /// The node this replica is on.
+    pub fn node(&self) -> NodeId {
+        self.id
+    }
+
+    /// Kafka's OffsetForLeaderEpoch: the largest epoch at or below `epoch` in this replica's
+    /// log and where it ended.
+    pub fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, u64)> {
+        self.log.end_offset_for_epoch(epoch)
+    }
+
     pub fn raft(&self) -> &PartitionRaft {
         &self.raft
     }

@@ -59,14 +59,8 @@ fn resolve(ctx: &Context, request: &FetchRequest, version: i16) -> Vec<Wanted> {
                     .get(partition.partition)
                     .cloned()
                     .map_err(|e| kafka_error(&e))?;
-                // A single node never changes leader: epoch 0 is the only current one.
-                match partition.current_leader_epoch {
-                    epoch if epoch > 0 => Err(KafkaError::new(
-                        ResponseError::UnknownLeaderEpoch,
-                        "leader epoch is newer than the broker's",
-                    )),
-                    _ => Ok(found),
-                }
+                super::check_leader_epoch(&found, partition.current_leader_epoch)?;
+                Ok(found)
             });
             wanted.push(Wanted {
                 topic_position,

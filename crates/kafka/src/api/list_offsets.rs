@@ -75,18 +75,15 @@ pub(crate) fn handle(
                         .partition(topic.name.as_str(), p.partition_index)
                         .map_err(|error| kafka_error(&error))
                         .and_then(|partition| {
-                            if p.current_leader_epoch > 0 {
-                                return Err(KafkaError::new(
-                                    ResponseError::UnknownLeaderEpoch,
-                                    "leader epoch is newer than the broker's",
-                                ));
-                            }
+                            super::check_leader_epoch(&partition, p.current_leader_epoch)?;
                             lookup(&partition, p.timestamp)
+                                .map(|found| (found, partition.leader_epoch()))
                         });
                     match result {
-                        Ok((offset, timestamp)) => {
-                            response.with_offset(offset).with_timestamp(timestamp)
-                        }
+                        Ok(((offset, timestamp), epoch)) => response
+                            .with_offset(offset)
+                            .with_timestamp(timestamp)
+                            .with_leader_epoch(if version >= 4 { epoch } else { -1 }),
                         Err(error) => response
                             .with_error_code(error.code)
                             .with_offset(-1)
@@ -112,17 +109,15 @@ pub(crate) async fn offset_for_leader_epoch(
         for p in &topic.partitions {
             let entry = EpochEndOffset::default().with_partition(p.partition);
             let result = match ctx.broker.partition(topic.topic.as_str(), p.partition) {
-                Ok(partition) if p.current_leader_epoch > 0 => {
-                    drop(partition);
-                    Err(KafkaError::new(
-                        ResponseError::UnknownLeaderEpoch,
-                        "leader epoch is newer than the broker's",
-                    ))
+                Ok(partition) => {
+                    match super::check_leader_epoch(&partition, p.current_leader_epoch) {
+                        Ok(()) => partition
+                            .end_offset_for_epoch(p.leader_epoch)
+                            .await
+                            .map_err(|e| kafka_error(&e)),
+                        Err(error) => Err(error),
+                    }
                 }
-                Ok(partition) => partition
-                    .end_offset_for_epoch(p.leader_epoch)
-                    .await
-                    .map_err(|e| kafka_error(&e)),
                 Err(error) => Err(kafka_error(&error)),
             };
             partitions.push(match result {

@@ -78,12 +78,44 @@ fn broker_entries(brokers: &[Reachable]) -> Vec<MetadataResponseBroker> {
         .collect()
 }
 
-/// Partition `index`'s leader as clients are told: its node while it is live, else none
-/// (LEADER_NOT_AVAILABLE until it returns).
-fn leader_of(topic: &Topic, index: usize, live: &[Reachable]) -> Result<i32, i16> {
-    match topic.leaders.get(index) {
-        Some(&leader) if live.iter().any(|b| b.id == leader as i32) => Ok(leader as i32),
+/// Partition `index` as clients are told: its leader while that node is live, else an error
+/// (LEADER_NOT_AVAILABLE until it returns); its leader epoch; its replicas, and those in
+/// sync (the live ones).
+struct Described {
+    leader: Result<i32, i16>,
+    epoch: i32,
+    replicas: Vec<BrokerId>,
+    isr: Vec<BrokerId>,
+}
+
+fn describe(topic: &Topic, index: usize, live: &[Reachable]) -> Described {
+    let is_live = |id: sluice_broker::NodeId| live.iter().any(|b| b.id == id as i32);
+    let Some(view) = topic.partition_view(index) else {
+        return Described {
+            leader: Err(ResponseError::LeaderNotAvailable.code()),
+            epoch: 0,
+            replicas: Vec::new(),
+            isr: Vec::new(),
+        };
+    };
+    let leader = match view.leader {
+        Some(leader) if is_live(leader) => Ok(leader as i32),
         _ => Err(ResponseError::LeaderNotAvailable.code()),
+    };
+    Described {
+        leader,
+        epoch: view.epoch,
+        isr: view
+            .replicas
+            .iter()
+            .filter(|&&id| is_live(id))
+            .map(|&id| BrokerId(id as i32))
+            .collect(),
+        replicas: view
+            .replicas
+            .iter()
+            .map(|&id| BrokerId(id as i32))
+            .collect(),
     }
 }
 
@@ -95,21 +127,18 @@ fn topic_entry(
     let partitions = (0..topic.partition_count())
         .map(|index| {
             let entry = MetadataResponsePartition::default().with_partition_index(index as i32);
-            match leader_of(topic, index, live) {
+            let described = describe(topic, index, live);
+            let entry = entry
+                .with_leader_epoch(described.epoch)
+                .with_replica_nodes(described.replicas);
+            match described.leader {
                 Ok(leader) => entry
                     .with_leader_id(BrokerId(leader))
-                    .with_leader_epoch(0)
-                    .with_replica_nodes(vec![BrokerId(leader)])
-                    .with_isr_nodes(vec![BrokerId(leader)]),
-                Err(code) => {
-                    let placed = topic.leaders.get(index).map(|&l| BrokerId(l as i32));
-                    entry
-                        .with_error_code(code)
-                        .with_leader_id(BrokerId(-1))
-                        .with_leader_epoch(0)
-                        .with_replica_nodes(placed.into_iter().collect())
-                        .with_isr_nodes(Vec::new())
-                }
+                    .with_isr_nodes(described.isr),
+                Err(code) => entry
+                    .with_error_code(code)
+                    .with_leader_id(BrokerId(-1))
+                    .with_isr_nodes(Vec::new()),
             }
         })
         .collect();
@@ -293,27 +322,18 @@ pub(crate) fn describe_topic_partitions(
         room -= taken;
         let partitions = (first..first + taken)
             .map(|index| {
+                let described = describe(&topic, index, &live);
                 let entry = DescribeTopicPartitionsResponsePartition::default()
                     .with_partition_index(index as i32)
-                    .with_leader_epoch(0)
+                    .with_leader_epoch(described.epoch)
                     .with_eligible_leader_replicas(Some(Vec::new()))
-                    .with_last_known_elr(Some(Vec::new()));
-                match leader_of(&topic, index, &live) {
+                    .with_last_known_elr(Some(Vec::new()))
+                    .with_replica_nodes(described.replicas);
+                match described.leader {
                     Ok(leader) => entry
                         .with_leader_id(BrokerId(leader))
-                        .with_replica_nodes(vec![BrokerId(leader)])
-                        .with_isr_nodes(vec![BrokerId(leader)]),
-                    Err(code) => entry
-                        .with_error_code(code)
-                        .with_leader_id(BrokerId(-1))
-                        .with_replica_nodes(
-                            topic
-                                .leaders
-                                .get(index)
-                                .map(|&l| BrokerId(l as i32))
-                                .into_iter()
-                                .collect(),
-                        ),
+                        .with_isr_nodes(described.isr),
+                    Err(code) => entry.with_error_code(code).with_leader_id(BrokerId(-1)),
                 }
             })
             .collect();

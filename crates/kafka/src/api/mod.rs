@@ -87,6 +87,33 @@ pub(crate) fn topic_name(value: &str) -> TopicName {
     TopicName(text(value))
 }
 
+/// Kafka's leader-epoch fencing of a request naming the client's `current` epoch of a
+/// partition (-1: not given): FENCED_LEADER_EPOCH if it is older than the partition's,
+/// UNKNOWN_LEADER_EPOCH if it is newer.
+pub(crate) fn check_leader_epoch(
+    partition: &sluice_broker::Partition,
+    current: i32,
+) -> Result<(), crate::errors::KafkaError> {
+    use kafka_protocol::error::ResponseError;
+    if current < 0 {
+        return Ok(());
+    }
+    let epoch = partition.leader_epoch();
+    if current < epoch {
+        Err(crate::errors::KafkaError::new(
+            ResponseError::FencedLeaderEpoch,
+            format!("leader epoch {current} is older than the partition's {epoch}"),
+        ))
+    } else if current > epoch {
+        Err(crate::errors::KafkaError::new(
+            ResponseError::UnknownLeaderEpoch,
+            format!("leader epoch {current} is newer than the partition's {epoch}"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 pub(crate) fn node(ctx: &Context) -> BrokerId {
     BrokerId(ctx.broker.node_id() as i32)
 }

@@ -1,0 +1,155 @@
+"""Replicated partitions on three real `sluice` processes (127.0.0.2-4): a topic created with
+replication factor 3 is a Raft group per partition whose log is the partition's log.
+
+An idempotent acks=all producer (librdkafka, five requests in flight) writes while the
+partition's leader is SIGKILLed and restarted three times: every acknowledged record is read
+back exactly once at the offset it was acknowledged with, in the order it was produced, and the
+producer never raises a fatal error.
+"""
+
+import threading
+import time
+
+from test_cluster import FORM_TIMEOUT, live_brokers, nodes_factory, settled, wait_for  # noqa: F401
+
+TOPIC = "replicated"
+KILLS = 3
+
+
+def partition_state(admin, topic=TOPIC):
+    """(leader id, replica ids, isr ids) of partition 0, or None while it has no leader (or no
+    broker answered: one may be down)."""
+    from confluent_kafka import KafkaException
+
+    try:
+        metadata = admin.list_topics(topic, timeout=5)
+    except KafkaException:
+        return None
+    described = metadata.topics.get(topic)
+    if described is None or described.error is not None or 0 not in described.partitions:
+        return None
+    partition = described.partitions[0]
+    if partition.leader < 0:
+        return None
+    return partition.leader, sorted(partition.replicas), sorted(partition.isrs)
+
+
+def node_of(cluster, admin, broker_id):
+    """The test's node whose Kafka listener is broker `broker_id`."""
+    from confluent_kafka import KafkaException
+
+    def find():
+        try:
+            brokers = admin.list_topics(timeout=5).brokers
+        except KafkaException:
+            return None
+        if broker_id not in brokers:
+            return None
+        address = f"{brokers[broker_id].host}:{brokers[broker_id].port}"
+        return next(node for node in cluster.nodes if node.kafka == address)
+
+    return wait_for(f"broker {broker_id} in the metadata", find, timeout=30)
+
+
+def test_acknowledged_records_survive_leader_kills_exactly_once_and_in_order(nodes_factory):
+    from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    cluster = nodes_factory(3).start()
+    a, b, c = cluster.nodes
+    wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
+    # Any node may take the CreateTopics: each must count the three live.
+    wait_for("three live brokers", lambda: all(live_brokers(n) == 3 for n in cluster.nodes), timeout=20)
+    bootstrap = ",".join(node.kafka for node in cluster.nodes)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(TOPIC, num_partitions=1, replication_factor=3)])[TOPIC].result(30)
+    state = wait_for("a leader with three replicas", lambda: partition_state(admin), timeout=30)
+    assert len(state[1]) == 3, state
+
+    acked = {}  # value -> offset
+    failures = []
+    fatal = []
+    stop = threading.Event()
+
+    def delivered(error, message):
+        if error is not None:
+            failures.append(str(error))
+        else:
+            acked[int(message.value())] = message.offset()
+
+    def errored(error):
+        if error.fatal():
+            fatal.append(str(error))
+
+    producer = Producer({
+        "bootstrap.servers": bootstrap,
+        "acks": "all",
+        "enable.idempotence": True,
+        "max.in.flight.requests.per.connection": 5,
+        "linger.ms": 2,
+        "message.timeout.ms": 60000,
+        "topic.metadata.refresh.interval.ms": 1000,
+        "error_cb": errored,
+    })
+    sent = [0]
+
+    def produce():
+        while not stop.is_set():
+            try:
+                producer.produce(TOPIC, value=str(sent[0]).encode(), partition=0, on_delivery=delivered)
+                sent[0] += 1
+            except BufferError:
+                pass
+            producer.poll(0.001 if sent[0] % 50 else 0.01)
+
+    writer = threading.Thread(target=produce)
+    writer.start()
+    try:
+        for round in range(KILLS):
+            time.sleep(2)
+            leader_id = wait_for("a leader", lambda: partition_state(admin), timeout=30)[0]
+            leader = node_of(cluster, admin, leader_id)
+            before = len(acked)
+            leader.kill()
+            # Another replica takes over and acknowledges writes again.
+            wait_for(f"a new leader after kill {round + 1}",
+                     lambda: (s := partition_state(admin)) and s[0] != leader_id, timeout=30)
+            wait_for(f"writes acknowledged after kill {round + 1}", lambda: len(acked) > before + 100,
+                     timeout=30)
+            leader.launch()
+            leader.wait_ready(FORM_TIMEOUT)
+        time.sleep(2)
+    finally:
+        stop.set()
+        writer.join(timeout=30)
+    remaining = producer.flush(60)
+    assert remaining == 0, f"{remaining} records never acknowledged"
+    assert not fatal, fatal
+    assert not failures, failures[:5]
+    assert len(acked) == sent[0] and len(acked) > 1000, (len(acked), sent[0])
+
+    # Read everything back from the current leader: each acknowledged value exactly once, at
+    # its acknowledged offset, in the order produced.
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "checker",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(TOPIC, 0, 0)])
+    read = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(read) < len(acked) and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None:
+                continue
+            if message.error():
+                assert message.error().code() == KafkaError._PARTITION_EOF, message.error()
+                continue
+            read.append((int(message.value()), message.offset()))
+    finally:
+        consumer.close()
+    values = [value for value, _ in read]
+    assert len(values) == len(set(values)), "a record was read twice"
+    assert sorted(values) == values, "records out of the order they were produced"
+    offsets = dict(read)
+    assert set(offsets) == set(acked), (len(offsets), len(acked))
+    wrong = [(v, acked[v], offsets[v]) for v in acked if offsets[v] != acked[v]]
+    assert not wrong, wrong[:5]
