@@ -61,6 +61,10 @@ def test_acknowledged_records_survive_leader_kills_exactly_once_and_in_order(nod
     # Any node may take the CreateTopics: each must count the three live.
     wait_for("three live brokers", lambda: all(live_brokers(n) == 3 for n in cluster.nodes), timeout=20)
     bootstrap = ",".join(node.kafka for node in cluster.nodes)
+    # One cluster to clients: every node reports the same cluster id.
+    ids = {AdminClient({"bootstrap.servers": node.kafka}).list_topics(timeout=10).cluster_id
+           for node in cluster.nodes}
+    assert len(ids) == 1, ids
     admin = AdminClient({"bootstrap.servers": bootstrap})
     admin.create_topics([NewTopic(TOPIC, num_partitions=1, replication_factor=3)])[TOPIC].result(30)
     state = wait_for("a leader with three replicas", lambda: partition_state(admin), timeout=30)

@@ -361,8 +361,14 @@ impl Broker {
         self.shared.refusals.count(limit);
     }
 
-    pub fn cluster_id(&self) -> &str {
-        self.shared.metadata.cluster_id()
+    /// The cluster's id as clients are told it: the cluster's, once this node is in one, so
+    /// every node reports the same; before that, this data directory's own.
+    pub fn cluster_id(&self) -> String {
+        self.shared
+            .cluster
+            .get()
+            .and_then(|link| link.cluster_id())
+            .unwrap_or_else(|| self.shared.metadata.cluster_id().to_owned())
     }
 
     /// Every definition, as this node has applied them.

@@ -124,6 +124,9 @@ pub trait ClusterLink: Send + Sync + std::fmt::Debug + 'static {
     /// Every node of the cluster, this one included.
     fn nodes(&self) -> Vec<ClusterNode>;
 
+    /// The cluster's id, once this node knows it.
+    fn cluster_id(&self) -> Option<String>;
+
     /// The controller group's leader, if one is known.
     fn controller(&self) -> Option<NodeId>;
 

@@ -246,6 +246,10 @@ impl ClusterLink for BrokerLink {
         self.node.metrics().current_leader.map(broker_id)
     }
 
+    fn cluster_id(&self) -> Option<String> {
+        self.node.read_local(|s| s.cluster_id.clone())
+    }
+
     fn place_partitions(
         &self,
         topic_id: Uuid,

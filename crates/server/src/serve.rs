@@ -44,12 +44,14 @@ pub fn run(config: Config, ready_file: Option<PathBuf>) -> ExitCode {
 }
 
 fn init_tracing(config: &Config) {
-    // The consensus library reports every election and membership step at info; its warnings
-    // are what an operator needs, unless they ask for more.
+    // The consensus library reports every election and membership step at info, and warns of
+    // every heartbeat to a peer that is down (ten a second, for every group: with replicated
+    // partitions, thousands), so only its errors are logged unless an operator asks for more;
+    // Sluice logs what matters of peers and leaders itself.
     let level = if config.log.level.contains("openraft") {
         config.log.level.clone()
     } else {
-        format!("{},openraft=warn", config.log.level)
+        format!("{},openraft=error", config.log.level)
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

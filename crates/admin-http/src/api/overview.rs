@@ -109,7 +109,7 @@ pub async fn overview(State(state): State<Arc<AdminState>>) -> Json<Overview> {
     Json(Overview {
         version: env!("CARGO_PKG_VERSION"),
         node_id: broker.node_id(),
-        cluster_id: broker.cluster_id().to_owned(),
+        cluster_id: broker.cluster_id(),
         uptime_ms: broker.uptime().as_millis() as u64,
         listeners: state.listeners.clone(),
         totals: Totals {

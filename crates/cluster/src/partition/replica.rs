@@ -486,8 +486,22 @@ async fn watch_applied(
     log: PartitionLog,
     high_watermark: watch::Sender<u64>,
 ) {
+    let mut known_leader = None;
     loop {
-        let applied = metrics.borrow_watched().last_applied;
+        let (applied, leader, term) = {
+            let metrics = metrics.borrow_watched();
+            (
+                metrics.last_applied,
+                metrics.current_leader,
+                metrics.current_term,
+            )
+        };
+        if known_leader != Some((leader, term)) {
+            if leader.is_some() {
+                tracing::info!(dir = %log.dir().display(), leader, term, "partition leader");
+            }
+            known_leader = Some((leader, term));
+        }
         if let Some(applied) = applied {
             match log.entry_loc(applied.index) {
                 Ok(Some(loc)) => {
