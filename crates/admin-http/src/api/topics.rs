@@ -66,6 +66,9 @@ pub struct CreateTopic {
     pub name: String,
     /// Defaults to the broker's `kafka.num_partitions`.
     pub partitions: Option<u32>,
+    /// Copies of each partition, on that many nodes, replicated by a Raft group per
+    /// partition; defaults to 1.
+    pub replication_factor: Option<i16>,
     /// Topic config overrides, for example `{"retention.ms": "3600000"}`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
@@ -169,7 +172,7 @@ pub async fn create(
             NewTopic {
                 name: request.name.clone(),
                 partition_count: request.partitions,
-                replication_factor: None,
+                replication_factor: request.replication_factor,
                 config: request.config,
                 assignments: None,
             },

@@ -22,6 +22,9 @@ pub(super) enum TopicCommand {
         name: String,
         #[arg(long, short = 'p')]
         partitions: Option<u32>,
+        /// Copies of each partition (on that many nodes of the cluster); default 1.
+        #[arg(long, short = 'r')]
+        replication_factor: Option<i16>,
         /// A config override, `key=value`; repeat for more.
         #[arg(long = "config", short = 'c', value_parser = key_value)]
         config: Vec<(String, String)>,
@@ -92,6 +95,7 @@ pub(super) fn topic(command: TopicCommand, connection: &Connection) -> Result<()
         TopicCommand::Create {
             name,
             partitions,
+            replication_factor,
             config,
         } => {
             let config: serde_json::Map<String, Value> = config
@@ -101,7 +105,12 @@ pub(super) fn topic(command: TopicCommand, connection: &Connection) -> Result<()
             let created = api.send(
                 "POST",
                 "/api/topics",
-                Some(&json!({"name": name, "partitions": partitions, "config": config})),
+                Some(&json!({
+                    "name": name,
+                    "partitions": partitions,
+                    "replication_factor": replication_factor,
+                    "config": config,
+                })),
             )?;
             if json_out {
                 print_json(&created)
