@@ -2,9 +2,10 @@
 replication factor 3 is a Raft group per partition whose log is the partition's log.
 
 An idempotent acks=all producer (librdkafka, five requests in flight) writes while the
-partition's leader is SIGKILLed and restarted three times: every acknowledged record is read
-back exactly once at the offset it was acknowledged with, in the order it was produced, and the
-producer never raises a fatal error.
+partition's leader is SIGKILLed and restarted three times, or frozen (SIGSTOP) past the
+election timeout and thawed: every acknowledged record is read back exactly once at the offset
+it was acknowledged with, in the order it was produced, and the producer never raises a fatal
+error.
 """
 
 import threading
@@ -51,12 +52,36 @@ def node_of(cluster, admin, broker_id):
     return wait_for(f"broker {broker_id} in the metadata", find, timeout=30)
 
 
+def read_back(bootstrap, topic, expected):
+    """(value, offset) of every record of partition 0, read from the start by a fresh consumer
+    until `expected` records arrived or a minute passed."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"checker-{topic}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    read = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(read) < expected and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None:
+                continue
+            if message.error():
+                assert message.error().code() == KafkaError._PARTITION_EOF, message.error()
+                continue
+            read.append((int(message.value()), message.offset()))
+    finally:
+        consumer.close()
+    return read
+
+
 def test_acknowledged_records_survive_leader_kills_exactly_once_and_in_order(nodes_factory):
-    from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+    from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
     cluster = nodes_factory(3).start()
-    a, b, c = cluster.nodes
+    a = cluster.nodes[0]
     wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
     # Any node may take the CreateTopics: each must count the three live.
     wait_for("three live brokers", lambda: all(live_brokers(n) == 3 for n in cluster.nodes), timeout=20)
@@ -134,22 +159,7 @@ def test_acknowledged_records_survive_leader_kills_exactly_once_and_in_order(nod
 
     # Read everything back from the current leader: each acknowledged value exactly once, at
     # its acknowledged offset, in the order produced.
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "checker",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    consumer.assign([TopicPartition(TOPIC, 0, 0)])
-    read = []
-    deadline = time.monotonic() + 60
-    try:
-        while len(read) < len(acked) and time.monotonic() < deadline:
-            message = consumer.poll(0.5)
-            if message is None:
-                continue
-            if message.error():
-                assert message.error().code() == KafkaError._PARTITION_EOF, message.error()
-                continue
-            read.append((int(message.value()), message.offset()))
-    finally:
-        consumer.close()
+    read = read_back(bootstrap, TOPIC, len(acked))
     values = [value for value, _ in read]
     assert len(values) == len(set(values)), "a record was read twice"
     assert sorted(values) == values, "records out of the order they were produced"
@@ -157,3 +167,74 @@ def test_acknowledged_records_survive_leader_kills_exactly_once_and_in_order(nod
     assert set(offsets) == set(acked), (len(offsets), len(acked))
     wrong = [(v, acked[v], offsets[v]) for v in acked if offsets[v] != acked[v]]
     assert not wrong, wrong[:5]
+
+
+def test_a_frozen_leader_commits_nothing_and_nothing_acknowledged_is_lost(nodes_factory):
+    """SIGSTOP the partition's leader past the election timeout while an idempotent producer
+    keeps writing, then SIGCONT: another replica leads meanwhile, the old leader commits nothing
+    in its old term (its stale appends are truncated), and every acknowledged record is read
+    back exactly once at its acknowledged offset."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    cluster = nodes_factory(3).start()
+    wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
+    wait_for("three live brokers", lambda: all(live_brokers(n) == 3 for n in cluster.nodes), timeout=20)
+    bootstrap = ",".join(node.kafka for node in cluster.nodes)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic("frozen", num_partitions=1, replication_factor=3)])["frozen"].result(30)
+    old_leader_id = wait_for("a leader", lambda: partition_state(admin, "frozen"), timeout=30)[0]
+    old_leader = node_of(cluster, admin, old_leader_id)
+
+    acked, failures, fatal = {}, [], []
+    producer = Producer({
+        "bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
+        "max.in.flight.requests.per.connection": 5, "linger.ms": 2, "message.timeout.ms": 60000,
+        # A frozen broker keeps its sockets open: without shorter timeouts the client waits a
+        # minute for it before it asks for metadata elsewhere (as it would with Kafka).
+        "request.timeout.ms": 5000, "socket.timeout.ms": 5000,
+        "topic.metadata.refresh.interval.ms": 1000,
+        "error_cb": lambda e: fatal.append(str(e)) if e.fatal() else None,
+    })
+
+    def delivered(error, message):
+        if error is not None:
+            failures.append(str(error))
+        else:
+            acked[int(message.value())] = message.offset()
+
+    def send(start, count):
+        for value in range(start, start + count):
+            while True:
+                try:
+                    producer.produce("frozen", value=str(value).encode(), partition=0, on_delivery=delivered)
+                    break
+                except BufferError:
+                    producer.poll(0.01)
+            producer.poll(0)
+
+    send(0, 2000)
+    assert producer.flush(30) == 0
+    old_leader.freeze()
+    try:
+        # Other admin clients ask the two live nodes.
+        others = ",".join(n.kafka for n in cluster.nodes if n is not old_leader)
+        live_admin = AdminClient({"bootstrap.servers": others})
+        wait_for("another leader while the old one is frozen",
+                 lambda: (s := partition_state(live_admin, "frozen")) and s[0] != old_leader_id, timeout=30)
+        send(2000, 2000)
+        # Delivery reports arrive through poll().
+        wait_for("writes acknowledged by the new leader",
+                 lambda: producer.poll(0.1) >= 0 and len(acked) >= 4000, timeout=60)
+    finally:
+        old_leader.thaw()
+    send(4000, 2000)
+    assert producer.flush(60) == 0
+    assert not fatal, fatal
+    assert not failures, failures[:5]
+    assert len(acked) == 6000
+    read = read_back(bootstrap, "frozen", len(acked))
+    values = [value for value, _ in read]
+    assert len(values) == len(set(values)), "a record was read twice"
+    assert sorted(values) == values, "records out of the order they were produced"
+    assert dict(read) == acked
