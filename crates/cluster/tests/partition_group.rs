@@ -130,6 +130,25 @@ async fn start_cut(id: u64, dir: &Path, address: &str, cut: Cut) -> Replica {
     }
 }
 
+/// Starts a replica in each of `dirs` (by node id) and forms the group of all of them.
+async fn start_group(dirs: &BTreeMap<u64, PathBuf>, cut: &Cut) -> BTreeMap<u64, Replica> {
+    let mut replicas = BTreeMap::new();
+    for (id, dir) in dirs {
+        replicas.insert(*id, start_cut(*id, dir, "127.0.0.1:0", cut.clone()).await);
+    }
+    let members: BTreeMap<u64, BasicNode> = replicas
+        .iter()
+        .map(|(id, r)| (*id, BasicNode::new(r.address.clone())))
+        .collect();
+    let first = *replicas.keys().next().expect("a replica");
+    replicas[&first]
+        .raft
+        .initialize(members)
+        .await
+        .expect("initialized");
+    replicas
+}
+
 async fn stop(replica: Replica) -> String {
     replica.raft.shutdown().await.expect("raft stops");
     replica.transport.shutdown();
@@ -294,19 +313,7 @@ async fn three_replicas_hold_the_same_bytes_and_a_stopped_one_catches_up_from_th
     let dirs: BTreeMap<u64, PathBuf> = (1..=3)
         .map(|id| (id, root.path().join(format!("n{id}"))))
         .collect();
-    let mut replicas = BTreeMap::new();
-    for (id, dir) in &dirs {
-        replicas.insert(*id, start(*id, dir, "127.0.0.1:0").await);
-    }
-    let members: BTreeMap<u64, BasicNode> = replicas
-        .iter()
-        .map(|(id, r)| (*id, BasicNode::new(r.address.clone())))
-        .collect();
-    replicas[&1]
-        .raft
-        .initialize(members)
-        .await
-        .expect("initialized");
+    let mut replicas = start_group(&dirs, &Cut::default()).await;
 
     write(&replicas, 0, 200).await;
     assert_identical(&replicas).await;
@@ -377,20 +384,10 @@ async fn three_replicas_hold_the_same_bytes_and_a_stopped_one_catches_up_from_th
 async fn a_cut_off_leader_commits_nothing_and_its_tail_is_replaced_when_healed() {
     let root = tempfile::tempdir().expect("tempdir");
     let cut = Cut::default();
-    let mut replicas = BTreeMap::new();
-    for id in 1..=3 {
-        let dir = root.path().join(format!("n{id}"));
-        replicas.insert(id, start_cut(id, &dir, "127.0.0.1:0", cut.clone()).await);
-    }
-    let members: BTreeMap<u64, BasicNode> = replicas
-        .iter()
-        .map(|(id, r)| (*id, BasicNode::new(r.address.clone())))
+    let dirs: BTreeMap<u64, PathBuf> = (1..=3)
+        .map(|id| (id, root.path().join(format!("n{id}"))))
         .collect();
-    replicas[&1]
-        .raft
-        .initialize(members)
-        .await
-        .expect("initialized");
+    let mut replicas = start_group(&dirs, &cut).await;
     write(&replicas, 0, 50).await;
     assert_identical(&replicas).await;
 

@@ -260,6 +260,16 @@ async fn a_truncated_tail_is_replaced_by_entries_of_an_older_term() {
     );
 }
 
+/// Cuts `bytes` off the end of a file, as a crash before its last write reached the disk does.
+fn cut_tail(path: &Path, bytes: u64) {
+    let len = std::fs::metadata(path).expect("stat").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    file.set_len(len - bytes).expect("cut");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_the_two_files_is_repaired_on_open() {
     let dir = tempfile::tempdir().unwrap();
@@ -270,14 +280,7 @@ async fn a_crash_between_the_two_files_is_repaired_on_open() {
         log.close().unwrap();
     }
     // The last entry's batches were written, its index record was not: the batches go.
-    let entries = path.join("raft-entries");
-    let len = std::fs::metadata(&entries).unwrap().len();
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&entries)
-        .unwrap();
-    file.set_len(len - 25).unwrap();
-    drop(file);
+    cut_tail(&path.join("raft-entries"), 25);
     {
         let mut log = PartitionLog::open(&path, config()).unwrap();
         let read = all_entries(&mut log).await;
@@ -289,14 +292,7 @@ async fn a_crash_between_the_two_files_is_repaired_on_open() {
         log.close().unwrap();
     }
     // The segment lost its tail, the index did not: the index records without data go.
-    let segment = path.join(format!("{:020}.log", 0));
-    let len = std::fs::metadata(&segment).unwrap().len();
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&segment)
-        .unwrap();
-    file.set_len(len - 5).unwrap();
-    drop(file);
+    cut_tail(&path.join(format!("{:020}.log", 0)), 5);
     let mut log = PartitionLog::open(&path, config()).unwrap();
     let read = all_entries(&mut log).await;
     assert_eq!(read.len(), 5);
