@@ -117,13 +117,8 @@ impl PartitionHandler {
     fn produce(&mut self, log: &mut Log, checked: CheckedBatches, now_ms: i64) -> Handled<Reply> {
         // Structure and CRC were checked by the caller; here the batches meet the state.
         let headers: Vec<BatchHeader> = checked.headers().copied().collect();
-        for header in &headers {
-            if let batch::Compression::Unknown(id) = header.compression() {
-                return Handled::now(Err(BrokerError::UnsupportedCompression(id)));
-            }
-            if header.is_transactional() || header.is_control() {
-                return Handled::now(Err(BrokerError::TransactionsUnsupported));
-            }
+        if let Err(error) = refuse_unsupported(&headers) {
+            return Handled::now(Err(error));
         }
         if let Some(first) = headers.first() {
             match self.producers.check(first) {
@@ -209,6 +204,23 @@ impl PartitionHandler {
             info.last_offset + 1,
         )
     }
+}
+
+/// Refuses batches the broker cannot take from a producer: an unknown compression, and
+/// transactional or control batches (transactions are not supported yet; control batches are
+/// the broker's own).
+fn refuse_unsupported<'a>(
+    headers: impl IntoIterator<Item = &'a BatchHeader>,
+) -> Result<(), BrokerError> {
+    for header in headers {
+        if let batch::Compression::Unknown(id) = header.compression() {
+            return Err(BrokerError::UnsupportedCompression(id));
+        }
+        if header.is_transactional() || header.is_control() {
+            return Err(BrokerError::TransactionsUnsupported);
+        }
+    }
+    Ok(())
 }
 
 /// Sets the log-append-time attribute and max timestamp of every batch, recomputing the CRC.
@@ -571,13 +583,9 @@ impl Partition {
             }
         };
         if let Backend::Replicated(log) = &self.backend {
-            for header in checked.headers() {
-                if let batch::Compression::Unknown(id) = header.compression() {
-                    return Err(BrokerError::UnsupportedCompression(id));
-                }
-                if header.is_transactional() || header.is_control() {
-                    return Err(BrokerError::TransactionsUnsupported);
-                }
+            if let Err(error) = refuse_unsupported(checked.headers()) {
+                self.stats.produce_errors.increment();
+                return Err(error);
             }
             let records = checked.record_count();
             let bytes = checked.bytes().len() as u64;

@@ -228,14 +228,25 @@ async fn write(replicas: &BTreeMap<u64, Replica>, from: u64, count: u64) {
     write_to(&replicas[&leader], from, count).await;
 }
 
+/// Writes through `leader`; a write it refused before appending (its lease lapsed for a moment
+/// on a busy machine: openraft's `ForwardToLeader`, nothing written) is sent again, as a
+/// client would.
 async fn write_to(leader: &Replica, from: u64, count: u64) {
     let raft = &leader.raft;
     let mut last_end = 0;
     for tag in from..from + count {
-        let reply = raft
-            .client_write(Batches(batch(tag)))
-            .await
-            .expect("committed");
+        let mut attempts = 0;
+        let reply = loop {
+            match raft.client_write(Batches(batch(tag))).await {
+                Err(openraft::errors::RaftError::APIError(
+                    openraft::errors::ClientWriteError::ForwardToLeader(_),
+                )) if attempts < 100 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => break other.expect("committed"),
+            }
+        };
         let appended = reply.data;
         assert_eq!(appended.last_offset - appended.base_offset, 4);
         assert!(appended.base_offset >= last_end, "offsets go up");

@@ -361,9 +361,13 @@ impl PartitionReplica {
         let producer = first.producer_id;
         let last_sequence = first.last_sequence();
         let mut sequencer = self.sequencer.lock().await;
+        // Answered proposals are done (the machine knows what they wrote), and a producer with
+        // none in flight is forgotten: the map holds only what is in flight.
+        sequencer.in_flight.retain(|_, in_flight| {
+            in_flight.retain(|f| f.outcome.borrow().is_none());
+            !in_flight.is_empty()
+        });
         let in_flight = sequencer.in_flight.entry(producer).or_default();
-        // Answered proposals are done: the machine knows what they wrote.
-        in_flight.retain(|f| f.outcome.borrow().is_none());
         // A retry of a batch in flight waits for the first one's answer.
         if let Some(same) = in_flight.iter().find(|f| {
             f.epoch == first.producer_epoch
