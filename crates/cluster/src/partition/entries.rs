@@ -264,15 +264,13 @@ impl EntryIndex {
         if index >= self.end_index() {
             return Ok(());
         }
-        let first_base = match self.get(index.max(self.first_index))? {
-            Some(loc) if index <= self.first_index => Some(loc.base_offset),
-            _ => None,
-        };
-        self.count = index.saturating_sub(self.first_index);
-        if let Some(base) = first_base {
+        if index <= self.first_index {
             // Nothing is left: the next entry starts where the first removed one did.
-            self.write_header(self.first_index, base)?;
+            if let Some(first) = self.get(self.first_index)? {
+                self.write_header(self.first_index, first.base_offset)?;
+            }
         }
+        self.count = index.saturating_sub(self.first_index);
         self.set_len()?;
         self.sync()
     }

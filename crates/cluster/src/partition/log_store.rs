@@ -181,11 +181,12 @@ impl PartitionLog {
         self.shared.state.lock().log.end_offset_for_epoch(epoch)
     }
 
-    /// Closes the log: writes what is pending and syncs it.
+    /// Closes the log: syncs the segments (whatever the fsync policy, as a clean shutdown
+    /// should) and then the entry index.
     pub fn close(&self) -> io::Result<()> {
-        let state = self.shared.state.lock();
-        state.entries.sync()?;
-        Ok(())
+        let mut state = self.shared.state.lock();
+        state.log.flush().map_err(storage)?;
+        state.entries.sync()
     }
 }
 
