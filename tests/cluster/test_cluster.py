@@ -215,7 +215,7 @@ def test_definitions_made_on_one_node_are_on_every_node_and_survive_restarts(nod
     a, b, c = cluster.nodes
     wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
 
-    cli(b, "topic", "create", "orders", "--partitions", "12")
+    cli(b, "topic", "create", "orders", "--partitions", "12", "--replication-factor", "1")
     cli(a, "queue", "declare", "jobs")
     cli(c, "exchange", "declare", "events", "--type", "topic")
     cli(a, "binding", "add", "events", "jobs", "--routing-key", "job.*")
@@ -269,7 +269,7 @@ def test_the_controller_survives_its_leaders_sigkill_and_a_restarted_node_catche
 
     # Definitions still change, through either survivor.
     for i in range(60):
-        cli(survivors[i % 2], "topic", "create", f"t{i:02}")
+        cli(survivors[i % 2], "topic", "create", f"t{i:02}", "--replication-factor", "1")
 
     leader.start(timeout=FORM_TIMEOUT)
 
@@ -328,7 +328,7 @@ def test_kafka_clients_reach_every_partition_through_any_node(nodes_factory):
     wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
     # New partitions go to the nodes that answer: wait until B counts the others live.
     wait_for("three live brokers", lambda: live_brokers(b) == 3, timeout=20)
-    cli(b, "topic", "create", "orders", "--partitions", "12")
+    cli(b, "topic", "create", "orders", "--partitions", "12", "--replication-factor", "1")
 
     if shutil.which("kcat"):
         # Each node counts the others live once they answer its pings (twice a second).
@@ -443,7 +443,7 @@ def test_a_node_that_is_down_takes_its_partitions_away_until_it_returns(nodes_fa
     a, b, c = cluster.nodes
     wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
     wait_for("three live brokers", lambda: live_brokers(a) == 3, timeout=20)
-    cli(a, "topic", "create", "events", "--partitions", "6")
+    cli(a, "topic", "create", "events", "--partitions", "6", "--replication-factor", "1")
 
     def metadata():
         out = subprocess.run(["kcat", "-b", a.kafka, "-L", "-J", "-t", "events"], capture_output=True,

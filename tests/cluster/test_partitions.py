@@ -201,9 +201,9 @@ def test_a_cut_off_leader_is_replaced_and_catches_up_when_healed(netns_cluster):
 
             # The majority changes definitions; the cut-off node cannot.
             name = f"made-while-cut-{round}"
-            made = majority[round % 2].cli("topic", "create", name)
+            made = majority[round % 2].cli("topic", "create", name, "--replication-factor", "1")
             assert made.returncode == 0, made.stderr
-            refused = victim.cli("topic", "create", f"lost-{round}", timeout=60)
+            refused = victim.cli("topic", "create", f"lost-{round}", "--replication-factor", "1", timeout=60)
             assert refused.returncode != 0, "a node without a quorum changed a definition"
         finally:
             nets.heal(victim.index)
@@ -231,7 +231,7 @@ def test_a_frozen_leader_is_replaced_and_steps_down_when_thawed(netns_cluster):
                 leaders = {v["leader"] for v in views if v}
                 return len(leaders) == 1 and None not in leaders and leader_id not in leaders
             wait_for("a leader among the others", new_leader, ROUND_TIMEOUT)
-            made = others[0].cli("topic", "create", f"made-while-frozen-{round}")
+            made = others[0].cli("topic", "create", f"made-while-frozen-{round}", "--replication-factor", "1")
             assert made.returncode == 0, made.stderr
         finally:
             victim.process.send_signal(signal.SIGCONT)

@@ -238,3 +238,62 @@ def test_a_frozen_leader_commits_nothing_and_nothing_acknowledged_is_lost(nodes_
     assert len(values) == len(set(values)), "a record was read twice"
     assert sorted(values) == values, "records out of the order they were produced"
     assert dict(read) == acked
+
+
+def test_topics_default_to_three_replicas_and_min_insync_replicas_refuses_unwritten(nodes_factory):
+    """A topic created without a factor on three nodes has three replicas. With
+    min.insync.replicas 3 and a follower killed, an acks=all produce is refused with
+    NOT_ENOUGH_REPLICAS and nothing is written, while acks=1 is answered; lowering the topic's
+    min.insync.replicas to 2 lets acks=all through again."""
+    from confluent_kafka import KafkaError, Producer
+    from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
+
+    cluster = nodes_factory(3, env={"SLUICE_KAFKA__REPLICA_LAG_TIME_MAX_MS": "1500"}).start()
+    wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
+    wait_for("three live brokers", lambda: all(live_brokers(n) == 3 for n in cluster.nodes), timeout=20)
+    bootstrap = ",".join(node.kafka for node in cluster.nodes)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic("defaulted", num_partitions=2)])["defaulted"].result(30)
+    assert len(wait_for("a leader", lambda: partition_state(admin, "defaulted"), timeout=30)[1]) == 3
+    admin.create_topics([NewTopic("strict", num_partitions=1, replication_factor=3,
+                                  config={"min.insync.replicas": "3"})])["strict"].result(30)
+    leader_id, replicas, _ = wait_for("a leader", lambda: partition_state(admin, "strict"), timeout=30)
+    assert len(replicas) == 3
+
+    def produce(acks, value):
+        """The delivery error code of one record (None when acknowledged) and its offset."""
+        producer = Producer({"bootstrap.servers": bootstrap, "acks": acks, "retries": 0,
+                             "enable.idempotence": False, "message.timeout.ms": 20000})
+        outcome = []
+        producer.produce("strict", value=value, partition=0,
+                         on_delivery=lambda e, m: outcome.append((e.code() if e else None, m.offset())))
+        producer.flush(30)
+        assert outcome, "no delivery report"
+        return outcome[0]
+
+    code, first = produce("all", b"all three")
+    assert code is None, code
+    follower = node_of(cluster, admin, next(r for r in replicas if r != leader_id))
+    follower.kill()
+    time.sleep(2.5)  # past replica.lag.time.max.ms: the follower is out of sync
+    code, _ = produce("all", b"refused")
+    assert code == KafkaError.NOT_ENOUGH_REPLICAS, code
+    code, offset = produce("1", b"leader only")
+    # The refused record took no offset (Raft's own entries take offsets too, but no leader
+    # changed here).
+    assert code is None and offset == first + 1, (code, first, offset)
+
+    # Asked of the live nodes (a client bootstrapped from the killed one may pick it).
+    live = AdminClient({"bootstrap.servers": ",".join(n.kafka for n in cluster.nodes if n is not follower)})
+    resource = ConfigResource("topic", "strict", incremental_configs=[
+        ConfigEntry("min.insync.replicas", "2", incremental_operation=AlterConfigOpType.SET)])
+    live.incremental_alter_configs([resource])[resource].result(30)
+    code = None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the new setting reaches the leader through the controller
+        code, offset = produce("all", b"two of three")
+        if code is None:
+            break
+        assert code == KafkaError.NOT_ENOUGH_REPLICAS, code
+        time.sleep(0.2)
+    assert code is None and offset == first + 2, (code, first, offset)

@@ -25,6 +25,17 @@ pub enum BrokerError {
     /// A replicated write whose outcome is unknown: it may still be committed.
     #[error("the write may or may not have been committed: {0}")]
     WriteIndeterminate(String),
+    /// An acks=all write refused before it was written: fewer in-sync replicas than the
+    /// topic's `min.insync.replicas`.
+    #[error(
+        "partition {partition} of topic {topic:?} has {in_sync} in-sync replicas, fewer than min.insync.replicas ({required})"
+    )]
+    NotEnoughReplicas {
+        topic: String,
+        partition: i32,
+        in_sync: usize,
+        required: usize,
+    },
     #[error("topic {0:?} already exists")]
     TopicExists(String),
     #[error("invalid topic name {name:?}: {reason}")]

@@ -111,6 +111,15 @@ pub struct BrokerConfig {
     pub max_partitions_per_topic: u32,
     /// Most partitions of all topics together.
     pub max_partitions: u32,
+    /// Replicas of a topic created without a factor; `None`: the smaller of 3 and the
+    /// cluster's nodes (1 alone).
+    pub default_replication_factor: Option<u16>,
+    /// In-sync replicas an acks=all produce needs, for topics that do not set
+    /// `min.insync.replicas`.
+    pub min_insync_replicas: u32,
+    /// A follower that has not answered its leader for this long is out of sync (Kafka's
+    /// `replica.lag.time.max.ms`).
+    pub replica_lag_time_max: Duration,
 }
 
 impl BrokerConfig {
@@ -136,6 +145,9 @@ impl BrokerConfig {
             disk_free_limit_bytes: 50_000_000,
             max_partitions_per_topic: MAX_PARTITIONS_PER_TOPIC,
             max_partitions: MAX_PARTITIONS,
+            default_replication_factor: None,
+            min_insync_replicas: 1,
+            replica_lag_time_max: Duration::from_secs(30),
         }
     }
 }
@@ -228,7 +240,8 @@ pub struct NewTopic {
     pub name: String,
     /// `None` for the broker default.
     pub partition_count: Option<u32>,
-    /// `None` for the broker default (1); more needs a cluster with that many live nodes.
+    /// `None` for the broker default (`default_replication_factor`); more than 1 needs a
+    /// cluster with that many live nodes.
     pub replication_factor: Option<i16>,
     pub config: BTreeMap<String, String>,
     /// The node of each partition, by index, as the client chose them (Kafka's manual
@@ -412,6 +425,12 @@ impl Broker {
                 live: true,
             }],
         }
+    }
+
+    /// The replication factor of a topic created without one: `default_replication_factor`,
+    /// or the smaller of 3 and the cluster's nodes (1 alone).
+    pub fn default_replication_factor(&self) -> usize {
+        controller::default_replication_factor(&self.shared)
     }
 
     /// The controller's leader: this node when the broker has no cluster.
@@ -601,7 +620,7 @@ impl Broker {
             .topic(name)
             .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))?;
         Ok(topic_config::describe(
-            &self.shared.config.log_defaults,
+            &self.shared.config,
             &topic.overrides,
         ))
     }

@@ -14,6 +14,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use sluice_storage::batch::{self, BatchHeader};
@@ -26,7 +28,7 @@ use uuid::Uuid;
 
 use crate::error::BrokerError;
 use crate::producer::{ProducerStates, SequenceCheck};
-use crate::replication::ReplicatedLog;
+use crate::replication::{ProduceOptions, ReplicatedLog};
 use crate::topic_config::{EffectiveTopicConfig, TimestampType};
 
 const TOPIC_ID_FILE: &str = "topic-id";
@@ -325,8 +327,29 @@ enum Backend {
     /// This node's owner task: the partition's only copy.
     Owner(OwnerHandle<PartitionRequest, Reply>),
     /// A Raft group of the cluster, of which this node holds a replica.
-    Replicated(Arc<dyn ReplicatedLog>),
+    Replicated(Arc<dyn ReplicatedLog>, ReplicationSettings),
 }
+
+/// How a replicated partition acknowledges writes: the topic's `min.insync.replicas` (which
+/// a configuration change updates) and the broker's `replica.lag.time.max.ms`.
+#[derive(Debug)]
+pub struct ReplicationSettings {
+    min_insync_replicas: AtomicU32,
+    replica_lag: Duration,
+}
+
+impl ReplicationSettings {
+    pub fn new(min_insync_replicas: u32, replica_lag: Duration) -> Self {
+        Self {
+            min_insync_replicas: AtomicU32::new(min_insync_replicas),
+            replica_lag,
+        }
+    }
+}
+
+/// How long a replicated acks=all produce waits for its commit when the request names no
+/// time.
+pub const PRODUCE_COMMIT_WAIT: Duration = Duration::from_secs(30);
 
 /// Everything needed to open a partition.
 #[derive(Debug, Clone)]
@@ -449,6 +472,7 @@ impl Partition {
         topic_id: Uuid,
         index: u32,
         log: Arc<dyn ReplicatedLog>,
+        settings: ReplicationSettings,
     ) -> Arc<Self> {
         Arc::new(Self {
             stats: Arc::new(PartitionStats::default()),
@@ -457,14 +481,14 @@ impl Partition {
             index,
             reader: log.reader(),
             high_watermark: log.watch_high_watermark(),
-            backend: Backend::Replicated(log),
+            backend: Backend::Replicated(log, settings),
         })
     }
 
     /// Whether this node serves the partition's reads and writes now: always for a single
     /// copy; for a replicated one, while its replica leads and is ready.
     pub fn serving(&self) -> Result<(), BrokerError> {
-        let Backend::Replicated(log) = &self.backend else {
+        let Backend::Replicated(log, _) = &self.backend else {
             return Ok(());
         };
         if log.ready_epoch().is_some() {
@@ -497,6 +521,14 @@ impl Partition {
                 topic: self.topic.to_string(),
                 partition: self.index as i32,
             },
+            BrokerError::NotEnoughReplicas {
+                in_sync, required, ..
+            } => BrokerError::NotEnoughReplicas {
+                topic: self.topic.to_string(),
+                partition: self.index as i32,
+                in_sync,
+                required,
+            },
             other => other,
         }
     }
@@ -506,7 +538,7 @@ impl Partition {
     pub fn leader_epoch(&self) -> i32 {
         match &self.backend {
             Backend::Owner(_) => 0,
-            Backend::Replicated(log) => log.ready_epoch().unwrap_or_else(|| log.leader().1),
+            Backend::Replicated(log, _) => log.ready_epoch().unwrap_or_else(|| log.leader().1),
         }
     }
 
@@ -514,7 +546,7 @@ impl Partition {
     pub fn replica_leader(&self) -> Option<(Option<crate::NodeId>, i32)> {
         match &self.backend {
             Backend::Owner(_) => None,
-            Backend::Replicated(log) => Some(log.leader()),
+            Backend::Replicated(log, _) => Some(log.leader()),
         }
     }
 
@@ -555,7 +587,7 @@ impl Partition {
     async fn call(&self, request: PartitionRequest) -> Result<PartitionReply, BrokerError> {
         let owner = match &self.backend {
             Backend::Owner(owner) => owner,
-            Backend::Replicated(_) => {
+            Backend::Replicated(..) => {
                 return Err(BrokerError::PolicyViolation(format!(
                     "partition {} of topic {:?} is replicated, and this operation is not available for replicated partitions yet",
                     self.index, self.topic
@@ -575,6 +607,19 @@ impl Partition {
     /// partition check in parallel while its owner task only writes. The size limit is the
     /// topic's, which the owner applies.
     pub async fn produce(&self, batches: Bytes) -> Result<ProduceOutcome, BrokerError> {
+        self.produce_acks(batches, -1, PRODUCE_COMMIT_WAIT).await
+    }
+
+    /// [`Self::produce`] with Kafka's `acks` and the request's `timeout`: a replicated
+    /// partition answers acks=1 (and 0) once its leader has appended, acks=all once committed
+    /// and only while `min.insync.replicas` replicas are in sync. A single copy answers every
+    /// acks once appended (and synced, under `fsync = always`).
+    pub async fn produce_acks(
+        &self,
+        batches: Bytes,
+        acks: i16,
+        timeout: Duration,
+    ) -> Result<ProduceOutcome, BrokerError> {
         let checked = match CheckedBatches::check(batches, usize::MAX) {
             Ok(checked) => checked,
             Err(error) => {
@@ -582,14 +627,20 @@ impl Partition {
                 return Err(error.into());
             }
         };
-        if let Backend::Replicated(log) = &self.backend {
+        if let Backend::Replicated(log, settings) = &self.backend {
             if let Err(error) = refuse_unsupported(checked.headers()) {
                 self.stats.produce_errors.increment();
                 return Err(error);
             }
             let records = checked.record_count();
             let bytes = checked.bytes().len() as u64;
-            return match log.produce(checked.bytes().clone()).await {
+            let options = ProduceOptions {
+                leader_only: acks != -1,
+                min_insync_replicas: settings.min_insync_replicas.load(Ordering::Relaxed) as usize,
+                replica_lag: settings.replica_lag,
+                timeout,
+            };
+            return match log.produce(checked.bytes().clone(), options).await {
                 Ok(outcome) => {
                     if !outcome.duplicate {
                         self.stats.records_in.add(records);
@@ -623,8 +674,11 @@ impl Partition {
     }
 
     pub async fn reconfigure(&self, config: EffectiveTopicConfig) -> Result<(), BrokerError> {
-        if matches!(self.backend, Backend::Replicated(_)) {
-            // A replicated log takes its settings when its replica opens.
+        if let Backend::Replicated(_, settings) = &self.backend {
+            // A replicated log takes its log settings when its replica opens.
+            settings
+                .min_insync_replicas
+                .store(config.min_insync_replicas, Ordering::Relaxed);
             return Ok(());
         }
         self.call(PartitionRequest::Reconfigure(config))
@@ -637,7 +691,7 @@ impl Partition {
         &self,
         epoch: i32,
     ) -> Result<Option<(i32, u64)>, BrokerError> {
-        if let Backend::Replicated(log) = &self.backend {
+        if let Backend::Replicated(log, _) = &self.backend {
             return Ok(log.end_offset_for_epoch(epoch));
         }
         match self
@@ -792,7 +846,7 @@ impl Partition {
     pub async fn close(&self) -> Result<(), BrokerError> {
         let owner = match &self.backend {
             Backend::Owner(owner) => owner,
-            Backend::Replicated(log) => {
+            Backend::Replicated(log, _) => {
                 log.close().await;
                 return Ok(());
             }

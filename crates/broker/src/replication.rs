@@ -82,11 +82,15 @@ pub trait ReplicatedLog: Send + Sync + std::fmt::Debug + 'static {
 
     fn watch_high_watermark(&self) -> watch::Receiver<u64>;
 
-    /// Writes batches (checked: structure and CRC) and answers once they are committed:
-    /// where they landed, or why not — [`BrokerError::NotLeader`] and
-    /// [`BrokerError::LeaderNotReady`] only when nothing was written,
+    /// Writes batches (checked: structure and CRC) and answers as `options` ask: where they
+    /// landed, or why not — [`BrokerError::NotLeader`], [`BrokerError::LeaderNotReady`] and
+    /// [`BrokerError::NotEnoughReplicas`] only when nothing was written,
     /// [`BrokerError::WriteIndeterminate`] when it may have been.
-    fn produce(&self, batches: Bytes) -> LogFuture<'_, crate::ProduceOutcome>;
+    fn produce(
+        &self,
+        batches: Bytes,
+        options: ProduceOptions,
+    ) -> LogFuture<'_, crate::ProduceOutcome>;
 
     /// The leader epoch (Raft term) when this replica leads and is ready to serve.
     fn ready_epoch(&self) -> Option<i32>;
@@ -102,6 +106,33 @@ pub trait ReplicatedLog: Send + Sync + std::fmt::Debug + 'static {
 
     /// Stops the replica (its data stays).
     fn close(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// How a replicated write is acknowledged (Kafka's acks and the topic's settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProduceOptions {
+    /// acks=1 (and 0): answered once the leader has appended. Otherwise once committed.
+    pub leader_only: bool,
+    /// acks=all is refused, unwritten, when fewer replicas than this are in sync.
+    pub min_insync_replicas: usize,
+    /// A follower that has not answered the leader for this long is out of sync (Kafka's
+    /// `replica.lag.time.max.ms`).
+    pub replica_lag: Duration,
+    /// How long the answer is waited for before it is "maybe written" (the request's
+    /// timeout).
+    pub timeout: Duration,
+}
+
+impl ProduceOptions {
+    /// acks=all with no in-sync requirement beyond the quorum's, waiting `timeout`.
+    pub fn all(timeout: Duration) -> Self {
+        Self {
+            leader_only: false,
+            min_insync_replicas: 1,
+            replica_lag: Duration::from_secs(30),
+            timeout,
+        }
+    }
 }
 
 /// What the broker asks of the cluster to open its replica of a partition.

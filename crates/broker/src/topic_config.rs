@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use sluice_storage::{FsyncPolicy, LogConfig};
 
+use crate::BrokerConfig;
 use crate::error::BrokerError;
 
 /// How a batch's timestamps are set.
@@ -25,6 +26,8 @@ pub enum TimestampType {
 pub struct EffectiveTopicConfig {
     pub log: LogConfig,
     pub timestamp_type: TimestampType,
+    /// Replicas that must be in sync for an acks=all produce to a replicated partition.
+    pub min_insync_replicas: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +109,7 @@ const DEFS: &[ConfigDef] = &[
     ConfigDef {
         name: "min.insync.replicas",
         kind: ConfigKind::Int,
-        documentation: "Replicas that must acknowledge an acks=all produce (a single node always has one).",
+        documentation: "In-sync replicas (the leader included) an acks=all produce needs, or it is refused with NOT_ENOUGH_REPLICAS before it is written.",
     },
     ConfigDef {
         name: "compression.type",
@@ -213,13 +216,13 @@ fn optional(value: i64) -> Option<i64> {
     (value >= 0).then_some(value)
 }
 
-/// The settings a topic's partitions run with: defaults overlaid with the topic's overrides.
-/// Overrides must have been validated.
+/// The settings a topic's partitions run with: the broker's defaults overlaid with the
+/// topic's overrides. Overrides must have been validated.
 pub fn effective(
-    defaults: &LogConfig,
+    broker: &BrokerConfig,
     overrides: &BTreeMap<String, String>,
 ) -> EffectiveTopicConfig {
-    let mut log = defaults.clone();
+    let mut log = broker.log_defaults.clone();
     let long = |key: &str| overrides.get(key).and_then(|v| v.parse::<i64>().ok());
     if let Some(ms) = long("retention.ms") {
         log.retention_ms = optional(ms);
@@ -252,15 +255,19 @@ pub fn effective(
         Some("LogAppendTime") => TimestampType::LogAppendTime,
         _ => TimestampType::CreateTime,
     };
+    let min_insync_replicas = long("min.insync.replicas")
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(broker.min_insync_replicas);
     EffectiveTopicConfig {
         log,
         timestamp_type,
+        min_insync_replicas,
     }
 }
 
 /// Every key with its effective value, for DescribeConfigs and the admin API.
-pub fn describe(defaults: &LogConfig, overrides: &BTreeMap<String, String>) -> Vec<ConfigEntry> {
-    let effective = effective(defaults, overrides);
+pub fn describe(broker: &BrokerConfig, overrides: &BTreeMap<String, String>) -> Vec<ConfigEntry> {
+    let effective = effective(broker, overrides);
     let log = &effective.log;
     DEFS.iter()
         .map(|def| {
@@ -285,7 +292,7 @@ pub fn describe(defaults: &LogConfig, overrides: &BTreeMap<String, String>) -> V
                     FsyncPolicy::Interval { interval_ms } => interval_ms.to_string(),
                     FsyncPolicy::Never => i64::MAX.to_string(),
                 },
-                "min.insync.replicas" => "1".to_owned(),
+                "min.insync.replicas" => effective.min_insync_replicas.to_string(),
                 "compression.type" => "producer".to_owned(),
                 other => unreachable!("DEFS and this match list the same keys: {other}"),
             };
@@ -314,7 +321,7 @@ mod tests {
 
     #[test]
     fn overrides_map_onto_the_log() {
-        let defaults = LogConfig::default();
+        let defaults = BrokerConfig::new("/unused");
         let config = effective(
             &defaults,
             &overrides(&[
@@ -331,6 +338,9 @@ mod tests {
         assert_eq!(config.log.fsync, FsyncPolicy::Always);
         assert_eq!(config.timestamp_type, TimestampType::LogAppendTime);
         assert!(config.log.validate().is_ok());
+        assert_eq!(config.min_insync_replicas, 1);
+        let two = effective(&defaults, &overrides(&[("min.insync.replicas", "2")]));
+        assert_eq!(two.min_insync_replicas, 2);
     }
 
     #[test]
@@ -356,7 +366,10 @@ mod tests {
 
     #[test]
     fn describe_marks_overrides() {
-        let entries = describe(&LogConfig::default(), &overrides(&[("retention.ms", "5")]));
+        let entries = describe(
+            &BrokerConfig::new("/unused"),
+            &overrides(&[("retention.ms", "5")]),
+        );
         let retention = entries.iter().find(|e| e.name == "retention.ms").unwrap();
         assert_eq!(retention.value, "5");
         assert!(!retention.is_default);

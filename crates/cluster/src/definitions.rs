@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sluice_broker::replication::{
-    ClusterLink, ClusterNode, ForwardFuture, LogFuture, QuorumView, ReplicaRequest, ReplicaView,
-    ReplicatedLog,
+    ClusterLink, ClusterNode, ForwardFuture, LogFuture, ProduceOptions, QuorumView, ReplicaRequest,
+    ReplicaView, ReplicatedLog,
 };
 use sluice_broker::{Broker, MetadataCommand, ProduceOutcome};
 use uuid::Uuid;
@@ -27,7 +27,9 @@ use crate::controller::{ControllerCommand, ControllerState};
 use crate::liveness::Liveness;
 use crate::network::{Answer, GroupHandler};
 use crate::node::ControllerNode;
-use crate::partition::replica::{PartitionReplica, ReplicaError, ReplicaSettings, ReplicaSpec};
+use crate::partition::replica::{
+    Acks, PartitionReplica, ReplicaError, ReplicaSettings, ReplicaSpec,
+};
 use crate::placement::{self, NodeId, PlacementKey};
 use crate::state_machine::{Observer, ObserverFuture};
 
@@ -117,9 +119,6 @@ struct BrokerReplica {
     replica: Arc<PartitionReplica>,
 }
 
-/// How long a replicated produce waits for its commit before answering "maybe written".
-const PRODUCE_COMMIT_WAIT: Duration = Duration::from_secs(10);
-
 fn epoch(term: u64) -> i32 {
     i32::try_from(term).unwrap_or(i32::MAX)
 }
@@ -133,9 +132,17 @@ impl ReplicatedLog for BrokerReplica {
         self.replica.watch_high_watermark()
     }
 
-    fn produce(&self, batches: Bytes) -> LogFuture<'_, ProduceOutcome> {
+    fn produce(&self, batches: Bytes, options: ProduceOptions) -> LogFuture<'_, ProduceOutcome> {
         Box::pin(async move {
-            match self.replica.produce(batches, PRODUCE_COMMIT_WAIT).await {
+            let acks = if options.leader_only {
+                Acks::Leader
+            } else {
+                Acks::All {
+                    min_insync: options.min_insync_replicas,
+                    lag: options.replica_lag,
+                }
+            };
+            match self.replica.produce(batches, acks, options.timeout).await {
                 Ok(produced) => Ok(ProduceOutcome {
                     base_offset: produced.appended.base_offset,
                     last_offset: produced.appended.last_offset,
@@ -152,6 +159,14 @@ impl ReplicatedLog for BrokerReplica {
                     topic: String::new(),
                     partition: -1,
                 }),
+                Err(ReplicaError::NotEnoughReplicas { in_sync, required }) => {
+                    Err(BrokerError::NotEnoughReplicas {
+                        topic: String::new(),
+                        partition: -1,
+                        in_sync,
+                        required,
+                    })
+                }
                 Err(ReplicaError::Refused(error)) => Err(match error.as_ref() {
                     BrokerError::OutOfOrderSequence {
                         producer_id,

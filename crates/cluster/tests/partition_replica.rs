@@ -1,7 +1,9 @@
 //! Replicas of one partition, each on its own transport: the leader's write path (ready only
 //! after its term's first entry, idempotent producers sequenced against committed and
 //! in-flight state), followers refusing writes, the high watermark, and a failover in which the
-//! producer's retry is answered with its original offsets and its next batch continues.
+//! producer's retry is answered with its original offsets and its next batch continues;
+//! writes that queue up combined into one entry, acks=1 answered at the leader's append, and
+//! acks=all refused unwritten while fewer than min.insync.replicas are in sync.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use openraft::BasicNode;
+use openraft::type_config::async_runtime::WatchReceiver;
 use sluice_cluster::network::Router;
 use sluice_cluster::partition::replica::{
-    PartitionReplica, ReplicaError, ReplicaSettings, ReplicaSpec,
+    Acks, PartitionReplica, ReplicaError, ReplicaSettings, ReplicaSpec,
 };
 use sluice_cluster::transport::{Transport, TransportConfig};
 use sluice_storage::record::BatchBuilder;
@@ -21,6 +24,11 @@ use tokio::net::TcpListener;
 
 const GROUP: u32 = 7;
 const WAIT: Duration = Duration::from_secs(5);
+/// acks=all with no in-sync requirement beyond the quorum.
+const ALL: Acks = Acks::All {
+    min_insync: 1,
+    lag: Duration::from_secs(30),
+};
 
 struct Node {
     replica: Arc<PartitionReplica>,
@@ -118,7 +126,7 @@ async fn writes_go_through_a_ready_leader_and_an_idempotent_producer_survives_fa
     // Followers refuse, naming the leader; nothing is written.
     for (id, node) in &nodes {
         if *id != leader {
-            match node.replica.produce(batch(None, 1), WAIT).await {
+            match node.replica.produce(batch(None, 1), ALL, WAIT).await {
                 Err(ReplicaError::NotLeader { leader: named }) => {
                     assert!(named.is_none() || named == Some(leader));
                 }
@@ -129,7 +137,7 @@ async fn writes_go_through_a_ready_leader_and_an_idempotent_producer_survives_fa
 
     let plain = nodes[&leader]
         .replica
-        .produce(batch(None, 3), WAIT)
+        .produce(batch(None, 3), ALL, WAIT)
         .await
         .expect("committed");
     assert!(!plain.duplicate);
@@ -146,7 +154,7 @@ async fn writes_go_through_a_ready_leader_and_an_idempotent_producer_survives_fa
         .map(|i| {
             let replica = nodes[&leader].replica.clone();
             let bytes = batch(Some((9, i * 2)), 2);
-            async move { replica.produce(bytes, WAIT).await }
+            async move { replica.produce(bytes, ALL, WAIT).await }
         })
         .collect();
     // Polled in order, so they are sequenced in order, as one connection's requests are.
@@ -160,7 +168,7 @@ async fn writes_go_through_a_ready_leader_and_an_idempotent_producer_survives_fa
     }
     let retry = nodes[&leader]
         .replica
-        .produce(batch(Some((9, 4)), 2), WAIT)
+        .produce(batch(Some((9, 4)), 2), ALL, WAIT)
         .await
         .expect("a retry is acknowledged");
     assert!(retry.duplicate);
@@ -169,7 +177,7 @@ async fn writes_go_through_a_ready_leader_and_an_idempotent_producer_survives_fa
     assert!(matches!(
         nodes[&leader]
             .replica
-            .produce(batch(Some((9, 20)), 1), WAIT)
+            .produce(batch(Some((9, 20)), 1), ALL, WAIT)
             .await,
         Err(ReplicaError::Refused(_))
     ));
@@ -179,8 +187,8 @@ async fn writes_go_through_a_ready_leader_and_an_idempotent_producer_survives_fa
     let replica = nodes[&leader].replica.clone();
     let before = replica.high_watermark();
     let (first, again) = tokio::join!(
-        replica.produce(batch(Some((9, 10)), 2), WAIT),
-        replica.produce(batch(Some((9, 10)), 2), WAIT)
+        replica.produce(batch(Some((9, 10)), 2), ALL, WAIT),
+        replica.produce(batch(Some((9, 10)), 2), ALL, WAIT)
     );
     let (first, again) = (first.expect("committed"), again.expect("committed"));
     assert_eq!(first.appended, again.appended);
@@ -198,20 +206,170 @@ async fn writes_go_through_a_ready_leader_and_an_idempotent_producer_survives_fa
     let new_leader = ready_leader(&nodes).await;
     let retry = nodes[&new_leader]
         .replica
-        .produce(batch(Some((9, 10)), 2), WAIT)
+        .produce(batch(Some((9, 10)), 2), ALL, WAIT)
         .await
         .expect("the retry is acknowledged by the new leader");
     assert!(retry.duplicate);
     assert_eq!(retry.appended, acked[5].appended);
     let next = nodes[&new_leader]
         .replica
-        .produce(batch(Some((9, 12)), 2), WAIT)
+        .produce(batch(Some((9, 12)), 2), ALL, WAIT)
         .await
         .expect("the next batch");
     assert!(!next.duplicate);
     assert!(next.epoch > epoch);
     assert!(next.appended.base_offset > acked[5].appended.last_offset);
     assert!(nodes[&new_leader].replica.high_watermark() >= hw_before);
+
+    for (_, node) in std::mem::take(&mut nodes) {
+        stop(node).await;
+    }
+}
+
+/// The record value at `offset` in `replica`'s log.
+fn value_at(replica: &PartitionReplica, offset: u64) -> Vec<u8> {
+    let read = replica.reader().read(offset, 1 << 20, true).expect("read");
+    let mut at = 0;
+    while at < read.bytes.len() {
+        let header = sluice_storage::BatchHeader::parse(&read.bytes[at..]).expect("a header");
+        let end = at + header.total_bytes();
+        if (header.base_offset as u64..=header.last_offset() as u64).contains(&offset) {
+            let records = sluice_storage::record::decode(&read.bytes[at..end]).expect("records");
+            let record = &records[(offset - header.base_offset as u64) as usize];
+            return record.value.expect("a value").to_vec();
+        }
+        at = end;
+    }
+    panic!("offset {offset} not found");
+}
+
+fn valued(value: &[u8]) -> Bytes {
+    let mut builder = BatchBuilder::new(1_700_000_000_000);
+    builder.push(1_700_000_000_000, None, Some(value), &[]);
+    builder.finish()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_writes_share_entries_and_acks_follow_kafka() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut listeners = BTreeMap::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=3u64 {
+        let (listener, address) = listen().await;
+        members.insert(id, BasicNode::new(address.clone()));
+        listeners.insert(id, (listener, address));
+    }
+    let mut nodes = BTreeMap::new();
+    for (id, (listener, address)) in listeners {
+        let dir = root.path().join(format!("n{id}"));
+        nodes.insert(id, start(id, &dir, listener, &address, &members).await);
+    }
+    let leader = ready_leader(&nodes).await;
+    let replica = nodes[&leader].replica.clone();
+
+    // 300 writes at once: each answered with its own offset, holding its own record, in
+    // fewer entries than writes.
+    let entries_before = replica
+        .raft()
+        .metrics()
+        .borrow_watched()
+        .last_log_index
+        .unwrap_or(0);
+    let writes: Vec<_> = (0..300)
+        .map(|i| {
+            let replica = replica.clone();
+            async move {
+                let produced = replica
+                    .produce(valued(format!("w{i}").as_bytes()), ALL, WAIT)
+                    .await
+                    .expect("committed");
+                (i, produced)
+            }
+        })
+        .collect();
+    let answered = futures_util::future::join_all(writes).await;
+    let entries = replica
+        .raft()
+        .metrics()
+        .borrow_watched()
+        .last_log_index
+        .unwrap_or(0)
+        - entries_before;
+    assert!(entries < 300, "300 queued writes took {entries} entries");
+    let mut offsets: Vec<u64> = answered
+        .iter()
+        .map(|(_, p)| p.appended.base_offset)
+        .collect();
+    offsets.sort_unstable();
+    offsets.dedup();
+    assert_eq!(offsets.len(), 300, "every write has its own offset");
+    for (i, produced) in &answered {
+        assert_eq!(produced.appended.base_offset, produced.appended.last_offset);
+        assert!(replica.high_watermark() > produced.appended.last_offset);
+        assert_eq!(
+            value_at(&replica, produced.appended.base_offset),
+            format!("w{i}").into_bytes(),
+            "write {i} answered with another write's offset"
+        );
+    }
+
+    // acks=1: answered at the leader's append, then committed as any write.
+    let leader_acked = replica
+        .produce(valued(b"acks=1"), Acks::Leader, WAIT)
+        .await
+        .expect("appended");
+    assert_eq!(
+        value_at(&replica, leader_acked.appended.base_offset),
+        b"acks=1"
+    );
+    let mut hw = replica.watch_high_watermark();
+    tokio::time::timeout(
+        WAIT,
+        hw.wait_for(|hw| *hw > leader_acked.appended.last_offset),
+    )
+    .await
+    .expect("committed soon after")
+    .expect("the replica runs");
+
+    // min.insync.replicas 3 of 3 holds while every follower answers; with one stopped it is
+    // refused before anything is written, while 2 and acks=1 still work.
+    let lag = Duration::from_millis(600);
+    let three = Acks::All { min_insync: 3, lag };
+    replica
+        .produce(valued(b"three"), three, WAIT)
+        .await
+        .expect("three in sync");
+    let follower = *nodes.keys().find(|id| **id != leader).expect("a follower");
+    stop(nodes.remove(&follower).expect("follower")).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while replica.in_sync(lag) > 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the stopped follower stays in sync"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let end_before = replica.reader().log_end_offset();
+    match replica.produce(valued(b"refused"), three, WAIT).await {
+        Err(ReplicaError::NotEnoughReplicas {
+            in_sync: 2,
+            required: 3,
+        }) => {}
+        other => panic!("min.insync.replicas 3 with 2 in sync answered {other:?}"),
+    }
+    assert_eq!(
+        replica.reader().log_end_offset(),
+        end_before,
+        "nothing written"
+    );
+    replica
+        .produce(valued(b"two"), Acks::All { min_insync: 2, lag }, WAIT)
+        .await
+        .expect("two in sync");
+    replica
+        .produce(valued(b"leader"), Acks::Leader, WAIT)
+        .await
+        .expect("acks=1");
 
     for (_, node) in std::mem::take(&mut nodes) {
         stop(node).await;

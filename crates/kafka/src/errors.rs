@@ -41,6 +41,7 @@ pub fn kafka_error(error: &BrokerError) -> KafkaError {
         // The write may still commit: a "maybe persisted" code, so an idempotent producer
         // retries with the same sequence and the retry is deduplicated.
         BrokerError::WriteIndeterminate(_) => ResponseError::RequestTimedOut,
+        BrokerError::NotEnoughReplicas { .. } => ResponseError::NotEnoughReplicas,
         BrokerError::TopicExists(_) => ResponseError::TopicAlreadyExists,
         BrokerError::InvalidTopic { .. } => ResponseError::InvalidTopicException,
         BrokerError::InvalidPartitions(_) => ResponseError::InvalidPartitions,

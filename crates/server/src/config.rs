@@ -148,6 +148,16 @@ pub struct KafkaSection {
     /// Bounds on the session timeouts consumers may ask for.
     pub group_min_session_timeout_ms: i32,
     pub group_max_session_timeout_ms: i32,
+    /// Replicas of a topic created without a factor (Kafka's default.replication.factor);
+    /// unset: the smaller of 3 and the cluster's nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_replication_factor: Option<u16>,
+    /// In-sync replicas an acks=all produce needs unless the topic sets its own
+    /// (min.insync.replicas).
+    pub min_insync_replicas: u32,
+    /// A follower that has not answered its leader for this long is out of sync
+    /// (replica.lag.time.max.ms).
+    pub replica_lag_time_max_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -208,6 +218,9 @@ impl Default for KafkaSection {
             max_partitions_per_topic: sluice_broker::MAX_PARTITIONS_PER_TOPIC,
             max_partitions: sluice_broker::MAX_PARTITIONS,
             group_max_size: 1_000,
+            default_replication_factor: None,
+            min_insync_replicas: 1,
+            replica_lag_time_max_ms: 30_000,
             fetch_max_bytes: 55 * 1024 * 1024,
             replica_fetch_max_bytes: 1024 * 1024,
             group_initial_rebalance_delay_ms: 3_000,
@@ -438,6 +451,15 @@ impl Config {
                 self.kafka.max_partitions_per_topic
             );
         }
+        if self.kafka.default_replication_factor == Some(0) {
+            bail!("kafka.default_replication_factor must be at least 1");
+        }
+        if self.kafka.min_insync_replicas == 0 {
+            bail!("kafka.min_insync_replicas must be at least 1");
+        }
+        if self.kafka.replica_lag_time_max_ms == 0 {
+            bail!("kafka.replica_lag_time_max_ms must be positive");
+        }
         if self.kafka.group_max_size == 0 {
             bail!("kafka.group_max_size must be positive");
         }
@@ -559,6 +581,9 @@ impl Config {
         };
         broker.max_partitions_per_topic = self.kafka.max_partitions_per_topic;
         broker.max_partitions = self.kafka.max_partitions;
+        broker.default_replication_factor = self.kafka.default_replication_factor;
+        broker.min_insync_replicas = self.kafka.min_insync_replicas;
+        broker.replica_lag_time_max = Duration::from_millis(self.kafka.replica_lag_time_max_ms);
         broker.queue_segment_bytes = self.amqp.queue_segment_bytes;
         broker.queue_flow_ready_high = self.amqp.queue_flow_ready_high;
         broker.max_message_bytes = self.amqp.max_message_bytes;

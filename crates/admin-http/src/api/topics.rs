@@ -67,7 +67,8 @@ pub struct CreateTopic {
     /// Defaults to the broker's `kafka.num_partitions`.
     pub partitions: Option<u32>,
     /// Copies of each partition, on that many nodes, replicated by a Raft group per
-    /// partition; defaults to 1.
+    /// partition; defaults to `kafka.default_replication_factor` (unset: the smaller of 3
+    /// and the cluster's nodes).
     pub replication_factor: Option<i16>,
     /// Topic config overrides, for example `{"retention.ms": "3600000"}`.
     #[serde(default)]

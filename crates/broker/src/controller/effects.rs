@@ -17,7 +17,7 @@ use crate::command::{Effect, MetadataCommand, OffsetCommand};
 use crate::definitions;
 use crate::error::BrokerError;
 use crate::metadata::{MetadataState, TopicRecord};
-use crate::partition::{Partition, PartitionSpec, partition_dir};
+use crate::partition::{Partition, PartitionSpec, ReplicationSettings, partition_dir};
 use crate::producer::ProducerStates;
 use crate::replication::ReplicaRequest;
 use crate::{Shared, Topic, topic_config};
@@ -191,7 +191,7 @@ pub(super) async fn carry_out(
 
 fn specs(shared: &Shared, record: &TopicRecord, from: u32, to: u32) -> Vec<PartitionSpec> {
     let name: Arc<str> = Arc::from(record.name.as_str());
-    let config = topic_config::effective(&shared.config.log_defaults, &record.config);
+    let config = topic_config::effective(&shared.config, &record.config);
     record
         .partitions
         .iter()
@@ -266,6 +266,10 @@ async fn open_replicas(
             spec.topic_id,
             spec.index,
             log,
+            ReplicationSettings::new(
+                spec.config.min_insync_replicas,
+                shared.config.replica_lag_time_max,
+            ),
         ));
     }
     Ok(opened)
@@ -327,7 +331,7 @@ fn topic_from(
             .map(|p| p.replicas.clone())
             .collect(),
         overrides: record.config.clone(),
-        config: topic_config::effective(&shared.config.log_defaults, &record.config),
+        config: topic_config::effective(&shared.config, &record.config),
         created_ms: record.created_ms,
     })
 }
@@ -438,7 +442,7 @@ async fn reconfigure_topic(shared: &Arc<Shared>, name: &str) -> Result<(), Broke
         .metadata
         .topic(name)
         .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))?;
-    let effective = topic_config::effective(&shared.config.log_defaults, &record.config);
+    let effective = topic_config::effective(&shared.config, &record.config);
     let partitions = shared
         .topics
         .read()

@@ -138,6 +138,7 @@ pub(crate) async fn start(shared: &Arc<Shared>) -> Result<(), BrokerError> {
 
 pub(crate) use self::effects::{apply, install};
 pub(crate) use self::messaging::{shutdown, start_services};
+pub(crate) use self::topics::default_replication_factor;
 
 pub(crate) async fn run(
     shared: Arc<Shared>,

@@ -51,15 +51,30 @@ fn partition_records(
         .collect())
 }
 
-/// The replication factor a topic is created with: the client's, or 1. A factor above one
-/// needs a cluster with that many live nodes and the cluster's own placement.
+/// The factor of a topic created without one.
+pub(crate) fn default_replication_factor(shared: &Shared) -> usize {
+    match shared.config.default_replication_factor {
+        Some(factor) => usize::from(factor),
+        None => shared
+            .cluster
+            .get()
+            .map_or(1, |link| link.nodes().len().clamp(1, 3)),
+    }
+}
+
+/// The replication factor a topic is created with: the client's, or the broker's
+/// `default.replication.factor` (unset: the smaller of 3 and the cluster's nodes; 1 alone). A
+/// factor above one needs a cluster with that many live nodes and the cluster's own placement.
 fn replication_factor(
     shared: &Shared,
     requested: Option<i16>,
     manual: bool,
 ) -> Result<usize, BrokerError> {
+    let link = shared.cluster.get();
     let factor = match requested {
-        None | Some(-1) => return Ok(1),
+        // Manual assignments name their replicas themselves.
+        None | Some(-1) if manual => return Ok(1),
+        None | Some(-1) => default_replication_factor(shared),
         Some(factor) if factor >= 1 => factor as usize,
         Some(other) => {
             return Err(BrokerError::InvalidReplicationFactor(format!(
@@ -70,10 +85,7 @@ fn replication_factor(
     if factor == 1 {
         return Ok(1);
     }
-    let available = shared
-        .cluster
-        .get()
-        .map_or(1, |link| link.live_node_count());
+    let available = link.map_or(1, |link| link.live_node_count());
     if factor > available {
         return Err(BrokerError::InvalidReplicationFactor(format!(
             "replication factor: {factor} larger than available brokers: {available}"
@@ -123,6 +135,10 @@ pub(super) async fn create_topic(
     validate_only: bool,
 ) -> Result<Option<Arc<Topic>>, BrokerError> {
     names::validate_topic_name(&request.name)?;
+    // As Kafka: a topic that exists is refused before its settings are looked at.
+    if shared.metadata.topic(&request.name).is_some() {
+        return Err(BrokerError::TopicExists(request.name));
+    }
     let count = request
         .partition_count
         .unwrap_or(shared.config.default_partition_count);
@@ -139,12 +155,9 @@ pub(super) async fn create_topic(
         request.assignments.is_some(),
     )?;
     let config = topic_config::validate(&request.config)?;
-    topic_config::effective(&shared.config.log_defaults, &config)
+    topic_config::effective(&shared.config, &config)
         .log
         .validate()?;
-    if shared.metadata.topic(&request.name).is_some() {
-        return Err(BrokerError::TopicExists(request.name));
-    }
     if validate_only {
         return Ok(None);
     }
@@ -261,7 +274,7 @@ pub(super) async fn set_topic_config(
         return Err(BrokerError::UnknownTopic(name.to_owned()));
     }
     let overrides = topic_config::validate(&overrides)?;
-    topic_config::effective(&shared.config.log_defaults, &overrides)
+    topic_config::effective(&shared.config, &overrides)
         .log
         .validate()?;
     if validate_only {

@@ -25,12 +25,14 @@
 //! - Every entry read back is checked: its first batch must start at the offset the index
 //!   gives and carry the entry's term, or the read fails naming the file and offset.
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use openraft::alias::VoteOf;
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, RaftLogStorage};
@@ -78,6 +80,21 @@ struct State {
     entries: EntryIndex,
     vote: Option<Vote>,
     purged: Option<LogId>,
+    /// Who waits to hear where a proposal was appended (acks=1), by its payload's buffer.
+    append_watches: HashMap<(usize, usize), AppendWatch>,
+}
+
+/// Told the base offset an entry's batches were appended at.
+pub type OnAppend = Box<dyn FnOnce(u64) + Send>;
+
+struct AppendWatch {
+    /// Keeps the buffer, so its address names no other payload while watched.
+    _payload: Bytes,
+    on_append: OnAppend,
+}
+
+fn payload_key(payload: &Bytes) -> (usize, usize) {
+    (payload.as_ptr() as usize, payload.len())
 }
 
 impl State {
@@ -148,6 +165,7 @@ impl PartitionLog {
                 entries,
                 vote,
                 purged,
+                append_watches: HashMap::new(),
             }),
         });
         let flushes = (fsync == FsyncPolicy::Always).then(|| {
@@ -165,6 +183,27 @@ impl PartitionLog {
     /// The partition's data as Kafka readers see it (whole batches, Raft's own included).
     pub fn reader(&self) -> LogReader {
         self.shared.reader.clone()
+    }
+
+    /// Calls `on_append` with the base offset the entry whose payload is `payload` (this very
+    /// buffer, as proposed on this node) is appended at here: a leader's acks=1 answer. Call
+    /// [`Self::unwatch_append`] once the proposal is answered, appended or not.
+    pub fn watch_append(&self, payload: &Bytes, on_append: OnAppend) {
+        self.shared.state.lock().append_watches.insert(
+            payload_key(payload),
+            AppendWatch {
+                _payload: payload.clone(),
+                on_append,
+            },
+        );
+    }
+
+    pub fn unwatch_append(&self, payload: &Bytes) {
+        self.shared
+            .state
+            .lock()
+            .append_watches
+            .remove(&payload_key(payload));
     }
 
     /// Where the entry at `index` is, if the log holds it.
@@ -438,6 +477,11 @@ impl RaftLogStorage<PartitionTypes> for PartitionLog {
                     .log
                     .append_in_epoch(&bytes, epoch, now)
                     .map_err(storage)?;
+                if !state.append_watches.is_empty()
+                    && let Some(watch) = state.append_watches.remove(&payload_key(&bytes))
+                {
+                    (watch.on_append)(info.base_offset);
+                }
                 state.entries.push(
                     index,
                     EntryLoc {

@@ -8,11 +8,23 @@
 //! ([`PartitionMachine::check`]) *and* the batches this leader has proposed and not yet seen
 //! applied (Redpanda's split of replicated and in-flight state). A retry of a batch still in
 //! flight waits for the first one's answer instead of entering the log twice; one that
-//! continues the in-flight sequence is proposed behind it. Proposals are submitted in the order
-//! they were sequenced.
+//! continues the in-flight sequence is proposed behind it.
 //!
-//! Errors say whether the batch may have been written: [`ReplicaError::NotLeader`] and
-//! [`ReplicaError::NotReady`] only before the entry entered the log; once it has,
+//! Writes then wait in a queue, in the order they were sequenced. While fewer than
+//! [`PROPOSALS_MAX`] entries are proposed and unanswered the queue is proposed at once;
+//! otherwise what queues up meanwhile becomes *one* entry (up to [`ENTRY_BYTES_MAX`]), whose
+//! answer each write gets its own offsets from. So a busy partition pays Raft's per-entry cost
+//! (an index record, an apply, a responder) once per round trip, not once per request.
+//! A write queued in a term this replica no longer leads in is refused unwritten.
+//!
+//! acks=all is answered at commit, and refused before it is queued while fewer than
+//! `min.insync.replicas` replicas (this one included) answered the leader within Kafka's
+//! `replica.lag.time.max.ms`; acks=1 is answered once this leader has appended the entry
+//! (its log reports the append of the very buffer proposed).
+//!
+//! Errors say whether the batch may have been written: [`ReplicaError::NotLeader`],
+//! [`ReplicaError::NotReady`] and [`ReplicaError::NotEnoughReplicas`] only before the entry
+//! entered the log; once it has,
 //! a lost leadership or a timeout is [`ReplicaError::Indeterminate`] (Kafka's
 //! REQUEST_TIMED_OUT, which clients retry).
 //!
@@ -21,23 +33,24 @@
 //! backwards. Readers must stop there.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
 use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use openraft::alias::{OneshotReceiverOf, WatchReceiverOf};
+use bytes::{Bytes, BytesMut};
+use openraft::alias::WatchReceiverOf;
 use openraft::errors::ClientWriteError;
 use openraft::impls::ProgressResponder;
-use openraft::raft::ClientWriteResult;
 use openraft::type_config::async_runtime::WatchReceiver;
-use openraft::{BasicNode, Config, Raft, RaftMetrics, SnapshotPolicy};
+use openraft::{BasicNode, Config, Instant, Raft, RaftMetrics, SnapshotPolicy};
 use sluice_broker::BrokerError;
 use sluice_broker::producer::SequenceCheck;
 use sluice_storage::batch::BatchHeader;
 use sluice_storage::{LogConfig, LogReader, StorageError};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, oneshot, watch};
 
 use super::log_store::PartitionLog;
 use super::machine::PartitionMachine;
@@ -100,9 +113,23 @@ pub enum ReplicaError {
     /// nothing was written.
     #[error("{0}")]
     Refused(Arc<BrokerError>),
+    /// Fewer replicas than `min.insync.replicas` answer the leader; nothing was written.
+    #[error("{in_sync} in-sync replicas, fewer than the {required} required")]
+    NotEnoughReplicas { in_sync: usize, required: usize },
     /// The replica stopped.
     #[error("the replica stopped: {0}")]
     Stopped(String),
+}
+
+/// When a write is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acks {
+    /// Once this leader has appended it (Kafka's acks=1): it may still be lost with the
+    /// leader.
+    Leader,
+    /// Once committed (acks=all), and only if at least `min_insync` replicas, this one
+    /// included, answered the leader within `lag` (checked before it enters the log).
+    All { min_insync: usize, lag: Duration },
 }
 
 /// What a produce got.
@@ -125,9 +152,43 @@ struct InFlight {
     outcome: watch::Receiver<Option<Outcome>>,
 }
 
+/// A write waiting to be proposed.
+struct Queued {
+    batches: Bytes,
+    /// Records in `batches`: where the next write's records start in a combined entry.
+    records: u64,
+    /// The term it was accepted (and, if idempotent, sequenced) in.
+    epoch: u64,
+    committed: watch::Sender<Option<Outcome>>,
+    /// Told the base offset once the leader has appended it (acks=1).
+    appended: Option<oneshot::Sender<u64>>,
+}
+
+/// The leader's write path: sequencing, and the queue writes wait in while
+/// [`PROPOSALS_MAX`] entries are proposed and unanswered; whatever waits is then proposed as
+/// one entry.
 #[derive(Default)]
-struct Sequencer {
+struct WriterState {
     in_flight: HashMap<i64, VecDeque<InFlight>>,
+    queue: VecDeque<Queued>,
+    /// Entries proposed and not yet answered.
+    proposed: usize,
+}
+
+/// Entries one leader has proposed and not seen answered before further writes wait to be
+/// combined into one entry.
+const PROPOSALS_MAX: usize = 2;
+/// Writes are combined into one entry up to this many bytes (a larger write is an entry of
+/// its own).
+const ENTRY_BYTES_MAX: usize = 1024 * 1024;
+
+struct Writer {
+    id: NodeId,
+    raft: PartitionRaft,
+    log: PartitionLog,
+    machine: PartitionMachineStore,
+    high_watermark: watch::Sender<u64>,
+    state: Mutex<WriterState>,
 }
 
 /// One replica of a partition on this node.
@@ -136,10 +197,9 @@ pub struct PartitionReplica {
     group: u32,
     raft: PartitionRaft,
     log: PartitionLog,
-    machine: PartitionMachineStore,
     router: Arc<Router>,
     high_watermark: watch::Sender<u64>,
-    sequencer: Mutex<Sequencer>,
+    writer: Arc<Writer>,
     watcher: tokio::task::JoinHandle<()>,
 }
 
@@ -224,15 +284,22 @@ impl PartitionReplica {
             log.clone(),
             high_watermark.clone(),
         ));
+        let writer = Arc::new(Writer {
+            id,
+            raft: raft.clone(),
+            log: log.clone(),
+            machine: machine.clone(),
+            high_watermark: high_watermark.clone(),
+            state: Mutex::new(WriterState::default()),
+        });
         Ok(Arc::new(Self {
             id,
             group,
             raft,
             log,
-            machine,
             router,
             high_watermark,
-            sequencer: Mutex::new(Sequencer::default()),
+            writer,
             watcher,
         }))
     }
@@ -269,124 +336,227 @@ impl PartitionReplica {
         self.high_watermark.subscribe()
     }
 
-    fn metrics(&self) -> RaftMetrics<PartitionTypes> {
-        self.raft.metrics().borrow_watched().clone()
+    /// `read` of the group's current metrics, without copying them.
+    fn metrics<T>(&self, read: impl FnOnce(&RaftMetrics<PartitionTypes>) -> T) -> T {
+        read(&self.raft.metrics().borrow_watched())
     }
 
     /// The leader this replica knows of, and the current term (the Kafka leader epoch).
     pub fn leader(&self) -> (Option<NodeId>, u64) {
-        let metrics = self.metrics();
-        (metrics.current_leader, metrics.current_term)
+        self.metrics(|metrics| (metrics.current_leader, metrics.current_term))
     }
 
     /// The term, if this replica leads and is ready to serve (it applied an entry of its own
     /// term, so everything committed before it).
     pub fn ready_epoch(&self) -> Option<u64> {
-        let metrics = self.metrics();
-        (metrics.current_leader == Some(self.id)
-            && metrics
-                .last_applied
-                .is_some_and(|id| id.leader_id.term == metrics.current_term))
-        .then_some(metrics.current_term)
+        self.writer.ready_epoch()
     }
 
     fn not_serving(&self) -> ReplicaError {
-        let metrics = self.metrics();
-        if metrics.current_leader == Some(self.id) {
+        let leader = self.metrics(|metrics| metrics.current_leader);
+        if leader == Some(self.id) {
             ReplicaError::NotReady
         } else {
-            ReplicaError::NotLeader {
-                leader: metrics.current_leader,
-            }
+            ReplicaError::NotLeader { leader }
         }
     }
 
-    /// Writes `batches` (checked: structure and CRC) and answers once they are committed, or
-    /// after `timeout` with [`ReplicaError::Indeterminate`].
-    pub async fn produce(&self, batches: Bytes, timeout: Duration) -> Outcome {
+    /// Replicas, this one included, that answered this leader within `lag` (Kafka's in-sync
+    /// replicas); 0 when this replica does not lead.
+    pub fn in_sync(&self, lag: Duration) -> usize {
+        self.metrics(|metrics| {
+            if metrics.current_leader != Some(self.id) {
+                return 0;
+            }
+            let followers = metrics.heartbeat.as_ref().map_or(0, |heartbeats| {
+                heartbeats
+                    .iter()
+                    .filter(|(id, at)| {
+                        **id != self.id && at.as_ref().is_some_and(|at| at.elapsed() <= lag)
+                    })
+                    .count()
+            });
+            1 + followers
+        })
+    }
+
+    /// Writes `batches` (checked: structure and CRC) and answers as `acks` asks, or after
+    /// `timeout` with [`ReplicaError::Indeterminate`].
+    pub async fn produce(&self, batches: Bytes, acks: Acks, timeout: Duration) -> Outcome {
         let Some(epoch) = self.ready_epoch() else {
             return Err(self.not_serving());
         };
-        let first = BatchHeader::parse(&batches).map_err(|source| {
+        if let Acks::All { min_insync, lag } = acks
+            && min_insync > 1
+        {
+            let in_sync = self.in_sync(lag);
+            if in_sync < min_insync {
+                return Err(ReplicaError::NotEnoughReplicas {
+                    in_sync,
+                    required: min_insync,
+                });
+            }
+        }
+        let invalid = |position, source| {
             ReplicaError::Refused(Arc::new(BrokerError::Storage(StorageError::InvalidBatch {
-                position: 0,
+                position,
                 source,
             })))
-        })?;
-        let mut outcome = if first.producer_id >= 0 {
-            self.sequenced(first, batches, epoch).await?
-        } else {
-            let (responder, receiver) = ProgressResponder::complete_only();
-            self.submit(Batches(batches), responder).await?;
-            answer(receiver, epoch, self.high_watermark.clone())
         };
+        let first = BatchHeader::parse(&batches).map_err(|source| invalid(0, source))?;
+        let mut records = 0u64;
+        let mut at = 0;
+        while at < batches.len() {
+            let header =
+                BatchHeader::parse(&batches[at..]).map_err(|source| invalid(at, source))?;
+            records += u64::from(header.last_offset_delta as u32) + 1;
+            at += header.total_bytes();
+        }
+        let (mut committed, appended) = Writer::enqueue(
+            &self.writer,
+            first,
+            batches,
+            records,
+            epoch,
+            matches!(acks, Acks::Leader),
+        )
+        .await?;
         let waited = tokio::time::timeout(timeout, async {
-            loop {
-                if let Some(outcome) = outcome.borrow_and_update().clone() {
-                    return outcome;
-                }
-                if outcome.changed().await.is_err() {
-                    return Err(ReplicaError::Indeterminate("the answer was lost".into()));
+            if let Some(appended) = appended {
+                tokio::select! {
+                    biased;
+                    Ok(base_offset) = appended => {
+                        return Ok(Produced {
+                            appended: Appended {
+                                base_offset,
+                                last_offset: base_offset + records - 1,
+                            },
+                            duplicate: false,
+                            epoch,
+                        });
+                    }
+                    outcome = settled(&mut committed) => return outcome,
                 }
             }
+            settled(&mut committed).await
         })
         .await;
         waited.unwrap_or_else(|_| {
             Err(ReplicaError::Indeterminate(format!(
-                "not committed within {} ms",
+                "not {} within {} ms",
+                if matches!(acks, Acks::Leader) {
+                    "appended"
+                } else {
+                    "committed"
+                },
                 timeout.as_millis()
             )))
         })
     }
 
-    async fn submit(
-        &self,
-        batches: Batches,
-        responder: ProgressResponder<PartitionTypes, ClientWriteResult<PartitionTypes>>,
-    ) -> Result<(), ReplicaError> {
-        self.raft
-            .client_write_ff(batches, Some(responder))
-            .await
-            .map_err(|e| ReplicaError::Stopped(e.to_string()))
+    /// Stops the replica: Raft, the high-watermark watcher, and its route.
+    pub async fn shutdown(&self) {
+        self.router.unregister(self.group);
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(group = self.group, error = %e, "partition group did not stop cleanly");
+        }
+        self.watcher.abort();
+        if let Err(e) = self.log.close() {
+            tracing::warn!(group = self.group, error = %e, "partition log did not close cleanly");
+        }
     }
+}
 
-    /// Sequences an idempotent producer's batches and proposes them; answers the watch its
-    /// outcome will arrive on.
-    async fn sequenced(
-        &self,
+/// The outcome once a watch has one.
+async fn settled(outcome: &mut watch::Receiver<Option<Outcome>>) -> Outcome {
+    loop {
+        if let Some(outcome) = outcome.borrow_and_update().clone() {
+            return outcome;
+        }
+        if outcome.changed().await.is_err() {
+            return Err(ReplicaError::Indeterminate("the answer was lost".into()));
+        }
+    }
+}
+
+type Enqueued = (
+    watch::Receiver<Option<Outcome>>,
+    Option<oneshot::Receiver<u64>>,
+);
+
+impl Writer {
+    /// Sequences a write (an idempotent producer's) and queues it; answers the watch its
+    /// commit will arrive on, and for acks=1 where it was appended.
+    async fn enqueue(
+        writer: &Arc<Self>,
         first: BatchHeader,
         batches: Bytes,
+        records: u64,
         epoch: u64,
-    ) -> Result<watch::Receiver<Option<Outcome>>, ReplicaError> {
+        acks_leader: bool,
+    ) -> Result<Enqueued, ReplicaError> {
+        let mut state = writer.state.lock().await;
+        let (committed, receiver) = watch::channel(None);
+        if first.producer_id >= 0
+            && let Some(answered) = writer.sequence(&mut state, &first, epoch, &receiver)?
+        {
+            return Ok((answered, None));
+        }
+        let (appended, appended_receiver) = if acks_leader {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        state.queue.push_back(Queued {
+            batches,
+            records,
+            epoch,
+            committed,
+            appended,
+        });
+        Self::pump(writer, &mut state).await;
+        Ok((receiver, appended_receiver))
+    }
+
+    /// Checks an idempotent producer's batch against the committed producer state and what
+    /// is in flight: `Some` answer for a retry (of a batch in flight, or already written),
+    /// `None` to write it (and it is now in flight with `outcome`).
+    fn sequence(
+        &self,
+        state: &mut WriterState,
+        first: &BatchHeader,
+        epoch: u64,
+        outcome: &watch::Receiver<Option<Outcome>>,
+    ) -> Result<Option<watch::Receiver<Option<Outcome>>>, ReplicaError> {
         let producer = first.producer_id;
         let last_sequence = first.last_sequence();
-        let mut sequencer = self.sequencer.lock().await;
         // Answered proposals are done (the machine knows what they wrote), and a producer with
         // none in flight is forgotten: the map holds only what is in flight.
-        sequencer.in_flight.retain(|_, in_flight| {
+        state.in_flight.retain(|_, in_flight| {
             in_flight.retain(|f| f.outcome.borrow().is_none());
             !in_flight.is_empty()
         });
-        let in_flight = sequencer.in_flight.entry(producer).or_default();
+        let in_flight = state.in_flight.entry(producer).or_default();
         // A retry of a batch in flight waits for the first one's answer.
         if let Some(same) = in_flight.iter().find(|f| {
             f.epoch == first.producer_epoch
                 && f.first_sequence == first.base_sequence
                 && f.last_sequence == last_sequence
         }) {
-            return Ok(same.outcome.clone());
+            return Ok(Some(same.outcome.clone()));
         }
         let continues = in_flight.back().is_some_and(|last| {
             last.epoch == first.producer_epoch
                 && first.base_sequence == next_sequence(last.last_sequence)
         });
         if !continues {
-            match self.machine.read(|m| m.check(&first)) {
+            match self.machine.read(|m| m.check(first)) {
                 Ok(SequenceCheck::Duplicate {
                     base_offset,
                     last_offset,
                 }) => {
-                    let (_, rx) = watch::channel(Some(Ok(Produced {
+                    let (_, answered) = watch::channel(Some(Ok(Produced {
                         appended: Appended {
                             base_offset,
                             last_offset,
@@ -394,7 +564,7 @@ impl PartitionReplica {
                         duplicate: true,
                         epoch,
                     })));
-                    return Ok(rx);
+                    return Ok(Some(answered));
                 }
                 Ok(SequenceCheck::Append) if in_flight.is_empty() => {}
                 Ok(SequenceCheck::Append) => {
@@ -412,29 +582,145 @@ impl PartitionReplica {
                 Err(e) => return Err(ReplicaError::Refused(Arc::new(e))),
             }
         }
-        let (responder, receiver) = ProgressResponder::complete_only();
-        let outcome = answer(receiver, epoch, self.high_watermark.clone());
         in_flight.push_back(InFlight {
             epoch: first.producer_epoch,
             first_sequence: first.base_sequence,
             last_sequence,
             outcome: outcome.clone(),
         });
-        // Submitted under the lock: batches enter the log in the order they were sequenced.
-        self.submit(Batches(batches), responder).await?;
-        Ok(outcome)
+        Ok(None)
     }
 
-    /// Stops the replica: Raft, the high-watermark watcher, and its route.
-    pub async fn shutdown(&self) {
-        self.router.unregister(self.group);
-        if let Err(e) = self.raft.shutdown().await {
-            tracing::warn!(group = self.group, error = %e, "partition group did not stop cleanly");
+    fn ready_epoch(&self) -> Option<u64> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        (metrics.current_leader == Some(self.id)
+            && metrics
+                .last_applied
+                .is_some_and(|id| id.leader_id.term == metrics.current_term))
+        .then_some(metrics.current_term)
+    }
+
+    /// Proposes what is queued, as few entries as fit, while fewer than [`PROPOSALS_MAX`]
+    /// are unanswered. Entries are proposed in queue order (the order writes were sequenced).
+    fn pump<'a>(
+        writer: &'a Arc<Self>,
+        state: &'a mut WriterState,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            while state.proposed < PROPOSALS_MAX && !state.queue.is_empty() {
+                let mut writes = Vec::new();
+                let mut bytes = 0;
+                while let Some(next) = state.queue.front() {
+                    if !writes.is_empty() && bytes + next.batches.len() > ENTRY_BYTES_MAX {
+                        break;
+                    }
+                    bytes += next.batches.len();
+                    writes.extend(state.queue.pop_front());
+                }
+                // A write accepted in another term (this replica lost and regained leadership
+                // meanwhile) was sequenced against state that no longer holds: it is refused,
+                // unwritten, and its producer retries.
+                let ready = writer.ready_epoch();
+                let (current, stale): (Vec<Queued>, Vec<Queued>) =
+                    writes.into_iter().partition(|w| Some(w.epoch) == ready);
+                for write in stale {
+                    write
+                        .committed
+                        .send_replace(Some(Err(ReplicaError::NotLeader { leader: None })));
+                }
+                if current.is_empty() {
+                    continue;
+                }
+                writer.propose(current).await;
+                state.proposed += 1;
+            }
+        })
+    }
+
+    /// Proposes `writes` as one entry and answers each from its commit.
+    async fn propose(self: &Arc<Self>, writes: Vec<Queued>) {
+        let payload = if writes.len() == 1 {
+            writes[0].batches.clone()
+        } else {
+            let mut combined =
+                BytesMut::with_capacity(writes.iter().map(|w| w.batches.len()).sum());
+            for write in &writes {
+                combined.extend_from_slice(&write.batches);
+            }
+            combined.freeze()
+        };
+        // Where each write's records start in the entry.
+        let mut starts = Vec::with_capacity(writes.len());
+        let mut records = 0;
+        for write in &writes {
+            starts.push(records);
+            records += write.records;
         }
-        self.watcher.abort();
-        if let Err(e) = self.log.close() {
-            tracing::warn!(group = self.group, error = %e, "partition log did not close cleanly");
+        let mut answers = Vec::with_capacity(writes.len());
+        let mut on_append = Vec::new();
+        for (write, &start) in writes.into_iter().zip(&starts) {
+            if let Some(appended) = write.appended {
+                on_append.push((appended, start));
+            }
+            answers.push((write.committed, start, write.records, write.epoch));
         }
+        if !on_append.is_empty() {
+            self.log.watch_append(
+                &payload,
+                Box::new(move |base_offset| {
+                    for (appended, start) in on_append {
+                        let _ = appended.send(base_offset + start);
+                    }
+                }),
+            );
+        }
+        let (responder, receiver) = ProgressResponder::complete_only();
+        let submitted = self
+            .raft
+            .client_write_ff(Batches(payload.clone()), Some(responder))
+            .await;
+        let writer = Arc::clone(self);
+        tokio::spawn(async move {
+            let outcome = match submitted {
+                Err(e) => Err(ReplicaError::Stopped(e.to_string())),
+                Ok(()) => match receiver.await {
+                    Ok(Ok(response)) => {
+                        // Applied, so every entry before it is: its end is a high watermark.
+                        let end = response.data.last_offset + 1;
+                        writer.high_watermark.send_if_modified(|hw| {
+                            let moved = end > *hw;
+                            *hw = (*hw).max(end);
+                            moved
+                        });
+                        Ok(response.data)
+                    }
+                    Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {
+                        Err(ReplicaError::NotLeader {
+                            leader: forward.leader_id,
+                        })
+                    }
+                    Ok(Err(e)) => Err(ReplicaError::Indeterminate(e.to_string())),
+                    Err(_) => Err(ReplicaError::Indeterminate(
+                        "the group stopped before answering".into(),
+                    )),
+                },
+            };
+            writer.log.unwatch_append(&payload);
+            for (committed, start, records, epoch) in answers {
+                committed.send_replace(Some(outcome.clone().map(|entry| Produced {
+                    appended: Appended {
+                        base_offset: entry.base_offset + start,
+                        last_offset: entry.base_offset + start + records - 1,
+                    },
+                    duplicate: false,
+                    epoch,
+                })));
+            }
+            let mut state = writer.state.lock().await;
+            state.proposed -= 1;
+            Writer::pump(&writer, &mut state).await;
+        });
     }
 }
 
@@ -444,44 +730,6 @@ fn next_sequence(sequence: i32) -> i32 {
     } else {
         sequence + 1
     }
-}
-
-/// The watch an answer from Raft will arrive on: `Some` once it has.
-/// A committed answer moves the high watermark past the entry first, so a reader told of the
-/// write can read it.
-fn answer(
-    receiver: OneshotReceiverOf<PartitionTypes, ClientWriteResult<PartitionTypes>>,
-    epoch: u64,
-    high_watermark: watch::Sender<u64>,
-) -> watch::Receiver<Option<Outcome>> {
-    let (tx, rx) = watch::channel(None);
-    tokio::spawn(async move {
-        let outcome = match receiver.await {
-            Ok(Ok(response)) => {
-                // Applied, so every entry before it is: its end is a high watermark.
-                let end = response.data.last_offset + 1;
-                high_watermark.send_if_modified(|hw| {
-                    let moved = end > *hw;
-                    *hw = (*hw).max(end);
-                    moved
-                });
-                Ok(Produced {
-                    appended: response.data,
-                    duplicate: false,
-                    epoch,
-                })
-            }
-            Ok(Err(ClientWriteError::ForwardToLeader(forward))) => Err(ReplicaError::NotLeader {
-                leader: forward.leader_id,
-            }),
-            Ok(Err(e)) => Err(ReplicaError::Indeterminate(e.to_string())),
-            Err(_) => Err(ReplicaError::Indeterminate(
-                "the group stopped before answering".into(),
-            )),
-        };
-        tx.send_replace(Some(outcome));
-    });
-    rx
 }
 
 /// Publishes the end offset of the last applied entry as the high watermark, never backwards.

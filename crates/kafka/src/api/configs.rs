@@ -87,6 +87,7 @@ fn broker_entries(ctx: &Context) -> Vec<BrokerSetting> {
         FsyncPolicy::Interval { interval_ms } => (i64::MAX, interval_ms as i64),
         FsyncPolicy::Never => (i64::MAX, i64::MAX),
     };
+    let default_replication_factor = ctx.broker.default_replication_factor();
     vec![
         setting("broker.id", config.node_id, Int, "This broker's id."),
         setting("node.id", config.node_id, Int, "This broker's id."),
@@ -116,15 +117,21 @@ fn broker_entries(ctx: &Context) -> Vec<BrokerSetting> {
         ),
         setting(
             "default.replication.factor",
-            1,
+            default_replication_factor,
             Int,
-            "Replicas of a topic created without a factor.",
+            "Replicas of a topic created without a factor (unset: the smaller of 3 and the cluster's nodes).",
         ),
         setting(
             "min.insync.replicas",
-            1,
+            config.min_insync_replicas,
             Int,
-            "Replicas that must have a record for acks=all.",
+            "In-sync replicas an acks=all produce needs, unless its topic sets its own.",
+        ),
+        setting(
+            "replica.lag.time.max.ms",
+            config.replica_lag_time_max.as_millis(),
+            Long,
+            "A follower that has not answered its leader for this long is out of sync.",
         ),
         setting(
             "auto.create.topics.enable",

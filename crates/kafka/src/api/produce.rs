@@ -1,13 +1,18 @@
 //! Produce: append record batches to partitions, as sent (compressed or not).
 //!
 //! Partitions of one request are appended concurrently (each has its own owner task); the
-//! response lists them in request order. With acks=0 nothing is sent back. A single node is
-//! every partition's only in-sync replica, so acks=1 and acks=-1 behave alike: the reply waits
-//! for the append (and, under fsync=always, for the fsync).
+//! response lists them in request order. With acks=0 nothing is sent back. A single copy is
+//! its partition's only in-sync replica, so acks=1 and acks=-1 behave alike: the reply waits
+//! for the append (and, under fsync=always, for the fsync). A replicated partition answers
+//! acks=1 once its leader has appended and acks=-1 once the write is committed, waiting at
+//! most the request's `timeout_ms` (then REQUEST_TIMED_OUT: it may still commit).
 
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+use std::time::Duration;
+
+use sluice_broker::partition::PRODUCE_COMMIT_WAIT;
 use sluice_broker::{BrokerError, ProduceOutcome};
 
 use super::text;
@@ -41,6 +46,11 @@ pub(crate) async fn handle(
 ) -> Option<ProduceResponse> {
     let acks = request.acks;
     let acks_valid = matches!(acks, -1..=1);
+    // How long a replicated write may wait for its acknowledgement (Kafka's timeout_ms).
+    let timeout = match u64::try_from(request.timeout_ms) {
+        Ok(ms) if ms > 0 => Duration::from_millis(ms),
+        _ => PRODUCE_COMMIT_WAIT,
+    };
     let mut pending = Vec::new();
     for (topic_position, topic) in request.topic_data.iter().enumerate() {
         let resolved = if version >= 13 {
@@ -76,7 +86,7 @@ pub(crate) async fn handle(
                         ));
                     };
                     partition
-                        .produce(records)
+                        .produce_acks(records, acks, timeout)
                         .await
                         .map_err(|error| kafka_error(&error))
                 }

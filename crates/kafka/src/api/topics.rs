@@ -119,7 +119,7 @@ pub(crate) async fn create(
         .await;
         let result = match outcome {
             Ok((created, partition_count, config)) => {
-                let defaults = &ctx.broker.config().log_defaults;
+                let defaults = ctx.broker.config();
                 let configs = topic_config::describe(defaults, &config)
                     .into_iter()
                     .map(|entry| {

@@ -22,7 +22,8 @@ pub(super) enum TopicCommand {
         name: String,
         #[arg(long, short = 'p')]
         partitions: Option<u32>,
-        /// Copies of each partition (on that many nodes of the cluster); default 1.
+        /// Copies of each partition (on that many nodes of the cluster); default the broker's
+        /// `kafka.default_replication_factor` (unset: the smaller of 3 and the nodes).
         #[arg(long, short = 'r')]
         replication_factor: Option<i16>,
         /// A config override, `key=value`; repeat for more.
