@@ -1,4 +1,4 @@
-"""The controller under network partitions and frozen processes.
+"""The controller and a replicated partition under network partitions and frozen processes.
 
 Each node runs in a network namespace of its own, joined to the others through a bridge in one
 more namespace; the test creates all of them and removes them at the end. There is no default
@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -238,3 +239,134 @@ def test_a_frozen_leader_is_replaced_and_steps_down_when_thawed(netns_cluster):
         wait_for("the thawed node to catch up",
                  lambda: f"made-while-frozen-{round}" in (topics(victim) or set()), ROUND_TIMEOUT)
         wait_for("one leader again", lambda: agreed_leader(nodes), ROUND_TIMEOUT)
+
+
+def partition_leader(node, topic):
+    """The leader of partition 0 of `topic` as `node` knows it, or None."""
+    result = node.cli("topic", "describe", topic, "--output", "json", timeout=20)
+    if result.returncode != 0:
+        return None
+    return json.loads(result.stdout)["partitions"][0]["leader"]
+
+
+def client(node, *args):
+    """Runs tests/cluster/netns_client.py inside `node`'s namespace."""
+    helper = os.path.join(os.path.dirname(__file__), "netns_client.py")
+    return subprocess.Popen(["ip", "netns", "exec", node.ns, sys.executable, helper, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def reports(path):
+    lines = [json.loads(line) for line in open(path) if line.strip()]
+    fatal = [line for line in lines if "fatal" in line]
+    assert not fatal, fatal
+    return lines
+
+
+def test_a_cut_off_partition_leader_loses_nothing_acknowledged_and_its_tail_is_replaced(netns_cluster, tmp_path):
+    """The leader of a replication-factor-3 partition is cut off from the other two while a
+    producer writes on each side (one in the leader's namespace, bootstrapped from it alone;
+    one beside the others). The cut-off side acknowledges nothing; the other side elects a
+    leader and goes on; after healing, every acknowledged record is in the log exactly once at
+    its acknowledged offset, nothing the cut-off side took but did not acknowledge is there,
+    and the old leader's copy checksums the same as the others'."""
+    nets, nodes = netns_cluster
+    wait_for("a three-voter cluster", lambda: agreed_leader(nodes), 60)
+    made = nodes[0].cli("topic", "create", "split", "--replication-factor", "3", timeout=60)
+    for _ in range(100):  # until every node counts the others live
+        if made.returncode == 0:
+            break
+        time.sleep(0.2)
+        made = nodes[0].cli("topic", "create", "split", "--replication-factor", "3", timeout=60)
+    assert made.returncode == 0, made.stderr
+    by_id = {node.status()["node_id"]: node for node in nodes}
+
+    def agreed():
+        leaders = {partition_leader(node, "split") for node in nodes}
+        return len(leaders) == 1 and None not in leaders and leaders.pop()
+
+    victim = by_id[wait_for("a partition leader all agree on", agreed, ROUND_TIMEOUT)]
+    majority = [n for n in nodes if n is not victim]
+    majority_bootstrap = ",".join(n.addresses["kafka"] for n in majority)
+    stop = tmp_path / "stop"
+    outputs = {"majority": tmp_path / "majority.jsonl", "minority": tmp_path / "minority.jsonl"}
+    # The cut-off side's producer starts first: an idempotent producer needs its producer id
+    # from the controller, which it could not reach once cut off.
+    producers = [client(victim, "produce", victim.addresses["kafka"], "split", "min",
+                        str(outputs["minority"]), str(stop), "120")]
+    try:
+        wait_for("the cut-off side's producer writing",
+                 lambda: outputs["minority"].exists() and outputs["minority"].read_text().count("offset") > 10,
+                 ROUND_TIMEOUT)
+        nets.cut(victim.index)
+        cut_at = time.time()
+        producers.append(client(majority[0], "produce", majority_bootstrap, "split", "maj",
+                                str(outputs["majority"]), str(stop), "120"))
+        try:
+            def new_leader():
+                leaders = {partition_leader(n, "split") for n in majority}
+                return len(leaders) == 1 and None not in leaders and by_id.get(leaders.pop()) in majority
+            wait_for("a partition leader on the majority side", new_leader, ROUND_TIMEOUT)
+            time.sleep(5)  # both sides write
+        finally:
+            nets.heal(victim.index)
+        healed_at = time.time()
+        time.sleep(5)  # the majority's producer goes on; the old leader rejoins as a follower
+    finally:
+        stop.touch()
+        for producer in producers:
+            try:
+                producer.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                producer.kill()
+    for producer in producers:
+        assert producer.returncode == 0, producer.stdout.read()
+
+    majority_reports = reports(outputs["majority"])
+    minority_reports = reports(outputs["minority"])
+    acked = {r["value"]: r["offset"] for r in majority_reports + minority_reports if "offset" in r}
+    failed = {r["value"]: r["error"] for r in majority_reports + minority_reports if "error" in r}
+    assert sum(1 for r in majority_reports if "offset" in r) > 100, "the majority side wrote little"
+    # The cut-off side committed nothing while it was cut off (acknowledgements in the first
+    # moment after the cut may be of writes committed just before it).
+    early = [r for r in minority_reports if "offset" in r and cut_at + 0.5 < r["at"] < healed_at]
+    assert not early, early[:5]
+
+    def settled_end():
+        detail = json.loads(majority[0].cli("topic", "describe", "split", "--output", "json").stdout)
+        leader = detail["partitions"][0]["leader"]
+        if leader is None:
+            return None
+        detail = json.loads(by_id[leader].cli("topic", "describe", "split", "--output", "json").stdout)
+        partition = detail["partitions"][0]
+        followers = partition["followers"] or []
+        caught_up = len(followers) == 2 and all(f["lag"] == 0 for f in followers)
+        return caught_up and partition["high_watermark"]
+
+    end = wait_for("every replica caught up", settled_end, ROUND_TIMEOUT)
+    out = tmp_path / "read.json"
+    reader = client(majority[1], "read", majority_bootstrap, "split", str(end), str(out))
+    assert reader.wait(timeout=90) == 0, reader.stdout.read()
+    read = json.load(open(out))
+    values = [value for value, _ in read]
+    assert len(values) == len(set(values)), "a record is in the log twice"
+    offsets = dict(read)
+    lost = {v: o for v, o in acked.items() if offsets.get(v) != o}
+    assert not lost, f"acknowledged records missing or moved: {list(lost.items())[:5]}"
+    # Nothing is there that its producer was not told was (or may have been) written.
+    unexplained = [v for v in values if v not in acked and "TIMED_OUT" not in failed.get(v, "")]
+    assert not unexplained, unexplained[:5]
+    sums = []
+    for node in nodes:
+        result = node.cli("topic", "checksum", "split", "--to", str(end), "--output", "json")
+        assert result.returncode == 0, result.stderr
+        summed = json.loads(result.stdout)
+        sums.append((summed["end_offset"], summed["bytes"], summed["crc32c"]))
+    assert len(set(sums)) == 1, f"the copies differ: {sums}"
+    # The old leader had appended what the cut-off producer sent, in its old term, and cut
+    # that tail off when it rejoined.
+    assert "truncating a divergent uncommitted tail" in victim.log_path.read_text(errors="replace")
+    print(f"acknowledged: {sum(1 for r in majority_reports if 'offset' in r)} on the majority side, "
+          f"{sum(1 for r in minority_reports if 'offset' in r)} from the cut-off side (before the cut or after "
+          f"healing); "
+          f"not acknowledged: {len(failed)}")

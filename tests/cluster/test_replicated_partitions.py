@@ -8,6 +8,7 @@ it was acknowledged with, in the order it was produced, and the producer never r
 error.
 """
 
+import json
 import threading
 import time
 
@@ -297,3 +298,62 @@ def test_topics_default_to_three_replicas_and_min_insync_replicas_refuses_unwrit
         assert code == KafkaError.NOT_ENOUGH_REPLICAS, code
         time.sleep(0.2)
     assert code is None and offset == first + 2, (code, first, offset)
+
+
+def test_a_follower_stopped_through_10000_batches_catches_up_byte_identical(nodes_factory):
+    """A follower is killed while 10,000 batches are written, then restarted: it catches up
+    from the leader's log, and its copy checksums the same as the leader's and the other
+    follower's (`sluice topic checksum` on each node); the leader's describe shows it in sync
+    with no lag."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from conftest import run_cli as cli
+
+    cluster = nodes_factory(3).start()
+    wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
+    wait_for("three live brokers", lambda: all(live_brokers(n) == 3 for n in cluster.nodes), timeout=20)
+    bootstrap = ",".join(node.kafka for node in cluster.nodes)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic("catchup", num_partitions=1, replication_factor=3)])["catchup"].result(30)
+    leader_id, replicas, _ = wait_for("a leader", lambda: partition_state(admin, "catchup"), timeout=30)
+    leader = node_of(cluster, admin, leader_id)
+    follower = node_of(cluster, admin, next(r for r in replicas if r != leader_id))
+    follower.kill()
+
+    # One record per batch: 10,000 batches.
+    producer = Producer({"bootstrap.servers": leader.kafka, "acks": "all", "linger.ms": 0,
+                         "batch.num.messages": 1, "enable.idempotence": True})
+    for i in range(10_000):
+        while True:
+            try:
+                producer.produce("catchup", value=b"%d" % i, partition=0)
+                break
+            except BufferError:
+                producer.poll(0.01)
+        producer.poll(0)
+    assert producer.flush(120) == 0
+
+    def detail(node):
+        return json.loads(cli(node, "topic", "describe", "catchup", "--output", "json").stdout)["partitions"][0]
+
+    end = detail(leader)["high_watermark"]
+    assert end >= 10_000
+    follower.start(timeout=FORM_TIMEOUT)
+    wait_for("the follower to catch up", lambda: (detail(follower)["high_watermark"] or 0) >= end, timeout=120)
+
+    def checksum(node):
+        return json.loads(cli(node, "topic", "checksum", "catchup", "--partition", "0", "--to", str(end),
+                              "--output", "json").stdout)
+
+    sums = [checksum(node) for node in cluster.nodes]
+    assert all(s["end_offset"] == end for s in sums), sums
+    assert len({(s["bytes"], s["crc32c"]) for s in sums}) == 1, sums
+    assert sums[0]["bytes"] > 10_000 * 60  # every batch, not an empty range
+
+    def caught_up():
+        current = node_of(cluster, admin, wait_for("a leader", lambda: partition_state(admin, "catchup"))[0])
+        followers = detail(current)["followers"] or []
+        return len(followers) == 2 and all(f["in_sync"] and f["lag"] == 0 for f in followers)
+
+    wait_for("both followers in sync with no lag", caught_up, timeout=30)

@@ -245,7 +245,11 @@ const views = {
       h("h2", {}, "Partitions"),
       table([
         { title: "Partition", render: (p) => p.partition },
-        { title: "Leader", render: (p) => p.leader },
+        { title: "Leader", render: (p) => p.leader ?? "none" },
+        { title: "Epoch", num: true, render: (p) => p.epoch },
+        { title: "Replicas", render: (p) => p.replicas.join(", ") },
+        { title: "Followers (lag)", render: (p) => p.followers == null ? "—"
+          : p.followers.map((f) => `${f.node}${f.in_sync ? "" : " (out of sync)"}: ${f.lag ?? "?"}`).join(", ") },
         { title: "Start offset", num: true, render: (p) => fmt.int(p.log_start_offset) },
         { title: "High watermark", num: true, render: (p) => fmt.int(p.high_watermark) },
         { title: "Size", num: true, render: (p) => fmt.bytes(p.size_bytes) },

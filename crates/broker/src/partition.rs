@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use crate::error::BrokerError;
 use crate::producer::{ProducerStates, SequenceCheck};
-use crate::replication::{ProduceOptions, ReplicatedLog};
+use crate::replication::{FollowerView, ProduceOptions, ReplicatedLog};
 use crate::topic_config::{EffectiveTopicConfig, TimestampType};
 
 const TOPIC_ID_FILE: &str = "topic-id";
@@ -347,6 +347,16 @@ impl ReplicationSettings {
     }
 }
 
+/// A checksum of a copy's log ([`Partition::checksum`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogChecksum {
+    pub log_start_offset: u64,
+    /// The offset after the last batch covered.
+    pub end_offset: u64,
+    pub bytes: u64,
+    pub crc32c: u32,
+}
+
 /// How long a replicated acks=all produce waits for its commit when the request names no
 /// time.
 pub const PRODUCE_COMMIT_WAIT: Duration = Duration::from_secs(30);
@@ -540,6 +550,58 @@ impl Partition {
             Backend::Owner(_) => 0,
             Backend::Replicated(log, _) => log.ready_epoch().unwrap_or_else(|| log.leader().1),
         }
+    }
+
+    /// The other replicas as this node's replica sees them while it leads; `None` for a
+    /// single copy.
+    pub fn followers(&self) -> Option<Vec<FollowerView>> {
+        match &self.backend {
+            Backend::Owner(_) => None,
+            Backend::Replicated(log, _) => Some(log.followers()),
+        }
+    }
+
+    /// A CRC-32C of this copy's log from its start up to `to` (whole batches: the last one
+    /// read starts before `to`), to compare replicas byte for byte. Blocking: it reads the
+    /// files.
+    pub fn checksum(&self, to: u64) -> Result<LogChecksum, BrokerError> {
+        let start = self.reader.log_start_offset();
+        let end = self.reader.log_end_offset();
+        if to > end {
+            return Err(BrokerError::Storage(StorageError::OffsetOutOfRange {
+                offset: to,
+                log_start_offset: start,
+                log_end_offset: end,
+            }));
+        }
+        let mut checksum = LogChecksum {
+            log_start_offset: start,
+            end_offset: start,
+            bytes: 0,
+            crc32c: 0,
+        };
+        while checksum.end_offset < to {
+            let read = self
+                .reader
+                .read_until(checksum.end_offset, to, 1 << 20, true)?;
+            if read.bytes.is_empty() {
+                break;
+            }
+            let mut at = 0;
+            while at < read.bytes.len() {
+                let header = BatchHeader::parse(&read.bytes[at..]).map_err(|source| {
+                    BrokerError::Storage(StorageError::InvalidBatch {
+                        position: at,
+                        source,
+                    })
+                })?;
+                checksum.end_offset = header.next_offset() as u64;
+                at += header.total_bytes();
+            }
+            checksum.crc32c = crc32c::crc32c_append(checksum.crc32c, &read.bytes);
+            checksum.bytes += read.bytes.len() as u64;
+        }
+        Ok(checksum)
     }
 
     /// The leader and epoch of a replicated partition as its replica here knows them.

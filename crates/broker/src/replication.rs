@@ -101,11 +101,24 @@ pub trait ReplicatedLog: Send + Sync + std::fmt::Debug + 'static {
     /// The node this replica is on.
     fn node(&self) -> NodeId;
 
+    /// The other replicas as this one sees them while it leads (empty otherwise).
+    fn followers(&self) -> Vec<FollowerView>;
+
     /// Kafka's OffsetForLeaderEpoch from the replicated epochs.
     fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, u64)>;
 
     /// Stops the replica (its data stays).
     fn close(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// A follower of a replicated partition as its leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FollowerView {
+    pub node: NodeId,
+    /// The offset after the last record the leader knows it holds (`None`: not known yet).
+    pub matched_offset: Option<u64>,
+    /// Milliseconds since it last answered the leader (`None`: never).
+    pub last_contact_ms: Option<u64>,
 }
 
 /// How a replicated write is acknowledged (Kafka's acks and the topic's settings).

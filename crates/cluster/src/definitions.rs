@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sluice_broker::replication::{
-    ClusterLink, ClusterNode, ForwardFuture, LogFuture, ProduceOptions, QuorumView, ReplicaRequest,
-    ReplicaView, ReplicatedLog,
+    ClusterLink, ClusterNode, FollowerView, ForwardFuture, LogFuture, ProduceOptions, QuorumView,
+    ReplicaRequest, ReplicaView, ReplicatedLog,
 };
 use sluice_broker::{Broker, MetadataCommand, ProduceOutcome};
 use uuid::Uuid;
@@ -208,6 +208,18 @@ impl ReplicatedLog for BrokerReplica {
 
     fn node(&self) -> sluice_broker::NodeId {
         broker_id(self.replica.node())
+    }
+
+    fn followers(&self) -> Vec<FollowerView> {
+        self.replica
+            .followers()
+            .into_iter()
+            .map(|f| FollowerView {
+                node: broker_id(f.node),
+                matched_offset: f.matched_offset,
+                last_contact_ms: f.last_contact_ms,
+            })
+            .collect()
     }
 
     fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, u64)> {

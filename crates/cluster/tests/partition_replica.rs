@@ -243,6 +243,12 @@ fn value_at(replica: &PartitionReplica, offset: u64) -> Vec<u8> {
     panic!("offset {offset} not found");
 }
 
+fn epoch_batch(producer: i64, epoch: i16, sequence: i32) -> Bytes {
+    let mut builder = BatchBuilder::new(1_700_000_000_000).producer(producer, epoch, sequence);
+    builder.push(1_700_000_000_000, None, Some(b"value"), &[]);
+    builder.finish()
+}
+
 fn valued(value: &[u8]) -> Bytes {
     let mut builder = BatchBuilder::new(1_700_000_000_000);
     builder.push(1_700_000_000_000, None, Some(value), &[]);
@@ -311,6 +317,24 @@ async fn queued_writes_share_entries_and_acks_follow_kafka() {
             format!("w{i}").into_bytes(),
             "write {i} answered with another write's offset"
         );
+    }
+
+    // A producer that bumps its epoch (librdkafka does after a sequence gap) starts again at
+    // sequence 0 while a batch of its old epoch is still in flight; the old epoch is then
+    // fenced.
+    replica
+        .produce(epoch_batch(21, 0, 0), ALL, WAIT)
+        .await
+        .expect("epoch 0");
+    let (old, bumped) = tokio::join!(
+        replica.produce(epoch_batch(21, 0, 1), ALL, WAIT),
+        replica.produce(epoch_batch(21, 1, 0), ALL, WAIT)
+    );
+    old.expect("the old epoch's batch in flight");
+    bumped.expect("the new epoch from sequence 0");
+    match replica.produce(epoch_batch(21, 0, 2), ALL, WAIT).await {
+        Err(ReplicaError::Refused(_)) => {}
+        other => panic!("a fenced epoch answered {other:?}"),
     }
 
     // acks=1: answered at the leader's append, then committed as any write.

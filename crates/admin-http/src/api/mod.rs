@@ -30,6 +30,7 @@ pub fn routes() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(topics::describe, topics::delete))
         .routes(routes!(topics::alter_config))
         .routes(routes!(topics::add_partitions))
+        .routes(routes!(topics::checksum))
         .routes(routes!(messages::publish, messages::peek))
         .routes(routes!(groups::list))
         .routes(routes!(groups::describe, groups::delete))

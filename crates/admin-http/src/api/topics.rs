@@ -1,14 +1,15 @@
-//! Topics: list, create, describe, alter, grow, delete.
+//! Topics: list, create, describe, alter, grow, delete; a checksum of a partition's copy.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use sluice_broker::{NewTopic, Topic};
-use utoipa::ToSchema;
+use sluice_broker::{BrokerError, NewTopic, Topic};
+use sluice_storage::StorageError;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::AdminState;
 use crate::error::{ApiError, ApiResult};
@@ -30,8 +31,16 @@ pub struct TopicSummary {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PartitionDetail {
     pub partition: u32,
-    /// The node that serves the partition.
-    pub leader: u32,
+    /// The node that serves the partition (a replicated partition's leader as this node
+    /// knows it; null while it has none).
+    pub leader: Option<u32>,
+    /// The leader epoch (a replicated partition's Raft term; 0 for a single copy).
+    pub epoch: i32,
+    /// Every node holding a copy, the preferred leader first.
+    pub replicas: Vec<u32>,
+    /// The other replicas with their lag, when this node leads a replicated partition (ask
+    /// the leader's node otherwise); null for a single copy or a follower here.
+    pub followers: Option<Vec<FollowerDetail>>,
     /// The figures below are this node's, so only for partitions it serves (null for the
     /// others: ask their node).
     pub log_start_offset: Option<u64>,
@@ -41,6 +50,39 @@ pub struct PartitionDetail {
     pub segments: Option<usize>,
     pub records_in: Option<u64>,
     pub records_out: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FollowerDetail {
+    pub node: u32,
+    /// Whether it answered the leader within `kafka.replica_lag_time_max_ms`.
+    pub in_sync: bool,
+    /// Records it is behind the leader's log (null until the leader knows what it holds).
+    pub lag: Option<u64>,
+    /// The offset after the last record the leader knows it holds.
+    pub matched_offset: Option<u64>,
+    /// Milliseconds since it last answered the leader.
+    pub last_contact_ms: Option<u64>,
+}
+
+/// A checksum of one copy of a partition's log.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PartitionChecksum {
+    pub partition: u32,
+    /// The node whose copy this is.
+    pub node: u32,
+    pub log_start_offset: u64,
+    /// The offset after the last batch covered (the batch holding `to - 1` included).
+    pub end_offset: u64,
+    pub bytes: u64,
+    /// CRC-32C of the log's bytes from its start to `end_offset`, as stored.
+    pub crc32c: u32,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ChecksumQuery {
+    /// Cover the log up to this offset (default: this copy's high watermark).
+    pub to: Option<u64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -121,6 +163,7 @@ fn detail(state: &AdminState, topic: &Topic) -> ApiResult<TopicDetail> {
             documentation: entry.documentation.to_owned(),
         })
         .collect();
+    let lag_max = state.broker.config().replica_lag_time_max;
     Ok(TopicDetail {
         name: topic.name.to_string(),
         id: topic.id.to_string(),
@@ -131,13 +174,32 @@ fn detail(state: &AdminState, topic: &Topic) -> ApiResult<TopicDetail> {
             .enumerate()
             .map(|(index, served)| {
                 let served = served.as_ref();
+                let view = topic.partition_view(index);
                 PartitionDetail {
                     partition: index as u32,
-                    leader: topic
-                        .leaders
-                        .get(index)
-                        .copied()
-                        .unwrap_or(state.broker.node_id()),
+                    leader: view
+                        .as_ref()
+                        .map_or(Some(state.broker.node_id()), |v| v.leader),
+                    epoch: view.as_ref().map_or(0, |v| v.epoch),
+                    replicas: view.map(|v| v.replicas).unwrap_or_default(),
+                    followers: served
+                        .and_then(|p| p.followers())
+                        .filter(|followers| !followers.is_empty())
+                        .map(|followers| {
+                            let end = served.map_or(0, |p| p.reader().log_end_offset());
+                            followers
+                                .into_iter()
+                                .map(|f| FollowerDetail {
+                                    node: f.node,
+                                    in_sync: f
+                                        .last_contact_ms
+                                        .is_some_and(|ms| u128::from(ms) <= lag_max.as_millis()),
+                                    lag: f.matched_offset.map(|m| end.saturating_sub(m)),
+                                    matched_offset: f.matched_offset,
+                                    last_contact_ms: f.last_contact_ms,
+                                })
+                                .collect()
+                        }),
                     log_start_offset: served.map(|p| p.log_start_offset()),
                     high_watermark: served.map(|p| p.high_watermark()),
                     log_end_offset: served.map(|p| p.reader().log_end_offset()),
@@ -195,6 +257,53 @@ pub async fn describe(
 ) -> ApiResult<Json<TopicDetail>> {
     let found = find(&state, &topic)?;
     Ok(Json(detail(&state, &found)?))
+}
+
+#[utoipa::path(get, path = "/api/topics/{topic}/partitions/{partition}/checksum", tag = "topics",
+    params(("topic" = String, Path, description = "Topic name"),
+           ("partition" = u32, Path, description = "Partition index"), ChecksumQuery),
+    responses(
+        (status = 200, description = "A CRC-32C of this node's copy of the partition's log, to compare replicas", body = PartitionChecksum),
+        (status = 404, description = "No such topic or partition, or no copy on this node", body = crate::error::Problem),
+        (status = 416, description = "This copy does not reach `to` yet", body = crate::error::Problem)))]
+pub async fn checksum(
+    State(state): State<Arc<AdminState>>,
+    Path((topic, partition)): Path<(String, u32)>,
+    Query(query): Query<ChecksumQuery>,
+) -> ApiResult<Json<PartitionChecksum>> {
+    let found = find(&state, &topic)?;
+    let copy = found
+        .partitions
+        .get(partition as usize)
+        .ok_or_else(|| {
+            ApiError::not_found(format!("topic {topic:?} has no partition {partition}"))
+        })?
+        .clone()
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "this node holds no copy of partition {partition} of topic {topic:?}"
+            ))
+        })?;
+    let to = query.to.unwrap_or_else(|| copy.high_watermark());
+    let node = state.broker.node_id();
+    let summed = tokio::task::spawn_blocking(move || copy.checksum(to))
+        .await
+        .map_err(|e| ApiError::internal(format!("checksum task failed: {e}")))?;
+    let summed = summed.map_err(|error| match error {
+        BrokerError::Storage(StorageError::OffsetOutOfRange { .. }) => ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            format!("this copy does not reach offset {to} yet: {error}"),
+        ),
+        other => other.into(),
+    })?;
+    Ok(Json(PartitionChecksum {
+        partition,
+        node,
+        log_start_offset: summed.log_start_offset,
+        end_offset: summed.end_offset,
+        bytes: summed.bytes,
+        crc32c: summed.crc32c,
+    }))
 }
 
 #[utoipa::path(delete, path = "/api/topics/{topic}", tag = "topics",

@@ -522,6 +522,13 @@ impl RaftLogStorage<PartitionTypes> for PartitionLog {
                 self.shared.dir.display()
             )));
         }
+        tracing::info!(
+            dir = %self.shared.dir.display(),
+            from_index = from,
+            from_offset = first_removed.base_offset,
+            to_offset = state.log.log_end_offset(),
+            "truncating a divergent uncommitted tail",
+        );
         state
             .log
             .truncate_to(first_removed.base_offset, now_ms())

@@ -15,7 +15,10 @@
 //! otherwise what queues up meanwhile becomes *one* entry (up to [`ENTRY_BYTES_MAX`]), whose
 //! answer each write gets its own offsets from. So a busy partition pays Raft's per-entry cost
 //! (an index record, an apply, a responder) once per round trip, not once per request.
-//! A write queued in a term this replica no longer leads in is refused unwritten.
+//! A write queued in a term this replica no longer leads in is refused unwritten. The queue
+//! holds at most [`QUEUE_BYTES_MAX`]; a write finding it full waits for room until its
+//! deadline and is then refused as "maybe written" (it was not, but REQUEST_TIMED_OUT is what
+//! Kafka clients retry safely), so a leader cut off from its quorum buffers a bounded amount.
 //!
 //! acks=all is answered at commit, and refused before it is queued while fewer than
 //! `min.insync.replicas` replicas (this one included) answered the leader within Kafka's
@@ -50,7 +53,7 @@ use sluice_broker::BrokerError;
 use sluice_broker::producer::SequenceCheck;
 use sluice_storage::batch::BatchHeader;
 use sluice_storage::{LogConfig, LogReader, StorageError};
-use tokio::sync::{Mutex, oneshot, watch};
+use tokio::sync::{Mutex, Notify, oneshot, watch};
 
 use super::log_store::PartitionLog;
 use super::machine::PartitionMachine;
@@ -121,6 +124,16 @@ pub enum ReplicaError {
     Stopped(String),
 }
 
+/// A follower as its leader sees it ([`PartitionReplica::followers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Follower {
+    pub node: NodeId,
+    /// The offset after the last entry the leader knows it holds.
+    pub matched_offset: Option<u64>,
+    /// Milliseconds since it last answered the leader.
+    pub last_contact_ms: Option<u64>,
+}
+
 /// When a write is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Acks {
@@ -171,9 +184,14 @@ struct Queued {
 struct WriterState {
     in_flight: HashMap<i64, VecDeque<InFlight>>,
     queue: VecDeque<Queued>,
+    /// The bytes of the writes in `queue`.
+    queued_bytes: usize,
     /// Entries proposed and not yet answered.
     proposed: usize,
 }
+
+/// Most bytes of writes waiting to be proposed; further writes wait for room.
+const QUEUE_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// Entries one leader has proposed and not seen answered before further writes wait to be
 /// combined into one entry.
@@ -189,6 +207,8 @@ struct Writer {
     machine: PartitionMachineStore,
     high_watermark: watch::Sender<u64>,
     state: Mutex<WriterState>,
+    /// Woken when writes leave the queue.
+    room: Notify,
 }
 
 /// One replica of a partition on this node.
@@ -291,6 +311,7 @@ impl PartitionReplica {
             machine: machine.clone(),
             high_watermark: high_watermark.clone(),
             state: Mutex::new(WriterState::default()),
+            room: Notify::new(),
         });
         Ok(Arc::new(Self {
             id,
@@ -380,6 +401,44 @@ impl PartitionReplica {
         })
     }
 
+    /// The other replicas while this one leads (empty otherwise): each one's node, the offset
+    /// after the last entry the leader knows it holds, and how long ago it last answered.
+    pub fn followers(&self) -> Vec<Follower> {
+        let (matched, contacts) = self.metrics(|metrics| {
+            if metrics.current_leader != Some(self.id) {
+                return (Vec::new(), BTreeMap::new());
+            }
+            let matched: Vec<(NodeId, Option<u64>)> = metrics
+                .replication
+                .iter()
+                .flatten()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(id, log_id)| (*id, log_id.as_ref().map(|l| l.index)))
+                .collect();
+            let contacts: BTreeMap<NodeId, Option<u64>> = metrics
+                .heartbeat
+                .iter()
+                .flatten()
+                .map(|(id, at)| (*id, at.as_ref().map(|at| at.elapsed().as_millis() as u64)))
+                .collect();
+            (matched, contacts)
+        });
+        matched
+            .into_iter()
+            .map(|(node, index)| Follower {
+                node,
+                matched_offset: index.and_then(|index| {
+                    self.log
+                        .entry_loc(index)
+                        .ok()
+                        .flatten()
+                        .map(|loc| loc.end_offset())
+                }),
+                last_contact_ms: contacts.get(&node).copied().flatten(),
+            })
+            .collect()
+    }
+
     /// Writes `batches` (checked: structure and CRC) and answers as `acks` asks, or after
     /// `timeout` with [`ReplicaError::Indeterminate`].
     pub async fn produce(&self, batches: Bytes, acks: Acks, timeout: Duration) -> Outcome {
@@ -412,6 +471,7 @@ impl PartitionReplica {
             records += u64::from(header.last_offset_delta as u32) + 1;
             at += header.total_bytes();
         }
+        let deadline = tokio::time::Instant::now() + timeout;
         let (mut committed, appended) = Writer::enqueue(
             &self.writer,
             first,
@@ -419,9 +479,10 @@ impl PartitionReplica {
             records,
             epoch,
             matches!(acks, Acks::Leader),
+            deadline,
         )
         .await?;
-        let waited = tokio::time::timeout(timeout, async {
+        let waited = tokio::time::timeout_at(deadline, async {
             if let Some(appended) = appended {
                 tokio::select! {
                     biased;
@@ -494,8 +555,23 @@ impl Writer {
         records: u64,
         epoch: u64,
         acks_leader: bool,
+        deadline: tokio::time::Instant,
     ) -> Result<Enqueued, ReplicaError> {
-        let mut state = writer.state.lock().await;
+        // Bounded: while the queue is full (commits are not keeping up, or this leader cannot
+        // reach a quorum), a write waits for room until its deadline, unwritten.
+        let mut state = loop {
+            let room = writer.room.notified();
+            let state = writer.state.lock().await;
+            if state.queue.is_empty() || state.queued_bytes + batches.len() <= QUEUE_BYTES_MAX {
+                break state;
+            }
+            drop(state);
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return Err(ReplicaError::Indeterminate(format!(
+                    "the partition's write queue stayed full ({QUEUE_BYTES_MAX} bytes): its replicas are not keeping up"
+                )));
+            }
+        };
         let (committed, receiver) = watch::channel(None);
         if first.producer_id >= 0
             && let Some(answered) = writer.sequence(&mut state, &first, epoch, &receiver)?
@@ -508,6 +584,7 @@ impl Writer {
         } else {
             (None, None)
         };
+        state.queued_bytes += batches.len();
         state.queue.push_back(Queued {
             batches,
             records,
@@ -546,6 +623,33 @@ impl Writer {
         }) {
             return Ok(Some(same.outcome.clone()));
         }
+        // In flight in another epoch: an older one is fenced; a newer one starts at sequence
+        // 0 whatever is still in flight in the old one (librdkafka bumps the epoch itself
+        // after a gap), as a Kafka leader takes it against its log's uncommitted tail.
+        let bumped = match in_flight.back() {
+            Some(last) if first.producer_epoch < last.epoch => {
+                return Err(ReplicaError::Refused(Arc::new(
+                    BrokerError::InvalidProducerEpoch {
+                        producer_id: producer,
+                        current: last.epoch,
+                        received: first.producer_epoch,
+                    },
+                )));
+            }
+            Some(last) if first.producer_epoch > last.epoch => {
+                if first.base_sequence != 0 {
+                    return Err(ReplicaError::Refused(Arc::new(
+                        BrokerError::OutOfOrderSequence {
+                            producer_id: producer,
+                            expected: 0,
+                            received: first.base_sequence,
+                        },
+                    )));
+                }
+                true
+            }
+            _ => false,
+        };
         let continues = in_flight.back().is_some_and(|last| {
             last.epoch == first.producer_epoch
                 && first.base_sequence == next_sequence(last.last_sequence)
@@ -566,7 +670,7 @@ impl Writer {
                     })));
                     return Ok(Some(answered));
                 }
-                Ok(SequenceCheck::Append) if in_flight.is_empty() => {}
+                Ok(SequenceCheck::Append) if in_flight.is_empty() || bumped => {}
                 Ok(SequenceCheck::Append) => {
                     let expected = in_flight
                         .back()
@@ -618,6 +722,8 @@ impl Writer {
                     bytes += next.batches.len();
                     writes.extend(state.queue.pop_front());
                 }
+                state.queued_bytes -= bytes;
+                writer.room.notify_waiters();
                 // A write accepted in another term (this replica lost and regained leadership
                 // meanwhile) was sequenced against state that no longer holds: it is refused,
                 // unwritten, and its producer retries.

@@ -32,8 +32,19 @@ pub(super) enum TopicCommand {
     },
     /// List topics.
     List,
-    /// Show a topic's partitions and configuration.
+    /// Show a topic's partitions (leader, replicas, each follower's lag where this node
+    /// leads) and configuration.
     Describe { name: String },
+    /// A CRC-32C of this node's copy of a partition's log, to compare replicas (ask each
+    /// node with the same --to).
+    Checksum {
+        name: String,
+        #[arg(long, short = 'p', default_value_t = 0)]
+        partition: u32,
+        /// Cover the log up to this offset (default: this copy's high watermark).
+        #[arg(long)]
+        to: Option<u64>,
+    },
     /// Change a topic's configuration or grow it.
     Alter {
         name: String,
@@ -60,23 +71,55 @@ fn print_topic(detail: &Value) {
     let mut partitions = Table::new(&[
         "partition",
         "leader",
+        "epoch",
+        "replicas",
         "start offset",
         "high watermark",
         "size bytes",
         "segments",
     ]);
+    let mut followers = Table::new(&[
+        "partition",
+        "follower",
+        "in sync",
+        "lag (records)",
+        "last contact ms",
+    ]);
+    let mut any_follower = false;
     for p in detail["partitions"].as_array().into_iter().flatten() {
+        let replicas: Vec<String> = p["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(cell)
+            .collect();
         partitions.row(vec![
             cell(&p["partition"]),
             cell(&p["leader"]),
+            cell(&p["epoch"]),
+            replicas.join(","),
             cell(&p["log_start_offset"]),
             cell(&p["high_watermark"]),
             cell(&p["size_bytes"]),
             cell(&p["segments"]),
         ]);
+        for f in p["followers"].as_array().into_iter().flatten() {
+            any_follower = true;
+            followers.row(vec![
+                cell(&p["partition"]),
+                cell(&f["node"]),
+                cell(&f["in_sync"]),
+                cell(&f["lag"]),
+                cell(&f["last_contact_ms"]),
+            ]);
+        }
     }
     print!("{}", partitions.render());
     println!();
+    if any_follower {
+        print!("{}", followers.render());
+        println!();
+    }
     let mut config = Table::new(&["config", "value", "source"]);
     for c in detail["config"].as_array().into_iter().flatten() {
         let source = if c["is_default"].as_bool().unwrap_or(true) {
@@ -144,6 +187,33 @@ pub(super) fn topic(command: TopicCommand, connection: &Connection) -> Result<()
                 print_json(&detail)
             } else {
                 print_topic(&detail)
+            }
+        }
+        TopicCommand::Checksum {
+            name,
+            partition,
+            to,
+        } => {
+            let mut path = format!(
+                "/api/topics/{}/partitions/{partition}/checksum",
+                segment(&name)
+            );
+            if let Some(to) = to {
+                path.push_str(&format!("?to={to}"));
+            }
+            let summed = api.get(&path)?;
+            if json_out {
+                print_json(&summed)
+            } else {
+                println!(
+                    "node {} partition {}: offsets {}..{} ({} bytes) crc32c {}",
+                    cell(&summed["node"]),
+                    cell(&summed["partition"]),
+                    cell(&summed["log_start_offset"]),
+                    cell(&summed["end_offset"]),
+                    cell(&summed["bytes"]),
+                    cell(&summed["crc32c"]),
+                );
             }
         }
         TopicCommand::Alter {
