@@ -2,7 +2,8 @@
 //! transport, and counts one live while its last answer is recent.
 //!
 //! A connection being open says little (a frozen process keeps its sockets, and two followers
-//! may have no reason to talk), so liveness is an answer to a request, end to end. Kafka clients
+//! may have no reason to talk), so liveness is an answer to a request, end to end; a ping that
+//! finds no connection at all (a killed process) ends it at once. Kafka clients
 //! are told only live brokers and get LEADER_NOT_AVAILABLE for a partition whose node is not
 //! live; nothing safety-related depends on it (Raft decides what is committed).
 
@@ -17,6 +18,7 @@ use tokio::time::Instant;
 use crate::network::method;
 use crate::node::{CONTROLLER_GROUP, ControllerNode};
 use crate::placement::NodeId;
+use crate::transport::CallError;
 
 /// How often each node is pinged.
 const PING_EVERY: Duration = Duration::from_millis(500);
@@ -42,6 +44,10 @@ impl Liveness {
 
     fn answered(&self, node: NodeId) {
         self.answered.lock().insert(node, Instant::now());
+    }
+
+    fn gone(&self, node: NodeId) {
+        self.answered.lock().remove(&node);
     }
 
     /// Pings every registered node other than this one until the controller stops; the
@@ -85,8 +91,15 @@ impl Liveness {
                                 PING_TIMEOUT,
                             )
                             .await;
-                        if answer.is_ok() {
-                            liveness.answered(peer);
+                        match answer {
+                            Ok(_) => liveness.answered(peer),
+                            // No connection, or it broke: no process answers there (a killed
+                            // node), so it is not live from now on, not only once its last
+                            // answer ages out. A frozen node times out and ages out instead.
+                            Err(CallError::Unreachable { .. } | CallError::Closed { .. }) => {
+                                liveness.gone(peer);
+                            }
+                            Err(_) => {}
                         }
                     }
                 });
