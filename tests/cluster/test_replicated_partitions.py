@@ -274,11 +274,15 @@ def test_topics_default_to_three_replicas_and_min_insync_replicas_refuses_unwrit
 
     code, first = produce("all", b"all three")
     assert code is None, code
-    follower = node_of(cluster, admin, next(r for r in replicas if r != leader_id))
+    follower_id = next(r for r in replicas if r != leader_id)
+    follower = node_of(cluster, admin, follower_id)
     follower.kill()
     time.sleep(2.5)  # past replica.lag.time.max.ms: the follower is out of sync
     code, _ = produce("all", b"refused")
     assert code == KafkaError.NOT_ENOUGH_REPLICAS, code
+    isr = wait_for("the killed follower out of the ISR",
+                   lambda: (s := partition_state(admin, "strict")) and len(s[2]) == 2 and s[2], timeout=20)
+    assert follower_id not in isr
     code, offset = produce("1", b"leader only")
     # The refused record took no offset (Raft's own entries take offsets too, but no leader
     # changed here).

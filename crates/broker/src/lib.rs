@@ -200,6 +200,7 @@ impl Topic {
             leader,
             epoch,
             replicas,
+            in_sync: here.and_then(|p| p.in_sync_replicas()),
         })
     }
 
@@ -232,6 +233,9 @@ pub struct PartitionView {
     pub epoch: i32,
     /// Every node holding a copy, the preferred leader first.
     pub replicas: Vec<NodeId>,
+    /// The in-sync replicas as the leader sees them, when this node leads a replicated
+    /// partition (itself and the followers that answered it within `replica_lag_time_max`).
+    pub in_sync: Option<Vec<NodeId>>,
 }
 
 /// A request to create a topic.

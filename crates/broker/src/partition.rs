@@ -561,6 +561,24 @@ impl Partition {
         }
     }
 
+    /// The in-sync replicas while this node's replica leads: itself and the followers that
+    /// answered it within `replica.lag.time.max.ms`; `None` for a single copy or a follower.
+    pub fn in_sync_replicas(&self) -> Option<Vec<crate::NodeId>> {
+        let Backend::Replicated(log, settings) = &self.backend else {
+            return None;
+        };
+        log.ready_epoch()?;
+        let lag = settings.replica_lag.as_millis();
+        let mut in_sync = vec![log.node()];
+        in_sync.extend(
+            log.followers()
+                .into_iter()
+                .filter(|f| f.last_contact_ms.is_some_and(|ms| u128::from(ms) <= lag))
+                .map(|f| f.node),
+        );
+        Some(in_sync)
+    }
+
     /// A CRC-32C of this copy's log from its start up to `to` (whole batches: the last one
     /// read starts before `to`), to compare replicas byte for byte. Blocking: it reads the
     /// files.

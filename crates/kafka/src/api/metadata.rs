@@ -102,13 +102,18 @@ fn describe(topic: &Topic, index: usize, live: &[Reachable]) -> Described {
         Some(leader) if is_live(leader) => Ok(leader as i32),
         _ => Err(ResponseError::LeaderNotAvailable.code()),
     };
+    // The leader's own view where this node leads; elsewhere the replicas that answer.
+    let in_sync = |id: &sluice_broker::NodeId| match &view.in_sync {
+        Some(in_sync) => in_sync.contains(id),
+        None => is_live(*id),
+    };
     Described {
         leader,
         epoch: view.epoch,
         isr: view
             .replicas
             .iter()
-            .filter(|&&id| is_live(id))
+            .filter(|id| in_sync(id))
             .map(|&id| BrokerId(id as i32))
             .collect(),
         replicas: view
