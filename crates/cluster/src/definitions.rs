@@ -331,6 +331,7 @@ impl ClusterLink for BrokerLink {
                 dir: request.dir.clone(),
                 log_config: request.log,
                 members,
+                preferred: request.replicas.first().map(|r| NodeId::from(*r)),
             };
             let replica = PartitionReplica::open(
                 spec,

@@ -27,7 +27,8 @@ use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::storage::RaftStateMachine;
 use openraft::{BasicNode, Raft, RaftNetworkV2, RaftTypeConfig};
@@ -45,6 +46,9 @@ pub mod method {
     pub const VOTE: u8 = 2;
     pub const SNAPSHOT: u8 = 3;
     pub const PRE_VOTE: u8 = 4;
+    /// A leader hands its leadership to another member (sent to every member, so that the
+    /// others stop honouring the old leader's lease and vote for the target at once).
+    pub const TRANSFER_LEADER: u8 = 5;
     /// A command forwarded to the group's leader (see [`crate::node`]).
     pub const WRITE: u8 = 10;
     /// A read index asked of the leader.
@@ -229,6 +233,15 @@ impl<C: WireTypes> RaftNetworkV2<C> for PeerClient<C> {
         self.rpc(method::PRE_VOTE, &rpc, option.hard_ttl()).await
     }
 
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<C>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
+        self.rpc(method::TRANSFER_LEADER, &req, option.hard_ttl())
+            .await
+    }
+
     async fn full_snapshot(
         &mut self,
         vote: VoteOf<C>,
@@ -357,6 +370,15 @@ where
                 method::PRE_VOTE => {
                     let request: VoteRequest<C> = from_json(&body)?;
                     to_json(&raft.pre_vote(request).await.map_err(|e| e.to_string()))
+                }
+                method::TRANSFER_LEADER => {
+                    let request: TransferLeaderRequest<C> = from_json(&body)?;
+                    to_json(
+                        &raft
+                            .handle_transfer_leader(request)
+                            .await
+                            .map_err(|e| e.to_string()),
+                    )
                 }
                 method::SNAPSHOT => {
                     let head_len = body

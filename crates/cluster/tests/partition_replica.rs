@@ -48,6 +48,27 @@ async fn start(
     address: &str,
     members: &BTreeMap<u64, BasicNode>,
 ) -> Node {
+    start_preferring(
+        id,
+        dir,
+        listener,
+        address,
+        members,
+        None,
+        ReplicaSettings::default(),
+    )
+    .await
+}
+
+async fn start_preferring(
+    id: u64,
+    dir: &Path,
+    listener: TcpListener,
+    address: &str,
+    members: &BTreeMap<u64, BasicNode>,
+    preferred: Option<u64>,
+    settings: ReplicaSettings,
+) -> Node {
     let router = Arc::new(Router::default());
     let transport = Transport::start(
         TransportConfig::new(id, address.to_owned()),
@@ -64,10 +85,11 @@ async fn start(
                 ..LogConfig::default()
             },
             members: members.clone(),
+            preferred,
         },
         transport.clone(),
         router,
-        &ReplicaSettings::default(),
+        &settings,
     )
     .await
     .expect("replica opens");
@@ -395,6 +417,156 @@ async fn queued_writes_share_entries_and_acks_follow_kafka() {
         .await
         .expect("acks=1");
 
+    for (_, node) in std::mem::take(&mut nodes) {
+        stop(node).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_goes_back_to_the_preferred_replica() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut listeners = BTreeMap::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=3u64 {
+        let (listener, address) = listen().await;
+        members.insert(id, BasicNode::new(address.clone()));
+        listeners.insert(id, (listener, address));
+    }
+    let settings = ReplicaSettings {
+        balance_every: Duration::from_millis(300),
+        ..ReplicaSettings::default()
+    };
+    let mut nodes = BTreeMap::new();
+    for (id, (listener, address)) in listeners {
+        let dir = root.path().join(format!("n{id}"));
+        let node = start_preferring(
+            id,
+            &dir,
+            listener,
+            &address,
+            &members,
+            Some(3),
+            settings.clone(),
+        );
+        nodes.insert(id, node.await);
+    }
+    let first = ready_leader(&nodes).await;
+    let first_epoch = nodes[&first].replica.ready_epoch().expect("ready");
+    eprintln!("first leader {first} in term {first_epoch}");
+    nodes[&first]
+        .replica
+        .produce(valued(b"before"), ALL, WAIT)
+        .await
+        .expect("committed");
+    if first == 3 {
+        // Already where it belongs: move it away to see it come back.
+        nodes[&3]
+            .replica
+            .raft()
+            .trigger()
+            .transfer_leader(1)
+            .await
+            .expect("transfer");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Led by 3 in a later term than the first leader's: it came back (or came) to 3.
+        if nodes[&3]
+            .replica
+            .ready_epoch()
+            .is_some_and(|epoch| epoch > first_epoch)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leadership did not go to the preferred replica"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    nodes[&3]
+        .replica
+        .produce(valued(b"after"), ALL, WAIT)
+        .await
+        .expect("the preferred replica serves");
+    for (_, node) in std::mem::take(&mut nodes) {
+        stop(node).await;
+    }
+}
+
+/// Binds `address` again once the socket of the replica that had it is gone.
+async fn rebind(address: &str) -> TcpListener {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpListener::bind(address).await {
+            Ok(listener) => return listener,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "cannot bind {address} again: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_serves_only_in_a_new_term_with_every_producer_batch_applied() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut listeners = BTreeMap::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=3u64 {
+        let (listener, address) = listen().await;
+        members.insert(id, BasicNode::new(address.clone()));
+        listeners.insert(id, (listener, address));
+    }
+    let mut nodes = BTreeMap::new();
+    for (id, (listener, address)) in listeners {
+        let dir = root.path().join(format!("n{id}"));
+        nodes.insert(id, start(id, &dir, listener, &address, &members).await);
+    }
+    let leader = ready_leader(&nodes).await;
+    let epoch = nodes[&leader].replica.ready_epoch().expect("ready");
+    for sequence in 0..200 {
+        nodes[&leader]
+            .replica
+            .produce(batch(Some((31, sequence)), 1), ALL, WAIT)
+            .await
+            .expect("committed");
+    }
+    // The leader stops as a crash would: no hand-over, its Raft just ends.
+    let node = nodes.remove(&leader).expect("leader");
+    node.replica.raft().shutdown().await.expect("raft stops");
+    node.transport.shutdown();
+    drop(node);
+    let address = members[&leader].addr.clone();
+    let listener = rebind(&address).await;
+    let dir = root.path().join(format!("n{leader}"));
+    let restarted = start(leader, &dir, listener, &address, &members).await;
+    nodes.insert(leader, restarted);
+    // Whoever serves next does so in a newer term, and continues producer 31's sequence.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let next = loop {
+        if let Some((id, ready)) = nodes
+            .iter()
+            .find_map(|(id, n)| n.replica.ready_epoch().map(|e| (*id, e)))
+        {
+            assert!(
+                ready > epoch,
+                "node {id} serves in the term it had before the restart"
+            );
+            break id;
+        }
+        assert!(Instant::now() < deadline, "no leader after the restart");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let continued = nodes[&next]
+        .replica
+        .produce(batch(Some((31, 200)), 1), ALL, WAIT)
+        .await
+        .expect("the sequence continues");
+    assert!(!continued.duplicate);
     for (_, node) in std::mem::take(&mut nodes) {
         stop(node).await;
     }

@@ -72,6 +72,9 @@ pub struct ReplicaSettings {
     pub heartbeat_ms: u64,
     pub election_min_ms: u64,
     pub election_max_ms: u64,
+    /// How often a leader that is not the preferred replica checks whether it can hand
+    /// leadership to it (Kafka's auto leader rebalance).
+    pub balance_every: Duration,
 }
 
 impl Default for ReplicaSettings {
@@ -80,6 +83,7 @@ impl Default for ReplicaSettings {
             heartbeat_ms: 100,
             election_min_ms: 500,
             election_max_ms: 1000,
+            balance_every: Duration::from_secs(10),
         }
     }
 }
@@ -96,6 +100,8 @@ pub struct ReplicaSpec {
     pub log_config: LogConfig,
     /// Every replica's node and cluster address (the committed placement).
     pub members: BTreeMap<NodeId, BasicNode>,
+    /// The replica that should lead when it can (the placement's first), if any.
+    pub preferred: Option<NodeId>,
 }
 
 /// Why a write was not acknowledged.
@@ -221,6 +227,7 @@ pub struct PartitionReplica {
     high_watermark: watch::Sender<u64>,
     writer: Arc<Writer>,
     watcher: tokio::task::JoinHandle<()>,
+    balancer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for PartitionReplica {
@@ -255,6 +262,7 @@ impl PartitionReplica {
             dir,
             log_config,
             members,
+            preferred,
         } = spec;
         let (log, machine) = {
             let dir = dir.clone();
@@ -276,6 +284,12 @@ impl PartitionReplica {
             snapshot_policy: SnapshotPolicy::Never,
             replication_lag_threshold: u64::MAX,
             enable_pre_vote: Some(true),
+            // A restarted leader must not resume its term: readiness ("applied an entry of its
+            // own term, so everything committed before it") holds only for a term whose first
+            // entry this leader appended after everything committed. Resumed, it would serve
+            // while re-applying the log, with a producer state missing the newest batches
+            // (found by scripts/chaos: librdkafka raised OUT_OF_ORDER_SEQUENCE_NUMBER).
+            enable_leader_restore: Some(false),
             ..Default::default()
         }
         .validate()
@@ -299,6 +313,14 @@ impl PartitionReplica {
             }
         }
         let (high_watermark, _) = watch::channel(0);
+        let balancer = preferred.filter(|p| *p != id).map(|preferred| {
+            tokio::spawn(hand_to_preferred(
+                raft.clone(),
+                id,
+                preferred,
+                settings.balance_every,
+            ))
+        });
         let watcher = tokio::spawn(watch_applied(
             raft.metrics(),
             log.clone(),
@@ -322,6 +344,7 @@ impl PartitionReplica {
             high_watermark,
             writer,
             watcher,
+            balancer,
         }))
     }
 
@@ -515,13 +538,64 @@ impl PartitionReplica {
         })
     }
 
+    /// A leader about to stop hands its leadership to a follower that holds everything it has
+    /// (Kafka's controlled shutdown), and waits up to a second for it to take over, so a
+    /// restart costs its clients a transfer rather than an election timeout.
+    async fn hand_over(&self) {
+        let target = self.metrics(|metrics| {
+            if metrics.current_leader != Some(self.id) {
+                return None;
+            }
+            metrics
+                .replication
+                .iter()
+                .flatten()
+                .find(|(id, matched)| {
+                    **id != self.id
+                        && matched
+                            .as_ref()
+                            .is_some_and(|m| Some(m.index) == metrics.last_log_index)
+                })
+                .map(|(id, _)| *id)
+        });
+        let Some(target) = target else {
+            return;
+        };
+        if self.raft.trigger().transfer_leader(target).await.is_err() {
+            return;
+        }
+        let mut metrics = self.raft.metrics();
+        let handed = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                if metrics.borrow_watched().current_leader != Some(self.id) {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        if handed.is_err() {
+            tracing::info!(
+                group = self.group,
+                to = target,
+                "leadership was not handed over within a second; stopping anyway"
+            );
+        }
+    }
+
     /// Stops the replica: Raft, the high-watermark watcher, and its route.
     pub async fn shutdown(&self) {
+        self.hand_over().await;
         self.router.unregister(self.group);
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(group = self.group, error = %e, "partition group did not stop cleanly");
         }
         self.watcher.abort();
+        if let Some(balancer) = &self.balancer {
+            balancer.abort();
+        }
         if let Err(e) = self.log.close() {
             tracing::warn!(group = self.group, error = %e, "partition log did not close cleanly");
         }
@@ -836,6 +910,45 @@ fn next_sequence(sequence: i32) -> i32 {
     } else {
         sequence + 1
     }
+}
+
+/// While this replica leads and the preferred one does not, hands leadership to the preferred
+/// replica once it holds everything this leader has and answered within the last heartbeats:
+/// leaders go back to where the placement put them after a failover, so they stay spread over
+/// the nodes. openraft carries out the transfer (the target campaigns at once); a transfer
+/// that does not happen is tried again at the next check.
+async fn hand_to_preferred(raft: PartitionRaft, id: NodeId, preferred: NodeId, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let ready = {
+            let metrics = raft.metrics();
+            let metrics = metrics.borrow_watched();
+            let caught_up = metrics
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&preferred).cloned().flatten())
+                .is_some_and(|matched| Some(matched.index) == metrics.last_log_index);
+            let answering = metrics
+                .heartbeat
+                .as_ref()
+                .and_then(|h| h.get(&preferred).cloned().flatten())
+                .is_some_and(|at| at.elapsed() < every.min(Duration::from_secs(1)));
+            metrics.current_leader == Some(id) && caught_up && answering
+        };
+        if ready {
+            tracing::info!(group = %raft_group_name(&raft), to = preferred, "handing leadership to the preferred replica");
+            if raft.trigger().transfer_leader(preferred).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn raft_group_name(raft: &PartitionRaft) -> String {
+    raft.config().cluster_name.clone()
 }
 
 /// Publishes the end offset of the last applied entry as the high watermark, never backwards.
