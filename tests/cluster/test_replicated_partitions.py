@@ -53,6 +53,18 @@ def node_of(cluster, admin, broker_id):
     return wait_for(f"broker {broker_id} in the metadata", find, timeout=30)
 
 
+def three_nodes(nodes_factory, env=None):
+    """Three nodes that form a cluster and count each other live (so any of them takes a
+    CreateTopics), their Kafka bootstrap list and an admin client on it."""
+    from confluent_kafka.admin import AdminClient
+
+    cluster = nodes_factory(3, env=env).start()
+    wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
+    wait_for("three live brokers", lambda: all(live_brokers(n) == 3 for n in cluster.nodes), timeout=20)
+    bootstrap = ",".join(node.kafka for node in cluster.nodes)
+    return cluster, bootstrap, AdminClient({"bootstrap.servers": bootstrap})
+
+
 def read_back(bootstrap, topic, expected):
     """(value, offset) of every record of partition 0, read from the start by a fresh consumer
     until `expected` records arrived or a minute passed."""
@@ -81,17 +93,12 @@ def test_acknowledged_records_survive_leader_kills_exactly_once_and_in_order(nod
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    cluster = nodes_factory(3).start()
+    cluster, bootstrap, admin = three_nodes(nodes_factory)
     a = cluster.nodes[0]
-    wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
-    # Any node may take the CreateTopics: each must count the three live.
-    wait_for("three live brokers", lambda: all(live_brokers(n) == 3 for n in cluster.nodes), timeout=20)
-    bootstrap = ",".join(node.kafka for node in cluster.nodes)
     # One cluster to clients: every node reports the same cluster id.
     ids = {AdminClient({"bootstrap.servers": node.kafka}).list_topics(timeout=10).cluster_id
            for node in cluster.nodes}
     assert len(ids) == 1, ids
-    admin = AdminClient({"bootstrap.servers": bootstrap})
     admin.create_topics([NewTopic(TOPIC, num_partitions=1, replication_factor=3)])[TOPIC].result(30)
     state = wait_for("a leader with three replicas", lambda: partition_state(admin), timeout=30)
     assert len(state[1]) == 3, state
@@ -178,11 +185,7 @@ def test_a_frozen_leader_commits_nothing_and_nothing_acknowledged_is_lost(nodes_
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    cluster = nodes_factory(3).start()
-    wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
-    wait_for("three live brokers", lambda: all(live_brokers(n) == 3 for n in cluster.nodes), timeout=20)
-    bootstrap = ",".join(node.kafka for node in cluster.nodes)
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    cluster, bootstrap, admin = three_nodes(nodes_factory)
     admin.create_topics([NewTopic("frozen", num_partitions=1, replication_factor=3)])["frozen"].result(30)
     old_leader_id = wait_for("a leader", lambda: partition_state(admin, "frozen"), timeout=30)[0]
     old_leader = node_of(cluster, admin, old_leader_id)
@@ -249,11 +252,7 @@ def test_topics_default_to_three_replicas_and_min_insync_replicas_refuses_unwrit
     from confluent_kafka import KafkaError, Producer
     from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
-    cluster = nodes_factory(3, env={"SLUICE_KAFKA__REPLICA_LAG_TIME_MAX_MS": "1500"}).start()
-    wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
-    wait_for("three live brokers", lambda: all(live_brokers(n) == 3 for n in cluster.nodes), timeout=20)
-    bootstrap = ",".join(node.kafka for node in cluster.nodes)
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    cluster, bootstrap, admin = three_nodes(nodes_factory, env={"SLUICE_KAFKA__REPLICA_LAG_TIME_MAX_MS": "1500"})
     admin.create_topics([NewTopic("defaulted", num_partitions=2)])["defaulted"].result(30)
     assert len(wait_for("a leader", lambda: partition_state(admin, "defaulted"), timeout=30)[1]) == 3
     admin.create_topics([NewTopic("strict", num_partitions=1, replication_factor=3,
@@ -310,15 +309,11 @@ def test_a_follower_stopped_through_10000_batches_catches_up_byte_identical(node
     follower's (`sluice topic checksum` on each node); the leader's describe shows it in sync
     with no lag."""
     from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import NewTopic
 
     from conftest import run_cli as cli
 
-    cluster = nodes_factory(3).start()
-    wait_for("a three-voter cluster", lambda: settled(cluster.nodes, 3))
-    wait_for("three live brokers", lambda: all(live_brokers(n) == 3 for n in cluster.nodes), timeout=20)
-    bootstrap = ",".join(node.kafka for node in cluster.nodes)
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    cluster, bootstrap, admin = three_nodes(nodes_factory)
     admin.create_topics([NewTopic("catchup", num_partitions=1, replication_factor=3)])["catchup"].result(30)
     leader_id, replicas, _ = wait_for("a leader", lambda: partition_state(admin, "catchup"), timeout=30)
     leader = node_of(cluster, admin, leader_id)

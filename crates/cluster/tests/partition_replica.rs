@@ -113,6 +113,36 @@ fn batch(producer: Option<(i64, i32)>, records: usize) -> Bytes {
 }
 
 /// The ready leader among `nodes`.
+/// Three replicas of the group, each on its own transport, with their directories in `root`.
+async fn three(
+    root: &Path,
+    preferred: Option<u64>,
+    settings: ReplicaSettings,
+) -> (BTreeMap<u64, BasicNode>, BTreeMap<u64, Node>) {
+    let mut listeners = BTreeMap::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=3u64 {
+        let (listener, address) = listen().await;
+        members.insert(id, BasicNode::new(address.clone()));
+        listeners.insert(id, (listener, address));
+    }
+    let mut nodes = BTreeMap::new();
+    for (id, (listener, address)) in listeners {
+        let dir = root.join(format!("n{id}"));
+        let node = start_preferring(
+            id,
+            &dir,
+            listener,
+            &address,
+            &members,
+            preferred,
+            settings.clone(),
+        );
+        nodes.insert(id, node.await);
+    }
+    (members, nodes)
+}
+
 async fn ready_leader(nodes: &BTreeMap<u64, Node>) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -130,18 +160,7 @@ async fn ready_leader(nodes: &BTreeMap<u64, Node>) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_go_through_a_ready_leader_and_an_idempotent_producer_survives_failover() {
     let root = tempfile::tempdir().expect("tempdir");
-    let mut listeners = BTreeMap::new();
-    let mut members = BTreeMap::new();
-    for id in 1..=3u64 {
-        let (listener, address) = listen().await;
-        members.insert(id, BasicNode::new(address.clone()));
-        listeners.insert(id, (listener, address));
-    }
-    let mut nodes = BTreeMap::new();
-    for (id, (listener, address)) in listeners {
-        let dir = root.path().join(format!("n{id}"));
-        nodes.insert(id, start(id, &dir, listener, &address, &members).await);
-    }
+    let (_, mut nodes) = three(root.path(), None, ReplicaSettings::default()).await;
 
     let leader = ready_leader(&nodes).await;
     let epoch = nodes[&leader].replica.ready_epoch().expect("ready");
@@ -280,18 +299,7 @@ fn valued(value: &[u8]) -> Bytes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_writes_share_entries_and_acks_follow_kafka() {
     let root = tempfile::tempdir().expect("tempdir");
-    let mut listeners = BTreeMap::new();
-    let mut members = BTreeMap::new();
-    for id in 1..=3u64 {
-        let (listener, address) = listen().await;
-        members.insert(id, BasicNode::new(address.clone()));
-        listeners.insert(id, (listener, address));
-    }
-    let mut nodes = BTreeMap::new();
-    for (id, (listener, address)) in listeners {
-        let dir = root.path().join(format!("n{id}"));
-        nodes.insert(id, start(id, &dir, listener, &address, &members).await);
-    }
+    let (_, mut nodes) = three(root.path(), None, ReplicaSettings::default()).await;
     let leader = ready_leader(&nodes).await;
     let replica = nodes[&leader].replica.clone();
 
@@ -425,31 +433,11 @@ async fn queued_writes_share_entries_and_acks_follow_kafka() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_goes_back_to_the_preferred_replica() {
     let root = tempfile::tempdir().expect("tempdir");
-    let mut listeners = BTreeMap::new();
-    let mut members = BTreeMap::new();
-    for id in 1..=3u64 {
-        let (listener, address) = listen().await;
-        members.insert(id, BasicNode::new(address.clone()));
-        listeners.insert(id, (listener, address));
-    }
     let settings = ReplicaSettings {
         balance_every: Duration::from_millis(300),
         ..ReplicaSettings::default()
     };
-    let mut nodes = BTreeMap::new();
-    for (id, (listener, address)) in listeners {
-        let dir = root.path().join(format!("n{id}"));
-        let node = start_preferring(
-            id,
-            &dir,
-            listener,
-            &address,
-            &members,
-            Some(3),
-            settings.clone(),
-        );
-        nodes.insert(id, node.await);
-    }
+    let (_, mut nodes) = three(root.path(), Some(3), settings).await;
     let first = ready_leader(&nodes).await;
     let first_epoch = nodes[&first].replica.ready_epoch().expect("ready");
     eprintln!("first leader {first} in term {first_epoch}");
@@ -514,18 +502,7 @@ async fn rebind(address: &str) -> TcpListener {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_leader_serves_only_in_a_new_term_with_every_producer_batch_applied() {
     let root = tempfile::tempdir().expect("tempdir");
-    let mut listeners = BTreeMap::new();
-    let mut members = BTreeMap::new();
-    for id in 1..=3u64 {
-        let (listener, address) = listen().await;
-        members.insert(id, BasicNode::new(address.clone()));
-        listeners.insert(id, (listener, address));
-    }
-    let mut nodes = BTreeMap::new();
-    for (id, (listener, address)) in listeners {
-        let dir = root.path().join(format!("n{id}"));
-        nodes.insert(id, start(id, &dir, listener, &address, &members).await);
-    }
+    let (members, mut nodes) = three(root.path(), None, ReplicaSettings::default()).await;
     let leader = ready_leader(&nodes).await;
     let epoch = nodes[&leader].replica.ready_epoch().expect("ready");
     for sequence in 0..200 {
