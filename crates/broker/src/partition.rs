@@ -568,12 +568,11 @@ impl Partition {
             return None;
         };
         log.ready_epoch()?;
-        let lag = settings.replica_lag.as_millis();
         let mut in_sync = vec![log.node()];
         in_sync.extend(
             log.followers()
                 .into_iter()
-                .filter(|f| f.last_contact_ms.is_some_and(|ms| u128::from(ms) <= lag))
+                .filter(|f| f.in_sync(settings.replica_lag))
                 .map(|f| f.node),
         );
         Some(in_sync)

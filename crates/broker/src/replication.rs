@@ -121,6 +121,15 @@ pub struct FollowerView {
     pub last_contact_ms: Option<u64>,
 }
 
+impl FollowerView {
+    /// Whether it is in sync: it answered the leader within `lag` (Kafka's
+    /// `replica.lag.time.max.ms`).
+    pub fn in_sync(&self, lag: Duration) -> bool {
+        self.last_contact_ms
+            .is_some_and(|ms| u128::from(ms) <= lag.as_millis())
+    }
+}
+
 /// How a replicated write is acknowledged (Kafka's acks and the topic's settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProduceOptions {

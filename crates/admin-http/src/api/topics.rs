@@ -191,9 +191,7 @@ fn detail(state: &AdminState, topic: &Topic) -> ApiResult<TopicDetail> {
                                 .into_iter()
                                 .map(|f| FollowerDetail {
                                     node: f.node,
-                                    in_sync: f
-                                        .last_contact_ms
-                                        .is_some_and(|ms| u128::from(ms) <= lag_max.as_millis()),
+                                    in_sync: f.in_sync(lag_max),
                                     lag: f.matched_offset.map(|m| end.saturating_sub(m)),
                                     matched_offset: f.matched_offset,
                                     last_contact_ms: f.last_contact_ms,

@@ -550,13 +550,8 @@ impl PartitionReplica {
                 .replication
                 .iter()
                 .flatten()
-                .find(|(id, matched)| {
-                    **id != self.id
-                        && matched
-                            .as_ref()
-                            .is_some_and(|m| Some(m.index) == metrics.last_log_index)
-                })
                 .map(|(id, _)| *id)
+                .find(|id| *id != self.id && holds_whole_log(metrics, *id))
         });
         let Some(target) = target else {
             return;
@@ -926,11 +921,7 @@ async fn hand_to_preferred(raft: PartitionRaft, id: NodeId, preferred: NodeId, e
         let ready = {
             let metrics = raft.metrics();
             let metrics = metrics.borrow_watched();
-            let caught_up = metrics
-                .replication
-                .as_ref()
-                .and_then(|r| r.get(&preferred).cloned().flatten())
-                .is_some_and(|matched| Some(matched.index) == metrics.last_log_index);
+            let caught_up = holds_whole_log(&metrics, preferred);
             let answering = metrics
                 .heartbeat
                 .as_ref()
@@ -939,7 +930,7 @@ async fn hand_to_preferred(raft: PartitionRaft, id: NodeId, preferred: NodeId, e
             metrics.current_leader == Some(id) && caught_up && answering
         };
         if ready {
-            tracing::info!(group = %raft_group_name(&raft), to = preferred, "handing leadership to the preferred replica");
+            tracing::info!(group = %raft.config().cluster_name, to = preferred, "handing leadership to the preferred replica");
             if raft.trigger().transfer_leader(preferred).await.is_err() {
                 return;
             }
@@ -947,8 +938,13 @@ async fn hand_to_preferred(raft: PartitionRaft, id: NodeId, preferred: NodeId, e
     }
 }
 
-fn raft_group_name(raft: &PartitionRaft) -> String {
-    raft.config().cluster_name.clone()
+/// Whether the leader knows `node` holds its whole log (the leader's view; false elsewhere).
+fn holds_whole_log(metrics: &RaftMetrics<PartitionTypes>, node: NodeId) -> bool {
+    metrics
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&node).cloned().flatten())
+        .is_some_and(|matched| Some(matched.index) == metrics.last_log_index)
 }
 
 /// Publishes the end offset of the last applied entry as the high watermark, never backwards.
