@@ -80,7 +80,12 @@ impl From<BrokerError> for ApiError {
             E::UnknownTopic(_) | E::UnknownPartition { .. } => Self::not_found(error.to_string()),
             E::TopicExists(_) => Self::conflict(error.to_string()),
             // Asked of the wrong node: the partition's node answers it.
-            E::NotLeader { .. } => Self::new(StatusCode::MISDIRECTED_REQUEST, error.to_string()),
+            E::NotLeader { .. } | E::NotCoordinator { .. } => {
+                Self::new(StatusCode::MISDIRECTED_REQUEST, error.to_string())
+            }
+            E::CoordinatorLoading { .. } | E::CoordinatorNotAvailable { .. } => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
+            }
             E::InvalidTopic { .. }
             | E::InvalidPartitions(_)
             | E::PolicyViolation(_)

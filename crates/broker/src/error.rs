@@ -36,6 +36,18 @@ pub enum BrokerError {
         in_sync: usize,
         required: usize,
     },
+    /// This node does not coordinate the consumer group now: in a cluster, the group's
+    /// partition of the committed-offsets topic is led elsewhere. Nothing was written.
+    #[error("this node does not coordinate group {group:?}")]
+    NotCoordinator { group: String },
+    /// This node leads the group's partition of the committed-offsets topic but has not read
+    /// it up to its term's start yet. Nothing was written.
+    #[error("the coordinator of group {group:?} is still loading its offsets")]
+    CoordinatorLoading { group: String },
+    /// The group's coordinator cannot take the request now (its partition has too few
+    /// replicas in sync, say). Nothing was written.
+    #[error("the coordinator of group {group:?} is not available: {reason}")]
+    CoordinatorNotAvailable { group: String, reason: String },
     #[error("topic {0:?} already exists")]
     TopicExists(String),
     #[error("invalid topic name {name:?}: {reason}")]

@@ -28,6 +28,7 @@ pub mod definitions;
 pub mod error;
 pub mod exchange;
 pub mod group;
+pub mod group_offsets;
 pub mod limits;
 pub mod message;
 pub mod metadata;
@@ -120,6 +121,9 @@ pub struct BrokerConfig {
     /// A follower that has not answered its leader for this long is out of sync (Kafka's
     /// `replica.lag.time.max.ms`).
     pub replica_lag_time_max: Duration,
+    /// Partitions of the committed-offsets topic a cluster creates (Kafka's
+    /// `offsets.topic.num.partitions`); fixed once the topic exists.
+    pub offsets_topic_partitions: u32,
 }
 
 impl BrokerConfig {
@@ -148,6 +152,7 @@ impl BrokerConfig {
             default_replication_factor: None,
             min_insync_replicas: 1,
             replica_lag_time_max: Duration::from_secs(30),
+            offsets_topic_partitions: 10,
         }
     }
 }
@@ -224,6 +229,75 @@ impl Topic {
     }
 }
 
+/// Where a consumer group's coordinator is ([`Broker::coordinator`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coordinator {
+    Here,
+    /// This node will coordinate it once it has read its offsets.
+    Loading,
+    At(NodeId),
+    /// Nowhere now: the committed-offsets topic is being created, or its partition has no
+    /// leader.
+    Unavailable,
+}
+
+fn coordinated_partitions(shared: &Shared) -> (u32, BTreeMap<u32, i32>) {
+    let Some(topic) = shared
+        .topics
+        .read()
+        .get(group_offsets::OFFSETS_TOPIC)
+        .cloned()
+    else {
+        return (0, BTreeMap::new());
+    };
+    let led = shared
+        .tails
+        .all(topic.id)
+        .iter()
+        .filter(|tail| tail.coordinating() == group_offsets::Coordinating::Yes)
+        .map(|tail| (tail.partition().index(), tail.partition().leader_epoch()))
+        .collect();
+    (topic.partition_count() as u32, led)
+}
+
+/// How often a clustered node looks for partitions of the committed-offsets topic it stopped
+/// coordinating.
+const COORDINATION_CHECK: Duration = Duration::from_millis(500);
+
+/// Drops the membership of groups whose partition of the committed-offsets topic this node
+/// stopped coordinating (or lost and led again in a newer epoch): their members moved to
+/// the new coordinator, and state kept here would be stale should the partition come back.
+/// Ends when the broker is dropped.
+async fn unload_moved_groups(shared: std::sync::Weak<Shared>, groups: GroupCoordinator) {
+    let mut before: BTreeMap<u32, i32> = BTreeMap::new();
+    loop {
+        tokio::time::sleep(COORDINATION_CHECK).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let (count, now) = coordinated_partitions(&shared);
+        drop(shared);
+        let moved: std::collections::BTreeSet<u32> = before
+            .iter()
+            .filter(|(index, epoch)| now.get(index) != Some(epoch))
+            .map(|(index, _)| *index)
+            .collect();
+        before = now;
+        if moved.is_empty() || count == 0 {
+            continue;
+        }
+        let belongs = move |group: &str| moved.contains(&group_offsets::partition_for(group, count));
+        match groups.unload(belongs).await {
+            Ok(0) => {}
+            Ok(dropped) => tracing::info!(dropped, "groups moved to another coordinator"),
+            Err(error) => tracing::warn!(?error, "cannot drop groups that moved"),
+        }
+    }
+}
+
+/// How long a replicated offset commit waits for its answer.
+const OFFSET_COMMIT_WAIT: Duration = Duration::from_secs(30);
+
 /// Where a partition is served, for clients' metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionView {
@@ -276,6 +350,11 @@ pub(crate) struct Shared {
     pub applying: tokio::sync::Mutex<()>,
     /// Requests for queues on other nodes, both ways.
     pub forwarding: Arc<queue::remote::Forwarding>,
+    /// In a cluster: this node's replicas of the committed-offsets topic, each folded into
+    /// its table of offsets (see [`group_offsets`]).
+    pub tails: group_offsets::Tails,
+    /// Set while this node asks the controller for the committed-offsets topic.
+    pub creating_offsets_topic: std::sync::atomic::AtomicBool,
     /// Held for as long as the broker uses the data directory.
     _lock: File,
 }
@@ -333,6 +412,7 @@ impl Broker {
         let (groups, task) =
             GroupCoordinator::start(shared.config.group_limits, Arc::clone(&shared.clock));
         shared.supervisor.watch("group coordinator".into(), task);
+        tokio::spawn(unload_moved_groups(Arc::downgrade(&shared), groups.clone()));
         Ok(Self {
             shared,
             controller,
@@ -445,15 +525,6 @@ impl Broker {
         }
     }
 
-    /// The node that coordinates consumer group `group`: this one when the broker has no
-    /// cluster.
-    pub fn group_owner(&self, group: &str) -> Option<NodeId> {
-        match self.shared.cluster.get() {
-            Some(link) => link.group_owner(group),
-            None => Some(self.node_id()),
-        }
-    }
-
     /// The controller group as its leader sees it; `None` when the broker has no cluster.
     pub async fn quorum(&self) -> Option<Result<replication::QuorumView, BrokerError>> {
         match self.shared.cluster.get() {
@@ -505,6 +576,12 @@ impl Broker {
 
     pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
         self.shared.topics.read().get(name).cloned()
+    }
+
+    /// Whether `name` is a topic the broker keeps for itself (in a cluster, the
+    /// committed-offsets topic): clients may read it, never write it.
+    pub fn is_internal_topic(&self, name: &str) -> bool {
+        self.shared.cluster.get().is_some() && name == group_offsets::OFFSETS_TOPIC
     }
 
     pub fn topics(&self) -> Vec<Arc<Topic>> {
@@ -661,12 +738,154 @@ impl Broker {
             .map_err(|e| BrokerError::metadata("allocate producer id", e))?
     }
 
-    /// Stores a group's committed offsets, all or none.
+    /// Where consumer group `group`'s coordinator is: this node when it has no cluster; in a
+    /// cluster the leader of the group's partition of the committed-offsets topic (see
+    /// [`group_offsets`]), which is created here when it does not exist yet.
+    pub fn coordinator(&self, group: &str) -> Coordinator {
+        if self.shared.cluster.get().is_none() {
+            return Coordinator::Here;
+        }
+        let Some(topic) = self.topic(group_offsets::OFFSETS_TOPIC) else {
+            self.create_offsets_topic();
+            return Coordinator::Unavailable;
+        };
+        let index = group_offsets::partition_for(group, topic.partition_count() as u32);
+        if let Some(tail) = self.shared.tails.get(topic.id, index) {
+            match tail.coordinating() {
+                group_offsets::Coordinating::Yes => return Coordinator::Here,
+                group_offsets::Coordinating::Loading => return Coordinator::Loading,
+                group_offsets::Coordinating::No => {}
+            }
+        }
+        match topic.partition_view(index as usize).and_then(|v| v.leader) {
+            Some(leader) if leader != self.node_id() => Coordinator::At(leader),
+            _ => Coordinator::Unavailable,
+        }
+    }
+
+    /// Asks the controller for the committed-offsets topic, once at a time, in the background
+    /// (the requests that found it missing are answered "not available" meanwhile).
+    fn create_offsets_topic(&self) {
+        use std::sync::atomic::Ordering;
+        if self
+            .shared
+            .creating_offsets_topic
+            .swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let broker = self.clone();
+        tokio::spawn(async move {
+            let topic = NewTopic {
+                name: group_offsets::OFFSETS_TOPIC.to_owned(),
+                partition_count: Some(broker.shared.config.offsets_topic_partitions),
+                replication_factor: None,
+                config: BTreeMap::from([
+                    ("retention.ms".to_owned(), "-1".to_owned()),
+                    ("retention.bytes".to_owned(), "-1".to_owned()),
+                ]),
+                assignments: None,
+            };
+            match broker.create_topic(topic, false).await {
+                Ok(_) | Err(BrokerError::TopicExists(_)) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "cannot create the committed-offsets topic yet");
+                }
+            }
+            broker
+                .shared
+                .creating_offsets_topic
+                .store(false, Ordering::Release);
+        });
+    }
+
+    /// This node's replica of `group`'s partition of the committed-offsets topic, if it
+    /// coordinates the group now.
+    fn coordinating(&self, group: &str) -> Result<Arc<group_offsets::Tail>, BrokerError> {
+        let not_coordinator = || BrokerError::NotCoordinator {
+            group: group.to_owned(),
+        };
+        let topic = self
+            .topic(group_offsets::OFFSETS_TOPIC)
+            .ok_or_else(not_coordinator)?;
+        let index = group_offsets::partition_for(group, topic.partition_count() as u32);
+        let tail = self
+            .shared
+            .tails
+            .get(topic.id, index)
+            .ok_or_else(not_coordinator)?;
+        match tail.coordinating() {
+            group_offsets::Coordinating::Yes => Ok(tail),
+            group_offsets::Coordinating::Loading => Err(BrokerError::CoordinatorLoading {
+                group: group.to_owned(),
+            }),
+            group_offsets::Coordinating::No => Err(not_coordinator()),
+        }
+    }
+
+    /// This node's replica of `group`'s partition of the committed-offsets topic, whatever
+    /// its role (for reads that may lag the leader a little, such as the admin API's).
+    /// `None` before the topic exists (no group has committed anything); NOT_COORDINATOR
+    /// where this node holds no replica of the group's partition.
+    fn local_table(&self, group: &str) -> Result<Option<Arc<group_offsets::Tail>>, BrokerError> {
+        let Some(topic) = self.topic(group_offsets::OFFSETS_TOPIC) else {
+            return Ok(None);
+        };
+        let index = group_offsets::partition_for(group, topic.partition_count() as u32);
+        match self.shared.tails.get(topic.id, index) {
+            Some(tail) => Ok(Some(tail)),
+            None => Err(BrokerError::NotCoordinator {
+                group: group.to_owned(),
+            }),
+        }
+    }
+
+    /// Writes a batch of offset records through the coordinating replica `tail` (acks=all)
+    /// and waits until its table holds it.
+    async fn write_offsets(
+        &self,
+        group: &str,
+        tail: &group_offsets::Tail,
+        batch: bytes::Bytes,
+    ) -> Result<(), BrokerError> {
+        let outcome = tail
+            .partition()
+            .produce_acks(batch, -1, OFFSET_COMMIT_WAIT)
+            .await
+            .map_err(|error| match error {
+                BrokerError::NotLeader { .. } | BrokerError::LeaderNotReady { .. } => {
+                    BrokerError::NotCoordinator {
+                        group: group.to_owned(),
+                    }
+                }
+                BrokerError::NotEnoughReplicas { .. } => BrokerError::CoordinatorNotAvailable {
+                    group: group.to_owned(),
+                    reason: error.to_string(),
+                },
+                other => other,
+            })?;
+        if tail.folded(outcome.last_offset + 1, OFFSET_COMMIT_WAIT).await {
+            Ok(())
+        } else {
+            Err(BrokerError::WriteIndeterminate(format!(
+                "the offsets of group {group:?} were committed at offset {} but not read back in time",
+                outcome.base_offset
+            )))
+        }
+    }
+
+    /// Stores a group's committed offsets, all or none. In a cluster only the group's
+    /// coordinator stores them (acks=all to the committed-offsets topic).
     pub async fn commit_offsets(
         &self,
         group: &str,
         entries: Vec<OffsetEntry>,
     ) -> Result<(), BrokerError> {
+        if self.shared.cluster.get().is_some() {
+            let tail = self.coordinating(group)?;
+            let batch = group_offsets::commit_batch(group, &entries, self.shared.clock.now_ms());
+            return self.write_offsets(group, &tail, batch).await;
+        }
         let offsets = self.shared.offsets.clone();
         let command = OffsetCommand::Commit {
             group: group.to_owned(),
@@ -677,25 +896,110 @@ impl Broker {
             .map_err(|e| BrokerError::metadata("commit offsets", e))?
     }
 
+    /// A group's committed offset of one partition. In a cluster, as this node's replica of
+    /// the group's partition of the committed-offsets topic has it (the coordinator's is
+    /// current; callers that answer clients check [`Self::coordinator`] first).
     pub fn committed_offset(
         &self,
         group: &str,
         topic: &str,
         partition: u32,
     ) -> Result<Option<CommittedOffset>, BrokerError> {
+        if self.shared.cluster.get().is_some() {
+            let found = self
+                .local_table(group)?
+                .and_then(|tail| tail.table().get(group, topic, partition));
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        // Alone; or in a cluster, what this node stored before offsets were replicated.
         self.shared.offsets.fetch(group, topic, partition)
     }
 
+    /// Every committed offset of a group (in a cluster, as [`Self::committed_offset`]).
     pub fn committed_offsets(&self, group: &str) -> Result<Vec<OffsetEntry>, BrokerError> {
-        self.shared.offsets.fetch_group(group)
+        let legacy = self.shared.offsets.fetch_group(group)?;
+        if self.shared.cluster.get().is_none() {
+            return Ok(legacy);
+        }
+        let mut entries = self
+            .local_table(group)?
+            .map(|tail| tail.table().group(group))
+            .unwrap_or_default();
+        // What this node stored before offsets were replicated, where nothing newer is.
+        for old in legacy {
+            if !entries
+                .iter()
+                .any(|e| e.topic == old.topic && e.partition == old.partition)
+            {
+                entries.push(old);
+            }
+        }
+        entries.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        Ok(entries)
     }
 
-    /// Groups that have committed offsets.
+    /// Groups that have committed offsets; in a cluster, those this node coordinates.
     pub fn groups_with_offsets(&self) -> Result<Vec<String>, BrokerError> {
+        if self.shared.cluster.get().is_some() {
+            let Some(topic) = self.topic(group_offsets::OFFSETS_TOPIC) else {
+                return Ok(Vec::new());
+            };
+            let mut groups: Vec<String> = self
+                .shared
+                .tails
+                .all(topic.id)
+                .iter()
+                .filter(|tail| tail.coordinating() == group_offsets::Coordinating::Yes)
+                .flat_map(|tail| {
+                    tail.table()
+                        .groups()
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            // And those stored here before offsets were replicated.
+            for group in self.shared.offsets.groups()? {
+                if self.coordinator(&group) == Coordinator::Here {
+                    groups.push(group);
+                }
+            }
+            groups.sort();
+            groups.dedup();
+            return Ok(groups);
+        }
         self.shared.offsets.groups()
     }
 
+    /// Which partitions of the committed-offsets topic this node coordinates now, with the
+    /// epoch it leads each in; empty without a cluster.
+    pub fn coordinated_partitions(&self) -> (u32, BTreeMap<u32, i32>) {
+        coordinated_partitions(&self.shared)
+    }
+
     pub async fn delete_group_offsets(&self, group: &str) -> Result<usize, BrokerError> {
+        if self.shared.cluster.get().is_some() {
+            let tail = self.coordinating(group)?;
+            let keys: Vec<(String, u32)> = tail
+                .table()
+                .group(group)
+                .into_iter()
+                .map(|entry| (entry.topic, entry.partition))
+                .collect();
+            let mut deleted = 0;
+            if !keys.is_empty() {
+                let batch = group_offsets::delete_batch(group, &keys, self.shared.clock.now_ms());
+                self.write_offsets(group, &tail, batch).await?;
+                deleted = keys.len();
+            }
+            return Ok(deleted + self.delete_stored_offsets(group).await?);
+        }
+        self.delete_stored_offsets(group).await
+    }
+
+    /// Deletes the offsets of `group` in this node's own store.
+    async fn delete_stored_offsets(&self, group: &str) -> Result<usize, BrokerError> {
         let offsets = self.shared.offsets.clone();
         let command = OffsetCommand::Delete {
             group: Some(group.to_owned()),
@@ -709,6 +1013,7 @@ impl Broker {
     /// Stops the controller, then closes every partition (flushing and fsyncing its log).
     pub async fn shutdown(&self) -> Result<(), BrokerError> {
         self.shared.supervisor.begin_shutdown();
+        self.shared.tails.stop_all();
         let topics: Vec<Arc<Topic>> = self.topics();
         let mut closing = tokio::task::JoinSet::new();
         for topic in topics {

@@ -552,6 +552,17 @@ impl Partition {
         }
     }
 
+    /// Where leader epoch `epoch` began in this replica's log: the end of the epochs before
+    /// it (0 when there were none, and for a single copy, whose epoch never changes).
+    pub fn epoch_start(&self, epoch: i32) -> u64 {
+        match &self.backend {
+            Backend::Owner(_) => 0,
+            Backend::Replicated(log, _) => log
+                .end_offset_for_epoch(epoch.saturating_sub(1))
+                .map_or(0, |(_, end)| end),
+        }
+    }
+
     /// The other replicas as this node's replica sees them while it leads; `None` for a
     /// single copy.
     pub fn followers(&self) -> Option<Vec<FollowerView>> {

@@ -209,9 +209,6 @@ pub trait ClusterLink: Send + Sync + std::fmt::Debug + 'static {
     /// [`crate::queue::remote`]).
     fn forward(&self, node: NodeId, body: Bytes, timeout: Duration) -> ForwardFuture<'_>;
 
-    /// The node that coordinates consumer group `group`, if the cluster has nodes.
-    fn group_owner(&self, group: &str) -> Option<NodeId>;
-
     /// The controller group as its leader sees it (this node's own view when the leader
     /// cannot be asked).
     fn quorum(&self) -> LogFuture<'_, QuorumView>;

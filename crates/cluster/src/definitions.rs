@@ -376,10 +376,6 @@ impl ClusterLink for BrokerLink {
         })
     }
 
-    fn group_owner(&self, group: &str) -> Option<sluice_broker::NodeId> {
-        placement::owner(PlacementKey::group(group), &self.node_ids()).map(broker_id)
-    }
-
     fn quorum(&self) -> LogFuture<'_, QuorumView> {
         Box::pin(async move {
             let status = crate::status::current(&self.node, QUORUM_WAIT).await;

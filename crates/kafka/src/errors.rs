@@ -42,6 +42,9 @@ pub fn kafka_error(error: &BrokerError) -> KafkaError {
         // retries with the same sequence and the retry is deduplicated.
         BrokerError::WriteIndeterminate(_) => ResponseError::RequestTimedOut,
         BrokerError::NotEnoughReplicas { .. } => ResponseError::NotEnoughReplicas,
+        BrokerError::NotCoordinator { .. } => ResponseError::NotCoordinator,
+        BrokerError::CoordinatorLoading { .. } => ResponseError::CoordinatorLoadInProgress,
+        BrokerError::CoordinatorNotAvailable { .. } => ResponseError::CoordinatorNotAvailable,
         BrokerError::TopicExists(_) => ResponseError::TopicAlreadyExists,
         BrokerError::InvalidTopic { .. } => ResponseError::InvalidTopicException,
         BrokerError::InvalidPartitions(_) => ResponseError::InvalidPartitions,
@@ -90,6 +93,7 @@ pub fn group_code(error: GroupError) -> i16 {
         GroupError::GroupIdNotFound => ResponseError::GroupIdNotFound,
         GroupError::InvalidGroupId => ResponseError::InvalidGroupId,
         GroupError::CoordinatorNotAvailable => ResponseError::CoordinatorNotAvailable,
+        GroupError::NotCoordinator => ResponseError::NotCoordinator,
     };
     code.code()
 }

@@ -158,6 +158,9 @@ pub struct KafkaSection {
     /// A follower that has not answered its leader for this long is out of sync
     /// (replica.lag.time.max.ms).
     pub replica_lag_time_max_ms: u64,
+    /// Partitions of `__consumer_offsets`, the topic a cluster keeps committed offsets in
+    /// (Kafka's `offsets.topic.num.partitions`); used when the topic is created.
+    pub offsets_topic_partitions: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,6 +224,7 @@ impl Default for KafkaSection {
             default_replication_factor: None,
             min_insync_replicas: 1,
             replica_lag_time_max_ms: 30_000,
+            offsets_topic_partitions: 10,
             fetch_max_bytes: 55 * 1024 * 1024,
             replica_fetch_max_bytes: 1024 * 1024,
             group_initial_rebalance_delay_ms: 3_000,
@@ -457,6 +461,9 @@ impl Config {
         if self.kafka.min_insync_replicas == 0 {
             bail!("kafka.min_insync_replicas must be at least 1");
         }
+        if self.kafka.offsets_topic_partitions == 0 {
+            bail!("kafka.offsets_topic_partitions must be at least 1");
+        }
         if self.kafka.replica_lag_time_max_ms == 0 {
             bail!("kafka.replica_lag_time_max_ms must be positive");
         }
@@ -584,6 +591,7 @@ impl Config {
         broker.default_replication_factor = self.kafka.default_replication_factor;
         broker.min_insync_replicas = self.kafka.min_insync_replicas;
         broker.replica_lag_time_max = Duration::from_millis(self.kafka.replica_lag_time_max_ms);
+        broker.offsets_topic_partitions = self.kafka.offsets_topic_partitions;
         broker.queue_segment_bytes = self.amqp.queue_segment_bytes;
         broker.queue_flow_ready_high = self.amqp.queue_flow_ready_high;
         broker.max_message_bytes = self.amqp.max_message_bytes;

@@ -261,7 +261,7 @@ async fn open_replicas(
                 replicas: placed.replicas.clone(),
             })
             .await?;
-        opened.push(Partition::replicated(
+        let partition = Partition::replicated(
             Arc::clone(&spec.topic),
             spec.topic_id,
             spec.index,
@@ -270,7 +270,11 @@ async fn open_replicas(
                 spec.config.min_insync_replicas,
                 shared.config.replica_lag_time_max,
             ),
-        ));
+        );
+        if &*spec.topic == crate::group_offsets::OFFSETS_TOPIC {
+            shared.tails.attach(spec.topic_id, Arc::clone(&partition));
+        }
+        opened.push(partition);
     }
     Ok(opened)
 }
@@ -383,6 +387,9 @@ async fn start_partitions(
             {
                 let (partition, task) =
                     Partition::start(&spec, log, producers, shared.owner_options());
+                if &*spec.topic == crate::group_offsets::OFFSETS_TOPIC {
+                    shared.tails.attach(spec.topic_id, Arc::clone(&partition));
+                }
                 shared
                     .supervisor
                     .watch(format!("partition {}-{}", spec.topic, spec.index), task);
@@ -398,9 +405,44 @@ async fn start_partitions(
     Ok(())
 }
 
+/// In a cluster, where this node coordinates groups: deletes their offsets of the deleted
+/// topic `name` (tombstones in the committed-offsets topic, in the background; a failure is
+/// logged, and the offsets stay until the group deletes them).
+fn forget_replicated_offsets(shared: &Arc<Shared>, name: &str) {
+    use crate::group_offsets::{Coordinating, OFFSETS_TOPIC, delete_batch};
+    let Some(offsets) = shared.topics.read().get(OFFSETS_TOPIC).cloned() else {
+        return;
+    };
+    for tail in shared.tails.all(offsets.id) {
+        if tail.coordinating() != Coordinating::Yes {
+            continue;
+        }
+        let mut by_group: std::collections::BTreeMap<String, Vec<(String, u32)>> =
+            std::collections::BTreeMap::new();
+        for (group, key) in tail.table().of_topic(name) {
+            by_group.entry(group).or_default().push(key);
+        }
+        if by_group.is_empty() {
+            continue;
+        }
+        let now_ms = shared.clock.now_ms();
+        let topic = name.to_owned();
+        tokio::spawn(async move {
+            for (group, keys) in by_group {
+                let batch = delete_batch(&group, &keys, now_ms);
+                if let Err(error) = tail.partition().produce(batch).await {
+                    tracing::warn!(%topic, %group, %error, "cannot delete the committed offsets of a deleted topic");
+                }
+            }
+        });
+    }
+}
+
 /// Stops serving a deleted topic: closes its partitions, removes their logs and the offsets
 /// committed for it.
 async fn stop_topic(shared: &Arc<Shared>, name: &str, id: uuid::Uuid) {
+    shared.tails.detach_topic(id);
+    forget_replicated_offsets(shared, name);
     let removed = {
         let mut topics = shared.topics.write();
         match topics.get(name) {

@@ -124,6 +124,8 @@ pub(crate) fn load(
         applied,
         applying: tokio::sync::Mutex::new(()),
         forwarding: Arc::default(),
+        tails: Default::default(),
+        creating_offsets_topic: Default::default(),
         _lock: lock,
     })
 }

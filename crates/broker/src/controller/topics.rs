@@ -192,6 +192,12 @@ pub(super) async fn create_topic(
 }
 
 pub(super) async fn delete_topic(shared: &Arc<Shared>, name: &str) -> Result<(), BrokerError> {
+    if shared.cluster.get().is_some() && name == crate::group_offsets::OFFSETS_TOPIC {
+        return Err(BrokerError::InvalidTopic {
+            name: name.to_owned(),
+            reason: "the internal topic of committed offsets cannot be deleted".into(),
+        });
+    }
     if shared.metadata.topic(name).is_none() {
         return Err(BrokerError::UnknownTopic(name.to_owned()));
     }

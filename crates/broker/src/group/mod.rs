@@ -63,6 +63,18 @@ enum Command {
     List(Reply<Vec<GroupListing>>),
     /// Forget a group with no members. `Ok(true)` if there was state to forget.
     Forget(String, Reply<Result<bool, GroupError>>),
+    /// Drop every group whose id `belongs` says, members and all: this node stopped
+    /// coordinating them. Answers how many were dropped.
+    Unload(GroupFilter, Reply<usize>),
+}
+
+/// Picks groups by id.
+struct GroupFilter(Box<dyn Fn(&str) -> bool + Send>);
+
+impl std::fmt::Debug for GroupFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupFilter")
+    }
 }
 
 /// The handle front-ends use. Cheap to clone.
@@ -172,6 +184,17 @@ impl GroupCoordinator {
 
     pub async fn list(&self) -> Result<Vec<GroupListing>, GroupError> {
         self.ask(Command::List).await
+    }
+
+    /// Drops the groups `belongs` picks, members and all (their waiting joins and syncs are
+    /// answered NOT_COORDINATOR): this node no longer coordinates them, and the state it had
+    /// would be stale if it coordinated them again. Returns how many were dropped.
+    pub async fn unload(
+        &self,
+        belongs: impl Fn(&str) -> bool + Send + 'static,
+    ) -> Result<usize, GroupError> {
+        self.ask(|reply| Command::Unload(GroupFilter(Box::new(belongs)), reply))
+            .await
     }
 
     /// Forgets a group's membership state if it has no members.
@@ -338,6 +361,22 @@ impl Coordinator {
                     })
                     .collect();
                 let _ = reply.send(listing);
+            }
+            Command::Unload(belongs, reply) => {
+                let dropped: Vec<String> = self
+                    .groups
+                    .keys()
+                    .filter(|id| (belongs.0)(id))
+                    .cloned()
+                    .collect();
+                let mut effects = Vec::new();
+                for id in &dropped {
+                    if let Some(group) = self.groups.remove(id) {
+                        effects.extend(group.abandon());
+                    }
+                }
+                self.deliver(effects);
+                let _ = reply.send(dropped.len());
             }
             Command::Forget(group, reply) => {
                 let result = match self.groups.get(&group) {

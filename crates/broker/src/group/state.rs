@@ -40,6 +40,8 @@ pub enum GroupError {
     InvalidGroupId,
     /// The coordinator is shutting down.
     CoordinatorNotAvailable,
+    /// This node stopped coordinating the group.
+    NotCoordinator,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -814,6 +816,17 @@ impl Group {
     }
 
     /// Removes a member, answering its waiting requests with `error`. True if it was there.
+    /// The group is dropped (its coordinator moved): answers every waiting join and sync
+    /// NOT_COORDINATOR, so the members look for the new coordinator.
+    pub fn abandon(mut self) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let members: Vec<String> = self.members.keys().cloned().collect();
+        for id in &members {
+            self.remove_member(id, GroupError::NotCoordinator, &mut effects);
+        }
+        effects
+    }
+
     fn remove_member(
         &mut self,
         member_id: &str,

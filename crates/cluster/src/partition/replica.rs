@@ -907,15 +907,20 @@ fn next_sequence(sequence: i32) -> i32 {
     }
 }
 
+/// When a replica first checks whether to hand leadership to the preferred one.
+const FIRST_BALANCE: Duration = Duration::from_secs(1);
+
 /// While this replica leads and the preferred one does not, hands leadership to the preferred
 /// replica once it holds everything this leader has and answered within the last heartbeats:
 /// leaders go back to where the placement put them after a failover, so they stay spread over
 /// the nodes. openraft carries out the transfer (the target campaigns at once); a transfer
 /// that does not happen is tried again at the next check.
 async fn hand_to_preferred(raft: PartitionRaft, id: NodeId, preferred: NodeId, every: Duration) {
-    let mut tick = tokio::time::interval(every);
+    // The first check comes soon, so that a new partition's leadership (its first election
+    // went to whichever replica campaigned first) settles before clients rely on it.
+    let first = tokio::time::Instant::now() + FIRST_BALANCE.min(every);
+    let mut tick = tokio::time::interval_at(first, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
     loop {
         tick.tick().await;
         let ready = {

@@ -14,6 +14,7 @@ use kafka_protocol::messages::{
 };
 
 use kafka_protocol::messages::BrokerId;
+use sluice_broker::Coordinator as Located;
 
 use super::metadata::{CLUSTER_OPERATIONS, OPERATIONS_NOT_REQUESTED, Reachable, live_brokers};
 use super::{controller, text};
@@ -44,25 +45,29 @@ pub(crate) fn describe(ctx: &Context, request: DescribeClusterRequest) -> Descri
         })
 }
 
-/// Where the coordinator of group `key` is: the node the group's id hashes to, while it is
-/// live; otherwise COORDINATOR_NOT_AVAILABLE (clients ask again).
+/// Where the coordinator of group `key` is: alone, this node; in a cluster, the leader of
+/// the group's partition of `__consumer_offsets` while it is live (also while it loads the
+/// partition: the group's requests then answer COORDINATOR_LOAD_IN_PROGRESS); otherwise
+/// COORDINATOR_NOT_AVAILABLE (clients ask again).
 fn locate(ctx: &Context, key: &str, live: &[Reachable]) -> Result<(i32, String, i32), i16> {
-    let owner = ctx
-        .broker
-        .group_owner(key)
-        .ok_or(ResponseError::CoordinatorNotAvailable.code())?;
+    let node = match ctx.broker.coordinator(key) {
+        Located::Here | Located::Loading => ctx.broker.node_id(),
+        Located::At(node) => node,
+        Located::Unavailable => return Err(ResponseError::CoordinatorNotAvailable.code()),
+    };
     live.iter()
-        .find(|b| b.id == owner as i32)
+        .find(|b| b.id == node as i32)
         .map(|b| (b.id, b.host.clone(), b.port))
         .ok_or(ResponseError::CoordinatorNotAvailable.code())
 }
 
 /// NOT_COORDINATOR unless this node coordinates `group` (the client then asks
-/// FindCoordinator again).
+/// FindCoordinator again); COORDINATOR_LOAD_IN_PROGRESS while it is about to.
 pub(crate) fn check_coordinator(ctx: &Context, group: &str) -> Result<(), i16> {
-    match ctx.broker.group_owner(group) {
-        Some(owner) if owner == ctx.broker.node_id() => Ok(()),
-        _ => Err(ResponseError::NotCoordinator.code()),
+    match ctx.broker.coordinator(group) {
+        Located::Here => Ok(()),
+        Located::Loading => Err(ResponseError::CoordinatorLoadInProgress.code()),
+        Located::At(_) | Located::Unavailable => Err(ResponseError::NotCoordinator.code()),
     }
 }
 

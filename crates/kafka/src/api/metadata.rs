@@ -125,10 +125,12 @@ fn describe(topic: &Topic, index: usize, live: &[Reachable]) -> Described {
 }
 
 fn topic_entry(
+    ctx: &Context,
     topic: &Topic,
     include_operations: bool,
     live: &[Reachable],
 ) -> MetadataResponseTopic {
+    let internal = ctx.broker.is_internal_topic(&topic.name);
     let partitions = (0..topic.partition_count())
         .map(|index| {
             let entry = MetadataResponsePartition::default().with_partition_index(index as i32);
@@ -150,6 +152,7 @@ fn topic_entry(
     MetadataResponseTopic::default()
         .with_name(Some(topic_name(&topic.name)))
         .with_topic_id(topic.id)
+        .with_is_internal(internal)
         .with_partitions(partitions)
         .with_topic_authorized_operations(if include_operations {
             TOPIC_OPERATIONS
@@ -204,14 +207,14 @@ pub(crate) async fn handle(
             .broker
             .topics()
             .iter()
-            .map(|topic| topic_entry(topic, include_operations, &live))
+            .map(|topic| topic_entry(ctx, topic, include_operations, &live))
             .collect(),
         Some(wanted) => {
             let mut entries = Vec::with_capacity(wanted.len());
             for want in wanted {
                 let entry = match &want.name {
                     Some(name) => match resolve(ctx, name, auto_create).await {
-                        Ok(topic) => topic_entry(&topic, include_operations, &live),
+                        Ok(topic) => topic_entry(ctx, &topic, include_operations, &live),
                         Err(error) => error_entry(
                             Some(name),
                             Uuid::nil(),
@@ -220,7 +223,7 @@ pub(crate) async fn handle(
                         ),
                     },
                     None => match ctx.broker.topic_by_id(want.topic_id) {
-                        Some(topic) => topic_entry(&topic, include_operations, &live),
+                        Some(topic) => topic_entry(ctx, &topic, include_operations, &live),
                         None => error_entry(
                             None,
                             want.topic_id,

@@ -78,6 +78,12 @@ pub(crate) async fn handle(
                         ));
                     }
                     let topic = resolved?;
+                    if ctx.broker.is_internal_topic(&topic.name) {
+                        return Err(KafkaError::new(
+                            ResponseError::InvalidTopicException,
+                            format!("{} is an internal topic", topic.name),
+                        ));
+                    }
                     let partition = topic.get(index).map_err(|e| kafka_error(&e))?;
                     let Some(records) = records else {
                         return Err(KafkaError::new(
