@@ -58,12 +58,16 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Java's `String.hashCode` of the id (0 for `i32::MIN`), modulo the partition count (Kafka's
 /// `Utils.abs(groupId.hashCode) % groupMetadataTopicPartitionCount`).
 pub fn partition_for(group: &str, partitions: u32) -> u32 {
-    let hash = group
-        .encode_utf16()
-        .fold(0i32, |h, unit| h.wrapping_mul(31).wrapping_add(i32::from(unit)));
+    let hash = group.encode_utf16().fold(0i32, |h, unit| {
+        h.wrapping_mul(31).wrapping_add(i32::from(unit))
+    });
     // Kafka's Utils.abs: Math.abs, except that i32::MIN (whose absolute value does not fit)
     // is 0.
-    let absolute = if hash == i32::MIN { 0 } else { hash.unsigned_abs() };
+    let absolute = if hash == i32::MIN {
+        0
+    } else {
+        hash.unsigned_abs()
+    };
     absolute % partitions.max(1)
 }
 
@@ -569,6 +573,9 @@ mod tests {
                 commit_timestamp_ms: 99,
             })
         );
-        assert_eq!(decode_key(&encode_key("g", "t", 3)), Some(("g".into(), "t".into(), 3)));
+        assert_eq!(
+            decode_key(&encode_key("g", "t", 3)),
+            Some(("g".into(), "t".into(), 3))
+        );
     }
 }

@@ -286,7 +286,8 @@ async fn unload_moved_groups(shared: std::sync::Weak<Shared>, groups: GroupCoord
         if moved.is_empty() || count == 0 {
             continue;
         }
-        let belongs = move |group: &str| moved.contains(&group_offsets::partition_for(group, count));
+        let belongs =
+            move |group: &str| moved.contains(&group_offsets::partition_for(group, count));
         match groups.unload(belongs).await {
             Ok(0) => {}
             Ok(dropped) => tracing::info!(dropped, "groups moved to another coordinator"),
@@ -864,7 +865,10 @@ impl Broker {
                 },
                 other => other,
             })?;
-        if tail.folded(outcome.last_offset + 1, OFFSET_COMMIT_WAIT).await {
+        if tail
+            .folded(outcome.last_offset + 1, OFFSET_COMMIT_WAIT)
+            .await
+        {
             Ok(())
         } else {
             Err(BrokerError::WriteIndeterminate(format!(
@@ -952,12 +956,7 @@ impl Broker {
                 .all(topic.id)
                 .iter()
                 .filter(|tail| tail.coordinating() == group_offsets::Coordinating::Yes)
-                .flat_map(|tail| {
-                    tail.table()
-                        .groups()
-                        .map(str::to_owned)
-                        .collect::<Vec<_>>()
-                })
+                .flat_map(|tail| tail.table().groups().map(str::to_owned).collect::<Vec<_>>())
                 .collect();
             // And those stored here before offsets were replicated.
             for group in self.shared.offsets.groups()? {
