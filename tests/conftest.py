@@ -4,10 +4,13 @@ Every broker listens on loopback with port 0 and its own data directory; the fix
 bound addresses from the ready file and stops the process when the test ends, whatever happens.
 """
 
+import ctypes
 import json
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +34,20 @@ def run_cli(sluice, *args, input=None, check=True, user="guest", password="guest
     if check:
         assert result.returncode == 0, result.stderr
     return result
+
+
+def die_with_parent():
+    """A `preexec_fn` that makes the server die with the test process (Linux's
+    PR_SET_PDEATHSIG), so a test run that crashes (a client library's abort) leaves no server
+    behind. Only from the main thread: the signal follows the thread that started the child."""
+    if threading.current_thread() is not threading.main_thread() or not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def arm():
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    return arm
 
 
 class Sluice:
@@ -95,7 +112,7 @@ class Sluice:
         env.update(self.env)
         env.setdefault("SLUICE_LOG__LEVEL", "info")
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=log, env=env)
+        self.process = subprocess.Popen(args, stdout=log, stderr=log, env=env, preexec_fn=die_with_parent())
         log.close()
         return self
 

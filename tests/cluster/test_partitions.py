@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import sluice_binary
+from conftest import die_with_parent, sluice_binary
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None,
@@ -102,7 +102,7 @@ class Node:
                 "--amqp-listen", f"{self.host}:0", "--http-listen", http,
                 "--ready-file", str(self.ready)]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=log)
+            self.process = subprocess.Popen(args, stdout=log, stderr=log, preexec_fn=die_with_parent())
 
     def wait_ready(self, timeout=60.0):
         deadline = time.monotonic() + timeout

@@ -460,8 +460,8 @@ async fn run(seed: u64) -> usize {
             }
             5 => {
                 for (&id, path) in &dirs {
-                    if !replicas.contains_key(&id) {
-                        replicas.insert(id, open(id, path, &net).await);
+                    if let std::collections::btree_map::Entry::Vacant(slot) = replicas.entry(id) {
+                        slot.insert(open(id, path, &net).await);
                     }
                 }
             }
@@ -522,8 +522,8 @@ async fn run(seed: u64) -> usize {
     net.heal();
     *net.loss.lock() = 0;
     for (&id, path) in &dirs {
-        if !replicas.contains_key(&id) {
-            replicas.insert(id, open(id, path, &net).await);
+        if let std::collections::btree_map::Entry::Vacant(slot) = replicas.entry(id) {
+            slot.insert(open(id, path, &net).await);
         }
     }
     while in_flight.join_next().await.is_some() {}
