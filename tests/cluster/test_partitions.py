@@ -241,12 +241,16 @@ def test_a_frozen_leader_is_replaced_and_steps_down_when_thawed(netns_cluster):
         wait_for("one leader again", lambda: agreed_leader(nodes), ROUND_TIMEOUT)
 
 
-def partition_leader(node, topic):
-    """The leader of partition 0 of `topic` as `node` knows it, or None."""
+def partition_leader(node, topic, preferred=False):
+    """The leader of partition 0 of `topic` as `node` knows it, or None; with `preferred`, only
+    once its preferred replica leads (a new partition hands leadership to it within moments)."""
     result = node.cli("topic", "describe", topic, "--output", "json", timeout=20)
     if result.returncode != 0:
         return None
-    return json.loads(result.stdout)["partitions"][0]["leader"]
+    partition = json.loads(result.stdout)["partitions"][0]
+    if preferred and partition["leader"] != partition["replicas"][0]:
+        return None
+    return partition["leader"]
 
 
 def client(node, *args):
@@ -282,7 +286,7 @@ def test_a_cut_off_partition_leader_loses_nothing_acknowledged_and_its_tail_is_r
     by_id = {node.status()["node_id"]: node for node in nodes}
 
     def agreed():
-        leaders = {partition_leader(node, "split") for node in nodes}
+        leaders = {partition_leader(node, "split", preferred=True) for node in nodes}
         return len(leaders) == 1 and None not in leaders and leaders.pop()
 
     victim = by_id[wait_for("a partition leader all agree on", agreed, ROUND_TIMEOUT)]

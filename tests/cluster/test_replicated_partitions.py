@@ -36,6 +36,18 @@ def partition_state(admin, topic=TOPIC):
     return partition.leader, sorted(partition.replicas), sorted(partition.isrs)
 
 
+def preferred_leads(admin, topic):
+    """Whether partition 0 of `topic` is led by its preferred replica (the first listed)."""
+    from confluent_kafka import KafkaException
+
+    try:
+        described = admin.list_topics(topic, timeout=5).topics.get(topic)
+    except KafkaException:
+        return False
+    partition = described.partitions.get(0) if described is not None and described.error is None else None
+    return partition is not None and bool(partition.replicas) and partition.leader == partition.replicas[0]
+
+
 def node_of(cluster, admin, broker_id):
     """The test's node whose Kafka listener is broker `broker_id`."""
     from confluent_kafka import KafkaException
@@ -257,6 +269,8 @@ def test_topics_default_to_three_replicas_and_min_insync_replicas_refuses_unwrit
     assert len(wait_for("a leader", lambda: partition_state(admin, "defaulted"), timeout=30)[1]) == 3
     admin.create_topics([NewTopic("strict", num_partitions=1, replication_factor=3,
                                   config={"min.insync.replicas": "3"})])["strict"].result(30)
+    # Offsets are compared below: wait until leadership has settled on the preferred replica.
+    wait_for("the preferred replica to lead", lambda: preferred_leads(admin, "strict"), timeout=30)
     leader_id, replicas, _ = wait_for("a leader", lambda: partition_state(admin, "strict"), timeout=30)
     assert len(replicas) == 3
 
