@@ -296,6 +296,9 @@ async fn unload_moved_groups(shared: std::sync::Weak<Shared>, groups: GroupCoord
     }
 }
 
+/// How often [`Broker::locate_coordinator`] looks again.
+const COORDINATOR_POLL: Duration = Duration::from_millis(50);
+
 /// How long a replicated offset commit waits for its answer.
 const OFFSET_COMMIT_WAIT: Duration = Duration::from_secs(30);
 
@@ -519,9 +522,17 @@ impl Broker {
     }
 
     /// The controller's leader: this node when the broker has no cluster.
+    /// The controller group's leader while it is live (clients send it their admin requests;
+    /// `None` while there is none to send them to).
     pub fn controller_node(&self) -> Option<NodeId> {
         match self.shared.cluster.get() {
-            Some(link) => link.controller(),
+            Some(link) => {
+                let leader = link.controller()?;
+                link.nodes()
+                    .iter()
+                    .any(|node| node.id == leader && node.live)
+                    .then_some(leader)
+            }
             None => Some(self.node_id()),
         }
     }
@@ -761,6 +772,22 @@ impl Broker {
         match topic.partition_view(index as usize).and_then(|v| v.leader) {
             Some(leader) if leader != self.node_id() => Coordinator::At(leader),
             _ => Coordinator::Unavailable,
+        }
+    }
+
+    /// [`Self::coordinator`], waiting up to `wait` while there is none yet (the
+    /// committed-offsets topic being created, its partition electing a leader or loading): so
+    /// that the members of a new group, asking at once, find it at once.
+    pub async fn locate_coordinator(&self, group: &str, wait: Duration) -> Coordinator {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let found = self.coordinator(group);
+            if !matches!(found, Coordinator::Unavailable | Coordinator::Loading)
+                || tokio::time::Instant::now() >= deadline
+            {
+                return found;
+            }
+            tokio::time::sleep(COORDINATOR_POLL).await;
         }
     }
 

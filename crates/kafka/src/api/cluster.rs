@@ -23,6 +23,10 @@ use crate::Context;
 /// FindCoordinator key types.
 const KEY_GROUP: i8 = 0;
 
+/// How long FindCoordinator waits for a group's coordinator to exist before it answers
+/// COORDINATOR_NOT_AVAILABLE (well within clients' request timeouts).
+const LOCATE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub(crate) fn describe(ctx: &Context, request: DescribeClusterRequest) -> DescribeClusterResponse {
     let brokers = live_brokers(ctx)
         .into_iter()
@@ -47,10 +51,11 @@ pub(crate) fn describe(ctx: &Context, request: DescribeClusterRequest) -> Descri
 
 /// Where the coordinator of group `key` is: alone, this node; in a cluster, the leader of
 /// the group's partition of `__consumer_offsets` while it is live (also while it loads the
-/// partition: the group's requests then answer COORDINATOR_LOAD_IN_PROGRESS); otherwise
+/// partition: the group's requests then answer COORDINATOR_LOAD_IN_PROGRESS). Waits a moment
+/// for one (a new cluster's first group has the topic created); otherwise
 /// COORDINATOR_NOT_AVAILABLE (clients ask again).
-fn locate(ctx: &Context, key: &str, live: &[Reachable]) -> Result<(i32, String, i32), i16> {
-    let node = match ctx.broker.coordinator(key) {
+async fn locate(ctx: &Context, key: &str, live: &[Reachable]) -> Result<(i32, String, i32), i16> {
+    let node = match ctx.broker.locate_coordinator(key, LOCATE_WAIT).await {
         Located::Here | Located::Loading => ctx.broker.node_id(),
         Located::At(node) => node,
         Located::Unavailable => return Err(ResponseError::CoordinatorNotAvailable.code()),
@@ -71,23 +76,26 @@ pub(crate) fn check_coordinator(ctx: &Context, group: &str) -> Result<(), i16> {
     }
 }
 
-pub(crate) fn find_coordinator(
+pub(crate) async fn find_coordinator(
     ctx: &Context,
     request: FindCoordinatorRequest,
     version: i16,
 ) -> FindCoordinatorResponse {
     let live = live_brokers(ctx);
-    let answer = |key: &str| -> Result<(i32, String, i32), (i16, &'static str)> {
-        if request.key_type != KEY_GROUP {
+    let key_type = request.key_type;
+    let answer = async |key: &str| -> Result<(i32, String, i32), (i16, &'static str)> {
+        if key_type != KEY_GROUP {
             return Err((
                 ResponseError::CoordinatorNotAvailable.code(),
                 "transactions are not supported by this broker",
             ));
         }
-        locate(ctx, key, &live).map_err(|code| (code, "the group's coordinator is not available"))
+        locate(ctx, key, &live)
+            .await
+            .map_err(|code| (code, "the group's coordinator is not available"))
     };
     if version < 4 {
-        return match answer(request.key.as_str()) {
+        return match answer(request.key.as_str()).await {
             Ok((id, host, port)) => FindCoordinatorResponse::default()
                 .with_node_id(BrokerId(id))
                 .with_host(text(host))
@@ -100,24 +108,21 @@ pub(crate) fn find_coordinator(
                 .with_port(-1),
         };
     }
-    let coordinators = request
-        .coordinator_keys
-        .iter()
-        .map(|key| {
-            let entry = Coordinator::default().with_key(key.clone());
-            match answer(key.as_str()) {
-                Ok((id, host, port)) => entry
-                    .with_node_id(BrokerId(id))
-                    .with_host(text(host))
-                    .with_port(port),
-                Err((code, message)) => entry
-                    .with_error_code(code)
-                    .with_error_message(Some(text(message)))
-                    .with_node_id(BrokerId(-1))
-                    .with_port(-1),
-            }
-        })
-        .collect();
+    let mut coordinators = Vec::with_capacity(request.coordinator_keys.len());
+    for key in &request.coordinator_keys {
+        let entry = Coordinator::default().with_key(key.clone());
+        coordinators.push(match answer(key.as_str()).await {
+            Ok((id, host, port)) => entry
+                .with_node_id(BrokerId(id))
+                .with_host(text(host))
+                .with_port(port),
+            Err((code, message)) => entry
+                .with_error_code(code)
+                .with_error_message(Some(text(message)))
+                .with_node_id(BrokerId(-1))
+                .with_port(-1),
+        });
+    }
     FindCoordinatorResponse::default().with_coordinators(coordinators)
 }
 

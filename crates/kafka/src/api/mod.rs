@@ -184,7 +184,7 @@ pub(crate) async fn handle(
             ResponseKind::ListConfigResources(configs::list_resources(ctx, request, version))
         }
         RequestKind::FindCoordinator(request) => {
-            ResponseKind::FindCoordinator(cluster::find_coordinator(ctx, request, version))
+            ResponseKind::FindCoordinator(cluster::find_coordinator(ctx, request, version).await)
         }
         RequestKind::JoinGroup(request) => {
             ResponseKind::JoinGroup(groups::join(ctx, client, request, version).await)
