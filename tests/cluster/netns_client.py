@@ -107,7 +107,10 @@ def consume(bootstrap, topic, group, output, stop_file):
         if time.monotonic() - last_commit > 1:
             last_commit = time.monotonic()
             try:
-                consumer.commit(asynchronous=True)
+                # Synchronous: each commit is answered before the next is sent, so the order of
+                # the answers is the order of the coordinator's state (asynchronous commits sent
+                # to a frozen coordinator and its successor may be answered out of order).
+                consumer.commit(asynchronous=False)
             except KafkaException:
                 pass  # nothing to commit yet, or no coordinator now: the next second tries again
     consumer.close()

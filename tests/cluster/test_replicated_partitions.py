@@ -370,3 +370,76 @@ def test_a_follower_stopped_through_10000_batches_catches_up_byte_identical(node
         return len(followers) == 2 and all(f["in_sync"] and f["lag"] == 0 for f in followers)
 
     wait_for("both followers in sync with no lag", caught_up, timeout=30)
+
+
+def test_preferred_leader_election_and_log_dirs(nodes_factory):
+    """With automatic leader rebalancing off, a partition whose preferred leader was killed and
+    restarted stays with the replica that took over until a preferred leader election
+    (ElectLeaders, sent to the controller whichever node leads) moves it back; a second election
+    is not needed. DescribeLogDirs lists every node's log directory with its replicas."""
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import ElectionNotNeededError, PreferredLeaderNotAvailableError
+
+    cluster, bootstrap, admin = three_nodes(
+        nodes_factory, env={"SLUICE_KAFKA__AUTO_LEADER_REBALANCE_ENABLE": "false"})
+    from confluent_kafka.admin import NewTopic
+
+    admin.create_topics([NewTopic("elected", num_partitions=1, replication_factor=3)])["elected"].result(30)
+
+    def state():
+        """(leader, preferred replica) of partition 0, or None."""
+        described = admin.list_topics("elected", timeout=5).topics.get("elected")
+        partition = described.partitions.get(0) if described is not None else None
+        if partition is None or partition.leader < 0 or not partition.replicas:
+            return None
+        return partition.leader, partition.replicas[0]
+
+    def elect():
+        """The error code of a preferred election of partition 0 (0: started)."""
+        python_admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+        try:
+            response = python_admin.elect_leaders(0, {"elected": [0]}, raise_errors=False)
+        finally:
+            python_admin.close()
+        ((topic, partitions),) = [(r[0], r[1]) for r in response.replica_election_results]
+        assert topic == "elected"
+        ((index, code, _message),) = partitions
+        assert index == 0
+        return code
+
+    leader, preferred = wait_for("a leader", state, timeout=30)
+    if leader == preferred:
+        # Move leadership away: the preferred replica is killed, another takes over.
+        victim = node_of(cluster, admin, preferred)
+        victim.kill()
+        others = ",".join(n.kafka for n in cluster.nodes if n is not victim)
+        from confluent_kafka.admin import AdminClient
+
+        survivors = AdminClient({"bootstrap.servers": others})
+        wait_for("another leader", lambda: (d := survivors.list_topics("elected", timeout=5).topics["elected"])
+                 and d.partitions[0].leader not in (-1, preferred), timeout=30)
+        victim.launch()
+        victim.wait_ready(FORM_TIMEOUT)
+    leader, preferred = wait_for("a leader", state, timeout=30)
+    assert leader != preferred, "automatic rebalancing is off: nothing moved leadership back"
+    # Until the preferred replica has caught up, the election is refused; then it starts.
+    code = wait_for("an election that starts",
+                    lambda: (c := elect()) != PreferredLeaderNotAvailableError.errno and (c,), timeout=30)[0]
+    assert code == 0, code
+    wait_for("the preferred replica to lead", lambda: (s := state()) and s[0] == s[1], timeout=10)
+    assert elect() == ElectionNotNeededError.errno
+
+    # Every node holds a replica of the topic in its one log directory.
+    python_admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        described = python_admin.describe_log_dirs()
+        brokers = {b.node_id for b in python_admin._manager.cluster.brokers()}
+    finally:
+        python_admin.close()
+    by_broker = {result["broker"]: result for result in described}
+    assert set(by_broker) == brokers and len(brokers) == 3, (set(by_broker), brokers)
+    for result in by_broker.values():
+        (log_dir,) = result["log_dirs"]
+        assert log_dir["error_code"] == 0 and log_dir["log_dir"].endswith("logs"), log_dir
+        topics = {t["name"]: t for t in log_dir["topics"]}
+        assert [p["partition_index"] for p in topics["elected"]["partitions"]] == [0], topics

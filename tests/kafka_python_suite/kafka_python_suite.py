@@ -34,9 +34,6 @@ KAFKA_VERSION = "4.1.0"
 _LATER = {
     "acls": "ACLs: the security issue enables this",
     "txn": "transactions: the exactly-once issue enables this",
-    "elect": "ElectLeaders: the replication issue (clustering part 2) enables this",
-    "logdirs": "DescribeLogDirs/AlterReplicaLogDirs: log directories, not served",
-    "reassign": "partition reassignment: clustering part 3 (scale-out) enables this",
     "ssl": "SSL: the security issue enables this (the module also starts a broker of its own)",
 }
 
@@ -45,11 +42,6 @@ SKIP = {
     "test_admin_integration.py::test_create_describe_delete_acls": _LATER["acls"],
     "test_producer_integration.py::test_transactional_producer_messages": _LATER["txn"],
     "test_producer_integration.py::test_transactional_producer_offsets": _LATER["txn"],
-    "test_admin_integration.py::test_elect_leaders": _LATER["elect"],
-    "test_admin_integration.py::test_describe_log_dirs": _LATER["logdirs"],
-    "test_admin_integration.py::test_alter_replica_log_dirs": _LATER["logdirs"],
-    "test_admin_integration.py::test_alter_partition_reassignments": _LATER["reassign"],
-    "test_admin_integration.py::test_list_partition_reassignments": _LATER["reassign"],
     "test_ssl_integration.py::TestSSLConnection::test_ssl_handshake": _LATER["ssl"],
     "test_ssl_integration.py::TestSSLConnection::test_legacy_kafka_client_ssl": _LATER["ssl"],
     # The test assigns the new partitions to broker 0, the id its own Kafka fixture gives the

@@ -44,6 +44,17 @@ pub fn free_disk_bytes(dir: &std::path::Path) -> Option<u64> {
     Some(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
+/// The size of the file system holding `dir` and the bytes available on it, in bytes.
+pub fn disk_bytes(dir: &std::path::Path) -> Option<(i64, i64)> {
+    let stat = rustix::fs::statvfs(dir).ok()?;
+    let total = stat.f_blocks.saturating_mul(stat.f_frsize);
+    let usable = stat.f_bavail.saturating_mul(stat.f_frsize);
+    Some((
+        i64::try_from(total).unwrap_or(i64::MAX),
+        i64::try_from(usable).unwrap_or(i64::MAX),
+    ))
+}
+
 /// Total memory of the machine, from `/proc/meminfo`.
 pub fn total_memory_bytes() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;

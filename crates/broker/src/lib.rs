@@ -124,6 +124,9 @@ pub struct BrokerConfig {
     /// Partitions of the committed-offsets topic a cluster creates (Kafka's
     /// `offsets.topic.num.partitions`); fixed once the topic exists.
     pub offsets_topic_partitions: u32,
+    /// Whether a replicated partition's leader hands leadership back to the preferred replica
+    /// by itself (Kafka's `auto.leader.rebalance.enable`).
+    pub auto_leader_rebalance: bool,
 }
 
 impl BrokerConfig {
@@ -153,6 +156,7 @@ impl BrokerConfig {
             min_insync_replicas: 1,
             replica_lag_time_max: Duration::from_secs(30),
             offsets_topic_partitions: 10,
+            auto_leader_rebalance: true,
         }
     }
 }
@@ -427,6 +431,11 @@ impl Broker {
 
     pub fn config(&self) -> &BrokerConfig {
         &self.shared.config
+    }
+
+    /// The directory every partition's log is in (Kafka's one log directory).
+    pub fn logs_dir(&self) -> PathBuf {
+        self.shared.logs_dir()
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -789,6 +798,56 @@ impl Broker {
             }
             tokio::time::sleep(COORDINATOR_POLL).await;
         }
+    }
+
+    /// Kafka's preferred leader election for partition `index` of `topic`: its leader hands
+    /// leadership to the preferred replica (the placement's first) when that one is caught
+    /// up. Asked of this node's replica, or of another node's (the preferred replica's, when
+    /// this node holds none; then of the leader it names).
+    pub async fn elect_preferred(
+        &self,
+        topic: &str,
+        index: u32,
+    ) -> Result<replication::Election, BrokerError> {
+        use replication::Election;
+        let found = self
+            .topic(topic)
+            .ok_or_else(|| BrokerError::UnknownTopic(topic.to_owned()))?;
+        let view =
+            found
+                .partition_view(index as usize)
+                .ok_or_else(|| BrokerError::UnknownPartition {
+                    topic: topic.to_owned(),
+                    partition: index as i32,
+                })?;
+        let Some(&preferred) = view.replicas.first().filter(|_| view.replicas.len() > 1) else {
+            return Ok(Election::NotNeeded);
+        };
+        let here = self.node_id();
+        let local = found.partitions.get(index as usize).cloned().flatten();
+        let mut election = match local {
+            Some(replica) => replica.elect_preferred().await,
+            None => Election::NotLeader(Some(preferred)),
+        };
+        // Another node's replica answers for itself; ask the leader it names, once.
+        for _ in 0..2 {
+            match election {
+                Election::NotLeader(Some(leader)) if leader != here => {
+                    election = self
+                        .shared
+                        .forwarding
+                        .elect_preferred(leader, topic, index)
+                        .await;
+                }
+                _ => break,
+            }
+        }
+        Ok(match election {
+            Election::NotLeader(_) => Election::PreferredNotAvailable(
+                "the partition's leader is not known here".to_owned(),
+            ),
+            other => other,
+        })
     }
 
     /// Asks the controller for the committed-offsets topic, once at a time, in the background

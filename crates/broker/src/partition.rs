@@ -563,6 +563,15 @@ impl Partition {
         }
     }
 
+    /// Kafka's preferred leader election asked of this node's copy: a single copy needs none;
+    /// a replicated partition's leader hands leadership to the preferred replica.
+    pub async fn elect_preferred(&self) -> crate::replication::Election {
+        match &self.backend {
+            Backend::Owner(_) => crate::replication::Election::NotNeeded,
+            Backend::Replicated(log, _) => log.elect_preferred().await,
+        }
+    }
+
     /// The other replicas as this node's replica sees them while it leads; `None` for a
     /// single copy.
     pub fn followers(&self) -> Option<Vec<FollowerView>> {

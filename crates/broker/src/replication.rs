@@ -107,8 +107,25 @@ pub trait ReplicatedLog: Send + Sync + std::fmt::Debug + 'static {
     /// Kafka's OffsetForLeaderEpoch from the replicated epochs.
     fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, u64)>;
 
+    /// Kafka's preferred leader election, asked of this replica: on the leader, hands
+    /// leadership to the preferred replica when it is caught up.
+    fn elect_preferred(&self) -> Pin<Box<dyn Future<Output = Election> + Send + '_>>;
+
     /// Stops the replica (its data stays).
     fn close(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// What a preferred leader election (Kafka's ElectLeaders) did for one partition.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Election {
+    /// Leadership is being handed to the preferred replica.
+    Started,
+    /// The preferred replica leads already, or the partition has one copy.
+    NotNeeded,
+    /// The preferred replica cannot lead now; why.
+    PreferredNotAvailable(String),
+    /// The replica asked does not lead; the leader it knows of.
+    NotLeader(Option<NodeId>),
 }
 
 /// A follower of a replicated partition as its leader sees it.
@@ -165,6 +182,8 @@ pub struct ReplicaRequest {
     pub log: sluice_storage::LogConfig,
     /// Every replica's node, the preferred leader first.
     pub replicas: Vec<NodeId>,
+    /// Whether its leader hands leadership back to the preferred replica by itself.
+    pub auto_leader_rebalance: bool,
 }
 
 /// The cluster as a clustered node's broker uses it: where definition changes are committed,

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sluice_broker::replication::{
-    ClusterLink, ClusterNode, FollowerView, ForwardFuture, LogFuture, ProduceOptions, QuorumView,
-    ReplicaRequest, ReplicaView, ReplicatedLog,
+    ClusterLink, ClusterNode, Election, FollowerView, ForwardFuture, LogFuture, ProduceOptions,
+    QuorumView, ReplicaRequest, ReplicaView, ReplicatedLog,
 };
 use sluice_broker::{Broker, MetadataCommand, ProduceOutcome};
 use uuid::Uuid;
@@ -28,7 +28,7 @@ use crate::liveness::Liveness;
 use crate::network::{Answer, GroupHandler};
 use crate::node::ControllerNode;
 use crate::partition::replica::{
-    Acks, PartitionReplica, ReplicaError, ReplicaSettings, ReplicaSpec,
+    Acks, PartitionReplica, PreferredElection, ReplicaError, ReplicaSettings, ReplicaSpec,
 };
 use crate::placement::{self, NodeId, PlacementKey};
 use crate::state_machine::{Observer, ObserverFuture};
@@ -222,6 +222,19 @@ impl ReplicatedLog for BrokerReplica {
             .collect()
     }
 
+    fn elect_preferred(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Election> + Send + '_>> {
+        Box::pin(async move {
+            match self.replica.elect_preferred().await {
+                PreferredElection::Started => Election::Started,
+                PreferredElection::NotNeeded => Election::NotNeeded,
+                PreferredElection::Unavailable(why) => Election::PreferredNotAvailable(why),
+                PreferredElection::NotLeader(leader) => Election::NotLeader(leader.map(broker_id)),
+            }
+        })
+    }
+
     fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, u64)> {
         self.replica.end_offset_for_epoch(epoch)
     }
@@ -337,7 +350,10 @@ impl ClusterLink for BrokerLink {
                 spec,
                 self.node.transport().clone(),
                 Arc::clone(self.node.router()),
-                &ReplicaSettings::default(),
+                &ReplicaSettings {
+                    auto_balance: request.auto_leader_rebalance,
+                    ..ReplicaSettings::default()
+                },
             )
             .await
             .map_err(|e| {

@@ -161,6 +161,9 @@ pub struct KafkaSection {
     /// Partitions of `__consumer_offsets`, the topic a cluster keeps committed offsets in
     /// (Kafka's `offsets.topic.num.partitions`); used when the topic is created.
     pub offsets_topic_partitions: u32,
+    /// Whether replicated partitions' leaders go back to their preferred replicas by
+    /// themselves (auto.leader.rebalance.enable); otherwise only ElectLeaders moves them.
+    pub auto_leader_rebalance_enable: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -225,6 +228,7 @@ impl Default for KafkaSection {
             min_insync_replicas: 1,
             replica_lag_time_max_ms: 30_000,
             offsets_topic_partitions: 10,
+            auto_leader_rebalance_enable: true,
             fetch_max_bytes: 55 * 1024 * 1024,
             replica_fetch_max_bytes: 1024 * 1024,
             group_initial_rebalance_delay_ms: 3_000,
@@ -592,6 +596,7 @@ impl Config {
         broker.min_insync_replicas = self.kafka.min_insync_replicas;
         broker.replica_lag_time_max = Duration::from_millis(self.kafka.replica_lag_time_max_ms);
         broker.offsets_topic_partitions = self.kafka.offsets_topic_partitions;
+        broker.auto_leader_rebalance = self.kafka.auto_leader_rebalance_enable;
         broker.queue_segment_bytes = self.amqp.queue_segment_bytes;
         broker.queue_flow_ready_high = self.amqp.queue_flow_ready_high;
         broker.max_message_bytes = self.amqp.max_message_bytes;

@@ -259,6 +259,7 @@ async fn open_replicas(
                 dir: spec.dir.clone(),
                 log: spec.config.log.clone(),
                 replicas: placed.replicas.clone(),
+                auto_leader_rebalance: shared.config.auto_leader_rebalance,
             })
             .await?;
         let partition = Partition::replicated(

@@ -179,6 +179,11 @@ enum Call {
     },
     /// From a home node holding messages an origin took with `basic.get`: which run is it?
     Incarnation,
+    /// Kafka's preferred leader election for a partition this node holds a replica of.
+    ElectPreferred {
+        topic: String,
+        partition: u32,
+    },
 }
 
 impl Call {
@@ -198,7 +203,8 @@ impl Call {
             | Self::Deliver { .. }
             | Self::AuditProxies { .. }
             | Self::AuditConsumers { .. }
-            | Self::Incarnation => None,
+            | Self::Incarnation
+            | Self::ElectPreferred { .. } => None,
         }
     }
 }
@@ -239,6 +245,7 @@ enum Answer {
     /// The consumers the answering node does not know.
     Unknown(Vec<ConsumerId>),
     Incarnation(u64),
+    Elected(crate::replication::Election),
     Failed(MessagingError),
 }
 
@@ -396,6 +403,30 @@ impl Forwarding {
                     node,
                 }
                 .into())
+            }
+        }
+    }
+
+    /// Kafka's preferred leader election for partition `partition` of `topic`, asked of
+    /// `node`'s replica (which answers for itself only: it does not ask further).
+    pub(crate) async fn elect_preferred(
+        self: &Arc<Self>,
+        node: NodeId,
+        topic: &str,
+        partition: u32,
+    ) -> crate::replication::Election {
+        use crate::replication::Election;
+        let call = Call::ElectPreferred {
+            topic: topic.to_owned(),
+            partition,
+        };
+        match self.forward(node, &call, &[], CALL_TIMEOUT).await {
+            Ok((Answer::Elected(election), _)) => election,
+            Ok((other, _)) => Election::PreferredNotAvailable(format!(
+                "node {node} answered the election with {other:?}"
+            )),
+            Err(reason) => {
+                Election::PreferredNotAvailable(format!("node {node} cannot be asked: {reason}"))
             }
         }
     }
@@ -895,6 +926,22 @@ impl Forwarding {
                 ))
             }
             Call::Purge { .. } => Ok((Answer::Count(local()?.purge().await?), Vec::new())),
+            Call::ElectPreferred { topic, partition } => {
+                use crate::replication::Election;
+                let shared = self.shared.get().and_then(std::sync::Weak::upgrade);
+                let found = shared.and_then(|shared| {
+                    let topics = shared.topics.read();
+                    let served = topics.get(&topic)?.partitions.get(partition as usize)?;
+                    served.clone()
+                });
+                let election = match found {
+                    Some(replica) => replica.elect_preferred().await,
+                    None => Election::PreferredNotAvailable(format!(
+                        "this node holds no replica of partition {partition} of {topic:?}"
+                    )),
+                };
+                Ok((Answer::Elected(election), Vec::new()))
+            }
             Call::Stat { touch, .. } => {
                 let stat = local()?.stat(touch).await?;
                 Ok((

@@ -75,6 +75,9 @@ pub struct ReplicaSettings {
     /// How often a leader that is not the preferred replica checks whether it can hand
     /// leadership to it (Kafka's auto leader rebalance).
     pub balance_every: Duration,
+    /// Whether leaders do so by themselves (Kafka's `auto.leader.rebalance.enable`); without,
+    /// only a preferred leader election (ElectLeaders) moves leadership back.
+    pub auto_balance: bool,
 }
 
 impl Default for ReplicaSettings {
@@ -84,6 +87,7 @@ impl Default for ReplicaSettings {
             election_min_ms: 500,
             election_max_ms: 1000,
             balance_every: Duration::from_secs(10),
+            auto_balance: true,
         }
     }
 }
@@ -228,6 +232,21 @@ pub struct PartitionReplica {
     writer: Arc<Writer>,
     watcher: tokio::task::JoinHandle<()>,
     balancer: Option<tokio::task::JoinHandle<()>>,
+    /// The replica that should lead when it can.
+    preferred: Option<NodeId>,
+}
+
+/// What [`PartitionReplica::elect_preferred`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PreferredElection {
+    /// Leadership is being handed to the preferred replica.
+    Started,
+    /// The preferred replica leads already (or there is none).
+    NotNeeded,
+    /// The preferred replica cannot take over now; why.
+    Unavailable(String),
+    /// This replica does not lead; the leader it knows of.
+    NotLeader(Option<NodeId>),
 }
 
 impl std::fmt::Debug for PartitionReplica {
@@ -313,14 +332,16 @@ impl PartitionReplica {
             }
         }
         let (high_watermark, _) = watch::channel(0);
-        let balancer = preferred.filter(|p| *p != id).map(|preferred| {
-            tokio::spawn(hand_to_preferred(
-                raft.clone(),
-                id,
-                preferred,
-                settings.balance_every,
-            ))
-        });
+        let balancer = preferred
+            .filter(|p| *p != id && settings.auto_balance)
+            .map(|preferred| {
+                tokio::spawn(hand_to_preferred(
+                    raft.clone(),
+                    id,
+                    preferred,
+                    settings.balance_every,
+                ))
+            });
         let watcher = tokio::spawn(watch_applied(
             raft.metrics(),
             log.clone(),
@@ -345,6 +366,7 @@ impl PartitionReplica {
             writer,
             watcher,
             balancer,
+            preferred,
         }))
     }
 
@@ -388,6 +410,39 @@ impl PartitionReplica {
     /// The leader this replica knows of, and the current term (the Kafka leader epoch).
     pub fn leader(&self) -> (Option<NodeId>, u64) {
         self.metrics(|metrics| (metrics.current_leader, metrics.current_term))
+    }
+
+    /// Kafka's preferred leader election, on the leader: hands leadership to the preferred
+    /// replica if it holds the leader's whole log and answered within the last second (as
+    /// the periodic balancing does, at once).
+    pub async fn elect_preferred(&self) -> PreferredElection {
+        let Some(preferred) = self.preferred else {
+            return PreferredElection::NotNeeded;
+        };
+        let (leader, ready) = self.metrics(|metrics| {
+            let caught_up = holds_whole_log(metrics, preferred);
+            let answering = metrics
+                .heartbeat
+                .as_ref()
+                .and_then(|h| h.get(&preferred).cloned().flatten())
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(1));
+            (metrics.current_leader, caught_up && answering)
+        });
+        if leader == Some(preferred) {
+            return PreferredElection::NotNeeded;
+        }
+        if leader != Some(self.id) {
+            return PreferredElection::NotLeader(leader);
+        }
+        if !ready {
+            return PreferredElection::Unavailable(format!(
+                "the preferred replica {preferred} is not caught up with the leader or not answering it"
+            ));
+        }
+        match self.raft.trigger().transfer_leader(preferred).await {
+            Ok(()) => PreferredElection::Started,
+            Err(error) => PreferredElection::Unavailable(error.to_string()),
+        }
     }
 
     /// The term, if this replica leads and is ready to serve (it applied an entry of its own

@@ -13,6 +13,7 @@ mod metadata;
 mod offsets;
 mod produce;
 mod producer_ids;
+mod replicas;
 mod topics;
 
 use std::net::SocketAddr;
@@ -64,6 +65,11 @@ const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeQuorum, 0, 2),
     (ApiKey::ListConfigResources, 0, 1),
     (ApiKey::DescribeTopicPartitions, 0, 0),
+    (ApiKey::ElectLeaders, 0, 2),
+    (ApiKey::DescribeLogDirs, 1, 4),
+    (ApiKey::AlterReplicaLogDirs, 1, 2),
+    (ApiKey::ListPartitionReassignments, 0, 0),
+    (ApiKey::AlterPartitionReassignments, 0, 1),
 ];
 
 /// The (min, max) versions served of `api`, or `None` if it is not served.
@@ -186,6 +192,25 @@ pub(crate) async fn handle(
         RequestKind::FindCoordinator(request) => {
             ResponseKind::FindCoordinator(cluster::find_coordinator(ctx, request, version).await)
         }
+        RequestKind::ElectLeaders(request) => {
+            ResponseKind::ElectLeaders(replicas::elect_leaders(ctx, request, version).await)
+        }
+        RequestKind::DescribeLogDirs(request) => {
+            ResponseKind::DescribeLogDirs(replicas::describe_log_dirs(ctx, request))
+        }
+        RequestKind::AlterReplicaLogDirs(request) => {
+            ResponseKind::AlterReplicaLogDirs(replicas::alter_replica_log_dirs(ctx, request))
+        }
+        RequestKind::ListPartitionReassignments(request) => {
+            ResponseKind::ListPartitionReassignments(replicas::list_partition_reassignments(
+                ctx, request,
+            ))
+        }
+        RequestKind::AlterPartitionReassignments(request) => {
+            ResponseKind::AlterPartitionReassignments(replicas::alter_partition_reassignments(
+                ctx, request,
+            ))
+        }
         RequestKind::JoinGroup(request) => {
             ResponseKind::JoinGroup(groups::join(ctx, client, request, version).await)
         }
@@ -285,6 +310,19 @@ mod tests {
                     DescribeTopicPartitionsResponse
                 )
             }
+            ApiKey::ElectLeaders => both!(ElectLeadersRequest, ElectLeadersResponse),
+            ApiKey::DescribeLogDirs => both!(DescribeLogDirsRequest, DescribeLogDirsResponse),
+            ApiKey::AlterReplicaLogDirs => {
+                both!(AlterReplicaLogDirsRequest, AlterReplicaLogDirsResponse)
+            }
+            ApiKey::ListPartitionReassignments => both!(
+                ListPartitionReassignmentsRequest,
+                ListPartitionReassignmentsResponse
+            ),
+            ApiKey::AlterPartitionReassignments => both!(
+                AlterPartitionReassignmentsRequest,
+                AlterPartitionReassignmentsResponse
+            ),
             _ => None,
         }
     }
