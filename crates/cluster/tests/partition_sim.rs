@@ -34,11 +34,12 @@ use openraft::raft::{
 };
 use openraft::storage::RaftLogReader;
 use openraft::type_config::async_runtime::WatchReceiver;
-use openraft::{BasicNode, Config, Raft, RaftNetworkV2, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, Config, Raft, RaftNetworkV2, ServerState};
 use parking_lot::Mutex;
 use sluice_cluster::network::{GroupHandler, RaftServer, WireTypes, method};
 use sluice_cluster::partition::log_store::PartitionLog;
 use sluice_cluster::partition::machine::PartitionMachine;
+use sluice_cluster::partition::replica::{ReplicaSettings, raft_config};
 use sluice_cluster::partition::{Batches, LogId, PartitionTypes, encode_entry};
 use sluice_cluster::state_machine::StateMachineStore;
 use sluice_storage::record::BatchBuilder;
@@ -238,22 +239,9 @@ struct Replica {
     log: PartitionLog,
 }
 
+/// The partition groups' own configuration, as every node runs them.
 fn config() -> Arc<Config> {
-    Arc::new(
-        Config {
-            cluster_name: "partition-sim".into(),
-            heartbeat_interval: 100,
-            election_timeout_min: 500,
-            election_timeout_max: 1000,
-            snapshot_policy: SnapshotPolicy::Never,
-            replication_lag_threshold: u64::MAX,
-            enable_pre_vote: Some(true),
-            enable_leader_restore: Some(false),
-            ..Default::default()
-        }
-        .validate()
-        .expect("valid config"),
-    )
+    Arc::new(raft_config(1, &ReplicaSettings::default()).expect("valid config"))
 }
 
 async fn open(id: u64, dir: &Path, net: &Arc<Net>) -> Replica {

@@ -293,26 +293,7 @@ impl PartitionReplica {
             .await
             .map_err(io::Error::other)??
         };
-        let config = Config {
-            cluster_name: format!("sluice-partition-{group}"),
-            heartbeat_interval: settings.heartbeat_ms,
-            election_timeout_min: settings.election_min_ms,
-            election_timeout_max: settings.election_max_ms,
-            // The log is the partition's data: never snapshotted away, and a follower that
-            // fell behind catches up from the log, however far behind.
-            snapshot_policy: SnapshotPolicy::Never,
-            replication_lag_threshold: u64::MAX,
-            enable_pre_vote: Some(true),
-            // A restarted leader must not resume its term: readiness ("applied an entry of its
-            // own term, so everything committed before it") holds only for a term whose first
-            // entry this leader appended after everything committed. Resumed, it would serve
-            // while re-applying the log, with a producer state missing the newest batches
-            // (found by scripts/chaos: librdkafka raised OUT_OF_ORDER_SEQUENCE_NUMBER).
-            enable_leader_restore: Some(false),
-            ..Default::default()
-        }
-        .validate()
-        .map_err(|e| stopped(&e))?;
+        let config = raft_config(group, settings).map_err(|e| stopped(&e))?;
         let raft = Raft::new(
             id,
             Arc::new(config),
@@ -960,6 +941,32 @@ fn next_sequence(sequence: i32) -> i32 {
     } else {
         sequence + 1
     }
+}
+
+/// The openraft configuration of partition group `group`.
+pub fn raft_config(
+    group: u32,
+    settings: &ReplicaSettings,
+) -> Result<Config, openraft::ConfigError> {
+    Config {
+        cluster_name: format!("sluice-partition-{group}"),
+        heartbeat_interval: settings.heartbeat_ms,
+        election_timeout_min: settings.election_min_ms,
+        election_timeout_max: settings.election_max_ms,
+        // The log is the partition's data: never snapshotted away, and a follower that fell
+        // behind catches up from the log, however far behind.
+        snapshot_policy: SnapshotPolicy::Never,
+        replication_lag_threshold: u64::MAX,
+        enable_pre_vote: Some(true),
+        // A restarted leader must not resume its term: readiness ("applied an entry of its own
+        // term, so everything committed before it") holds only for a term whose first entry
+        // this leader appended after everything committed. Resumed, it would serve while
+        // re-applying the log, with a producer state missing the newest batches (found by
+        // scripts/chaos: librdkafka raised OUT_OF_ORDER_SEQUENCE_NUMBER).
+        enable_leader_restore: Some(false),
+        ..Default::default()
+    }
+    .validate()
 }
 
 /// When a replica first checks whether to hand leadership to the preferred one.
