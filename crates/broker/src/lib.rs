@@ -530,7 +530,6 @@ impl Broker {
         controller::default_replication_factor(&self.shared)
     }
 
-    /// The controller's leader: this node when the broker has no cluster.
     /// The controller group's leader while it is live (clients send it their admin requests;
     /// `None` while there is none to send them to).
     pub fn controller_node(&self) -> Option<NodeId> {
@@ -766,12 +765,11 @@ impl Broker {
         if self.shared.cluster.get().is_none() {
             return Coordinator::Here;
         }
-        let Some(topic) = self.topic(group_offsets::OFFSETS_TOPIC) else {
+        let Some((topic, index, tail)) = self.group_partition(group) else {
             self.create_offsets_topic();
             return Coordinator::Unavailable;
         };
-        let index = group_offsets::partition_for(group, topic.partition_count() as u32);
-        if let Some(tail) = self.shared.tails.get(topic.id, index) {
+        if let Some(tail) = tail {
             match tail.coordinating() {
                 group_offsets::Coordinating::Yes => return Coordinator::Here,
                 group_offsets::Coordinating::Loading => return Coordinator::Loading,
@@ -829,7 +827,8 @@ impl Broker {
             Some(replica) => replica.elect_preferred().await,
             None => Election::NotLeader(Some(preferred)),
         };
-        // Another node's replica answers for itself; ask the leader it names, once.
+        // Another node's replica answers for itself: ask the preferred replica's node (when
+        // this node holds no replica), then the leader a replica names — twice at most.
         for _ in 0..2 {
             match election {
                 Election::NotLeader(Some(leader)) if leader != here => {
@@ -886,20 +885,27 @@ impl Broker {
         });
     }
 
+    /// The committed-offsets topic, `group`'s partition of it, and this node's replica of
+    /// that partition if it holds one; `None` before the topic exists.
+    fn group_partition(
+        &self,
+        group: &str,
+    ) -> Option<(Arc<Topic>, u32, Option<Arc<group_offsets::Tail>>)> {
+        let topic = self.topic(group_offsets::OFFSETS_TOPIC)?;
+        let index = group_offsets::partition_for(group, topic.partition_count() as u32);
+        let tail = self.shared.tails.get(topic.id, index);
+        Some((topic, index, tail))
+    }
+
     /// This node's replica of `group`'s partition of the committed-offsets topic, if it
     /// coordinates the group now.
     fn coordinating(&self, group: &str) -> Result<Arc<group_offsets::Tail>, BrokerError> {
         let not_coordinator = || BrokerError::NotCoordinator {
             group: group.to_owned(),
         };
-        let topic = self
-            .topic(group_offsets::OFFSETS_TOPIC)
-            .ok_or_else(not_coordinator)?;
-        let index = group_offsets::partition_for(group, topic.partition_count() as u32);
         let tail = self
-            .shared
-            .tails
-            .get(topic.id, index)
+            .group_partition(group)
+            .and_then(|(_, _, tail)| tail)
             .ok_or_else(not_coordinator)?;
         match tail.coordinating() {
             group_offsets::Coordinating::Yes => Ok(tail),
@@ -915,13 +921,10 @@ impl Broker {
     /// `None` before the topic exists (no group has committed anything); NOT_COORDINATOR
     /// where this node holds no replica of the group's partition.
     fn local_table(&self, group: &str) -> Result<Option<Arc<group_offsets::Tail>>, BrokerError> {
-        let Some(topic) = self.topic(group_offsets::OFFSETS_TOPIC) else {
-            return Ok(None);
-        };
-        let index = group_offsets::partition_for(group, topic.partition_count() as u32);
-        match self.shared.tails.get(topic.id, index) {
-            Some(tail) => Ok(Some(tail)),
-            None => Err(BrokerError::NotCoordinator {
+        match self.group_partition(group) {
+            None => Ok(None),
+            Some((_, _, Some(tail))) => Ok(Some(tail)),
+            Some((_, _, None)) => Err(BrokerError::NotCoordinator {
                 group: group.to_owned(),
             }),
         }
@@ -1055,12 +1058,6 @@ impl Broker {
             return Ok(groups);
         }
         self.shared.offsets.groups()
-    }
-
-    /// Which partitions of the committed-offsets topic this node coordinates now, with the
-    /// epoch it leads each in; empty without a cluster.
-    pub fn coordinated_partitions(&self) -> (u32, BTreeMap<u32, i32>) {
-        coordinated_partitions(&self.shared)
     }
 
     pub async fn delete_group_offsets(&self, group: &str) -> Result<usize, BrokerError> {
