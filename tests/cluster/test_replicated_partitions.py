@@ -443,3 +443,55 @@ def test_preferred_leader_election_and_log_dirs(nodes_factory):
         assert log_dir["error_code"] == 0 and log_dir["log_dir"].endswith("logs"), log_dir
         topics = {t["name"]: t for t in log_dir["topics"]}
         assert [p["partition_index"] for p in topics["elected"]["partitions"]] == [0], topics
+
+
+def test_a_stopping_leader_hands_over_before_it_stops(nodes_factory):
+    """A node stopped gracefully (SIGTERM) hands the leadership of the partitions it leads to a
+    caught-up follower first (Kafka's controlled shutdown), before it stops serving clients;
+    the producer writing meanwhile loses nothing acknowledged, and the node exits cleanly."""
+    import signal
+
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    cluster, bootstrap, admin = three_nodes(nodes_factory)
+    admin.create_topics([NewTopic("handed", num_partitions=1, replication_factor=3)])["handed"].result(30)
+    wait_for("the preferred replica to lead", lambda: preferred_leads(admin, "handed"), timeout=30)
+    leader = partition_state(admin, "handed")[0]
+    victim = node_of(cluster, admin, leader)
+    others = [node for node in cluster.nodes if node is not victim]
+    survivors = AdminClient({"bootstrap.servers": ",".join(node.kafka for node in others)})
+
+    acked = []
+    failures = []
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
+                         "linger.ms": 5, "message.timeout.ms": 30000})
+
+    def delivered(error, message):
+        if error is not None:
+            failures.append(str(error))
+        else:
+            acked.append(int(message.value()))
+
+    def send(start, count):
+        for value in range(start, start + count):
+            producer.produce("handed", str(value).encode(), partition=0, on_delivery=delivered)
+            producer.poll(0)
+        assert producer.flush(30) == 0
+
+    send(0, 200)
+    signalled = time.monotonic()
+    victim.process.send_signal(signal.SIGTERM)
+    wait_for("another leader", lambda: (s := partition_state(survivors, "handed")) and s[0] != leader,
+             timeout=8, interval=0.1)
+    handed_after = time.monotonic() - signalled
+    assert handed_after < 5, f"leadership moved {handed_after:.1f} s after the signal"
+    send(200, 200)
+    assert victim.process.wait(timeout=30) == 0
+    handed = [line for line in victim.log_path.read_text().splitlines()
+              if "handed over the leadership of partitions led here" in line]
+    assert len(handed) == 1 and "partitions=1" in handed[0], victim.log_tail(30)
+    assert not failures, failures[:5]
+    assert sorted(acked) == list(range(400))
+    read = read_back(",".join(node.kafka for node in others), "handed", 400)
+    assert sorted(value for value, _ in read) == list(range(400))

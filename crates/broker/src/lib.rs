@@ -1093,6 +1093,24 @@ impl Broker {
     }
 
     /// Stops the controller, then closes every partition (flushing and fsyncing its log).
+    /// Kafka's controlled shutdown: every replicated partition led on this node hands its
+    /// leadership to a caught-up follower (all at once), while clients are still connected, so
+    /// they move to the new leaders before this node stops. Answers how many it led.
+    pub async fn hand_over_leadership(&self) -> usize {
+        let mut handing = tokio::task::JoinSet::new();
+        for topic in self.topics() {
+            for partition in topic.served() {
+                let partition = Arc::clone(partition);
+                handing.spawn(async move { partition.hand_over().await });
+            }
+        }
+        let mut led = 0;
+        while let Some(joined) = handing.join_next().await {
+            led += usize::from(joined.unwrap_or(false));
+        }
+        led
+    }
+
     pub async fn shutdown(&self) -> Result<(), BrokerError> {
         self.shared.supervisor.begin_shutdown();
         self.shared.tails.stop_all();

@@ -572,6 +572,19 @@ impl Partition {
         }
     }
 
+    /// Before this node stops: a replicated partition led here hands leadership to a caught-up
+    /// follower (Kafka's controlled shutdown). Whether this node led it.
+    pub async fn hand_over(&self) -> bool {
+        match &self.backend {
+            Backend::Owner(_) => false,
+            Backend::Replicated(log, _) => {
+                let led = log.ready_epoch().is_some();
+                log.hand_over().await;
+                led
+            }
+        }
+    }
+
     /// The other replicas as this node's replica sees them while it leads; `None` for a
     /// single copy.
     pub fn followers(&self) -> Option<Vec<FollowerView>> {

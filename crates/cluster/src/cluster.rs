@@ -360,6 +360,19 @@ impl Cluster {
         }
     }
 
+    /// Tells the other nodes that this one is shutting down (its answers to their pings say
+    /// so) and waits until they know, so that none hands it leadership from now on.
+    pub async fn begin_stopping(&self) {
+        self.controller.begin_stopping();
+        let me = self.node_id();
+        let peers = self
+            .controller
+            .read_local(|s| s.nodes.keys().any(|id| *id != me));
+        if peers {
+            tokio::time::sleep(crate::liveness::STOPPING_KNOWN_AFTER).await;
+        }
+    }
+
     /// Stops the controller and the transport.
     pub async fn shutdown(&self) {
         self.controller.shutdown().await;

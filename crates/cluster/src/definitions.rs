@@ -28,7 +28,7 @@ use crate::liveness::Liveness;
 use crate::network::{Answer, GroupHandler};
 use crate::node::ControllerNode;
 use crate::partition::replica::{
-    Acks, PartitionReplica, PreferredElection, ReplicaError, ReplicaSettings, ReplicaSpec,
+    Acks, MayLead, PartitionReplica, PreferredElection, ReplicaError, ReplicaSettings, ReplicaSpec,
 };
 use crate::placement::{self, NodeId, PlacementKey};
 use crate::state_machine::{Observer, ObserverFuture};
@@ -239,6 +239,10 @@ impl ReplicatedLog for BrokerReplica {
         self.replica.end_offset_for_epoch(epoch)
     }
 
+    fn hand_over(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.replica.hand_over())
+    }
+
     fn close(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(self.replica.shutdown())
     }
@@ -352,6 +356,17 @@ impl ClusterLink for BrokerLink {
                 Arc::clone(self.node.router()),
                 &ReplicaSettings {
                     auto_balance: request.auto_leader_rebalance,
+                    may_lead: {
+                        let node = Arc::clone(&self.node);
+                        let liveness = Arc::clone(&self.liveness);
+                        MayLead::new(move |id| {
+                            if id == node.id() {
+                                !node.is_stopping()
+                            } else {
+                                !liveness.is_stopping(id)
+                            }
+                        })
+                    },
                     ..ReplicaSettings::default()
                 },
             )

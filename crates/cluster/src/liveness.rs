@@ -6,6 +6,9 @@
 //! finds no connection at all (a killed process) ends it at once. Kafka clients
 //! are told only live brokers and get LEADER_NOT_AVAILABLE for a partition whose node is not
 //! live; nothing safety-related depends on it (Raft decides what is committed).
+//!
+//! A node shutting down answers pings with [`STOPPING`]; the others then hand it no leadership
+//! (the preferred-leader balancing skips it), so what it handed over stays handed over.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,11 +29,16 @@ const PING_EVERY: Duration = Duration::from_millis(500);
 const PING_TIMEOUT: Duration = Duration::from_millis(1000);
 /// A node is live while its last answer is this recent.
 const LIVE_FOR: Duration = Duration::from_millis(3000);
+/// How long after a node begins to stop every other node knows it (a ping period and the
+/// ping's own time on loopback or a LAN).
+pub const STOPPING_KNOWN_AFTER: Duration = Duration::from_millis(700);
+/// The answer to a ping from a node that is shutting down.
+pub const STOPPING: &[u8] = b"stopping";
 
-/// When each node last answered.
+/// When each node last answered, and whether it said it is stopping.
 #[derive(Debug, Default)]
 pub struct Liveness {
-    answered: Mutex<HashMap<NodeId, Instant>>,
+    answered: Mutex<HashMap<NodeId, (Instant, bool)>>,
 }
 
 impl Liveness {
@@ -39,11 +47,21 @@ impl Liveness {
         self.answered
             .lock()
             .get(&node)
-            .is_some_and(|at| at.elapsed() < LIVE_FOR)
+            .is_some_and(|(at, _)| at.elapsed() < LIVE_FOR)
     }
 
-    fn answered(&self, node: NodeId) {
-        self.answered.lock().insert(node, Instant::now());
+    /// Whether `node`'s last answer said it is shutting down.
+    pub fn is_stopping(&self, node: NodeId) -> bool {
+        self.answered
+            .lock()
+            .get(&node)
+            .is_some_and(|(_, stopping)| *stopping)
+    }
+
+    fn answered(&self, node: NodeId, stopping: bool) {
+        self.answered
+            .lock()
+            .insert(node, (Instant::now(), stopping));
     }
 
     fn gone(&self, node: NodeId) {
@@ -92,7 +110,7 @@ impl Liveness {
                             )
                             .await;
                         match answer {
-                            Ok(_) => liveness.answered(peer),
+                            Ok(answer) => liveness.answered(peer, answer == STOPPING),
                             // No connection, or it broke: no process answers there (a killed
                             // node), so it is not live from now on, not only once its last
                             // answer ages out. A frozen node times out and ages out instead.

@@ -13,8 +13,18 @@
 //! Errors are mapped so openraft backs off from dead peers: a peer that cannot be reached is
 //! `Unreachable`; a call that timed out or whose connection closed is a `Network` error, retried
 //! at once (on a new connection).
+//!
+//! # Coalesced heartbeats
+//! A leader sends each follower a heartbeat every `heartbeat_interval` for every group it leads,
+//! so a node leading a few hundred partitions would send thousands of messages a second to each
+//! peer doing nothing. A group whose network coalesces ([`GroupNetwork::coalescing`]) hands its
+//! heartbeats to the node's [`Heartbeats`]: those to one peer gather for [`HEARTBEAT_WINDOW`]
+//! and go out as one message to [`HEARTBEATS_GROUP`], whose answer holds every group's answer
+//! (as Redpanda's heartbeat manager does). The receiving [`Router`] hands each heartbeat to its
+//! group as if it had come alone. Only heartbeats gather: entries go out at once.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::future::Future;
 use std::io::{self, Cursor};
 use std::marker::PhantomData;
@@ -22,7 +32,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::future::join_all;
 use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
@@ -32,9 +43,10 @@ use openraft::raft::{
 };
 use openraft::storage::RaftStateMachine;
 use openraft::{BasicNode, Raft, RaftNetworkV2, RaftTypeConfig};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::placement::NodeId;
 use crate::state_machine::{Machine, StateMachineStore};
@@ -102,6 +114,8 @@ pub(crate) fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> 
 pub struct GroupNetwork<C> {
     transport: Transport,
     group: u32,
+    /// Where the group's heartbeats gather, if they are coalesced.
+    heartbeats: Option<Arc<Heartbeats>>,
     _types: PhantomData<fn() -> C>,
 }
 
@@ -137,8 +151,16 @@ impl<C> GroupNetwork<C> {
         Self {
             transport,
             group,
+            heartbeats: None,
             _types: PhantomData,
         }
+    }
+
+    /// The group's heartbeats go out with those of the node's other groups (see the module
+    /// documentation).
+    pub fn coalescing(mut self, heartbeats: Arc<Heartbeats>) -> Self {
+        self.heartbeats = Some(heartbeats);
+        self
     }
 }
 
@@ -153,8 +175,17 @@ impl<C: WireTypes> RaftNetworkFactory<C> for GroupNetwork<C> {
             transport: self.transport.clone(),
             group: self.group,
             target,
+            heartbeats: None,
             _types: PhantomData,
         }
+    }
+
+    /// openraft's heartbeat worker sends the leader's heartbeats (and the lease probes of
+    /// linearizable reads) through this client only.
+    async fn new_heartbeat_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient<C> {
+        let mut client = self.new_client(target, node).await;
+        client.heartbeats = self.heartbeats.clone();
+        client
     }
 }
 
@@ -163,6 +194,8 @@ pub struct PeerClient<C> {
     transport: Transport,
     group: u32,
     target: NodeId,
+    /// Set on the heartbeat client of a coalescing group.
+    heartbeats: Option<Arc<Heartbeats>>,
     _types: PhantomData<fn() -> C>,
 }
 
@@ -189,10 +222,17 @@ impl<C: WireTypes> PeerClient<C> {
             .call(self.target, self.group, method, body, timeout)
             .await
             .map_err(rpc_error::<C>)?;
-        let answer: Result<Resp, String> =
-            from_json(&answer).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
-        answer.map_err(|reason| RPCError::Network(NetworkError::from_string(reason)))
+        decode_answer(&answer)
     }
+}
+
+/// A group's answer: `Result<response, reason>` as JSON.
+fn decode_answer<C: RaftTypeConfig, Resp: DeserializeOwned>(
+    answer: &[u8],
+) -> Result<Resp, RPCError<C>> {
+    let answer: Result<Resp, String> =
+        from_json(answer).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+    answer.map_err(|reason| RPCError::Network(NetworkError::from_string(reason)))
 }
 
 fn rpc_error<C: RaftTypeConfig>(e: CallError) -> RPCError<C> {
@@ -214,6 +254,21 @@ impl<C: WireTypes> RaftNetworkV2<C> for PeerClient<C> {
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
         let body =
             C::encode_append(&rpc).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        if let Some(heartbeats) = &self.heartbeats
+            && rpc.entries.is_empty()
+        {
+            let answer = heartbeats
+                .send(
+                    &self.transport,
+                    self.target,
+                    self.group,
+                    body,
+                    option.hard_ttl(),
+                )
+                .await
+                .map_err(rpc_error::<C>)?;
+            return decode_answer(&answer);
+        }
         self.call(method::APPEND, body, option.hard_ttl()).await
     }
 
@@ -281,10 +336,13 @@ pub trait GroupHandler: Send + Sync + 'static {
     fn handle(&self, from: NodeId, method: u8, body: Bytes) -> Answer;
 }
 
-/// The node's [`Service`]: hands each request to the handler of its group.
+/// The node's [`Service`]: hands each request to the handler of its group, and each heartbeat
+/// of a coalesced message ([`HEARTBEATS_GROUP`]) to its group. It also keeps the node's
+/// [`Heartbeats`], where its own groups' heartbeats gather.
 #[derive(Default)]
 pub struct Router {
     groups: RwLock<HashMap<u32, Arc<dyn GroupHandler>>>,
+    heartbeats: Arc<Heartbeats>,
 }
 
 impl std::fmt::Debug for Router {
@@ -302,16 +360,303 @@ impl Router {
     pub fn unregister(&self, group: u32) {
         self.groups.write().remove(&group);
     }
+
+    /// Where this node's coalescing groups gather their heartbeats.
+    pub fn heartbeats(&self) -> &Arc<Heartbeats> {
+        &self.heartbeats
+    }
+
+    /// Serves a coalesced message: every heartbeat in it goes to its group at once, and the
+    /// answer lists each group's answer in the same order.
+    fn serve_heartbeats(&self, from: NodeId, body: Bytes) -> Answer {
+        let beats = match decode_beats(body) {
+            Ok(beats) => beats,
+            Err(reason) => return Box::pin(async move { Err(reason) }),
+        };
+        let served: Vec<_> = {
+            let groups = self.groups.read();
+            beats
+                .into_iter()
+                .map(|(group, body)| {
+                    let handler = groups.get(&group).cloned();
+                    async move {
+                        let answer = match handler {
+                            Some(handler) => handler.handle(from, method::APPEND, body).await,
+                            None => Err(format!("no group {group} on this node")),
+                        };
+                        (group, answer)
+                    }
+                })
+                .collect()
+        };
+        Box::pin(async move { Ok(encode_answers(&join_all(served).await)) })
+    }
 }
 
 impl Service for Router {
     fn handle(&self, from: NodeId, group: u32, method: u8, body: Bytes) -> Answer {
+        if group == HEARTBEATS_GROUP && method == method::APPEND {
+            return self.serve_heartbeats(from, body);
+        }
         let handler = self.groups.read().get(&group).cloned();
         match handler {
             Some(handler) => handler.handle(from, method, body),
             None => Box::pin(async move { Err(format!("no group {group} on this node")) }),
         }
     }
+}
+
+/// The transport group coalesced heartbeats are sent to (method [`method::APPEND`]); no Raft
+/// group has this id.
+pub const HEARTBEATS_GROUP: u32 = u32::MAX - 3;
+/// How long heartbeats to one peer gather before they go out together: a fifth of the default
+/// heartbeat interval, so a heartbeat is late by at most that and a node sends each peer at
+/// most 50 heartbeat messages a second however many groups it leads.
+pub const HEARTBEAT_WINDOW: Duration = Duration::from_millis(20);
+/// Heartbeats waiting for one peer, at most (one per group the node leads, so the bound is
+/// never reached in practice); a heartbeat finding no room goes out alone.
+const HEARTBEATS_WAITING_MAX: usize = 16_384;
+/// A peer's gatherer that had nothing to send for this long stops; the next heartbeat for the
+/// peer starts another.
+const HEARTBEATS_IDLE: Duration = Duration::from_secs(30);
+
+/// One group's heartbeat waiting to go out.
+struct Beat {
+    group: u32,
+    body: Bytes,
+    deadline: tokio::time::Instant,
+    answer: oneshot::Sender<Result<Bytes, CallError>>,
+}
+
+/// Gathers the heartbeats of a node's groups per peer (see the module documentation).
+#[derive(Default)]
+pub struct Heartbeats {
+    peers: Mutex<HashMap<NodeId, mpsc::Sender<Beat>>>,
+}
+
+impl std::fmt::Debug for Heartbeats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let peers: Vec<NodeId> = self.peers.lock().keys().copied().collect();
+        f.debug_struct("Heartbeats").field("peers", &peers).finish()
+    }
+}
+
+impl Heartbeats {
+    /// Sends `group`'s encoded heartbeat to `peer` with the next coalesced message and waits
+    /// up to `timeout` for the group's answer.
+    pub async fn send(
+        &self,
+        transport: &Transport,
+        peer: NodeId,
+        group: u32,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, CallError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (answer, answered) = oneshot::channel();
+        let beat = Beat {
+            group,
+            body,
+            deadline,
+            answer,
+        };
+        let beat = match self.gatherer(transport, peer).try_send(beat) {
+            Ok(()) => None,
+            // No room, or the gatherer just stopped: this one goes alone.
+            Err(
+                mpsc::error::TrySendError::Full(beat) | mpsc::error::TrySendError::Closed(beat),
+            ) => Some(beat),
+        };
+        if let Some(beat) = beat {
+            return transport
+                .call(peer, beat.group, method::APPEND, beat.body, timeout)
+                .await;
+        }
+        match tokio::time::timeout_at(deadline, answered).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(CallError::Closed { peer }),
+            Err(_) => Err(CallError::Timeout { peer, timeout }),
+        }
+    }
+
+    /// The queue of `peer`'s gatherer, started if there is none.
+    fn gatherer(&self, transport: &Transport, peer: NodeId) -> mpsc::Sender<Beat> {
+        let mut peers = self.peers.lock();
+        match peers.entry(peer) {
+            Entry::Occupied(queue) if !queue.get().is_closed() => queue.get().clone(),
+            entry => {
+                let (queue, waiting) = mpsc::channel(HEARTBEATS_WAITING_MAX);
+                let gatherer = Gatherer {
+                    transport: transport.clone(),
+                    peer,
+                };
+                tokio::spawn(gatherer.run(waiting));
+                match entry {
+                    Entry::Occupied(mut old) => {
+                        old.insert(queue.clone());
+                    }
+                    Entry::Vacant(vacant) => {
+                        vacant.insert(queue.clone());
+                    }
+                }
+                queue
+            }
+        }
+    }
+}
+
+/// Sends one peer's heartbeats, a window's worth per message.
+struct Gatherer {
+    transport: Transport,
+    peer: NodeId,
+}
+
+impl Gatherer {
+    async fn run(self, mut waiting: mpsc::Receiver<Beat>) {
+        loop {
+            let first = match tokio::time::timeout(HEARTBEATS_IDLE, waiting.recv()).await {
+                Ok(Some(beat)) => beat,
+                Ok(None) => return,
+                Err(_) => {
+                    // Idle: stop, so that a gatherer never outlives its node for long (the
+                    // node's list then holds a closed queue, replaced at the next heartbeat).
+                    // Beats that raced in are answered "closed" when `waiting` drops; openraft
+                    // sends the next heartbeat at its next tick.
+                    waiting.close();
+                    return;
+                }
+            };
+            tokio::time::sleep(HEARTBEAT_WINDOW).await;
+            let mut beats = vec![first];
+            while let Ok(beat) = waiting.try_recv() {
+                beats.push(beat);
+            }
+            // A heartbeat whose sender gave up is not sent.
+            beats.retain(|beat| !beat.answer.is_closed());
+            let Some(deadline) = beats.iter().map(|beat| beat.deadline).max() else {
+                continue;
+            };
+            let transport = self.transport.clone();
+            let peer = self.peer;
+            // The next window gathers while this message is under way.
+            tokio::spawn(async move {
+                let body = encode_beats(&beats);
+                let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let answered = transport
+                    .call(peer, HEARTBEATS_GROUP, method::APPEND, body, timeout)
+                    .await
+                    .and_then(|answer| {
+                        decode_answers(answer, beats.len()).map_err(|reason| CallError::Remote {
+                            peer,
+                            reason: format!("coalesced heartbeats: {reason}"),
+                        })
+                    });
+                match answered {
+                    Ok(answers) => {
+                        for (beat, (group, answer)) in beats.into_iter().zip(answers) {
+                            let answer = if group == beat.group {
+                                answer.map_err(|reason| CallError::Remote { peer, reason })
+                            } else {
+                                Err(CallError::Remote {
+                                    peer,
+                                    reason: format!(
+                                        "coalesced heartbeats: answer for group {group} where \
+                                         group {} was expected",
+                                        beat.group
+                                    ),
+                                })
+                            };
+                            let _ = beat.answer.send(answer);
+                        }
+                    }
+                    Err(e) => {
+                        for beat in beats {
+                            let _ = beat.answer.send(Err(e.clone()));
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// `[group u32 BE][length u32 BE][heartbeat]` per heartbeat.
+fn encode_beats(beats: &[Beat]) -> Bytes {
+    let size = beats.iter().map(|beat| 8 + beat.body.len()).sum();
+    let mut body = BytesMut::with_capacity(size);
+    for beat in beats {
+        body.put_u32(beat.group);
+        body.put_u32(beat.body.len() as u32);
+        body.put_slice(&beat.body);
+    }
+    body.freeze()
+}
+
+fn decode_beats(mut body: Bytes) -> Result<Vec<(u32, Bytes)>, String> {
+    let mut beats = Vec::new();
+    while body.has_remaining() {
+        if body.remaining() < 8 {
+            return Err("coalesced heartbeats cut short".to_owned());
+        }
+        let group = body.get_u32();
+        let length = body.get_u32() as usize;
+        if body.remaining() < length {
+            return Err(format!("coalesced heartbeat of group {group} cut short"));
+        }
+        beats.push((group, body.split_to(length)));
+    }
+    Ok(beats)
+}
+
+/// One group's answer to its heartbeat in a coalesced message: its handler's answer or why
+/// it gave none.
+type GroupAnswer = (u32, Result<Bytes, String>);
+
+/// `[group u32 BE][0 answer | 1 reason: u8][length u32 BE][bytes]` per heartbeat, in the
+/// order of the request.
+fn encode_answers(answers: &[GroupAnswer]) -> Bytes {
+    let mut body = BytesMut::new();
+    for (group, answer) in answers {
+        body.put_u32(*group);
+        let (status, bytes) = match answer {
+            Ok(bytes) => (0u8, &bytes[..]),
+            Err(reason) => (1u8, reason.as_bytes()),
+        };
+        body.put_u8(status);
+        body.put_u32(bytes.len() as u32);
+        body.put_slice(bytes);
+    }
+    body.freeze()
+}
+
+fn decode_answers(mut body: Bytes, expected: usize) -> Result<Vec<GroupAnswer>, String> {
+    let mut answers = Vec::with_capacity(expected);
+    while body.has_remaining() {
+        if body.remaining() < 9 {
+            return Err("answers cut short".to_owned());
+        }
+        let group = body.get_u32();
+        let status = body.get_u8();
+        let length = body.get_u32() as usize;
+        if body.remaining() < length {
+            return Err(format!("the answer for group {group} is cut short"));
+        }
+        let bytes = body.split_to(length);
+        answers.push((
+            group,
+            match status {
+                0 => Ok(bytes),
+                _ => Err(String::from_utf8_lossy(&bytes).into_owned()),
+            },
+        ));
+    }
+    if answers.len() != expected {
+        return Err(format!(
+            "{} answers to {expected} heartbeats",
+            answers.len()
+        ));
+    }
+    Ok(answers)
 }
 
 /// Serves Raft's RPCs for one group from its local `Raft`.
@@ -495,5 +840,133 @@ mod tests {
 
         raft.shutdown().await.expect("raft stops");
         transport.shutdown();
+    }
+    /// Answers a heartbeat with the group's id and the heartbeat's bytes.
+    struct Echo(u32);
+
+    impl GroupHandler for Echo {
+        fn handle(&self, _from: NodeId, method: u8, body: Bytes) -> Answer {
+            let group = self.0;
+            Box::pin(async move {
+                assert_eq!(method, method::APPEND);
+                let mut answer = group.to_be_bytes().to_vec();
+                answer.extend_from_slice(&body);
+                Ok(Bytes::from(answer))
+            })
+        }
+    }
+
+    /// Counts the requests a node receives, by group, before the router serves them.
+    struct Counting {
+        router: Router,
+        seen: Mutex<HashMap<u32, usize>>,
+    }
+
+    impl Service for Counting {
+        fn handle(&self, from: NodeId, group: u32, method: u8, body: Bytes) -> Answer {
+            *self.seen.lock().entry(group).or_default() += 1;
+            self.router.handle(from, group, method, body)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn heartbeats_of_many_groups_to_one_peer_travel_as_one_message() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let receiver_address = listener.local_addr().expect("address").to_string();
+        let counting = Arc::new(Counting {
+            router: Router::default(),
+            seen: Mutex::new(HashMap::new()),
+        });
+        const GROUPS: u32 = 200;
+        for group in 1..=GROUPS {
+            counting.router.register(group, Arc::new(Echo(group)));
+        }
+        let receiver = Transport::start(
+            TransportConfig::new(2, receiver_address.clone()),
+            listener,
+            counting.clone(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let router = Arc::new(Router::default());
+        let sender = Transport::start(TransportConfig::new(1, address), listener, router.clone());
+        sender.set_address(2, receiver_address);
+
+        // Every group's heartbeat at about the same moment, and one to a group the peer lacks.
+        let sends = (1..=GROUPS + 1).map(|group| {
+            let heartbeats = Arc::clone(router.heartbeats());
+            let sender = sender.clone();
+            async move {
+                let body = Bytes::from(format!("beat {group}"));
+                let answer = heartbeats
+                    .send(&sender, 2, group, body, Duration::from_secs(5))
+                    .await;
+                (group, answer)
+            }
+        });
+        let answers = join_all(sends).await;
+        for (group, answer) in answers {
+            if group > GROUPS {
+                let error = answer.expect_err("the peer has no such group");
+                assert!(error.to_string().contains("no group"), "{error}");
+                continue;
+            }
+            let answer = answer.expect("answered");
+            assert_eq!(
+                answer[..4],
+                group.to_be_bytes(),
+                "group {group}'s own answer"
+            );
+            assert_eq!(&answer[4..], format!("beat {group}").as_bytes());
+        }
+        let seen = counting.seen.lock().clone();
+        assert_eq!(
+            seen.keys().copied().collect::<Vec<_>>(),
+            vec![HEARTBEATS_GROUP],
+            "only coalesced messages: {seen:?}"
+        );
+        // One message, or two if the window closed while the sends were starting.
+        assert!(seen[&HEARTBEATS_GROUP] <= 2, "{seen:?}");
+
+        sender.shutdown();
+        receiver.shutdown();
+    }
+
+    #[test]
+    fn damaged_coalesced_messages_are_errors() {
+        let beat = |group: u32, body: &'static [u8]| {
+            let (answer, _) = oneshot::channel();
+            Beat {
+                group,
+                body: Bytes::from_static(body),
+                deadline: tokio::time::Instant::now(),
+                answer,
+            }
+        };
+        let whole = encode_beats(&[beat(7, b"abc"), beat(9, b"")]);
+        assert_eq!(
+            decode_beats(whole.clone()).expect("decodes"),
+            vec![(7, Bytes::from_static(b"abc")), (9, Bytes::new())]
+        );
+        for cut in 1..whole.len() {
+            if cut == 11 {
+                continue; // the first heartbeat whole: a message of one
+            }
+            assert!(decode_beats(whole.slice(..cut)).is_err(), "cut at {cut}");
+        }
+        let answers = encode_answers(&[(7, Ok(Bytes::from_static(b"ok"))), (9, Err("no".into()))]);
+        let decoded = decode_answers(answers.clone(), 2).expect("decodes");
+        assert_eq!(decoded[0], (7, Ok(Bytes::from_static(b"ok"))));
+        assert_eq!(decoded[1], (9, Err("no".to_owned())));
+        assert!(
+            decode_answers(answers.clone(), 3).is_err(),
+            "a missing answer"
+        );
+        for cut in 1..answers.len() {
+            assert!(
+                decode_answers(answers.slice(..cut), 2).is_err(),
+                "cut at {cut}"
+            );
+        }
     }
 }

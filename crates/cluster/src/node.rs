@@ -122,6 +122,8 @@ pub struct ControllerNode {
     membership: tokio::sync::Mutex<()>,
     /// Whether it answers Raft and membership requests yet (see [`Self::serve`]).
     serving: std::sync::atomic::AtomicBool,
+    /// Whether the node is shutting down (its pings say so: see [`crate::liveness`]).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ControllerNode {
@@ -188,9 +190,21 @@ impl ControllerNode {
             settings,
             membership: tokio::sync::Mutex::new(()),
             serving: std::sync::atomic::AtomicBool::new(false),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         });
         node.register();
         Ok(node)
+    }
+
+    /// Marks the node as shutting down: its answers to pings say so from now on, so that
+    /// other nodes stop handing it leadership.
+    pub fn begin_stopping(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(crate) fn membership_lock(&self) -> &tokio::sync::Mutex<()> {
@@ -532,7 +546,16 @@ impl GroupHandler for ControllerServer {
                     to_json(&node.read_index().await)
                 })
             }
-            method::PING => Box::pin(async { Ok(Bytes::new()) }),
+            method::PING => {
+                let stopping = self.node.upgrade().is_some_and(|node| node.is_stopping());
+                Box::pin(async move {
+                    Ok(if stopping {
+                        Bytes::from_static(crate::liveness::STOPPING)
+                    } else {
+                        Bytes::new()
+                    })
+                })
+            }
             method::REPORT => {
                 let node = self.node.upgrade();
                 Box::pin(async move {

@@ -178,10 +178,21 @@ async fn serve(config: Config, ready_file: Option<PathBuf>) -> ExitCode {
         }
     };
 
-    // Stop accepting, then give connections the grace period to finish what they started.
     if let Some(admin) = &bound.admin {
         admin.set_ready(false);
     }
+    // Kafka's controlled shutdown: partitions led here go to other replicas first, while
+    // clients are still connected (they are answered NOT_LEADER_OR_FOLLOWER and move), so
+    // the grace period below costs no partition its leader.
+    cluster.begin_stopping().await;
+    let handed = broker.hand_over_leadership().await;
+    if handed > 0 {
+        tracing::info!(
+            partitions = handed,
+            "handed over the leadership of partitions led here"
+        );
+    }
+    // Stop accepting, then give connections the grace period to finish what they started.
     shutdown.cancel();
     connections.close();
     let grace = Duration::from_millis(config.shutdown_grace_ms);

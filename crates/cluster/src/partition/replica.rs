@@ -78,6 +78,32 @@ pub struct ReplicaSettings {
     /// Whether leaders do so by themselves (Kafka's `auto.leader.rebalance.enable`); without,
     /// only a preferred leader election (ElectLeaders) moves leadership back.
     pub auto_balance: bool,
+    /// Which nodes may be handed leadership (a node shutting down may not).
+    pub may_lead: MayLead,
+}
+
+/// Whether a node may be handed leadership now; every node may unless told otherwise.
+#[derive(Clone, Default)]
+pub struct MayLead(Option<Arc<dyn Fn(NodeId) -> bool + Send + Sync>>);
+
+impl MayLead {
+    pub fn new(may_lead: impl Fn(NodeId) -> bool + Send + Sync + 'static) -> Self {
+        Self(Some(Arc::new(may_lead)))
+    }
+
+    pub fn check(&self, node: NodeId) -> bool {
+        self.0.as_ref().is_none_or(|may_lead| may_lead(node))
+    }
+}
+
+impl std::fmt::Debug for MayLead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "MayLead(..)"
+        } else {
+            "MayLead(any)"
+        })
+    }
 }
 
 impl Default for ReplicaSettings {
@@ -88,6 +114,7 @@ impl Default for ReplicaSettings {
             election_max_ms: 1000,
             balance_every: Duration::from_secs(10),
             auto_balance: true,
+            may_lead: MayLead::default(),
         }
     }
 }
@@ -234,6 +261,7 @@ pub struct PartitionReplica {
     balancer: Option<tokio::task::JoinHandle<()>>,
     /// The replica that should lead when it can.
     preferred: Option<NodeId>,
+    may_lead: MayLead,
 }
 
 /// What [`PartitionReplica::elect_preferred`] did.
@@ -297,7 +325,7 @@ impl PartitionReplica {
         let raft = Raft::new(
             id,
             Arc::new(config),
-            GroupNetwork::new(transport, group),
+            GroupNetwork::new(transport, group).coalescing(Arc::clone(router.heartbeats())),
             log.clone(),
             machine.clone(),
         )
@@ -321,6 +349,7 @@ impl PartitionReplica {
                     id,
                     preferred,
                     settings.balance_every,
+                    settings.may_lead.clone(),
                 ))
             });
         let watcher = tokio::spawn(watch_applied(
@@ -348,6 +377,7 @@ impl PartitionReplica {
             watcher,
             balancer,
             preferred,
+            may_lead: settings.may_lead.clone(),
         }))
     }
 
@@ -418,6 +448,11 @@ impl PartitionReplica {
         if !ready {
             return PreferredElection::Unavailable(format!(
                 "the preferred replica {preferred} is not caught up with the leader or not answering it"
+            ));
+        }
+        if !self.may_lead.check(preferred) {
+            return PreferredElection::Unavailable(format!(
+                "the preferred replica's node {preferred} is shutting down"
             ));
         }
         match self.raft.trigger().transfer_leader(preferred).await {
@@ -576,8 +611,9 @@ impl PartitionReplica {
 
     /// A leader about to stop hands its leadership to a follower that holds everything it has
     /// (Kafka's controlled shutdown), and waits up to a second for it to take over, so a
-    /// restart costs its clients a transfer rather than an election timeout.
-    async fn hand_over(&self) {
+    /// restart costs its clients a transfer rather than an election timeout. Does nothing on
+    /// a follower.
+    pub async fn hand_over(&self) {
         let target = self.metrics(|metrics| {
             if metrics.current_leader != Some(self.id) {
                 return None;
@@ -587,7 +623,9 @@ impl PartitionReplica {
                 .iter()
                 .flatten()
                 .map(|(id, _)| *id)
-                .find(|id| *id != self.id && holds_whole_log(metrics, *id))
+                .find(|id| {
+                    *id != self.id && holds_whole_log(metrics, *id) && self.may_lead.check(*id)
+                })
         });
         let Some(target) = target else {
             return;
@@ -977,7 +1015,13 @@ const FIRST_BALANCE: Duration = Duration::from_secs(1);
 /// leaders go back to where the placement put them after a failover, so they stay spread over
 /// the nodes. openraft carries out the transfer (the target campaigns at once); a transfer
 /// that does not happen is tried again at the next check.
-async fn hand_to_preferred(raft: PartitionRaft, id: NodeId, preferred: NodeId, every: Duration) {
+async fn hand_to_preferred(
+    raft: PartitionRaft,
+    id: NodeId,
+    preferred: NodeId,
+    every: Duration,
+    may_lead: MayLead,
+) {
     // The first check comes soon, so that a new partition's leadership (its first election
     // went to whichever replica campaigned first) settles before clients rely on it.
     let first = tokio::time::Instant::now() + FIRST_BALANCE.min(every);
@@ -995,7 +1039,7 @@ async fn hand_to_preferred(raft: PartitionRaft, id: NodeId, preferred: NodeId, e
                 .and_then(|h| h.get(&preferred).cloned().flatten())
                 .is_some_and(|at| at.elapsed() < every.min(Duration::from_secs(1)));
             metrics.current_leader == Some(id) && caught_up && answering
-        };
+        } && may_lead.check(preferred);
         if ready {
             tracing::info!(group = %raft.config().cluster_name, to = preferred, "handing leadership to the preferred replica");
             if raft.trigger().transfer_leader(preferred).await.is_err() {
@@ -1021,6 +1065,9 @@ async fn watch_applied(
     high_watermark: watch::Sender<u64>,
 ) {
     let mut known_leader = None;
+    // Metrics change at every heartbeat; the entry index is read only when the applied entry
+    // moved.
+    let mut known_applied = None;
     loop {
         let (applied, leader, term) = {
             let metrics = metrics.borrow_watched();
@@ -1036,16 +1083,19 @@ async fn watch_applied(
             }
             known_leader = Some((leader, term));
         }
-        if let Some(applied) = applied {
+        if let Some(applied) = applied
+            && known_applied != Some(applied.index)
+        {
             match log.entry_loc(applied.index) {
                 Ok(Some(loc)) => {
+                    known_applied = Some(applied.index);
                     high_watermark.send_if_modified(|hw| {
                         let moved = loc.end_offset() > *hw;
                         *hw = (*hw).max(loc.end_offset());
                         moved
                     });
                 }
-                Ok(None) => {}
+                Ok(None) => known_applied = Some(applied.index),
                 Err(e) => tracing::error!(error = %e, "cannot read the applied entry's place"),
             }
         }
