@@ -9,7 +9,9 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use futures_util::{StreamExt, TryStreamExt};
 use sluice_storage::Log;
 
 use super::messaging;
@@ -227,7 +229,14 @@ async fn open_logs(
     .map_err(|e| BrokerError::metadata("open logs", e))?
 }
 
-/// Opens this node's replicas of the replicated partitions `specs` through the cluster.
+/// Replicas opened at once: opening one is mostly waiting for its files and their first fsyncs
+/// and for its Raft group to start, so a topic of a thousand partitions opens several times
+/// faster than one replica after another (which took longer than the controller waits for a
+/// change to apply).
+const REPLICAS_OPENED_AT_ONCE: usize = 16;
+
+/// Opens this node's replicas of the replicated partitions `specs` through the cluster,
+/// [`REPLICAS_OPENED_AT_ONCE`] at a time; answered in the order of `specs`.
 async fn open_replicas(
     shared: &Arc<Shared>,
     record: &TopicRecord,
@@ -246,8 +255,7 @@ async fn open_replicas(
         );
         return Ok(Vec::new());
     };
-    let mut opened = Vec::with_capacity(specs.len());
-    for spec in specs {
+    let open = |spec: PartitionSpec| async move {
         let placed = &record.partitions[spec.index as usize];
         let prepared = spec.clone();
         tokio::task::spawn_blocking(move || Partition::prepare_dir(&prepared))
@@ -275,9 +283,108 @@ async fn open_replicas(
         if &*spec.topic == crate::group_offsets::OFFSETS_TOPIC {
             shared.tails.attach(spec.topic_id, Arc::clone(&partition));
         }
-        opened.push(partition);
+        Ok::<_, BrokerError>(partition)
+    };
+    futures_util::stream::iter(specs)
+        .map(open)
+        .buffered(REPLICAS_OPENED_AT_ONCE)
+        .try_collect()
+        .await
+}
+
+/// How long applying a change waits for this node's replicas of new partitions to open. A
+/// topic of a few hundred partitions opens within it and is served once the change is
+/// applied; the replicas of a larger one go on opening in the background (a thousand take
+/// longer than the controller waits for a change to apply), and its partitions are served
+/// once they have opened (LEADER_NOT_AVAILABLE until then, as Kafka answers while a new
+/// partition's replicas are being created).
+const REPLICAS_OPEN_WAIT: Duration = Duration::from_secs(5);
+
+/// [`open_replicas`], waiting up to [`REPLICAS_OPEN_WAIT`]: the replicas if they opened in
+/// time, or `None` when they go on opening in the background and are served once they have
+/// ([`serve_opened_replicas`]).
+async fn open_replicas_awhile(
+    shared: &Arc<Shared>,
+    record: &TopicRecord,
+    specs: Vec<PartitionSpec>,
+) -> Result<Option<Vec<Arc<Partition>>>, BrokerError> {
+    if specs.is_empty() {
+        return Ok(Some(Vec::new()));
     }
-    Ok(opened)
+    let count = specs.len();
+    let mut opening = {
+        let shared = Arc::clone(shared);
+        let record = record.clone();
+        tokio::spawn(async move { open_replicas(&shared, &record, specs).await })
+    };
+    match tokio::time::timeout(REPLICAS_OPEN_WAIT, &mut opening).await {
+        Ok(joined) => joined
+            .map_err(|e| BrokerError::metadata("open partition replicas", e))?
+            .map(Some),
+        Err(_) => {
+            tracing::info!(topic = %record.name, count, "this node's replicas of the topic's new partitions go on opening in the background");
+            let shared = Arc::clone(shared);
+            let record = record.clone();
+            tokio::spawn(async move {
+                match opening.await {
+                    Ok(Ok(opened)) => serve_opened_replicas(&shared, &record, opened).await,
+                    Ok(Err(error)) => {
+                        tracing::error!(topic = %record.name, %error, "cannot open this node's replicas of the topic's new partitions");
+                    }
+                    Err(error) => {
+                        tracing::error!(topic = %record.name, %error, "opening this node's replicas of the topic's new partitions failed");
+                    }
+                }
+            });
+            Ok(None)
+        }
+    }
+}
+
+/// Serves replicas that opened in the background, in the slots their topic keeps for them;
+/// replicas of a topic deleted (or re-created) meanwhile stop, and their directories go.
+async fn serve_opened_replicas(
+    shared: &Arc<Shared>,
+    record: &TopicRecord,
+    opened: Vec<Arc<Partition>>,
+) {
+    let _applying = shared.applying.lock().await;
+    let live = shared
+        .topics
+        .read()
+        .get(&record.name)
+        .cloned()
+        .filter(|live| live.id == record.id);
+    let current = shared
+        .metadata
+        .topic(&record.name)
+        .filter(|current| current.id == record.id);
+    let mut unwanted = Vec::new();
+    if let (Some(live), Some(current)) = (live, current) {
+        let mut partitions = live.partitions.clone();
+        for partition in opened {
+            match partitions.get_mut(partition.index() as usize) {
+                Some(slot @ None) => *slot = Some(partition),
+                _ => unwanted.push(partition),
+            }
+        }
+        let served = topic_from(shared, &current, partitions);
+        shared.topics.write().insert(record.name.clone(), served);
+        tracing::info!(topic = %record.name, "this node's replicas of the topic's new partitions opened");
+    } else {
+        unwanted = opened;
+    }
+    if unwanted.is_empty() {
+        return;
+    }
+    let closing = unwanted.iter().map(|partition| async move {
+        if let Err(error) = partition.close().await {
+            tracing::warn!(topic = %record.name, partition = partition.index(), %error, "closing an unwanted replica failed");
+        }
+        partition.reader().dir().to_owned()
+    });
+    let dirs = futures_util::future::join_all(closing).await;
+    remove_dirs(dirs).await;
 }
 
 /// Opens this node's replicas of replicated partitions that could not be opened before the
@@ -378,8 +485,9 @@ async fn start_partitions(
                 })
                 .partition(|spec| record.partitions[spec.index as usize].group != 0);
         let mut opened = open_logs(shared, single).await?.into_iter().peekable();
-        let mut replicas = open_replicas(shared, &record, replicated)
+        let mut replicas = open_replicas_awhile(shared, &record, replicated)
             .await?
+            .unwrap_or_default()
             .into_iter()
             .peekable();
         for index in from..to {
@@ -453,12 +561,14 @@ async fn stop_topic(shared: &Arc<Shared>, name: &str, id: uuid::Uuid) {
     };
     let mut dirs = Vec::new();
     if let Some(topic) = removed {
-        for partition in topic.served() {
+        // All at once: a replica's close may wait for a hand-over (up to a second).
+        let closing = topic.served().map(|partition| async move {
             if let Err(error) = partition.close().await {
                 tracing::warn!(topic = name, partition = partition.index(), %error, "closing a deleted partition failed");
             }
-            dirs.push(partition.reader().dir().to_owned());
-        }
+            partition.reader().dir().to_owned()
+        });
+        dirs = futures_util::future::join_all(closing).await;
     }
     remove_dirs(dirs).await;
     let offsets = shared.offsets.clone();
