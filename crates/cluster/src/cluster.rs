@@ -129,6 +129,28 @@ pub struct ClusterSettings {
     pub amqp_addr: Option<String>,
     pub http_addr: Option<String>,
     pub controller: ControllerSettings,
+    /// The Raft timing of the node's partition groups.
+    pub partition_timing: PartitionTiming,
+}
+
+/// How often a partition group's leader sends heartbeats, and the range its followers draw
+/// election timeouts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionTiming {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+}
+
+impl Default for PartitionTiming {
+    fn default() -> Self {
+        let defaults = crate::partition::replica::ReplicaSettings::default();
+        Self {
+            heartbeat_ms: defaults.heartbeat_ms,
+            election_min_ms: defaults.election_min_ms,
+            election_max_ms: defaults.election_max_ms,
+        }
+    }
 }
 
 /// What a node tells others about the cluster, from its own (possibly stale) view.
@@ -254,6 +276,7 @@ impl Cluster {
             broker.set_cluster_link(Arc::new(BrokerLink::new(
                 Arc::clone(&controller),
                 Arc::clone(&liveness),
+                settings.partition_timing,
             )));
         }
         let has_state = controller.has_state().await?;

@@ -23,6 +23,7 @@ use sluice_broker::replication::{
 use sluice_broker::{Broker, MetadataCommand, ProduceOutcome};
 use uuid::Uuid;
 
+use crate::cluster::PartitionTiming;
 use crate::controller::{ControllerCommand, ControllerState};
 use crate::liveness::Liveness;
 use crate::network::{Answer, GroupHandler};
@@ -86,11 +87,20 @@ impl Observer<ControllerState> for BrokerObserver {
 pub struct BrokerLink {
     node: Arc<ControllerNode>,
     liveness: Arc<Liveness>,
+    timing: PartitionTiming,
 }
 
 impl BrokerLink {
-    pub fn new(node: Arc<ControllerNode>, liveness: Arc<Liveness>) -> Self {
-        Self { node, liveness }
+    pub fn new(
+        node: Arc<ControllerNode>,
+        liveness: Arc<Liveness>,
+        timing: PartitionTiming,
+    ) -> Self {
+        Self {
+            node,
+            liveness,
+            timing,
+        }
     }
 
     /// The registered nodes' ids, in order.
@@ -355,6 +365,9 @@ impl ClusterLink for BrokerLink {
                 self.node.transport().clone(),
                 Arc::clone(self.node.router()),
                 &ReplicaSettings {
+                    heartbeat_ms: self.timing.heartbeat_ms,
+                    election_min_ms: self.timing.election_min_ms,
+                    election_max_ms: self.timing.election_max_ms,
                     auto_balance: request.auto_leader_rebalance,
                     may_lead: {
                         let node = Arc::clone(&self.node);

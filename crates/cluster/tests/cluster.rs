@@ -30,6 +30,7 @@ fn settings(advertise: &str, seeds: &[&String]) -> ClusterSettings {
         http_addr: None,
         wait_for_invite: false,
         controller: ControllerSettings::default(),
+        partition_timing: Default::default(),
     }
 }
 

@@ -65,6 +65,13 @@ pub struct ClusterSection {
     /// fifth of that in its log for nodes that are only a little behind; a node further behind
     /// catches up from the snapshot.
     pub snapshot_entries: u64,
+    /// How often a replicated partition's leader sends each follower a heartbeat (those of all
+    /// partitions to one node go together). Idle partitions cost CPU in proportion to its
+    /// inverse.
+    pub partition_heartbeat_ms: u64,
+    /// A follower that hears no leader for a time drawn from this to twice this campaigns: it
+    /// bounds how long a dead leader goes unnoticed. At least three heartbeats.
+    pub partition_election_timeout_ms: u64,
 }
 
 impl Default for ClusterSection {
@@ -77,6 +84,8 @@ impl Default for ClusterSection {
             advertise_amqp: None,
             advertise_http: None,
             snapshot_entries: 5000,
+            partition_heartbeat_ms: 100,
+            partition_election_timeout_ms: 500,
         }
     }
 }
@@ -428,6 +437,17 @@ impl Config {
                 self.cluster.snapshot_entries
             );
         }
+        let heartbeat = self.cluster.partition_heartbeat_ms;
+        if !(20..=10_000).contains(&heartbeat) {
+            bail!("cluster.partition_heartbeat_ms must be between 20 and 10000, got {heartbeat}");
+        }
+        let election = self.cluster.partition_election_timeout_ms;
+        if election < 3 * heartbeat || election > 60_000 {
+            bail!(
+                "cluster.partition_election_timeout_ms must be at least three heartbeats ({}) and at most 60000, got {election}",
+                3 * heartbeat
+            );
+        }
         for seed in &self.cluster.seeds {
             check_host_port("cluster.seeds", seed)?;
         }
@@ -720,6 +740,26 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(error.contains("listen_typo"), "{error}");
+            // Partition Raft timing: an election timeout under three heartbeats is refused.
+            std::fs::write(
+                &file,
+                "[cluster]\npartition_heartbeat_ms = 200\npartition_election_timeout_ms = 500\n",
+            )
+            .unwrap();
+            let error = Config::load(Some(&file), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("cluster.partition_election_timeout_ms"),
+                "{error}"
+            );
+            std::fs::write(
+                &file,
+                "[cluster]\npartition_heartbeat_ms = 200\npartition_election_timeout_ms = 1000\n",
+            )
+            .unwrap();
+            let config = Config::load(Some(&file), &Overrides::default()).unwrap();
+            assert_eq!(config.cluster.partition_heartbeat_ms, 200);
             assert!(
                 Config::load(Some(Path::new("/no/such/file.toml")), &Overrides::default()).is_err()
             );

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sluice_broker::{Broker, Supervisor};
-use sluice_cluster::cluster::{Cluster, ClusterSettings, NodeIdentity};
+use sluice_cluster::cluster::{Cluster, ClusterSettings, NodeIdentity, PartitionTiming};
 use sluice_cluster::node::ControllerSettings;
 use sluice_storage::SystemClock;
 use tokio::net::TcpListener;
@@ -316,6 +316,11 @@ async fn start_cluster(
             snapshot_every: config.cluster.snapshot_entries,
             logs_kept: config.cluster.snapshot_entries / 5,
             ..ControllerSettings::default()
+        },
+        partition_timing: PartitionTiming {
+            heartbeat_ms: config.cluster.partition_heartbeat_ms,
+            election_min_ms: config.cluster.partition_election_timeout_ms,
+            election_max_ms: 2 * config.cluster.partition_election_timeout_ms,
         },
     };
     let listener = listeners
