@@ -495,3 +495,38 @@ def test_a_stopping_leader_hands_over_before_it_stops(nodes_factory):
     assert sorted(acked) == list(range(400))
     read = read_back(",".join(node.kafka for node in others), "handed", 400)
     assert sorted(value for value, _ in read) == list(range(400))
+
+
+def test_a_node_without_a_replica_names_the_leader_the_replicas_report(nodes_factory):
+    """Four nodes, replication factor 3: the node holding no replica of a partition names the
+    leader that the replicas' nodes report in their answers to its pings — after the preferred
+    leader is killed, the replica that took over, not the dead node."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+    from conftest import run_cli
+
+    cluster = nodes_factory(4).start()
+    wait_for("a four-voter cluster", lambda: settled(cluster.nodes, 4))
+    wait_for("four live brokers", lambda: all(live_brokers(n) == 4 for n in cluster.nodes), timeout=20)
+    admin = AdminClient({"bootstrap.servers": ",".join(node.kafka for node in cluster.nodes)})
+    admin.create_topics([NewTopic("elsewhere", num_partitions=1, replication_factor=3)])["elsewhere"].result(30)
+    wait_for("the preferred replica to lead", lambda: preferred_leads(admin, "elsewhere"), timeout=30)
+    leader, replicas, _ = partition_state(admin, "elsewhere")
+    assert len(replicas) == 3, replicas
+    holders = [node_of(cluster, admin, replica) for replica in replicas]
+    outsider = next(node for node in cluster.nodes if all(node is not holder for holder in holders))
+
+    def named_by_outsider():
+        """The leader of partition 0 as the outsider's admin API (the same view as its Kafka
+        Metadata) names it."""
+        result = run_cli(outsider, "topic", "describe", "elsewhere", "--output", "json", check=False)
+        return json.loads(result.stdout)["partitions"][0]["leader"] if result.returncode == 0 else None
+
+    wait_for("the outsider to name the leader", lambda: named_by_outsider() == leader, timeout=10)
+    node_of(cluster, admin, leader).kill()
+    took_over = wait_for("the outsider to name the replica that took over",
+                         lambda: (named := named_by_outsider()) in replicas and named != leader and named,
+                         timeout=15, interval=0.2)
+    # The survivors agree.
+    survivors = AdminClient({"bootstrap.servers": ",".join(h.kafka for h in holders if h.process.poll() is None)})
+    wait_for("the survivors to name the same leader",
+             lambda: (state := partition_state(survivors, "elsewhere")) and state[0] == took_over, timeout=10)

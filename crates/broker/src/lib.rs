@@ -173,6 +173,11 @@ pub struct Topic {
     pub leaders: Vec<NodeId>,
     /// Each partition's replicas, by index, the preferred leader first.
     pub replicas: Vec<Vec<NodeId>>,
+    /// Each partition's Raft group, by index (0: a single copy).
+    pub groups: Vec<u32>,
+    /// The node's cluster link once it has one: where the leader of a replicated partition
+    /// with no replica on this node is learned.
+    pub cluster: Arc<std::sync::OnceLock<Arc<dyn replication::ClusterLink>>>,
     /// Config overrides as stored.
     pub overrides: BTreeMap<String, String>,
     pub config: EffectiveTopicConfig,
@@ -192,7 +197,8 @@ impl Topic {
 
     /// Partition `index`'s leader, leader epoch and replicas as this node knows them: a
     /// single copy's node; for a replicated partition, what this node's replica knows of its
-    /// group, or the preferred leader when this node holds no replica.
+    /// group, or when this node holds no replica, the leader the other nodes report (their
+    /// answers to this node's pings), else the preferred leader.
     pub fn partition_view(&self, index: usize) -> Option<PartitionView> {
         let placed = *self.leaders.get(index)?;
         let replicas = self
@@ -201,9 +207,19 @@ impl Topic {
             .cloned()
             .unwrap_or_else(|| vec![placed]);
         let here = self.partitions.get(index).and_then(|p| p.as_ref());
+        let group = self.groups.get(index).copied().unwrap_or(0);
+        let reported = || {
+            (group != 0)
+                .then(|| self.cluster.get())
+                .flatten()
+                .and_then(|cluster| cluster.leader_elsewhere(group))
+        };
         let (leader, epoch) = match here.and_then(|p| p.replica_leader()) {
             Some((leader, epoch)) => (leader, epoch),
-            None => (Some(placed), 0),
+            None => match reported() {
+                Some((leader, epoch)) => (Some(leader), epoch),
+                None => (Some(placed), 0),
+            },
         };
         Some(PartitionView {
             leader,
@@ -351,7 +367,8 @@ pub(crate) struct Shared {
     /// Refusals by limit, for `sluice_limit_refusals_total`.
     pub refusals: crate::limits::Refusals,
     /// Set once on a clustered node: where definition changes are committed, and the nodes.
-    pub cluster: std::sync::OnceLock<Arc<dyn replication::ClusterLink>>,
+    /// Shared with every served topic (for the leaders of partitions with no replica here).
+    pub cluster: Arc<std::sync::OnceLock<Arc<dyn replication::ClusterLink>>>,
     /// The replicated definition changes applied on this node.
     pub applied: replication::Applied,
     /// Held while a definition change is applied and its effects carried out.

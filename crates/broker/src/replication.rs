@@ -228,6 +228,13 @@ pub trait ClusterLink: Send + Sync + std::fmt::Debug + 'static {
     /// The node the durable queue with id `queue_id` is placed on.
     fn place_queue(&self, queue_id: Uuid) -> NodeId;
 
+    /// The leader of Raft group `group` and its term as the nodes that lead report it (for a
+    /// partition with no replica on this node); `None` when no live node reports one.
+    fn leader_elsewhere(&self, group: u32) -> Option<(NodeId, i32)> {
+        let _ = group;
+        None
+    }
+
     /// Sends a queue request to `node` and returns its answer, or why there is none (see
     /// [`crate::queue::remote`]).
     fn forward(&self, node: NodeId, body: Bytes, timeout: Duration) -> ForwardFuture<'_>;

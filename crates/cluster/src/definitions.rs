@@ -394,6 +394,12 @@ impl ClusterLink for BrokerLink {
         })
     }
 
+    fn leader_elsewhere(&self, group: u32) -> Option<(sluice_broker::NodeId, i32)> {
+        self.liveness
+            .leader_of(group)
+            .map(|(node, term)| (broker_id(node), i32::try_from(term).unwrap_or(i32::MAX)))
+    }
+
     fn place_queue(&self, queue_id: Uuid) -> sluice_broker::NodeId {
         // Like partitions: on the nodes that answer now.
         let me = self.node.id();

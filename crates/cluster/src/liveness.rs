@@ -7,14 +7,16 @@
 //! are told only live brokers and get LEADER_NOT_AVAILABLE for a partition whose node is not
 //! live; nothing safety-related depends on it (Raft decides what is committed).
 //!
-//! A node shutting down answers pings with [`STOPPING`]; the others then hand it no leadership
-//! (the preferred-leader balancing skips it), so what it handed over stays handed over.
+//! A ping's answer also says whether the node is shutting down — the others then hand it no
+//! leadership (the preferred-leader balancing skips it), so what it handed over stays handed
+//! over — and which partition groups it leads, in which terms ([`Pong`]): a node with no
+//! replica of a partition names the leader the others report.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -32,13 +34,55 @@ const LIVE_FOR: Duration = Duration::from_millis(3000);
 /// How long after a node begins to stop every other node knows it (a ping period and the
 /// ping's own time on loopback or a LAN).
 pub const STOPPING_KNOWN_AFTER: Duration = Duration::from_millis(700);
-/// The answer to a ping from a node that is shutting down.
-pub const STOPPING: &[u8] = b"stopping";
 
-/// When each node last answered, and whether it said it is stopping.
+/// A node's answer to a ping: `[flags u8: 1 = stopping]` then `[group u32][term u64]` for each
+/// partition group it leads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pong {
+    pub stopping: bool,
+    pub leading: Vec<(u32, u64)>,
+}
+
+impl Pong {
+    pub fn encode(&self) -> Bytes {
+        let mut body = BytesMut::with_capacity(1 + 12 * self.leading.len());
+        body.put_u8(u8::from(self.stopping));
+        for (group, term) in &self.leading {
+            body.put_u32(*group);
+            body.put_u64(*term);
+        }
+        body.freeze()
+    }
+
+    /// What `body` says; an empty answer says nothing, and a damaged one is refused.
+    pub fn decode(mut body: &[u8]) -> Option<Self> {
+        if body.is_empty() {
+            return Some(Self::default());
+        }
+        let stopping = body.get_u8() & 1 == 1;
+        if !body.len().is_multiple_of(12) {
+            return None;
+        }
+        let mut leading = Vec::with_capacity(body.len() / 12);
+        while body.has_remaining() {
+            leading.push((body.get_u32(), body.get_u64()));
+        }
+        Some(Self { stopping, leading })
+    }
+}
+
+/// What a node said in its last answer, and when.
+#[derive(Debug)]
+struct Answer {
+    at: Instant,
+    stopping: bool,
+    leading: HashMap<u32, u64>,
+}
+
+/// When each node last answered, whether it said it is stopping, and what it leads.
 #[derive(Debug, Default)]
 pub struct Liveness {
-    answered: Mutex<HashMap<NodeId, (Instant, bool)>>,
+    answered: Mutex<HashMap<NodeId, Answer>>,
 }
 
 impl Liveness {
@@ -47,7 +91,7 @@ impl Liveness {
         self.answered
             .lock()
             .get(&node)
-            .is_some_and(|(at, _)| at.elapsed() < LIVE_FOR)
+            .is_some_and(|answer| answer.at.elapsed() < LIVE_FOR)
     }
 
     /// Whether `node`'s last answer said it is shutting down.
@@ -55,13 +99,26 @@ impl Liveness {
         self.answered
             .lock()
             .get(&node)
-            .is_some_and(|(_, stopping)| *stopping)
+            .is_some_and(|answer| answer.stopping)
     }
 
-    fn answered(&self, node: NodeId, stopping: bool) {
+    /// The live node that reports leading `group` in the highest term, and that term.
+    pub fn leader_of(&self, group: u32) -> Option<(NodeId, u64)> {
         self.answered
             .lock()
-            .insert(node, (Instant::now(), stopping));
+            .iter()
+            .filter(|(_, answer)| answer.at.elapsed() < LIVE_FOR)
+            .filter_map(|(node, answer)| answer.leading.get(&group).map(|term| (*node, *term)))
+            .max_by_key(|(_, term)| *term)
+    }
+
+    fn answered(&self, node: NodeId, pong: Pong) {
+        let answer = Answer {
+            at: Instant::now(),
+            stopping: pong.stopping,
+            leading: pong.leading.into_iter().collect(),
+        };
+        self.answered.lock().insert(node, answer);
     }
 
     fn gone(&self, node: NodeId) {
@@ -110,7 +167,16 @@ impl Liveness {
                             )
                             .await;
                         match answer {
-                            Ok(answer) => liveness.answered(peer, answer == STOPPING),
+                            Ok(answer) => match Pong::decode(&answer) {
+                                Some(pong) => liveness.answered(peer, pong),
+                                None => {
+                                    tracing::warn!(
+                                        peer,
+                                        bytes = answer.len(),
+                                        "a ping's answer does not decode"
+                                    );
+                                }
+                            },
                             // No connection, or it broke: no process answers there (a killed
                             // node), so it is not live from now on, not only once its last
                             // answer ages out. A frozen node times out and ages out instead.
@@ -124,5 +190,47 @@ impl Liveness {
                 futures_util::future::join_all(pings).await;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pongs_round_trip_and_damage_is_refused() {
+        let pong = Pong {
+            stopping: true,
+            leading: vec![(65_536, 3), (70_000, u64::MAX)],
+        };
+        let bytes = pong.encode();
+        assert_eq!(Pong::decode(&bytes), Some(pong));
+        assert_eq!(Pong::decode(&[]), Some(Pong::default()));
+        assert_eq!(Pong::decode(&bytes[..bytes.len() - 1]), None);
+    }
+
+    #[test]
+    fn the_leader_of_a_group_is_the_live_node_reporting_the_highest_term() {
+        let liveness = Liveness::default();
+        liveness.answered(
+            2,
+            Pong {
+                stopping: false,
+                leading: vec![(7, 3), (8, 1)],
+            },
+        );
+        liveness.answered(
+            3,
+            Pong {
+                stopping: false,
+                leading: vec![(7, 4)],
+            },
+        );
+        assert_eq!(liveness.leader_of(7), Some((3, 4)));
+        assert_eq!(liveness.leader_of(8), Some((2, 1)));
+        assert_eq!(liveness.leader_of(9), None);
+        // A node that stopped answering is not reported.
+        liveness.gone(3);
+        assert_eq!(liveness.leader_of(7), Some((2, 3)));
     }
 }

@@ -343,6 +343,9 @@ pub trait GroupHandler: Send + Sync + 'static {
 pub struct Router {
     groups: RwLock<HashMap<u32, Arc<dyn GroupHandler>>>,
     heartbeats: Arc<Heartbeats>,
+    /// The groups this node leads, with their terms (reported to other nodes in answers to
+    /// their pings: see [`crate::liveness`]).
+    leading: Mutex<HashMap<u32, u64>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -364,6 +367,24 @@ impl Router {
     /// Where this node's coalescing groups gather their heartbeats.
     pub fn heartbeats(&self) -> &Arc<Heartbeats> {
         &self.heartbeats
+    }
+
+    /// Records whether this node leads `group` (and in which term).
+    pub fn set_leading(&self, group: u32, term: Option<u64>) {
+        let mut leading = self.leading.lock();
+        match term {
+            Some(term) => {
+                leading.insert(group, term);
+            }
+            None => {
+                leading.remove(&group);
+            }
+        }
+    }
+
+    /// The groups this node leads, with their terms.
+    pub fn leading(&self) -> Vec<(u32, u64)> {
+        self.leading.lock().iter().map(|(g, t)| (*g, *t)).collect()
     }
 
     /// Serves a coalesced message: every heartbeat in it goes to its group at once, and the

@@ -547,14 +547,13 @@ impl GroupHandler for ControllerServer {
                 })
             }
             method::PING => {
-                let stopping = self.node.upgrade().is_some_and(|node| node.is_stopping());
-                Box::pin(async move {
-                    Ok(if stopping {
-                        Bytes::from_static(crate::liveness::STOPPING)
-                    } else {
-                        Bytes::new()
-                    })
-                })
+                let pong = self.node.upgrade().map_or_else(Default::default, |node| {
+                    crate::liveness::Pong {
+                        stopping: node.is_stopping(),
+                        leading: node.router().leading(),
+                    }
+                });
+                Box::pin(async move { Ok(pong.encode()) })
             }
             method::REPORT => {
                 let node = self.node.upgrade();

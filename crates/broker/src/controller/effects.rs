@@ -442,6 +442,8 @@ fn topic_from(
             .iter()
             .map(|p| p.replicas.clone())
             .collect(),
+        groups: record.partitions.iter().map(|p| p.group).collect(),
+        cluster: Arc::clone(&shared.cluster),
         overrides: record.config.clone(),
         config: topic_config::effective(&shared.config, &record.config),
         created_ms: record.created_ms,

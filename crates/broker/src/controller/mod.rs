@@ -120,7 +120,7 @@ pub(crate) fn load(
         started: Instant::now(),
         fsync_latency: Arc::new(sluice_metrics::Histogram::default()),
         refusals: crate::limits::Refusals::default(),
-        cluster: std::sync::OnceLock::new(),
+        cluster: Arc::new(std::sync::OnceLock::new()),
         applied,
         applying: tokio::sync::Mutex::new(()),
         forwarding: Arc::default(),

@@ -356,6 +356,8 @@ impl PartitionReplica {
             raft.metrics(),
             log.clone(),
             high_watermark.clone(),
+            Arc::clone(&router),
+            (id, group),
         ));
         let writer = Arc::new(Writer {
             id,
@@ -658,10 +660,12 @@ impl PartitionReplica {
     pub async fn shutdown(&self) {
         self.hand_over().await;
         self.router.unregister(self.group);
+        // The watcher first, so that it does not record leadership again.
+        self.watcher.abort();
+        self.router.set_leading(self.group, None);
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(group = self.group, error = %e, "partition group did not stop cleanly");
         }
-        self.watcher.abort();
         if let Some(balancer) = &self.balancer {
             balancer.abort();
         }
@@ -1063,6 +1067,8 @@ async fn watch_applied(
     mut metrics: WatchReceiverOf<PartitionTypes, RaftMetrics<PartitionTypes>>,
     log: PartitionLog,
     high_watermark: watch::Sender<u64>,
+    router: Arc<Router>,
+    (id, group): (NodeId, u32),
 ) {
     let mut known_leader = None;
     // Metrics change at every heartbeat; the entry index is read only when the applied entry
@@ -1081,6 +1087,7 @@ async fn watch_applied(
             if leader.is_some() {
                 tracing::info!(dir = %log.dir().display(), leader, term, "partition leader");
             }
+            router.set_leading(group, (leader == Some(id)).then_some(term));
             known_leader = Some((leader, term));
         }
         if let Some(applied) = applied
