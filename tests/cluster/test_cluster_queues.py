@@ -9,6 +9,7 @@ node is down answers RabbitMQ's errors until it returns with everything it held.
 import base64
 import json
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -28,6 +29,16 @@ def queue_info(node, name, vhost="/"):
     request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
+
+
+def known_queue(node, name):
+    """The queue's details on `node`, or None while it does not know the queue yet."""
+    try:
+        return queue_info(node, name)
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return None
+        raise
 
 
 def node_ids(cluster):
@@ -90,6 +101,9 @@ def test_a_queue_on_one_node_is_used_through_the_others_and_survives_restarts(no
     channel = publisher.channel()
     name = place_on(channel, a, c_id, "jobs")
     for node in cluster.nodes:
+        # Every node knows the queue once it has applied the committed declaration (the
+        # declaring node answered when the controller's leader had).
+        wait_for(f"{node.http} to know {name}", lambda: known_queue(node, name), timeout=10)
         assert queue_info(node, name)["node"] == c_id
 
     # Publish through A with confirms: each confirm means node C has the message on disk.

@@ -530,3 +530,37 @@ def test_a_node_without_a_replica_names_the_leader_the_replicas_report(nodes_fac
     survivors = AdminClient({"bootstrap.servers": ",".join(h.kafka for h in holders if h.process.poll() is None)})
     wait_for("the survivors to name the same leader",
              lambda: (state := partition_state(survivors, "elsewhere")) and state[0] == took_over, timeout=10)
+
+
+def test_a_changed_segment_size_applies_to_every_replica_at_once(nodes_factory):
+    """A replicated topic's `segment.bytes` changed by AlterConfigs takes effect on every
+    replica without a restart: records produced afterwards roll segments at the new size on
+    each node."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import ConfigResource, NewTopic
+
+    cluster, bootstrap, admin = three_nodes(nodes_factory)
+    admin.create_topics([NewTopic("resized", num_partitions=1, replication_factor=3)])["resized"].result(30)
+    wait_for("a leader", lambda: partition_state(admin, "resized"), timeout=30)
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
+                         "batch.size": 16384})
+
+    def produce(count):
+        for _ in range(count):
+            producer.produce("resized", b"x" * 1024, partition=0)
+            producer.poll(0)
+        assert producer.flush(30) == 0
+
+    def segments(node):
+        return sorted((node.data_dir / "logs" / "resized-0").glob("*.log"))
+
+    produce(500)
+    assert all(len(segments(node)) == 1 for node in cluster.nodes), [segments(n) for n in cluster.nodes]
+    resource = ConfigResource(ConfigResource.Type.TOPIC, "resized", set_config={"segment.bytes": "65536"})
+    admin.alter_configs([resource])[resource].result(30)
+    produce(1000)
+
+    # About 1 MiB in batches of at most 16 KiB: several 64 KiB segments on every replica
+    # (a segment may pass the size by one entry), where the old size gave one.
+    wait_for("every replica to roll at the new size",
+             lambda: all(len(segments(node)) >= 3 for node in cluster.nodes), timeout=20, interval=0.5)

@@ -786,12 +786,11 @@ impl Partition {
     }
 
     pub async fn reconfigure(&self, config: EffectiveTopicConfig) -> Result<(), BrokerError> {
-        if let Backend::Replicated(_, settings) = &self.backend {
-            // A replicated log takes its log settings when its replica opens.
+        if let Backend::Replicated(log, settings) = &self.backend {
             settings
                 .min_insync_replicas
                 .store(config.min_insync_replicas, Ordering::Relaxed);
-            return Ok(());
+            return log.reconfigure(config.log);
         }
         self.call(PartitionRequest::Reconfigure(config))
             .await

@@ -111,6 +111,10 @@ pub trait ReplicatedLog: Send + Sync + std::fmt::Debug + 'static {
     /// leadership to the preferred replica when it is caught up.
     fn elect_preferred(&self) -> Pin<Box<dyn Future<Output = Election> + Send + '_>>;
 
+    /// Takes a topic's changed log settings at once (all but the fsync policy, which applies
+    /// from the replica's next open).
+    fn reconfigure(&self, log: sluice_storage::LogConfig) -> Result<(), BrokerError>;
+
     /// Kafka's controlled shutdown, asked of this replica: on the leader, hands leadership to
     /// a caught-up follower and waits briefly for it to take over; nothing on a follower.
     fn hand_over(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;

@@ -249,6 +249,12 @@ impl ReplicatedLog for BrokerReplica {
         self.replica.end_offset_for_epoch(epoch)
     }
 
+    fn reconfigure(&self, log: sluice_storage::LogConfig) -> Result<(), BrokerError> {
+        self.replica
+            .set_log_config(log)
+            .map_err(|e| BrokerError::metadata("reconfigure a partition replica", e))
+    }
+
     fn hand_over(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(self.replica.hand_over())
     }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use sluice_storage::Log;
 
 use super::messaging;
@@ -236,7 +236,9 @@ async fn open_logs(
 const REPLICAS_OPENED_AT_ONCE: usize = 16;
 
 /// Opens this node's replicas of the replicated partitions `specs` through the cluster,
-/// [`REPLICAS_OPENED_AT_ONCE`] at a time; answered in the order of `specs`.
+/// [`REPLICAS_OPENED_AT_ONCE`] at a time; answered in the order of `specs`. When one fails,
+/// those that opened are stopped again (nothing would serve or close them) and the first
+/// failure is returned.
 async fn open_replicas(
     shared: &Arc<Shared>,
     record: &TopicRecord,
@@ -285,11 +287,31 @@ async fn open_replicas(
         }
         Ok::<_, BrokerError>(partition)
     };
-    futures_util::stream::iter(specs)
+    let results: Vec<Result<Arc<Partition>, BrokerError>> = futures_util::stream::iter(specs)
         .map(open)
         .buffered(REPLICAS_OPENED_AT_ONCE)
-        .try_collect()
-        .await
+        .collect()
+        .await;
+    let mut opened = Vec::with_capacity(results.len());
+    let mut failure = None;
+    for result in results {
+        match result {
+            Ok(partition) => opened.push(partition),
+            Err(error) => {
+                failure.get_or_insert(error);
+            }
+        }
+    }
+    let Some(failure) = failure else {
+        return Ok(opened);
+    };
+    let closing = opened.iter().map(|partition| async move {
+        if let Err(error) = partition.close().await {
+            tracing::warn!(topic = %record.name, partition = partition.index(), %error, "closing a replica opened with others that failed");
+        }
+    });
+    futures_util::future::join_all(closing).await;
+    Err(failure)
 }
 
 /// How long applying a change waits for this node's replicas of new partitions to open. A

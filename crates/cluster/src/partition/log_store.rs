@@ -222,6 +222,15 @@ impl PartitionLog {
 
     /// Closes the log: syncs the segments (whatever the fsync policy, as a clean shutdown
     /// should) and then the entry index.
+    /// Takes a topic's changed log settings at once (segment size and age, index interval,
+    /// batch size), except the fsync policy, which the log keeps until it is opened again (its
+    /// flusher is set up at open).
+    pub fn set_config(&self, mut config: LogConfig) -> io::Result<()> {
+        let mut state = self.shared.state.lock();
+        config.fsync = state.log.config().fsync;
+        state.log.set_config(config).map_err(storage)
+    }
+
     pub fn close(&self) -> io::Result<()> {
         let mut state = self.shared.state.lock();
         state.log.flush().map_err(storage)?;

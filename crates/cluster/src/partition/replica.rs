@@ -403,6 +403,11 @@ impl PartitionReplica {
     }
 
     /// The partition's data as readers see it; stop at [`Self::high_watermark`].
+    /// Takes changed log settings (see [`PartitionLog::set_config`]).
+    pub fn set_log_config(&self, config: LogConfig) -> io::Result<()> {
+        self.log.set_config(config)
+    }
+
     pub fn reader(&self) -> LogReader {
         self.log.reader()
     }
