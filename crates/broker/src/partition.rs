@@ -777,8 +777,15 @@ impl Partition {
     }
 
     /// Makes records below `offset` invisible (Kafka's DeleteRecords). Returns the new log
-    /// start offset.
-    pub async fn delete_records(&self, offset: u64) -> Result<u64, BrokerError> {
+    /// start offset. A replicated partition deletes them on every replica, through its
+    /// leader, within `timeout`.
+    pub async fn delete_records(&self, offset: u64, timeout: Duration) -> Result<u64, BrokerError> {
+        if let Backend::Replicated(log, _) = &self.backend {
+            return log
+                .delete_records(offset, timeout)
+                .await
+                .map_err(|error| self.name_partition(error));
+        }
         match self.call(PartitionRequest::DeleteRecords(offset)).await? {
             PartitionReply::LogStart(start) => Ok(start),
             other => unreachable!("delete-records is answered with LogStart, not {other:?}"),

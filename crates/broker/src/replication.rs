@@ -111,6 +111,10 @@ pub trait ReplicatedLog: Send + Sync + std::fmt::Debug + 'static {
     /// leadership to the preferred replica when it is caught up.
     fn elect_preferred(&self) -> Pin<Box<dyn Future<Output = Election> + Send + '_>>;
 
+    /// Kafka's DeleteRecords, on the leader: deletes the records below `offset` (at most the
+    /// high watermark) on every replica, within `timeout`; returns the log start offset.
+    fn delete_records(&self, offset: u64, timeout: std::time::Duration) -> LogFuture<'_, u64>;
+
     /// Takes a topic's changed log settings at once (all but the fsync policy, which applies
     /// from the replica's next open).
     fn reconfigure(&self, log: sluice_storage::LogConfig) -> Result<(), BrokerError>;
@@ -192,6 +196,8 @@ pub struct ReplicaRequest {
     pub replicas: Vec<NodeId>,
     /// Whether its leader hands leadership back to the preferred replica by itself.
     pub auto_leader_rebalance: bool,
+    /// How often its leader checks the topic's retention.
+    pub housekeeping_interval: std::time::Duration,
 }
 
 /// The cluster as a clustered node's broker uses it: where definition changes are committed,

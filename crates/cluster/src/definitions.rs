@@ -249,6 +249,26 @@ impl ReplicatedLog for BrokerReplica {
         self.replica.end_offset_for_epoch(epoch)
     }
 
+    fn delete_records(&self, offset: u64, timeout: std::time::Duration) -> LogFuture<'_, u64> {
+        Box::pin(async move {
+            self.replica
+                .delete_records(offset, timeout)
+                .await
+                .map_err(|error| match error {
+                    ReplicaError::NotLeader { leader } => BrokerError::NotLeader {
+                        topic: String::new(),
+                        partition: -1,
+                        leader: leader.map(broker_id),
+                    },
+                    ReplicaError::NotReady => BrokerError::LeaderNotReady {
+                        topic: String::new(),
+                        partition: -1,
+                    },
+                    other => BrokerError::WriteIndeterminate(other.to_string()),
+                })
+        })
+    }
+
     fn reconfigure(&self, log: sluice_storage::LogConfig) -> Result<(), BrokerError> {
         self.replica
             .set_log_config(log)
@@ -386,6 +406,7 @@ impl ClusterLink for BrokerLink {
                             }
                         })
                     },
+                    housekeeping_every: request.housekeeping_interval,
                     ..ReplicaSettings::default()
                 },
             )

@@ -189,6 +189,16 @@ where
     pub fn last_applied(&self) -> Option<LogIdOf<C>> {
         self.shared.state.lock().last_applied.clone()
     }
+
+    /// The index of the last entry the snapshot on disk covers, if there is one.
+    pub fn snapshot_index(&self) -> Option<u64> {
+        self.shared
+            .state
+            .lock()
+            .snapshot
+            .as_ref()
+            .and_then(|(meta, _)| meta.last_log_id.as_ref().map(|id| id.index()))
+    }
 }
 
 fn corrupt(path: &Path, reason: &str) -> io::Error {

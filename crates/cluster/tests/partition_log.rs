@@ -377,3 +377,75 @@ fn one_log_replayed_into_two_machines_gives_the_same_state() {
         replies.0.last().unwrap().last_offset + 1
     );
 }
+
+/// `batch` as the log stores it at `offset`.
+fn at_offset(batch: Bytes, offset: u64) -> Bytes {
+    let mut bytes = batch.to_vec();
+    sluice_storage::batch::set_base_offset(&mut bytes, offset as i64);
+    Bytes::from(bytes)
+}
+
+#[test]
+fn trim_entries_move_the_log_start_the_same_way_in_every_machine() {
+    let trim = sluice_cluster::partition::trim_batch(40);
+    let header = sluice_storage::BatchHeader::parse(&trim).unwrap();
+    assert_eq!(
+        sluice_cluster::partition::trim_offset(&header, &trim),
+        Some(40)
+    );
+    // A producer's control batch (a transaction marker) is not a trim.
+    let mut marker = BatchBuilder::new(0).producer(7, 0, 0).control();
+    marker.push(0, Some(&[0, 0, 0, 102]), Some(&[0; 8]), &[]);
+    let marker = marker.finish();
+    let header = sluice_storage::BatchHeader::parse(&marker).unwrap();
+    assert_eq!(
+        sluice_cluster::partition::trim_offset(&header, &marker),
+        None
+    );
+
+    let data = producer_entries(60);
+    let mut entries: Vec<Bytes> = Vec::new();
+    let mut end = 0u64;
+    for (i, bytes) in data.iter().enumerate() {
+        let header = sluice_storage::BatchHeader::parse(bytes).unwrap();
+        let records = header.last_offset_delta as u64 + 1;
+        entries.push(at_offset(bytes.clone(), end));
+        end += records;
+        if i == 20 {
+            entries.push(at_offset(sluice_cluster::partition::trim_batch(15), end));
+            end += 1;
+        }
+        if i == 30 {
+            // Older than the last trim: the start never goes back.
+            entries.push(at_offset(sluice_cluster::partition::trim_batch(5), end));
+            end += 1;
+        }
+        if i == 40 {
+            // Past the trim entry itself: only what was before it goes.
+            entries.push(at_offset(
+                sluice_cluster::partition::trim_batch(end + 100),
+                end,
+            ));
+            end += 1;
+        }
+    }
+    let mut straight = PartitionMachine::default();
+    let mut restarted = PartitionMachine::default();
+    let mut starts = Vec::new();
+    for (index, bytes) in entries.iter().enumerate() {
+        let batches = Batches(bytes.clone());
+        straight.apply(index as u64, &batches);
+        restarted.apply(index as u64, &batches);
+        starts.push(straight.log_start_offset);
+        if index == 33 {
+            restarted = PartitionMachine::decode(&restarted.encode().unwrap()).unwrap();
+        }
+    }
+    assert_eq!(straight.encode().unwrap(), restarted.encode().unwrap());
+    assert!(starts.windows(2).all(|w| w[0] <= w[1]), "{starts:?}");
+    assert!(starts.contains(&15));
+    let trim_at = sluice_storage::BatchHeader::parse(&entries[43]).unwrap();
+    assert!(trim_at.is_control());
+    assert_eq!(straight.log_start_offset, trim_at.base_offset as u64);
+    assert_eq!(straight.producer_count(), 4);
+}

@@ -69,6 +69,29 @@ async fn start_preferring(
     preferred: Option<u64>,
     settings: ReplicaSettings,
 ) -> Node {
+    // No time retention: the test batches' timestamps are years old.
+    let log_config = LogConfig {
+        fsync: FsyncPolicy::Always,
+        retention_ms: None,
+        ..LogConfig::default()
+    };
+    start_with(
+        id, dir, listener, address, members, preferred, settings, log_config,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start_with(
+    id: u64,
+    dir: &Path,
+    listener: TcpListener,
+    address: &str,
+    members: &BTreeMap<u64, BasicNode>,
+    preferred: Option<u64>,
+    settings: ReplicaSettings,
+    log_config: LogConfig,
+) -> Node {
     let router = Arc::new(Router::default());
     let transport = Transport::start(
         TransportConfig::new(id, address.to_owned()),
@@ -80,10 +103,7 @@ async fn start_preferring(
             node: id,
             group: GROUP,
             dir: dir.to_owned(),
-            log_config: LogConfig {
-                fsync: FsyncPolicy::Always,
-                ..LogConfig::default()
-            },
+            log_config,
             members: members.clone(),
             preferred,
         },
@@ -544,6 +564,240 @@ async fn a_restarted_leader_serves_only_in_a_new_term_with_every_producer_batch_
         .await
         .expect("the sequence continues");
     assert!(!continued.duplicate);
+    for (_, node) in std::mem::take(&mut nodes) {
+        stop(node).await;
+    }
+}
+
+/// Small segments, no retention until the test sets some, housekeeping five times a second.
+fn trim_config() -> (LogConfig, ReplicaSettings) {
+    (
+        LogConfig {
+            fsync: FsyncPolicy::Always,
+            segment_bytes: 4096,
+            retention_ms: None,
+            ..LogConfig::default()
+        },
+        ReplicaSettings {
+            housekeeping_every: Duration::from_millis(200),
+            ..ReplicaSettings::default()
+        },
+    )
+}
+
+/// Waits until every node's log starts at `offset`.
+async fn wait_log_start(nodes: &BTreeMap<u64, Node>, offset: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let starts: Vec<u64> = nodes
+            .values()
+            .map(|n| n.replica.reader().log_start_offset())
+            .collect();
+        if starts.iter().all(|s| *s == offset) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "log starts {starts:?}, expected {offset} everywhere"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn segment_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .expect("partition dir")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trims_delete_the_same_records_on_every_replica_and_survive_restarts() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (log_config, settings) = trim_config();
+    let mut listeners = BTreeMap::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=3u64 {
+        let (listener, address) = listen().await;
+        members.insert(id, BasicNode::new(address.clone()));
+        listeners.insert(id, (listener, address));
+    }
+    let dir = |id: u64| root.path().join(format!("n{id}"));
+    let mut nodes = BTreeMap::new();
+    for (id, (listener, address)) in listeners {
+        let node_dir = dir(id);
+        let node = start_with(
+            id,
+            &node_dir,
+            listener,
+            &address,
+            &members,
+            None,
+            settings.clone(),
+            log_config.clone(),
+        );
+        nodes.insert(id, node.await);
+    }
+    let leader = ready_leader(&nodes).await;
+    let mut offsets = Vec::new();
+    for i in 0..300u32 {
+        let produced = nodes[&leader]
+            .replica
+            .produce(valued(format!("v{i}").as_bytes()), ALL, WAIT)
+            .await
+            .expect("committed");
+        offsets.push(produced.appended.base_offset);
+    }
+    let segments_before = segment_count(&dir(leader));
+    assert!(segments_before > 5, "{segments_before} segments");
+
+    // A follower asked answers NOT_LEADER and deletes nothing.
+    let follower = *nodes.keys().find(|id| **id != leader).expect("a follower");
+    assert!(matches!(
+        nodes[&follower].replica.delete_records(100, WAIT).await,
+        Err(ReplicaError::NotLeader { .. })
+    ));
+
+    // DeleteRecords: every replica's log starts there, and its whole segments below are gone.
+    let offset_of_v150 = offsets[150];
+    let start = nodes[&leader]
+        .replica
+        .delete_records(offset_of_v150, WAIT)
+        .await
+        .expect("deleted");
+    assert_eq!(start, offset_of_v150);
+    wait_log_start(&nodes, offset_of_v150).await;
+    for (id, node) in &nodes {
+        assert_eq!(
+            value_at(&node.replica, offset_of_v150),
+            b"v150",
+            "node {id}"
+        );
+        assert!(
+            node.replica
+                .reader()
+                .read(offset_of_v150 - 1, 1, true)
+                .is_err()
+        );
+        assert!(
+            segment_count(&dir(*id)) < segments_before,
+            "node {id} kept its segments"
+        );
+    }
+    // Again below the start: nothing moves, the answer is the start.
+    assert_eq!(
+        nodes[&leader]
+            .replica
+            .delete_records(10, WAIT)
+            .await
+            .expect("answered"),
+        offset_of_v150
+    );
+
+    // With a follower stopped, nothing is deleted past what it holds: the request times out.
+    let stopped = follower;
+    let node = nodes.remove(&stopped).expect("follower");
+    node.replica.raft().shutdown().await.expect("raft stops");
+    node.transport.shutdown();
+    drop(node);
+    let leader = ready_leader(&nodes).await;
+    for i in 300..320u32 {
+        nodes[&leader]
+            .replica
+            .produce(valued(format!("v{i}").as_bytes()), ALL, WAIT)
+            .await
+            .expect("committed by two");
+    }
+    let hw = nodes[&leader].replica.high_watermark();
+    assert!(matches!(
+        nodes[&leader]
+            .replica
+            .delete_records(hw, Duration::from_millis(500))
+            .await,
+        Err(ReplicaError::Indeterminate(_))
+    ));
+    assert_eq!(
+        nodes[&leader].replica.reader().log_start_offset(),
+        offset_of_v150
+    );
+
+    // Every replica restarts from its trimmed files (the stopped one too) and serves on.
+    for (_, node) in std::mem::take(&mut nodes) {
+        node.replica.raft().shutdown().await.expect("raft stops");
+        node.transport.shutdown();
+    }
+    for id in 1..=3u64 {
+        let address = members[&id].addr.clone();
+        let listener = rebind(&address).await;
+        let node_dir = dir(id);
+        let node = start_with(
+            id,
+            &node_dir,
+            listener,
+            &address,
+            &members,
+            None,
+            settings.clone(),
+            log_config.clone(),
+        );
+        nodes.insert(id, node.await);
+    }
+    let leader = ready_leader(&nodes).await;
+    for (id, node) in &nodes {
+        assert_eq!(
+            node.replica.reader().log_start_offset(),
+            offset_of_v150,
+            "node {id}"
+        );
+    }
+    nodes[&leader]
+        .replica
+        .produce(valued(b"after"), ALL, WAIT)
+        .await
+        .expect("committed after the restart");
+
+    // Retention: the leader proposes trims of whole segments past retention.bytes.
+    let mut retained = log_config.clone();
+    retained.retention_bytes = Some(8192);
+    for node in nodes.values() {
+        node.replica
+            .set_log_config(retained.clone())
+            .expect("reconfigured");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let start = loop {
+        let starts: Vec<u64> = nodes
+            .values()
+            .map(|n| n.replica.reader().log_start_offset())
+            .collect();
+        if starts[0] > offset_of_v150 && starts.iter().all(|s| *s == starts[0]) {
+            break starts[0];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retention did not trim: {starts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let hw = nodes[&leader].replica.high_watermark();
+    assert!(
+        start < hw,
+        "retention kept nothing: start {start}, high watermark {hw}"
+    );
+    for (id, node) in &nodes {
+        assert!(
+            segment_count(&dir(*id)) <= 4,
+            "node {id}: {} segments",
+            segment_count(&dir(*id))
+        );
+        assert_eq!(node.replica.committed_log_start(), start, "node {id}");
+    }
+    // Nothing more is due: no further trim entries (the log end stays put).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(nodes[&leader].replica.high_watermark(), hw);
     for (_, node) in std::mem::take(&mut nodes) {
         stop(node).await;
     }

@@ -270,6 +270,7 @@ async fn open_replicas(
                 log: spec.config.log.clone(),
                 replicas: placed.replicas.clone(),
                 auto_leader_rebalance: shared.config.auto_leader_rebalance,
+                housekeeping_interval: shared.config.housekeeping_interval,
             })
             .await?;
         let partition = Partition::replicated(

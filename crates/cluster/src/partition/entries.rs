@@ -240,6 +240,26 @@ impl EntryIndex {
             .map_or(self.first_base, |(_, loc)| loc.end_offset()))
     }
 
+    /// The last entry whose batches start below `offset` (the records are in offset order),
+    /// if any.
+    pub fn last_below(&self, offset: u64) -> io::Result<Option<(u64, EntryLoc)>> {
+        // The first position whose entry starts at or after `offset`.
+        let (mut low, mut high) = (0, self.count);
+        while low < high {
+            let mid = low + (high - low) / 2;
+            if read_record(&self.file, &self.path, mid)?.base_offset < offset {
+                low = mid + 1;
+            } else {
+                high = mid;
+            }
+        }
+        if low == 0 {
+            return Ok(None);
+        }
+        let index = self.first_index + low - 1;
+        Ok(self.get(index)?.map(|loc| (index, loc)))
+    }
+
     /// Adds the record of entry `index`: the next one, or any index when there are none.
     pub fn push(&mut self, index: u64, loc: EntryLoc) -> io::Result<()> {
         if self.count == 0 {

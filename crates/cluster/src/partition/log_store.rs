@@ -17,8 +17,14 @@
 //! - The vote is durable before `save_vote` returns.
 //! - Truncation cuts the segments at the first removed entry's base offset (which rolls the
 //!   leader-epoch checkpoint back with them) and then the entry index, both synced.
-//! - Purging only moves the purge mark: data leaves the segments by retention, never because
-//!   openraft purged (a partition group never snapshots, so openraft never purges by itself).
+//! - Purging only moves the purge mark: data leaves the segments by trimming, never because
+//!   openraft purged (openraft is configured never to purge by itself).
+//! - Trimming ([`PartitionLog::trim_to`], once a committed trim entry moved the machine's log
+//!   start and a snapshot of the machine covers it) moves the log start offset, deletes the
+//!   segments wholly below it, and moves the purge mark to the last entry starting below it:
+//!   after a restart openraft neither reads nor re-applies what was deleted. Time and size
+//!   retention are never applied by the log itself (replicas would delete by their own
+//!   clocks); the leader proposes trims from them ([`PartitionLog::retention_point`]).
 //! - Opening reconciles the two files after a crash: index records whose batches did not
 //!   survive are dropped, and batches the index does not describe (written, never reported
 //!   durable) are cut off the segments.
@@ -42,7 +48,7 @@ use sluice_storage::batch::BatchHeader;
 use sluice_storage::{FsyncPolicy, Log, LogConfig, LogReader};
 use tokio::sync::mpsc;
 
-use super::entries::{EntryIndex, EntryLoc, EntryReader};
+use super::entries::{EntryIndex, EntryLoc};
 use super::{Entry, LogId, PartitionTypes, decode_entry, encode_entry};
 use crate::files::{context, replace_atomically};
 
@@ -77,9 +83,16 @@ struct Shared {
 
 struct State {
     log: Log,
+    /// The topic's retention (`retention.ms`, `retention.bytes`), which the leader turns into
+    /// trim entries; the log itself is opened without any.
+    retention: (Option<i64>, Option<u64>),
     entries: EntryIndex,
     vote: Option<Vote>,
     purged: Option<LogId>,
+    /// The last entry a trim deleted since this log was opened: openraft does not know these
+    /// are gone (it learns so from the purge mark at the next open), so reading them is an
+    /// error rather than the silent skip of what openraft purged itself.
+    trimmed: Option<u64>,
     /// Who waits to hear where a proposal was appended (acks=1), by its payload's buffer.
     append_watches: HashMap<(usize, usize), AppendWatch>,
 }
@@ -133,8 +146,9 @@ impl PartitionLog {
     /// Opens (or creates) the partition log in `dir` and starts its flusher. Blocking: call it
     /// from the blocking pool or before the runtime serves anything (it needs a runtime for
     /// the flusher).
-    pub fn open(dir: &Path, config: LogConfig) -> io::Result<Self> {
+    pub fn open(dir: &Path, mut config: LogConfig) -> io::Result<Self> {
         let fsync = config.fsync;
+        let retention = (config.retention_ms.take(), config.retention_bytes.take());
         let mut log = Log::open(dir, config, now_ms()).map_err(storage)?;
         let mut entries = EntryIndex::open(&dir.join(ENTRIES_FILE), log.log_end_offset())?;
         // Index records whose batches a crash took are dropped; batches past the last record
@@ -162,9 +176,11 @@ impl PartitionLog {
             reader: log.reader(),
             state: Mutex::new(State {
                 log,
+                retention,
                 entries,
                 vote,
                 purged,
+                trimmed: None,
                 append_watches: HashMap::new(),
             }),
         });
@@ -228,7 +244,84 @@ impl PartitionLog {
     pub fn set_config(&self, mut config: LogConfig) -> io::Result<()> {
         let mut state = self.shared.state.lock();
         config.fsync = state.log.config().fsync;
+        state.retention = (config.retention_ms.take(), config.retention_bytes.take());
         state.log.set_config(config).map_err(storage)
+    }
+
+    /// Where time and size retention would start the log at `now_ms` (the leader's clock):
+    /// the end of the last segment that is due, or the log end when the active segment has
+    /// expired too. `None` when nothing is due. Whole segments, as Kafka's retention.
+    pub fn retention_point(&self, now_ms: i64) -> Option<u64> {
+        let (ms, bytes) = self.shared.state.lock().retention;
+        if ms.is_none() && bytes.is_none() {
+            return None;
+        }
+        retention_point(&self.shared.reader.segments(), ms, bytes, now_ms)
+    }
+
+    /// Whether any record in `[from, to)` is data (not one of Raft's own control batches):
+    /// a trim that would remove only control batches is not worth an entry.
+    pub fn holds_data(&self, from: u64, to: u64) -> io::Result<bool> {
+        let mut at = from;
+        while at < to {
+            let read = match self.shared.reader.read_until(at, to, 64 * 1024, true) {
+                Ok(read) => read,
+                // Trimmed meanwhile: what is left is another trim's business.
+                Err(sluice_storage::StorageError::OffsetOutOfRange { .. }) => return Ok(false),
+                Err(e) => return Err(storage(e)),
+            };
+            if read.bytes.is_empty() {
+                return Ok(false);
+            }
+            let mut pos = 0;
+            while pos < read.bytes.len() {
+                let header = BatchHeader::parse(&read.bytes[pos..]).map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{} near offset {at}: {e}", self.shared.dir.display()),
+                    )
+                })?;
+                if !header.is_control() && header.last_offset() as u64 >= from {
+                    return Ok(true);
+                }
+                at = header.last_offset() as u64 + 1;
+                pos += header.total_bytes();
+            }
+        }
+        Ok(false)
+    }
+
+    /// Moves the log start offset to `offset` (a committed trim entry asked for it), deletes
+    /// the segments wholly below it and moves the purge mark to the last entry that starts
+    /// below it. Call it only once a snapshot of the machine covers the trim entry: after a
+    /// restart the entries up to the mark are neither read nor applied again. Blocking.
+    /// Returns the log start offset.
+    pub fn trim_to(&self, offset: u64) -> io::Result<u64> {
+        let mut guard = self.shared.state.lock();
+        let state = &mut *guard;
+        let before = state.log.log_start_offset();
+        let start = state
+            .log
+            .advance_log_start(offset, now_ms())
+            .map_err(storage)?;
+        if let Some((index, loc)) = state.entries.last_below(start)?
+            && state.purged.as_ref().is_none_or(|p| p.index < index)
+        {
+            let purged = LogId::new_term_index(loc.term, index);
+            let bytes = serde_json::to_vec(&purged).map_err(io::Error::other)?;
+            replace_atomically(&self.shared.dir, PURGED_FILE, &bytes)?;
+            state.purged = Some(purged);
+            state.trimmed = Some(index);
+        }
+        if start != before {
+            tracing::info!(
+                dir = %self.shared.dir.display(),
+                from = before,
+                to = start,
+                "log start offset moved (retention or DeleteRecords); segments below it deleted",
+            );
+        }
+        Ok(start)
     }
 
     pub fn close(&self) -> io::Result<()> {
@@ -338,15 +431,26 @@ impl Debug for PartitionLogReader {
 
 impl PartitionLogReader {
     fn read_entries(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
-        let (first, last_end, index_reader, first_index): (u64, u64, EntryReader, u64) = {
+        let (first, last_end, index_reader, first_index, trimmed) = {
             let state = self.shared.state.lock();
             (
                 state.first_readable(),
                 state.entries.end_index(),
                 state.entries.reader(),
                 state.entries.first_index(),
+                state.trimmed,
             )
         };
+        if trimmed.is_some_and(|trimmed| start <= trimmed) && start < end.min(last_end) {
+            // openraft reads nothing it purged; these were trimmed behind its back, and only a
+            // replica missing what every replica held when it was trimmed asks for them.
+            return Err(io::Error::other(format!(
+                "Raft entries from {start} of {} were deleted by retention or DeleteRecords (the \
+                 log keeps entries from {first}): a replica that lacks them cannot catch up from \
+                 this log",
+                self.shared.dir.display()
+            )));
+        }
         let start = start.max(first);
         let end = end.min(last_end);
         let mut out = Vec::with_capacity(end.saturating_sub(start).min(4096) as usize);
@@ -391,6 +495,37 @@ impl PartitionLogReader {
         }
         decode_entry(LogId::new_term_index(loc.term, index), read.bytes)
     }
+}
+
+/// [`PartitionLog::retention_point`] over `segments` (the last one active).
+fn retention_point(
+    segments: &[sluice_storage::SegmentInfo],
+    ms: Option<i64>,
+    bytes: Option<u64>,
+    now_ms: i64,
+) -> Option<u64> {
+    let (active, sealed) = segments.split_last()?;
+    let expired = |segment: &sluice_storage::SegmentInfo| {
+        ms.is_some_and(|ms| {
+            segment
+                .max_timestamp_ms
+                .is_some_and(|ts| ts < now_ms.saturating_sub(ms))
+        })
+    };
+    let mut total: u64 = segments.iter().map(|s| s.size_bytes).sum();
+    let mut point = None;
+    for segment in sealed {
+        let oversized = bytes.is_some_and(|limit| total - segment.size_bytes >= limit);
+        if !(expired(segment) || oversized) {
+            return point;
+        }
+        total -= segment.size_bytes;
+        point = Some(segment.next_offset);
+    }
+    if active.next_offset > active.base_offset && expired(active) {
+        point = Some(active.next_offset);
+    }
+    point
 }
 
 fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
@@ -552,5 +687,61 @@ impl RaftLogStorage<PartitionTypes> for PartitionLog {
             state.purged = Some(log_id);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_storage::SegmentInfo;
+
+    use super::retention_point;
+
+    fn segment(base: u64, next: u64, size: u64, max_ts: i64) -> SegmentInfo {
+        SegmentInfo {
+            base_offset: base,
+            next_offset: next,
+            size_bytes: size,
+            max_timestamp_ms: Some(max_ts),
+        }
+    }
+
+    #[test]
+    fn retention_takes_whole_segments_and_the_active_one_only_when_expired() {
+        let segments = [
+            segment(0, 10, 100, 1_000),
+            segment(10, 20, 100, 2_000),
+            segment(20, 30, 100, 3_000),
+            segment(30, 35, 50, 4_000),
+        ];
+        // Nothing configured, or nothing due.
+        assert_eq!(retention_point(&segments, None, None, 10_000), None);
+        assert_eq!(
+            retention_point(&segments, Some(10_000), Some(1_000), 10_000),
+            None
+        );
+        // Time: the segments whose newest record is older than the limit.
+        assert_eq!(
+            retention_point(&segments, Some(7_500), None, 10_000),
+            Some(20)
+        );
+        // Everything expired: the active segment's records go too.
+        assert_eq!(
+            retention_point(&segments, Some(1_000), None, 10_000),
+            Some(35)
+        );
+        // Size: whole sealed segments while what stays is at least the limit.
+        assert_eq!(
+            retention_point(&segments, None, Some(150), 10_000),
+            Some(20)
+        );
+        assert_eq!(retention_point(&segments, None, Some(1), 10_000), Some(30));
+        // Either limit deletes.
+        assert_eq!(
+            retention_point(&segments, Some(8_500), Some(250), 10_000),
+            Some(10)
+        );
+        // An empty active segment is never a reason.
+        let idle = [segment(0, 10, 100, 1_000), segment(10, 10, 0, 0)];
+        assert_eq!(retention_point(&idle, Some(1_000), None, 10_000), Some(10));
     }
 }

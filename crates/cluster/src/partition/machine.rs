@@ -2,6 +2,8 @@
 //! computes from committed entries alone.
 //!
 //! - The end of the committed data (the high watermark as far as data entries go).
+//! - The log start offset: the highest a committed trim entry (retention, DeleteRecords)
+//!   asked for, never past the trim entry itself. Each replica deletes what lies below it.
 //! - The idempotent producers' state (the broker's [`ProducerStates`]): each producer's epoch
 //!   and the sequences and offsets of its last five batches, recorded with the batch's own max
 //!   timestamp, never a clock. A new leader has applied every committed entry before it serves
@@ -31,6 +33,9 @@ pub struct PartitionMachine {
     pub data_end_offset: u64,
     /// Data entries applied.
     pub applied_entries: u64,
+    /// Records below this offset are deleted (committed trim entries).
+    #[serde(default)]
+    pub log_start_offset: u64,
     producers: ProducerStates,
 }
 
@@ -39,6 +44,7 @@ impl Default for PartitionMachine {
         Self {
             data_end_offset: 0,
             applied_entries: 0,
+            log_start_offset: 0,
             producers: ProducerStates::new(PRODUCER_EXPIRATION_MS, PRODUCERS_MAX),
         }
     }
@@ -75,6 +81,11 @@ impl Machine for PartitionMachine {
             };
             first.get_or_insert(header.base_offset as u64);
             last = Some(header.last_offset() as u64);
+            if let Some(start) = super::trim_offset(&header, &bytes[at..]) {
+                // Never past the trim entry itself: only what was committed before it.
+                let start = start.min(header.base_offset as u64);
+                self.log_start_offset = self.log_start_offset.max(start);
+            }
             // The batch's own time, so every replica records the same.
             self.producers.record(&header, header.max_timestamp);
             at += header.total_bytes();

@@ -8,6 +8,9 @@
 //!   stored as Kafka *control* batches of one record whose key is `[version 0][type]` with a
 //!   Sluice-private type ([`RAFT_BLANK`], [`RAFT_MEMBERSHIP`]). They take an offset as any
 //!   batch does; Kafka clients skip control batches whose type they do not know.
+//! - Retention and DeleteRecords are entries too: a *trim* control batch ([`RAFT_TRIM`])
+//!   that the leader proposes moves the log start offset on every replica when it is applied,
+//!   so every replica deletes the same records.
 //! - Kafka offsets advance by records and Raft indexes by entries, so an entry index
 //!   ([`entries`]) maps each Raft index to its batches' offsets.
 //!
@@ -39,6 +42,9 @@ use crate::placement::NodeId;
 pub const RAFT_BLANK: i16 = 100;
 /// The control-record type of a Raft membership entry; its value is the membership as JSON.
 pub const RAFT_MEMBERSHIP: i16 = 101;
+/// The control-record type of a trim entry (retention, DeleteRecords): its value is the new
+/// log start offset, u64 big-endian. It travels and is applied as a normal entry.
+pub const RAFT_TRIM: i16 = 102;
 
 /// Record batches laid end to end: a partition entry's payload. Batches travel and are stored
 /// as these bytes; they are never re-encoded.
@@ -110,6 +116,26 @@ fn control_batch(kind: i16, value: Option<&[u8]>) -> Bytes {
     let mut builder = BatchBuilder::new(0).control();
     builder.push(0, Some(&key), value, &[]);
     builder.finish()
+}
+
+/// A trim entry's batch: records below `log_start` are to be deleted on every replica.
+pub fn trim_batch(log_start: u64) -> Bytes {
+    control_batch(RAFT_TRIM, Some(&log_start.to_be_bytes()))
+}
+
+/// The log start offset a trim batch asks for, if `bytes` (one batch) is one.
+pub fn trim_offset(header: &BatchHeader, bytes: &[u8]) -> Option<u64> {
+    if !header.is_control() || header.record_count != 1 || header.producer_id >= 0 {
+        return None;
+    }
+    let records = record::decode(&bytes[..header.total_bytes().min(bytes.len())]).ok()?;
+    let record = records.first()?;
+    let key = record.key?;
+    if key.len() != 4 || i16::from_be_bytes([key[2], key[3]]) != RAFT_TRIM {
+        return None;
+    }
+    let value: [u8; 8] = record.value?.try_into().ok()?;
+    Some(u64::from_be_bytes(value))
 }
 
 /// The entry stored as `bytes` (as read back from the log) under `log_id`.

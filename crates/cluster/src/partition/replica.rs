@@ -34,6 +34,17 @@
 //! # The high watermark
 //! The end offset of the last applied entry, published on a watch channel and never moved
 //! backwards. Readers must stop there.
+//!
+//! # Trimming (retention, DeleteRecords)
+//! Records leave a replicated log only through a committed trim entry, so every replica
+//! deletes the same ones. The leader proposes one every housekeeping interval when the
+//! topic's `retention.ms` / `retention.bytes` make whole segments of its log due (its clock
+//! decides what to propose; apply reads nothing but the entry), and for Kafka's DeleteRecords.
+//! A trim never reaches past what *every* replica holds (the leader's view of each follower's
+//! log) nor past the high watermark: no replica will ever need a deleted entry from the log.
+//! Each replica then, once it applied the trim, has openraft snapshot its machine (so a
+//! restart re-applies nothing that was deleted) and only then trims its log
+//! ([`PartitionLog::trim_to`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
@@ -80,6 +91,8 @@ pub struct ReplicaSettings {
     pub auto_balance: bool,
     /// Which nodes may be handed leadership (a node shutting down may not).
     pub may_lead: MayLead,
+    /// How often the leader checks retention (the storage's housekeeping interval).
+    pub housekeeping_every: Duration,
 }
 
 /// Whether a node may be handed leadership now; every node may unless told otherwise.
@@ -115,6 +128,7 @@ impl Default for ReplicaSettings {
             balance_every: Duration::from_secs(10),
             auto_balance: true,
             may_lead: MayLead::default(),
+            housekeeping_every: Duration::from_secs(5),
         }
     }
 }
@@ -257,8 +271,12 @@ pub struct PartitionReplica {
     router: Arc<Router>,
     high_watermark: watch::Sender<u64>,
     writer: Arc<Writer>,
+    machine: PartitionMachineStore,
+    /// Woken when an applied trim entry moved the machine's log start past the log's.
+    trims: Arc<Notify>,
     watcher: tokio::task::JoinHandle<()>,
     balancer: Option<tokio::task::JoinHandle<()>>,
+    housekeeper: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
     /// The replica that should lead when it can.
     preferred: Option<NodeId>,
     may_lead: MayLead,
@@ -352,11 +370,13 @@ impl PartitionReplica {
                     settings.may_lead.clone(),
                 ))
             });
+        let trims = Arc::new(Notify::new());
         let watcher = tokio::spawn(watch_applied(
             raft.metrics(),
-            log.clone(),
+            (log.clone(), machine.clone()),
             high_watermark.clone(),
             Arc::clone(&router),
+            Arc::clone(&trims),
             (id, group),
         ));
         let writer = Arc::new(Writer {
@@ -368,7 +388,7 @@ impl PartitionReplica {
             state: Mutex::new(WriterState::default()),
             room: Notify::new(),
         });
-        Ok(Arc::new(Self {
+        let replica = Arc::new(Self {
             id,
             group,
             raft,
@@ -376,11 +396,21 @@ impl PartitionReplica {
             router,
             high_watermark,
             writer,
+            machine,
+            trims,
             watcher,
             balancer,
+            housekeeper: std::sync::OnceLock::new(),
             preferred,
             may_lead: settings.may_lead.clone(),
-        }))
+        });
+        let housekeeper = tokio::spawn(keep_log(
+            Arc::downgrade(&replica),
+            Arc::clone(&replica.trims),
+            settings.housekeeping_every,
+        ));
+        let _ = replica.housekeeper.set(housekeeper);
+        Ok(replica)
     }
 
     pub fn group(&self) -> u32 {
@@ -616,6 +646,179 @@ impl PartitionReplica {
         })
     }
 
+    /// How far a trim may reach now, on the leader: the high watermark, and no further than the
+    /// end of what the leader knows every other replica holds (0 when it does not lead or
+    /// knows nothing of a replica yet).
+    fn trim_bound(&self) -> u64 {
+        let matched: Option<Vec<Option<u64>>> = self.metrics(|metrics| {
+            if metrics.current_leader != Some(self.id) {
+                return None;
+            }
+            let replication = metrics.replication.as_ref()?;
+            Some(
+                metrics
+                    .membership_config
+                    .nodes()
+                    .map(|(id, _)| *id)
+                    .filter(|id| *id != self.id)
+                    .map(|id| replication.get(&id).cloned().flatten().map(|l| l.index))
+                    .collect(),
+            )
+        });
+        let Some(matched) = matched else {
+            return 0;
+        };
+        let mut bound = self.high_watermark();
+        for index in matched {
+            let end = index
+                .and_then(|index| self.log.entry_loc(index).ok().flatten())
+                .map_or(0, |loc| loc.end_offset());
+            bound = bound.min(end);
+        }
+        bound
+    }
+
+    /// The log start offset committed trims asked for.
+    pub fn committed_log_start(&self) -> u64 {
+        self.machine.read(|machine| machine.log_start_offset)
+    }
+
+    /// Proposes a trim entry moving the log start to `offset` and waits until it is applied
+    /// here, or `deadline`.
+    async fn propose_trim(
+        &self,
+        offset: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ReplicaError> {
+        let write = self.raft.client_write(Batches(super::trim_batch(offset)));
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(openraft::errors::RaftError::APIError(ClientWriteError::ForwardToLeader(
+                forward,
+            )))) => Err(ReplicaError::NotLeader {
+                leader: forward.leader_id,
+            }),
+            Ok(Err(e)) => Err(ReplicaError::Indeterminate(e.to_string())),
+            Err(_) => Err(ReplicaError::Indeterminate(
+                "the trim was not committed in time".into(),
+            )),
+        }
+    }
+
+    /// Kafka's DeleteRecords on the leader: records below `offset` (at most the high
+    /// watermark; the caller checks) are deleted on every replica. Waits, until `timeout`,
+    /// for every replica to hold the records below `offset` (so none needs them from the log
+    /// again) and for the trim to commit and reach this replica's log. Returns the log start
+    /// offset (Kafka's low watermark).
+    pub async fn delete_records(
+        &self,
+        offset: u64,
+        timeout: Duration,
+    ) -> Result<u64, ReplicaError> {
+        if self.ready_epoch().is_none() {
+            return Err(self.not_serving());
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        if offset > self.committed_log_start() {
+            while self.trim_bound() < offset {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ReplicaError::Indeterminate(format!(
+                        "not every replica holds the records below offset {offset} yet; nothing was deleted"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.propose_trim(offset, deadline).await?;
+        }
+        let wanted = self.committed_log_start();
+        self.trims.notify_one();
+        while self.log.reader().log_start_offset() < wanted
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(wanted)
+    }
+
+    /// Applies committed trims to this replica's log: once the machine's log start is past the
+    /// log's, has openraft snapshot the machine (a restart must not re-apply deleted entries)
+    /// and then trims the log.
+    async fn trim_locally(&self) {
+        let wanted = self.committed_log_start();
+        if wanted <= self.log.reader().log_start_offset() {
+            return;
+        }
+        let Some(applied) = self.machine.last_applied().map(|id| id.index) else {
+            return;
+        };
+        if self.machine.snapshot_index() < Some(applied) {
+            if self.raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while self.machine.snapshot_index() < Some(applied) {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(
+                        group = self.group,
+                        "no snapshot within 10 s: the log is trimmed later"
+                    );
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let log = self.log.clone();
+        match tokio::task::spawn_blocking(move || log.trim_to(wanted)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(group = self.group, error = %e, "cannot trim a partition's log")
+            }
+            Err(e) => {
+                tracing::error!(group = self.group, error = %e, "cannot trim a partition's log")
+            }
+        }
+    }
+
+    /// On a ready leader: proposes a trim when the topic's retention makes part of the log due,
+    /// as far as every replica holds it, and only when it removes data (not just Raft's own
+    /// control batches, which would make every check propose again).
+    async fn propose_retention(&self) {
+        if self.ready_epoch().is_none() {
+            return;
+        }
+        let Some(point) = self.log.retention_point(now_ms()) else {
+            return;
+        };
+        let target = point.min(self.trim_bound());
+        let start = self
+            .committed_log_start()
+            .max(self.log.reader().log_start_offset());
+        if target <= start {
+            return;
+        }
+        let log = self.log.clone();
+        match tokio::task::spawn_blocking(move || log.holds_data(start, target)).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return,
+            Ok(Err(e)) => {
+                tracing::warn!(group = self.group, error = %e, "cannot check retention");
+                return;
+            }
+            Err(_) => return,
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        match self.propose_trim(target, deadline).await {
+            Ok(()) => tracing::debug!(
+                group = self.group,
+                to = target,
+                "retention trimmed the partition"
+            ),
+            Err(e) => {
+                tracing::debug!(group = self.group, error = %e, "retention trim not committed")
+            }
+        }
+    }
+
     /// A leader about to stop hands its leadership to a follower that holds everything it has
     /// (Kafka's controlled shutdown), and waits up to a second for it to take over, so a
     /// restart costs its clients a transfer rather than an election timeout. Does nothing on
@@ -673,6 +876,9 @@ impl PartitionReplica {
         }
         if let Some(balancer) = &self.balancer {
             balancer.abort();
+        }
+        if let Some(housekeeper) = self.housekeeper.get() {
+            housekeeper.abort();
         }
         if let Err(e) = self.log.close() {
             tracing::warn!(group = self.group, error = %e, "partition log did not close cleanly");
@@ -1001,8 +1207,11 @@ pub fn raft_config(
         election_timeout_min: settings.election_min_ms,
         election_timeout_max: settings.election_max_ms,
         // The log is the partition's data: never snapshotted away, and a follower that fell
-        // behind catches up from the log, however far behind.
+        // behind catches up from the log, however far behind. Snapshots are taken only when a
+        // trim deleted part of the log, and openraft purges nothing after them (trims move
+        // the purge mark themselves).
         snapshot_policy: SnapshotPolicy::Never,
+        max_in_snapshot_log_to_keep: u64::MAX,
         replication_lag_threshold: u64::MAX,
         enable_pre_vote: Some(true),
         // A restarted leader must not resume its term: readiness ("applied an entry of its own
@@ -1014,6 +1223,32 @@ pub fn raft_config(
         ..Default::default()
     }
     .validate()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A replica's housekeeping: applies committed trims to its log when told (or found at a
+/// tick), and, while it leads, proposes retention's trims every `every`.
+async fn keep_log(replica: std::sync::Weak<PartitionReplica>, trims: Arc<Notify>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let ticked = tokio::select! {
+            _ = tick.tick() => true,
+            () = trims.notified() => false,
+        };
+        let Some(replica) = replica.upgrade() else {
+            return;
+        };
+        replica.trim_locally().await;
+        if ticked {
+            replica.propose_retention().await;
+        }
+    }
 }
 
 /// When a replica first checks whether to hand leadership to the preferred one.
@@ -1070,9 +1305,10 @@ fn holds_whole_log(metrics: &RaftMetrics<PartitionTypes>, node: NodeId) -> bool 
 /// Publishes the end offset of the last applied entry as the high watermark, never backwards.
 async fn watch_applied(
     mut metrics: WatchReceiverOf<PartitionTypes, RaftMetrics<PartitionTypes>>,
-    log: PartitionLog,
+    (log, machine): (PartitionLog, PartitionMachineStore),
     high_watermark: watch::Sender<u64>,
     router: Arc<Router>,
+    trims: Arc<Notify>,
     (id, group): (NodeId, u32),
 ) {
     let mut known_leader = None;
@@ -1109,6 +1345,9 @@ async fn watch_applied(
                 }
                 Ok(None) => known_applied = Some(applied.index),
                 Err(e) => tracing::error!(error = %e, "cannot read the applied entry's place"),
+            }
+            if machine.read(|m| m.log_start_offset) > log.reader().log_start_offset() {
+                trims.notify_one();
             }
         }
         if metrics.changed().await.is_err() {

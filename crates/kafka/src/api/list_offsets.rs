@@ -1,6 +1,8 @@
 //! Offsets by position and time: ListOffsets, OffsetForLeaderEpoch, and DeleteRecords (which
 //! moves a partition's start offset).
 
+use std::time::Duration;
+
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::delete_records_response::{
     DeleteRecordsPartitionResult, DeleteRecordsTopicResult,
@@ -165,7 +167,10 @@ pub(crate) async fn delete_records(
                         ))
                     } else {
                         partition
-                            .delete_records(offset as u64)
+                            .delete_records(
+                                offset as u64,
+                                Duration::from_millis(request.timeout_ms.max(0) as u64),
+                            )
                             .await
                             .map_err(|e| kafka_error(&e))
                     }
