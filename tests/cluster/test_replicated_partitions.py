@@ -564,3 +564,105 @@ def test_a_changed_segment_size_applies_to_every_replica_at_once(nodes_factory):
     # (a segment may pass the size by one entry), where the old size gave one.
     wait_for("every replica to roll at the new size",
              lambda: all(len(segments(node)) >= 3 for node in cluster.nodes), timeout=20, interval=0.5)
+
+
+def test_delete_records_and_retention_trim_every_replica_alike_and_survive_kills(nodes_factory):
+    """DeleteRecords (confluent-kafka's AdminClient) and `retention.bytes` on an RF3 topic:
+    every node's copy starts at the same offset afterwards and lost its segments below it,
+    consumers and ListOffsets see the new start, and after every node is SIGKILLed and
+    restarted the partition opens from its trimmed files, keeps its start and takes writes."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
+
+    topic = "trimmed"
+    cluster, bootstrap, admin = three_nodes(
+        nodes_factory, env={"SLUICE_STORAGE__HOUSEKEEPING_INTERVAL_MS": "300"})
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=3,
+                                  config={"segment.bytes": "16384"})])[topic].result(30)
+    wait_for("the preferred replica to lead", lambda: preferred_leads(admin, topic), timeout=30)
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
+                         "batch.size": 4096, "enable.idempotence": True})
+
+    def produce(first, count):
+        for i in range(first, first + count):
+            producer.produce(topic, str(i).encode() * 50, partition=0)
+            producer.poll(0)
+        assert producer.flush(30) == 0
+
+    def copy_dir(node):
+        return node.data_dir / "logs" / f"{topic}-0"
+
+    def log_start(node):
+        path = copy_dir(node) / "log-start-offset"
+        return int(path.read_text()) if path.exists() else 0
+
+    def segments(node):
+        return sorted(copy_dir(node).glob("*.log"))
+
+    def earliest():
+        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "earliest"})
+        try:
+            return consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        finally:
+            consumer.close()
+
+    def first_value():
+        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"g{time.monotonic()}",
+                             "auto.offset.reset": "earliest", "enable.auto.commit": False})
+        consumer.assign([TopicPartition(topic, 0, -2)])
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                message = consumer.poll(1)
+                if message is not None and message.error() is None:
+                    return message.offset(), message.value()
+            raise AssertionError("nothing consumed")
+        finally:
+            consumer.close()
+
+    produce(0, 3000)
+    segments_before = {node.data_dir: len(segments(node)) for node in cluster.nodes}
+    assert all(count > 5 for count in segments_before.values()), segments_before
+    low, high = earliest()
+    assert low == 0 and high >= 3000
+
+    deleted = admin.delete_records([TopicPartition(topic, 0, 1000)])
+    result = deleted[TopicPartition(topic, 0, 1000)].result(30)
+    assert result.low_watermark == 1000, result.low_watermark
+    wait_for("every replica to start at 1000",
+             lambda: all(log_start(node) == 1000 for node in cluster.nodes), timeout=20)
+    for node in cluster.nodes:
+        assert len(segments(node)) < segments_before[node.data_dir], (node.data_dir, segments(node))
+    assert earliest()[0] == 1000
+    offset, value = first_value()
+    assert offset == 1000, offset
+
+    # retention.bytes: the leader's trims take whole segments, the same on every replica.
+    entry = ConfigEntry("retention.bytes", "40000", incremental_operation=AlterConfigOpType.SET)
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[entry])
+    admin.incremental_alter_configs([resource])[resource].result(30)
+
+    def trimmed_alike():
+        starts = {log_start(node) for node in cluster.nodes}
+        return len(starts) == 1 and starts.pop() > 1000
+
+    wait_for("retention to trim every replica alike", trimmed_alike, timeout=30, interval=0.2)
+    start = log_start(cluster.nodes[0])
+    for node in cluster.nodes:
+        assert len(segments(node)) <= 5, (node.data_dir, segments(node))
+    assert earliest()[0] == start
+
+    # Every node killed and restarted: the trimmed logs open, keep their start, take writes.
+    producer.flush(10)
+    cluster.kill_all()
+    for node in cluster.nodes:
+        node.launch()
+    for node in cluster.nodes:
+        node.wait_ready(FORM_TIMEOUT)
+    wait_for("a leader after the restart", lambda: partition_state(admin, topic), timeout=30)
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True})
+    produce(3000, 10)
+    low, high = earliest()
+    assert low >= start and high >= 3010, (low, high, start)
+    for node in cluster.nodes:
+        assert log_start(node) >= start
