@@ -429,7 +429,9 @@ def test_preferred_leader_election_and_log_dirs(nodes_factory):
     wait_for("the preferred replica to lead", lambda: (s := state()) and s[0] == s[1], timeout=10)
     assert elect() == ElectionNotNeededError.errno
 
-    # Every node holds a replica of the topic in its one log directory.
+    # Every node holds a replica of the topic in its one log directory (once every node counts
+    # the restarted one live again, Metadata lists three brokers).
+    wait_for("three live brokers", lambda: all(live_brokers(n) == 3 for n in cluster.nodes), timeout=20)
     python_admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         described = python_admin.describe_log_dirs()
