@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use crate::error::BrokerError;
 use crate::producer::{ProducerStates, SequenceCheck};
-use crate::replication::{FollowerView, ProduceOptions, ReplicatedLog};
+use crate::replication::{FollowerView, PendingProduce, ProduceOptions, ReplicatedLog};
 use crate::topic_config::{EffectiveTopicConfig, TimestampType};
 
 const TOPIC_ID_FILE: &str = "topic-id";
@@ -309,6 +309,30 @@ impl LogHandler for PartitionHandler {
     }
 }
 
+/// Names partition `index` of `topic` in a replica's "not the leader" errors.
+fn name_partition(topic: &str, index: u32, error: BrokerError) -> BrokerError {
+    match error {
+        BrokerError::NotLeader { leader, .. } => BrokerError::NotLeader {
+            topic: topic.to_string(),
+            partition: index as i32,
+            leader,
+        },
+        BrokerError::LeaderNotReady { .. } => BrokerError::LeaderNotReady {
+            topic: topic.to_string(),
+            partition: index as i32,
+        },
+        BrokerError::NotEnoughReplicas {
+            in_sync, required, ..
+        } => BrokerError::NotEnoughReplicas {
+            topic: topic.to_string(),
+            partition: index as i32,
+            in_sync,
+            required,
+        },
+        other => other,
+    }
+}
+
 /// A live partition.
 #[derive(Debug)]
 pub struct Partition {
@@ -521,26 +545,7 @@ impl Partition {
 
     /// Names this partition in a replica's "not the leader" errors.
     fn name_partition(&self, error: BrokerError) -> BrokerError {
-        match error {
-            BrokerError::NotLeader { leader, .. } => BrokerError::NotLeader {
-                topic: self.topic.to_string(),
-                partition: self.index as i32,
-                leader,
-            },
-            BrokerError::LeaderNotReady { .. } => BrokerError::LeaderNotReady {
-                topic: self.topic.to_string(),
-                partition: self.index as i32,
-            },
-            BrokerError::NotEnoughReplicas {
-                in_sync, required, ..
-            } => BrokerError::NotEnoughReplicas {
-                topic: self.topic.to_string(),
-                partition: self.index as i32,
-                in_sync,
-                required,
-            },
-            other => other,
-        }
+        name_partition(&self.topic, self.index, error)
     }
 
     /// The current leader epoch: 0 for a single copy (its leader never changes); a replicated
@@ -732,6 +737,20 @@ impl Partition {
         acks: i16,
         timeout: Duration,
     ) -> Result<ProduceOutcome, BrokerError> {
+        self.submit_produce(batches, acks, timeout).await?.await
+    }
+
+    /// [`Self::produce_acks`] in two steps: resolves once the write has its place in the
+    /// partition's order (queued to the owner task, or sequenced on the replicated leader), so
+    /// the next write submitted goes behind it; the answer is the pending future's. A Kafka
+    /// connection submits its produce requests in the order it reads them and waits for the
+    /// answers while it reads on.
+    pub async fn submit_produce(
+        &self,
+        batches: Bytes,
+        acks: i16,
+        timeout: Duration,
+    ) -> Result<PendingProduce, BrokerError> {
         let checked = match CheckedBatches::check(batches, usize::MAX) {
             Ok(checked) => checked,
             Err(error) => {
@@ -739,6 +758,7 @@ impl Partition {
                 return Err(error.into());
             }
         };
+        let stats = Arc::clone(&self.stats);
         if let Backend::Replicated(log, settings) = &self.backend {
             if let Err(error) = refuse_unsupported(checked.headers()) {
                 self.stats.produce_errors.increment();
@@ -752,28 +772,54 @@ impl Partition {
                 replica_lag: settings.replica_lag,
                 timeout,
             };
-            return match log.produce(checked.bytes().clone(), options).await {
-                Ok(outcome) => {
-                    if !outcome.duplicate {
-                        self.stats.records_in.add(records);
-                        self.stats.bytes_in.add(bytes);
-                    }
-                    Ok(outcome)
-                }
+            let (topic, index) = (Arc::clone(&self.topic), self.index);
+            let pending = match log.submit(checked.bytes().clone(), options).await {
+                Ok(pending) => pending,
                 Err(error) => {
                     self.stats.produce_errors.increment();
-                    Err(self.name_partition(error))
+                    return Err(self.name_partition(error));
                 }
             };
+            return Ok(Box::pin(async move {
+                match pending.await {
+                    Ok(outcome) => {
+                        if !outcome.duplicate {
+                            stats.records_in.add(records);
+                            stats.bytes_in.add(bytes);
+                        }
+                        Ok(outcome)
+                    }
+                    Err(error) => {
+                        stats.produce_errors.increment();
+                        Err(name_partition(&topic, index, error))
+                    }
+                }
+            }));
         }
-        match self.call(PartitionRequest::Produce(checked)).await {
-            Ok(PartitionReply::Produced(outcome)) => Ok(outcome),
-            Ok(other) => unreachable!("produce is answered with Produced, not {other:?}"),
-            Err(error) => {
+        let Backend::Owner(owner) = &self.backend else {
+            unreachable!("a partition is replicated or has an owner");
+        };
+        let reply = match owner.submit(PartitionRequest::Produce(checked)).await {
+            Ok(reply) => reply,
+            Err(_) => {
                 self.stats.produce_errors.increment();
-                Err(error)
+                return Err(BrokerError::ShuttingDown);
             }
-        }
+        };
+        Ok(Box::pin(async move {
+            match reply.await {
+                Ok(Ok(PartitionReply::Produced(outcome))) => Ok(outcome),
+                Ok(Ok(other)) => unreachable!("produce is answered with Produced, not {other:?}"),
+                Ok(Err(error)) => {
+                    stats.produce_errors.increment();
+                    Err(error)
+                }
+                Err(_) => {
+                    stats.produce_errors.increment();
+                    Err(BrokerError::ShuttingDown)
+                }
+            }
+        }))
     }
 
     /// Makes records below `offset` invisible (Kafka's DeleteRecords). Returns the new log

@@ -27,6 +27,10 @@ use crate::metadata::{MetadataCommand, NodeId};
 /// A future a [`ClusterLink`] returns.
 pub type LogFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'a>>;
 
+/// A produce that has its place in the partition's order, and the answer it will get.
+pub type PendingProduce =
+    Pin<Box<dyn Future<Output = Result<crate::ProduceOutcome, BrokerError>> + Send>>;
+
 /// A future [`ClusterLink::forward`] returns.
 pub type ForwardFuture<'a> = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send + 'a>>;
 
@@ -85,12 +89,10 @@ pub trait ReplicatedLog: Send + Sync + std::fmt::Debug + 'static {
     /// Writes batches (checked: structure and CRC) and answers as `options` ask: where they
     /// landed, or why not — [`BrokerError::NotLeader`], [`BrokerError::LeaderNotReady`] and
     /// [`BrokerError::NotEnoughReplicas`] only when nothing was written,
-    /// [`BrokerError::WriteIndeterminate`] when it may have been.
-    fn produce(
-        &self,
-        batches: Bytes,
-        options: ProduceOptions,
-    ) -> LogFuture<'_, crate::ProduceOutcome>;
+    /// [`BrokerError::WriteIndeterminate`] when it may have been. Resolves once the write has
+    /// its place in the log's order (a later submit goes behind it); the answer is the
+    /// pending future's.
+    fn submit(&self, batches: Bytes, options: ProduceOptions) -> LogFuture<'_, PendingProduce>;
 
     /// The leader epoch (Raft term) when this replica leads and is ready to serve.
     fn ready_epoch(&self) -> Option<i32>;

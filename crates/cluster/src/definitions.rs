@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sluice_broker::replication::{
-    ClusterLink, ClusterNode, Election, FollowerView, ForwardFuture, LogFuture, ProduceOptions,
-    QuorumView, ReplicaRequest, ReplicaView, ReplicatedLog,
+    ClusterLink, ClusterNode, Election, FollowerView, ForwardFuture, LogFuture, PendingProduce,
+    ProduceOptions, QuorumView, ReplicaRequest, ReplicaView, ReplicatedLog,
 };
 use sluice_broker::{Broker, MetadataCommand, ProduceOutcome};
 use uuid::Uuid;
@@ -133,6 +133,53 @@ fn epoch(term: u64) -> i32 {
     i32::try_from(term).unwrap_or(i32::MAX)
 }
 
+/// What a replica's refusal of a write is to the broker.
+fn produce_error(error: ReplicaError) -> BrokerError {
+    match error {
+        ReplicaError::NotLeader { leader } => BrokerError::NotLeader {
+            topic: String::new(),
+            partition: -1,
+            leader: leader.map(broker_id),
+        },
+        ReplicaError::NotReady => BrokerError::LeaderNotReady {
+            topic: String::new(),
+            partition: -1,
+        },
+        ReplicaError::NotEnoughReplicas { in_sync, required } => BrokerError::NotEnoughReplicas {
+            topic: String::new(),
+            partition: -1,
+            in_sync,
+            required,
+        },
+        ReplicaError::Refused(error) => match error.as_ref() {
+            BrokerError::OutOfOrderSequence {
+                producer_id,
+                expected,
+                received,
+            } => BrokerError::OutOfOrderSequence {
+                producer_id: *producer_id,
+                expected: *expected,
+                received: *received,
+            },
+            BrokerError::InvalidProducerEpoch {
+                producer_id,
+                current,
+                received,
+            } => BrokerError::InvalidProducerEpoch {
+                producer_id: *producer_id,
+                current: *current,
+                received: *received,
+            },
+            // A batch whose header does not parse; the broker checked every batch before, so
+            // this does not happen.
+            _ => BrokerError::InvalidProducerBatch { producer_id: -1 },
+        },
+        error @ (ReplicaError::Indeterminate(_) | ReplicaError::Stopped(_)) => {
+            BrokerError::WriteIndeterminate(error.to_string())
+        }
+    }
+}
+
 impl ReplicatedLog for BrokerReplica {
     fn reader(&self) -> sluice_storage::LogReader {
         self.replica.reader()
@@ -142,7 +189,7 @@ impl ReplicatedLog for BrokerReplica {
         self.replica.watch_high_watermark()
     }
 
-    fn produce(&self, batches: Bytes, options: ProduceOptions) -> LogFuture<'_, ProduceOutcome> {
+    fn submit(&self, batches: Bytes, options: ProduceOptions) -> LogFuture<'_, PendingProduce> {
         Box::pin(async move {
             let acks = if options.leader_only {
                 Acks::Leader
@@ -152,58 +199,22 @@ impl ReplicatedLog for BrokerReplica {
                     lag: options.replica_lag,
                 }
             };
-            match self.replica.produce(batches, acks, options.timeout).await {
-                Ok(produced) => Ok(ProduceOutcome {
+            let pending = self
+                .replica
+                .submit(batches, acks, options.timeout)
+                .await
+                .map_err(produce_error)?;
+            let reader = self.replica.reader();
+            Ok(Box::pin(async move {
+                let produced = pending.await.map_err(produce_error)?;
+                Ok(ProduceOutcome {
                     base_offset: produced.appended.base_offset,
                     last_offset: produced.appended.last_offset,
                     log_append_time_ms: None,
-                    log_start_offset: self.replica.reader().log_start_offset(),
+                    log_start_offset: reader.log_start_offset(),
                     duplicate: produced.duplicate,
-                }),
-                Err(ReplicaError::NotLeader { leader }) => Err(BrokerError::NotLeader {
-                    topic: String::new(),
-                    partition: -1,
-                    leader: leader.map(broker_id),
-                }),
-                Err(ReplicaError::NotReady) => Err(BrokerError::LeaderNotReady {
-                    topic: String::new(),
-                    partition: -1,
-                }),
-                Err(ReplicaError::NotEnoughReplicas { in_sync, required }) => {
-                    Err(BrokerError::NotEnoughReplicas {
-                        topic: String::new(),
-                        partition: -1,
-                        in_sync,
-                        required,
-                    })
-                }
-                Err(ReplicaError::Refused(error)) => Err(match error.as_ref() {
-                    BrokerError::OutOfOrderSequence {
-                        producer_id,
-                        expected,
-                        received,
-                    } => BrokerError::OutOfOrderSequence {
-                        producer_id: *producer_id,
-                        expected: *expected,
-                        received: *received,
-                    },
-                    BrokerError::InvalidProducerEpoch {
-                        producer_id,
-                        current,
-                        received,
-                    } => BrokerError::InvalidProducerEpoch {
-                        producer_id: *producer_id,
-                        current: *current,
-                        received: *received,
-                    },
-                    // A batch whose header does not parse; the broker checked every batch
-                    // before, so this does not happen.
-                    _ => BrokerError::InvalidProducerBatch { producer_id: -1 },
-                }),
-                Err(error @ (ReplicaError::Indeterminate(_) | ReplicaError::Stopped(_))) => {
-                    Err(BrokerError::WriteIndeterminate(error.to_string()))
-                }
-            }
+                })
+            }) as PendingProduce)
         })
     }
 

@@ -164,12 +164,22 @@ impl<Req, Rep> std::fmt::Debug for Message<Req, Rep> {
 impl<Req: Send + 'static, Rep: Send + 'static> OwnerHandle<Req, Rep> {
     /// Sends a request and waits for its reply. Waits for channel space if the owner is busy.
     pub async fn call(&self, request: Req) -> Result<Rep, StorageError> {
+        self.submit(request)
+            .await?
+            .await
+            .map_err(|_| StorageError::OwnerGone)
+    }
+
+    /// Sends a request (waiting for channel space if the owner is busy) and returns where its
+    /// reply will come: requests are handled in the order they were submitted, so a caller
+    /// may submit the next one before this one is answered.
+    pub async fn submit(&self, request: Req) -> Result<oneshot::Receiver<Rep>, StorageError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Message::Call(request, tx))
             .await
             .map_err(|_| StorageError::OwnerGone)?;
-        rx.await.map_err(|_| StorageError::OwnerGone)
+        Ok(rx)
     }
 
     /// Asks the owner to finish pending work, close the log and stop.

@@ -208,6 +208,9 @@ pub struct Produced {
 
 type Outcome = Result<Produced, ReplicaError>;
 
+/// A write that has its place in the log's order, and the answer it will get.
+pub type PendingWrite = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
 /// A batch of an idempotent producer that is proposed and not yet answered.
 struct InFlight {
     epoch: i16,
@@ -573,6 +576,19 @@ impl PartitionReplica {
     /// Writes `batches` (checked: structure and CRC) and answers as `acks` asks, or after
     /// `timeout` with [`ReplicaError::Indeterminate`].
     pub async fn produce(&self, batches: Bytes, acks: Acks, timeout: Duration) -> Outcome {
+        self.submit(batches, acks, timeout).await?.await
+    }
+
+    /// [`Self::produce`] in two steps: returns once the write has its place in the leader's
+    /// queue (sequenced, behind every write submitted before), with the answer still to come.
+    /// So a connection may submit its next produce while this one waits for its commit, and
+    /// the two keep their order.
+    pub async fn submit(
+        &self,
+        batches: Bytes,
+        acks: Acks,
+        timeout: Duration,
+    ) -> Result<PendingWrite, ReplicaError> {
         let Some(epoch) = self.ready_epoch() else {
             return Err(self.not_serving());
         };
@@ -613,37 +629,39 @@ impl PartitionReplica {
             deadline,
         )
         .await?;
-        let waited = tokio::time::timeout_at(deadline, async {
-            if let Some(appended) = appended {
-                tokio::select! {
-                    biased;
-                    Ok(base_offset) = appended => {
-                        return Ok(Produced {
-                            appended: Appended {
-                                base_offset,
-                                last_offset: base_offset + records - 1,
-                            },
-                            duplicate: false,
-                            epoch,
-                        });
+        Ok(Box::pin(async move {
+            let waited = tokio::time::timeout_at(deadline, async {
+                if let Some(appended) = appended {
+                    tokio::select! {
+                        biased;
+                        Ok(base_offset) = appended => {
+                            return Ok(Produced {
+                                appended: Appended {
+                                    base_offset,
+                                    last_offset: base_offset + records - 1,
+                                },
+                                duplicate: false,
+                                epoch,
+                            });
+                        }
+                        outcome = settled(&mut committed) => return outcome,
                     }
-                    outcome = settled(&mut committed) => return outcome,
                 }
-            }
-            settled(&mut committed).await
-        })
-        .await;
-        waited.unwrap_or_else(|_| {
-            Err(ReplicaError::Indeterminate(format!(
-                "not {} within {} ms",
-                if matches!(acks, Acks::Leader) {
-                    "appended"
-                } else {
-                    "committed"
-                },
-                timeout.as_millis()
-            )))
-        })
+                settled(&mut committed).await
+            })
+            .await;
+            waited.unwrap_or_else(|_| {
+                Err(ReplicaError::Indeterminate(format!(
+                    "not {} within {} ms",
+                    if matches!(acks, Acks::Leader) {
+                        "appended"
+                    } else {
+                        "committed"
+                    },
+                    timeout.as_millis()
+                )))
+            })
+        }))
     }
 
     /// How far a trim may reach now, on the leader: the high watermark, and no further than the

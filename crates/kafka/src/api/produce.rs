@@ -1,7 +1,10 @@
 //! Produce: append record batches to partitions, as sent (compressed or not).
 //!
 //! Partitions of one request are appended concurrently (each has its own owner task); the
-//! response lists them in request order. With acks=0 nothing is sent back. A single copy is
+//! response lists them in request order. A request is handled in two steps ([`submit`]):
+//! every write takes its place in its partition's order, then the answers are awaited, so a
+//! connection reads and submits its next produce request while this one waits for its
+//! commit. With acks=0 nothing is sent back. A single copy is
 //! its partition's only in-sync replica, so acks=1 and acks=-1 behave alike: the reply waits
 //! for the append (and, under fsync=always, for the fsync). A replicated partition answers
 //! acks=1 once its leader has appended and acks=-1 once the write is committed, waiting at
@@ -10,6 +13,8 @@
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use sluice_broker::partition::PRODUCE_COMMIT_WAIT;
@@ -44,6 +49,21 @@ pub(crate) async fn handle(
     request: ProduceRequest,
     version: i16,
 ) -> Option<ProduceResponse> {
+    submit(ctx, request, version).await.await
+}
+
+/// The answer to a produce request whose writes have their places: awaiting it gives the
+/// response (`None` for acks=0).
+pub(crate) type PendingResponse = Pin<Box<dyn Future<Output = Option<ProduceResponse>> + Send>>;
+
+/// Submits every partition's write of `request` (concurrently: they are different
+/// partitions) and returns once each has its place in its partition's order, so that the
+/// connection's next request goes behind them; the response is the pending future's.
+pub(crate) async fn submit(
+    ctx: &Context,
+    request: ProduceRequest,
+    version: i16,
+) -> PendingResponse {
     let acks = request.acks;
     let acks_valid = matches!(acks, -1..=1);
     // How long a replicated write may wait for its acknowledgement (Kafka's timeout_ms).
@@ -51,7 +71,7 @@ pub(crate) async fn handle(
         Ok(ms) if ms > 0 => Duration::from_millis(ms),
         _ => PRODUCE_COMMIT_WAIT,
     };
-    let mut pending = Vec::new();
+    let mut submits = Vec::new();
     for (topic_position, topic) in request.topic_data.iter().enumerate() {
         let resolved = if version >= 13 {
             ctx.broker.topic_by_id(topic.topic_id).ok_or_else(|| {
@@ -69,8 +89,8 @@ pub(crate) async fn handle(
             let index = partition_data.index;
             let resolved = resolved.clone();
             let records = partition_data.records.clone();
-            pending.push(async move {
-                let result = async {
+            submits.push(async move {
+                let submitted = async {
                     if !acks_valid {
                         return Err(KafkaError::new(
                             ResponseError::InvalidRequiredAcks,
@@ -92,37 +112,49 @@ pub(crate) async fn handle(
                         ));
                     };
                     partition
-                        .produce_acks(records, acks, timeout)
+                        .submit_produce(records, acks, timeout)
                         .await
                         .map_err(|error| kafka_error(&error))
                 }
                 .await;
-                (topic_position, index, result)
+                (topic_position, index, submitted)
             });
         }
     }
-    let results = futures::future::join_all(pending).await;
-    if acks == 0 {
-        return None;
-    }
-    let mut responses: Vec<TopicProduceResponse> = request
-        .topic_data
-        .iter()
-        .map(|topic| {
-            TopicProduceResponse::default()
-                .with_name(topic.name.clone())
-                .with_topic_id(topic.topic_id)
-        })
-        .collect();
-    for (topic_position, index, result) in results {
-        if let Err(error) = &result
-            && error.code != ResponseError::NotLeaderOrFollower.code()
-        {
-            tracing::debug!(topic = %responses[topic_position].name.as_str(), partition = index, code = error.code, message = %error.message, "produce refused");
+    let submitted = futures::future::join_all(submits).await;
+    Box::pin(async move {
+        let results = futures::future::join_all(submitted.into_iter().map(
+            |(topic_position, index, submitted)| async move {
+                let result = match submitted {
+                    Ok(pending) => pending.await.map_err(|error| kafka_error(&error)),
+                    Err(error) => Err(error),
+                };
+                (topic_position, index, result)
+            },
+        ))
+        .await;
+        if acks == 0 {
+            return None;
         }
-        responses[topic_position]
-            .partition_responses
-            .push(partition_response(index, result, version));
-    }
-    Some(ProduceResponse::default().with_responses(responses))
+        let mut responses: Vec<TopicProduceResponse> = request
+            .topic_data
+            .iter()
+            .map(|topic| {
+                TopicProduceResponse::default()
+                    .with_name(topic.name.clone())
+                    .with_topic_id(topic.topic_id)
+            })
+            .collect();
+        for (topic_position, index, result) in results {
+            if let Err(error) = &result
+                && error.code != ResponseError::NotLeaderOrFollower.code()
+            {
+                tracing::debug!(topic = %responses[topic_position].name.as_str(), partition = index, code = error.code, message = %error.message, "produce refused");
+            }
+            responses[topic_position]
+                .partition_responses
+                .push(partition_response(index, result, version));
+        }
+        Some(ProduceResponse::default().with_responses(responses))
+    })
 }
