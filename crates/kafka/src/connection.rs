@@ -167,14 +167,27 @@ async fn serve_connection(
     loop {
         // Wait for the next request, writing answers as they come meanwhile.
         let more = loop {
+            // Answers already done go out at once, also while requests keep arriving: the
+            // client may hold back further writes until it has them.
+            let mut produced = false;
+            if let Some(Some(answer)) = answers.next().now_or_never() {
+                if !write_answers(&mut writer, answer, &mut answers, context, entry).await {
+                    break false;
+                }
+                produced = true;
+            }
+            // What is written goes out when no request is waiting to be read (its answer may
+            // share the write; also after a request that is not answered, acks=0: answers
+            // before it may still be in the buffer, and the client may send nothing more
+            // until it has them), and at once for produce answers.
+            if !writer.buffer().is_empty()
+                && (produced || reader.buffer().is_empty())
+                && writer.flush().await.is_err()
+            {
+                break false;
+            }
             if !reader.buffer().is_empty() {
                 break true;
-            }
-            // About to wait: what is written goes out now (also after a request that is not
-            // answered, acks=0: answers before it may still be in the buffer, and the client
-            // may send nothing more until it has them).
-            if !writer.buffer().is_empty() && writer.flush().await.is_err() {
-                break false;
             }
             tokio::select! {
                 biased;
@@ -262,7 +275,9 @@ async fn serve_connection(
                     let Some(answer) = answers.next().await else {
                         break;
                     };
-                    if !write_answers(&mut writer, answer, &mut answers, context, entry).await {
+                    if !write_answers(&mut writer, answer, &mut answers, context, entry).await
+                        || writer.flush().await.is_err()
+                    {
                         return finish(writer).await;
                     }
                 }
