@@ -133,8 +133,8 @@ fn epoch(term: u64) -> i32 {
     i32::try_from(term).unwrap_or(i32::MAX)
 }
 
-/// What a replica's refusal of a write is to the broker.
-fn produce_error(error: ReplicaError) -> BrokerError {
+/// What a replica's refusal of a write (a produce, a trim) is to the broker.
+fn replica_error(error: ReplicaError) -> BrokerError {
     match error {
         ReplicaError::NotLeader { leader } => BrokerError::NotLeader {
             topic: String::new(),
@@ -203,10 +203,10 @@ impl ReplicatedLog for BrokerReplica {
                 .replica
                 .submit(batches, acks, options.timeout)
                 .await
-                .map_err(produce_error)?;
+                .map_err(replica_error)?;
             let reader = self.replica.reader();
             Ok(Box::pin(async move {
-                let produced = pending.await.map_err(produce_error)?;
+                let produced = pending.await.map_err(replica_error)?;
                 Ok(ProduceOutcome {
                     base_offset: produced.appended.base_offset,
                     last_offset: produced.appended.last_offset,
@@ -265,18 +265,7 @@ impl ReplicatedLog for BrokerReplica {
             self.replica
                 .delete_records(offset, timeout)
                 .await
-                .map_err(|error| match error {
-                    ReplicaError::NotLeader { leader } => BrokerError::NotLeader {
-                        topic: String::new(),
-                        partition: -1,
-                        leader: leader.map(broker_id),
-                    },
-                    ReplicaError::NotReady => BrokerError::LeaderNotReady {
-                        topic: String::new(),
-                        partition: -1,
-                    },
-                    other => BrokerError::WriteIndeterminate(other.to_string()),
-                })
+                .map_err(replica_error)
         })
     }
 

@@ -48,7 +48,7 @@ async fn start(
     address: &str,
     members: &BTreeMap<u64, BasicNode>,
 ) -> Node {
-    start_preferring(
+    start_with(
         id,
         dir,
         listener,
@@ -56,29 +56,18 @@ async fn start(
         members,
         None,
         ReplicaSettings::default(),
+        log_config(),
     )
     .await
 }
 
-async fn start_preferring(
-    id: u64,
-    dir: &Path,
-    listener: TcpListener,
-    address: &str,
-    members: &BTreeMap<u64, BasicNode>,
-    preferred: Option<u64>,
-    settings: ReplicaSettings,
-) -> Node {
-    // No time retention: the test batches' timestamps are years old.
-    let log_config = LogConfig {
+/// Synced appends, and no time retention: the test batches' timestamps are years old.
+fn log_config() -> LogConfig {
+    LogConfig {
         fsync: FsyncPolicy::Always,
         retention_ms: None,
         ..LogConfig::default()
-    };
-    start_with(
-        id, dir, listener, address, members, preferred, settings, log_config,
-    )
-    .await
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -139,6 +128,16 @@ async fn three(
     preferred: Option<u64>,
     settings: ReplicaSettings,
 ) -> (BTreeMap<u64, BasicNode>, BTreeMap<u64, Node>) {
+    three_with(root, preferred, settings, log_config()).await
+}
+
+/// [`three`] with the replicas' log settings.
+async fn three_with(
+    root: &Path,
+    preferred: Option<u64>,
+    settings: ReplicaSettings,
+    log_config: LogConfig,
+) -> (BTreeMap<u64, BasicNode>, BTreeMap<u64, Node>) {
     let mut listeners = BTreeMap::new();
     let mut members = BTreeMap::new();
     for id in 1..=3u64 {
@@ -149,7 +148,7 @@ async fn three(
     let mut nodes = BTreeMap::new();
     for (id, (listener, address)) in listeners {
         let dir = root.join(format!("n{id}"));
-        let node = start_preferring(
+        let node = start_with(
             id,
             &dir,
             listener,
@@ -157,6 +156,7 @@ async fn three(
             &members,
             preferred,
             settings.clone(),
+            log_config.clone(),
         );
         nodes.insert(id, node.await);
     }
@@ -618,29 +618,9 @@ fn segment_count(dir: &Path) -> usize {
 async fn trims_delete_the_same_records_on_every_replica_and_survive_restarts() {
     let root = tempfile::tempdir().expect("tempdir");
     let (log_config, settings) = trim_config();
-    let mut listeners = BTreeMap::new();
-    let mut members = BTreeMap::new();
-    for id in 1..=3u64 {
-        let (listener, address) = listen().await;
-        members.insert(id, BasicNode::new(address.clone()));
-        listeners.insert(id, (listener, address));
-    }
+    let (members, mut nodes) =
+        three_with(root.path(), None, settings.clone(), log_config.clone()).await;
     let dir = |id: u64| root.path().join(format!("n{id}"));
-    let mut nodes = BTreeMap::new();
-    for (id, (listener, address)) in listeners {
-        let node_dir = dir(id);
-        let node = start_with(
-            id,
-            &node_dir,
-            listener,
-            &address,
-            &members,
-            None,
-            settings.clone(),
-            log_config.clone(),
-        );
-        nodes.insert(id, node.await);
-    }
     let leader = ready_leader(&nodes).await;
     let mut offsets = Vec::new();
     for i in 0..300u32 {

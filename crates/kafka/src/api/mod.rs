@@ -11,7 +11,7 @@ mod groups;
 mod list_offsets;
 mod metadata;
 mod offsets;
-pub(crate) mod produce;
+mod produce;
 mod producer_ids;
 mod replicas;
 mod topics;
