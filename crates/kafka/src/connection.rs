@@ -4,16 +4,27 @@
 //! The size is checked before the frame is read: a negative size, or one above
 //! `max_request_bytes`, closes the connection without allocating. A frame whose header or body
 //! does not decode closes the connection too, as Kafka does; there is no way to answer a
-//! request one cannot parse. Responses are flushed when no further request is already
-//! buffered, so pipelined requests share writes.
+//! request one cannot parse.
+//!
+//! Produce requests are pipelined: each one's writes take their places in their partitions
+//! as soon as it is read, and its answer is awaited while the next requests are read and
+//! submitted (at most [`PIPELINED_MAX`] waiting), so a producer with several requests in
+//! flight has them all in the partition's write queue at once, where a replicated leader
+//! combines them into one Raft entry. Answers are written in the order the requests came;
+//! any other request first waits for the answers before it. Responses that are done together
+//! share a write.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures::FutureExt;
+use futures::stream::{FuturesOrdered, StreamExt};
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
 use kafka_protocol::protocol::{Decodable, Encodable};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 
 use crate::Context;
@@ -149,13 +160,54 @@ async fn serve_connection(
         client_id: String::new(),
     };
     let max = context.settings.max_request_bytes;
+    // Produce requests whose writes have their places in their partitions and whose answers
+    // are awaited while the next requests are read; written in the order the requests came.
+    let mut answers: FuturesOrdered<Pin<Box<dyn Future<Output = Answer> + Send + '_>>> =
+        FuturesOrdered::new();
     loop {
-        let size = tokio::select! {
-            size = reader.read_i32() => match size {
-                Ok(size) => size,
-                Err(_) => break, // closed by the client
-            },
-            () = entry.closed().cancelled() => break,
+        // Wait for the next request, writing answers as they come meanwhile.
+        let more = loop {
+            // Answers already done go out at once, also while requests keep arriving: the
+            // client may hold back further writes until it has them.
+            let mut produced = false;
+            if let Some(Some(answer)) = answers.next().now_or_never() {
+                if !write_answers(&mut writer, answer, &mut answers, context, entry).await {
+                    break false;
+                }
+                produced = true;
+            }
+            // What is written goes out when no request is waiting to be read (its answer may
+            // share the write; also after a request that is not answered, acks=0: answers
+            // before it may still be in the buffer, and the client may send nothing more
+            // until it has them), and at once for produce answers.
+            if !writer.buffer().is_empty()
+                && (produced || reader.buffer().is_empty())
+                && writer.flush().await.is_err()
+            {
+                break false;
+            }
+            if !reader.buffer().is_empty() {
+                break true;
+            }
+            tokio::select! {
+                biased;
+                Some(answer) = answers.next(), if !answers.is_empty() => {
+                    if !write_answers(&mut writer, answer, &mut answers, context, entry).await {
+                        break false;
+                    }
+                }
+                filled = reader.fill_buf() => {
+                    // Empty: closed by the client.
+                    break matches!(filled, Ok(bytes) if !bytes.is_empty());
+                }
+                () = entry.closed().cancelled() => break false,
+            }
+        };
+        if !more {
+            break;
+        }
+        let Ok(size) = reader.read_i32().await else {
+            break; // closed by the client
         };
         if size < 0 || size as usize > max {
             metrics.protocol_errors.increment();
@@ -182,27 +234,22 @@ async fn serve_connection(
         metrics.bytes_in.add(received);
         entry.bytes_in.add(received);
         entry.requests.increment();
-        let encoded = match decode_request(frame.freeze()) {
-            Ok(Decoded::Request { header, request }) => {
-                if let Some(id) = &header.client_id
-                    && client.client_id.as_str() != id.as_str()
-                {
-                    client.client_id = id.to_string();
-                    *entry.client_id.lock() = client.client_id.clone();
-                }
-                let api = ApiKey::try_from(header.request_api_key).unwrap_or(ApiKey::ApiVersions);
-                let version = header.request_api_version;
-                let correlation_id = header.correlation_id;
-                let started = std::time::Instant::now();
-                let response = api::handle(context, &client, header, *request).await;
-                if let Some(latency) = metrics.request_latency(api) {
-                    latency.observe(started.elapsed());
-                }
-                // None: an acks=0 produce, which gets no response at all.
-                response.map(|body| encode_response(api, version, correlation_id, &body))
-            }
+        let (header, request) = match decode_request(frame.freeze()) {
+            Ok(Decoded::Request { header, request }) => (header, request),
             Ok(Decoded::ApiVersionsTooNew { correlation_id }) => {
-                Some(api_versions_too_new(correlation_id))
+                if !drain_answers(&mut writer, &mut answers, context, entry).await
+                    || !write_answers(
+                        &mut writer,
+                        Some(api_versions_too_new(correlation_id)),
+                        &mut answers,
+                        context,
+                        entry,
+                    )
+                    .await
+                {
+                    break;
+                }
+                continue;
             }
             Err(error) => {
                 metrics.protocol_errors.increment();
@@ -210,28 +257,119 @@ async fn serve_connection(
                 break;
             }
         };
-        match encoded {
+        if let Some(id) = &header.client_id
+            && client.client_id.as_str() != id.as_str()
+        {
+            client.client_id = id.to_string();
+            *entry.client_id.lock() = client.client_id.clone();
+        }
+        let api = ApiKey::try_from(header.request_api_key).unwrap_or(ApiKey::ApiVersions);
+        let version = header.request_api_version;
+        let correlation_id = header.correlation_id;
+        let started = std::time::Instant::now();
+        match *request {
+            // A produce that is answered: its writes take their places now, its answer is
+            // awaited behind the ones before it while the next request is read.
+            RequestKind::Produce(request) if request.acks != 0 => {
+                while answers.len() >= PIPELINED_MAX {
+                    let Some(answer) = answers.next().await else {
+                        break;
+                    };
+                    if !write_answers(&mut writer, answer, &mut answers, context, entry).await
+                        || writer.flush().await.is_err()
+                    {
+                        return finish(writer).await;
+                    }
+                }
+                let pending = api::produce::submit(context, request, version).await;
+                answers.push_back(Box::pin(async move {
+                    let response = pending.await;
+                    if let Some(latency) = context.frontend.metrics.request_latency(api) {
+                        latency.observe(started.elapsed());
+                    }
+                    response.map(|body| {
+                        encode_response(api, version, correlation_id, &ResponseKind::Produce(body))
+                    })
+                }));
+            }
+            // Anything else waits for the answers before it, so responses keep their order and
+            // a request sees the writes the connection made before it.
+            request => {
+                if !drain_answers(&mut writer, &mut answers, context, entry).await {
+                    break;
+                }
+                let response = api::handle(context, &client, header, request).await;
+                if let Some(latency) = metrics.request_latency(api) {
+                    latency.observe(started.elapsed());
+                }
+                // None: an acks=0 produce, which gets no response at all.
+                let answer =
+                    response.map(|body| encode_response(api, version, correlation_id, &body));
+                if !write_answers(&mut writer, answer, &mut answers, context, entry).await {
+                    break;
+                }
+            }
+        }
+    }
+    finish(writer).await;
+}
+
+/// A response ready to be written (`None`: the request gets none), or why it could not be
+/// encoded.
+type Answer = Option<Result<BytesMut, String>>;
+
+/// Produce requests one connection may have awaiting their answers; the next one waits.
+const PIPELINED_MAX: usize = 16;
+
+/// Writes `answer` and every further one already done into the write buffer (flushed when
+/// the connection is about to wait). False when the connection is to close.
+async fn write_answers<W: AsyncWriteExt + Unpin>(
+    writer: &mut BufWriter<W>,
+    answer: Answer,
+    answers: &mut FuturesOrdered<Pin<Box<dyn Future<Output = Answer> + Send + '_>>>,
+    context: &Context,
+    entry: &ConnectionEntry,
+) -> bool {
+    let mut next = Some(answer);
+    while let Some(answer) = next.take() {
+        match answer {
             Some(Ok(bytes)) => {
-                metrics.bytes_out.add(bytes.len() as u64);
+                context.frontend.metrics.bytes_out.add(bytes.len() as u64);
                 entry.bytes_out.add(bytes.len() as u64);
                 if writer.write_all(&bytes).await.is_err() {
-                    break;
+                    return false;
                 }
             }
             Some(Err(error)) => {
                 // A response we built but cannot encode is a bug; the client cannot be answered.
-                tracing::error!(%peer, %error, "cannot encode a Kafka response; closing the connection");
-                break;
+                tracing::error!(%error, "cannot encode a Kafka response; closing the connection");
+                return false;
             }
             None => {}
         }
-        // Flush whenever no further request is already buffered, also after a request that
-        // is not answered (acks=0): responses to the requests before it may still be waiting
-        // in the write buffer, and the client may send nothing more until it has them.
-        if reader.buffer().is_empty() && writer.flush().await.is_err() {
-            break;
+        if let Some(Some(done)) = answers.next().now_or_never() {
+            next = Some(done);
         }
     }
+    true
+}
+
+/// Waits for every pending answer and writes it, in order.
+async fn drain_answers<W: AsyncWriteExt + Unpin>(
+    writer: &mut BufWriter<W>,
+    answers: &mut FuturesOrdered<Pin<Box<dyn Future<Output = Answer> + Send + '_>>>,
+    context: &Context,
+    entry: &ConnectionEntry,
+) -> bool {
+    while let Some(answer) = answers.next().await {
+        if !write_answers(writer, answer, answers, context, entry).await {
+            return false;
+        }
+    }
+    true
+}
+
+async fn finish<W: AsyncWriteExt + Unpin>(mut writer: BufWriter<W>) {
     let _ = writer.flush().await;
     let _ = writer.shutdown().await;
 }

@@ -52,6 +52,7 @@ use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -211,12 +212,34 @@ type Outcome = Result<Produced, ReplicaError>;
 /// A write that has its place in the log's order, and the answer it will get.
 pub type PendingWrite = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
+/// Set once the entry holding a write is in the leader's log. A write continuing it (the
+/// same producer's next sequence) may then be proposed as an entry of its own: any log
+/// holding the later entry holds the earlier one. Before, openraft may still refuse the
+/// earlier entry (an expired lease, a hand-over under way) and accept the later one in the
+/// same term, which would write the producer's sequence with a gap.
+type Placed = Arc<AtomicBool>;
+
 /// A batch of an idempotent producer that is proposed and not yet answered.
 struct InFlight {
     epoch: i16,
     first_sequence: i32,
     last_sequence: i32,
     outcome: watch::Receiver<Option<Outcome>>,
+    placed: Placed,
+}
+
+/// The in-flight write a queued write continues.
+struct Predecessor {
+    placed: Placed,
+    outcome: watch::Receiver<Option<Outcome>>,
+}
+
+/// What [`Writer::sequence`] decided.
+enum Sequenced {
+    /// A retry, answered with the first one's outcome.
+    Answered(watch::Receiver<Option<Outcome>>),
+    /// To be written, after the write it continues if that is still in flight.
+    Write(Option<Predecessor>),
 }
 
 /// A write waiting to be proposed.
@@ -229,6 +252,45 @@ struct Queued {
     committed: watch::Sender<Option<Outcome>>,
     /// Told the base offset once the leader has appended it (acks=1).
     appended: Option<oneshot::Sender<u64>>,
+    placed: Placed,
+    /// The in-flight write of the same producer it continues.
+    after: Option<Predecessor>,
+}
+
+/// What the writer does with the write at the front of its queue.
+#[derive(Debug)]
+enum Step {
+    /// Into the entry being formed.
+    Take,
+    /// Answered with this error, unwritten.
+    Refuse(ReplicaError),
+    /// Stays queued until the write it continues is placed or answered.
+    Wait,
+}
+
+/// Decides [`Step`] for `write` given the writes already `taken` into the entry being formed
+/// and the term this replica leads and serves in (`ready`).
+fn step(write: &Queued, ready: Option<u64>, taken: &[Queued]) -> Step {
+    // A write accepted in another term (this replica lost and regained leadership meanwhile)
+    // was sequenced against state that no longer holds: it is refused, unwritten, and its
+    // producer retries.
+    if Some(write.epoch) != ready {
+        return Step::Refuse(ReplicaError::NotLeader { leader: None });
+    }
+    let Some(after) = &write.after else {
+        return Step::Take;
+    };
+    if after.placed.load(Ordering::SeqCst)
+        || taken.iter().any(|w| Arc::ptr_eq(&w.placed, &after.placed))
+    {
+        return Step::Take;
+    }
+    match &*after.outcome.borrow() {
+        None => Step::Wait,
+        Some(Ok(_)) => Step::Take,
+        // Refused before it reached the log: what continues it must not be written either.
+        Some(Err(e)) => Step::Refuse(e.clone()),
+    }
 }
 
 /// The leader's write path: sequencing, and the queue writes wait in while
@@ -263,6 +325,8 @@ struct Writer {
     state: Mutex<WriterState>,
     /// Woken when writes leave the queue.
     room: Notify,
+    /// The queue's front waits for the write it continues to be placed.
+    waiting: AtomicBool,
 }
 
 /// One replica of a partition on this node.
@@ -390,6 +454,7 @@ impl PartitionReplica {
             high_watermark: high_watermark.clone(),
             state: Mutex::new(WriterState::default()),
             room: Notify::new(),
+            waiting: AtomicBool::new(false),
         });
         let replica = Arc::new(Self {
             id,
@@ -949,11 +1014,15 @@ impl Writer {
             }
         };
         let (committed, receiver) = watch::channel(None);
-        if first.producer_id >= 0
-            && let Some(answered) = writer.sequence(&mut state, &first, epoch, &receiver)?
-        {
-            return Ok((answered, None));
-        }
+        let placed = Placed::default();
+        let after = if first.producer_id >= 0 {
+            match writer.sequence(&mut state, &first, epoch, &receiver, &placed)? {
+                Sequenced::Answered(answered) => return Ok((answered, None)),
+                Sequenced::Write(after) => after,
+            }
+        } else {
+            None
+        };
         let (appended, appended_receiver) = if acks_leader {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
@@ -967,21 +1036,25 @@ impl Writer {
             epoch,
             committed,
             appended,
+            placed,
+            after,
         });
         Self::pump(writer, &mut state).await;
         Ok((receiver, appended_receiver))
     }
 
     /// Checks an idempotent producer's batch against the committed producer state and what
-    /// is in flight: `Some` answer for a retry (of a batch in flight, or already written),
-    /// `None` to write it (and it is now in flight with `outcome`).
+    /// is in flight: the answer for a retry (of a batch in flight, or already written), or
+    /// to write it (it is now in flight with `outcome` and `placed`) after the write it
+    /// continues.
     fn sequence(
         &self,
         state: &mut WriterState,
         first: &BatchHeader,
         epoch: u64,
         outcome: &watch::Receiver<Option<Outcome>>,
-    ) -> Result<Option<watch::Receiver<Option<Outcome>>>, ReplicaError> {
+        placed: &Placed,
+    ) -> Result<Sequenced, ReplicaError> {
         let producer = first.producer_id;
         let last_sequence = first.last_sequence();
         // Answered proposals are done (the machine knows what they wrote), and a producer with
@@ -997,7 +1070,7 @@ impl Writer {
                 && f.first_sequence == first.base_sequence
                 && f.last_sequence == last_sequence
         }) {
-            return Ok(Some(same.outcome.clone()));
+            return Ok(Sequenced::Answered(same.outcome.clone()));
         }
         // In flight in another epoch: an older one is fenced; a newer one starts at sequence
         // 0 whatever is still in flight in the old one (librdkafka bumps the epoch itself
@@ -1044,7 +1117,7 @@ impl Writer {
                         duplicate: true,
                         epoch,
                     })));
-                    return Ok(Some(answered));
+                    return Ok(Sequenced::Answered(answered));
                 }
                 Ok(SequenceCheck::Append) if in_flight.is_empty() || bumped => {}
                 Ok(SequenceCheck::Append) => {
@@ -1062,13 +1135,21 @@ impl Writer {
                 Err(e) => return Err(ReplicaError::Refused(Arc::new(e))),
             }
         }
+        let after = in_flight
+            .back()
+            .filter(|_| continues)
+            .map(|last| Predecessor {
+                placed: Arc::clone(&last.placed),
+                outcome: last.outcome.clone(),
+            });
         in_flight.push_back(InFlight {
             epoch: first.producer_epoch,
             first_sequence: first.base_sequence,
             last_sequence,
             outcome: outcome.clone(),
+            placed: Arc::clone(placed),
         });
-        Ok(None)
+        Ok(Sequenced::Write(after))
     }
 
     fn ready_epoch(&self) -> Option<u64> {
@@ -1082,39 +1163,54 @@ impl Writer {
     }
 
     /// Proposes what is queued, as few entries as fit, while fewer than [`PROPOSALS_MAX`]
-    /// are unanswered. Entries are proposed in queue order (the order writes were sequenced).
+    /// are unanswered. Entries are proposed in queue order (the order writes were sequenced);
+    /// a write continuing one not yet placed in the log waits at the front (see [`Placed`]).
     fn pump<'a>(
         writer: &'a Arc<Self>,
         state: &'a mut WriterState,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
             while state.proposed < PROPOSALS_MAX && !state.queue.is_empty() {
+                let ready = writer.ready_epoch();
                 let mut writes = Vec::new();
                 let mut bytes = 0;
+                let mut waiting = false;
                 while let Some(next) = state.queue.front() {
                     if !writes.is_empty() && bytes + next.batches.len() > ENTRY_BYTES_MAX {
                         break;
                     }
-                    bytes += next.batches.len();
-                    writes.extend(state.queue.pop_front());
+                    let mut decided = step(next, ready, &writes);
+                    if matches!(decided, Step::Wait) {
+                        // Said before looking again, so a placement in between pumps anew.
+                        writer.waiting.store(true, Ordering::SeqCst);
+                        decided = step(next, ready, &writes);
+                    }
+                    match decided {
+                        Step::Take => {
+                            bytes += next.batches.len();
+                            writes.extend(state.queue.pop_front());
+                        }
+                        Step::Refuse(error) => {
+                            if let Some(refused) = state.queue.pop_front() {
+                                state.queued_bytes -= refused.batches.len();
+                                refused.committed.send_replace(Some(Err(error)));
+                            }
+                        }
+                        Step::Wait => {
+                            waiting = true;
+                            break;
+                        }
+                    }
                 }
                 state.queued_bytes -= bytes;
                 writer.room.notify_waiters();
-                // A write accepted in another term (this replica lost and regained leadership
-                // meanwhile) was sequenced against state that no longer holds: it is refused,
-                // unwritten, and its producer retries.
-                let ready = writer.ready_epoch();
-                let (current, stale): (Vec<Queued>, Vec<Queued>) =
-                    writes.into_iter().partition(|w| Some(w.epoch) == ready);
-                for write in stale {
-                    write
-                        .committed
-                        .send_replace(Some(Err(ReplicaError::NotLeader { leader: None })));
-                }
-                if current.is_empty() {
+                if writes.is_empty() {
+                    if waiting {
+                        break;
+                    }
                     continue;
                 }
-                writer.propose(current).await;
+                writer.propose(writes).await;
                 state.proposed += 1;
             }
         })
@@ -1141,22 +1237,36 @@ impl Writer {
         }
         let mut answers = Vec::with_capacity(writes.len());
         let mut on_append = Vec::new();
+        let mut placed = Vec::with_capacity(writes.len());
         for (write, &start) in writes.into_iter().zip(&starts) {
             if let Some(appended) = write.appended {
                 on_append.push((appended, start));
             }
+            placed.push(write.placed);
             answers.push((write.committed, start, write.records, write.epoch));
         }
-        if !on_append.is_empty() {
-            self.log.watch_append(
-                &payload,
-                Box::new(move |base_offset| {
-                    for (appended, start) in on_append {
-                        let _ = appended.send(base_offset + start);
-                    }
-                }),
-            );
-        }
+        let writer = Arc::downgrade(self);
+        self.log.watch_append(
+            &payload,
+            Box::new(move |base_offset| {
+                for placed in placed {
+                    placed.store(true, Ordering::SeqCst);
+                }
+                for (appended, start) in on_append {
+                    let _ = appended.send(base_offset + start);
+                }
+                // A write waiting for this one's place may go now, not at its commit.
+                if let Some(writer) = writer.upgrade()
+                    && writer.waiting.swap(false, Ordering::SeqCst)
+                    && let Ok(runtime) = tokio::runtime::Handle::try_current()
+                {
+                    runtime.spawn(async move {
+                        let mut state = writer.state.lock().await;
+                        Writer::pump(&writer, &mut state).await;
+                    });
+                }
+            }),
+        );
         let (responder, receiver) = ProgressResponder::complete_only();
         let submitted = self
             .raft
@@ -1371,5 +1481,89 @@ async fn watch_applied(
         if metrics.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queued write of `epoch`, continuing `after` if given.
+    fn queued(epoch: u64, after: Option<&Queued>) -> Queued {
+        let (committed, _) = watch::channel(None);
+        Queued {
+            batches: Bytes::from_static(b"batch"),
+            records: 1,
+            epoch,
+            committed,
+            appended: None,
+            placed: Placed::default(),
+            after: after.map(|before| Predecessor {
+                placed: Arc::clone(&before.placed),
+                outcome: before.committed.subscribe(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_write_of_another_term_is_refused_and_one_continuing_nothing_is_taken() {
+        let write = queued(3, None);
+        assert!(matches!(step(&write, Some(3), &[]), Step::Take));
+        assert!(matches!(
+            step(&write, Some(4), &[]),
+            Step::Refuse(ReplicaError::NotLeader { .. })
+        ));
+        assert!(matches!(
+            step(&write, None, &[]),
+            Step::Refuse(ReplicaError::NotLeader { .. })
+        ));
+    }
+
+    #[test]
+    fn a_continuing_write_waits_until_the_one_before_is_placed_or_in_the_same_entry() {
+        let first = queued(3, None);
+        let second = queued(3, Some(&first));
+        // Proposed as an entry of its own, unplaced and unanswered: the next one waits.
+        assert!(matches!(step(&second, Some(3), &[]), Step::Wait));
+        // In the same entry: both are written or neither.
+        let taken = [first];
+        assert!(matches!(step(&second, Some(3), &taken), Step::Take));
+        let [first] = taken;
+        // In the leader's log: a log holding the second entry holds the first.
+        first.placed.store(true, Ordering::SeqCst);
+        assert!(matches!(step(&second, Some(3), &[]), Step::Take));
+    }
+
+    #[test]
+    fn a_write_continuing_one_refused_before_its_place_is_refused_too() {
+        let first = queued(3, None);
+        let second = queued(3, Some(&first));
+        let third = queued(3, Some(&second));
+        // openraft refused the first entry (an expired lease) and stays leader in term 3: the
+        // second must not be written after a gap.
+        first
+            .committed
+            .send_replace(Some(Err(ReplicaError::NotLeader { leader: Some(2) })));
+        let Step::Refuse(refused) = step(&second, Some(3), &[]) else {
+            panic!("the second write was not refused");
+        };
+        assert!(matches!(refused, ReplicaError::NotLeader { leader: Some(2) }));
+        second.committed.send_replace(Some(Err(refused)));
+        assert!(matches!(step(&third, Some(3), &[]), Step::Refuse(_)));
+    }
+
+    #[test]
+    fn a_write_continuing_one_answered_is_taken() {
+        let first = queued(3, None);
+        let second = queued(3, Some(&first));
+        first.committed.send_replace(Some(Ok(Produced {
+            appended: Appended {
+                base_offset: 0,
+                last_offset: 0,
+            },
+            duplicate: false,
+            epoch: 3,
+        })));
+        assert!(matches!(step(&second, Some(3), &[]), Step::Take));
     }
 }

@@ -11,7 +11,7 @@ mod groups;
 mod list_offsets;
 mod metadata;
 mod offsets;
-mod produce;
+pub(crate) mod produce;
 mod producer_ids;
 mod replicas;
 mod topics;
