@@ -592,6 +592,15 @@ impl Partition {
 
     /// The other replicas as this node's replica sees them while it leads; `None` for a
     /// single copy.
+    /// Whether this node's replica of a replicated partition is quiet (idle: no heartbeats,
+    /// no timers); `None` for a single copy.
+    pub fn is_quiet(&self) -> Option<bool> {
+        match &self.backend {
+            Backend::Owner(_) => None,
+            Backend::Replicated(log, _) => Some(log.is_quiet()),
+        }
+    }
+
     pub fn followers(&self) -> Option<Vec<FollowerView>> {
         match &self.backend {
             Backend::Owner(_) => None,

@@ -106,6 +106,11 @@ pub trait ReplicatedLog: Send + Sync + std::fmt::Debug + 'static {
     /// The other replicas as this one sees them while it leads (empty otherwise).
     fn followers(&self) -> Vec<FollowerView>;
 
+    /// Whether this replica's group is quiet (idle: no heartbeats, no timers).
+    fn is_quiet(&self) -> bool {
+        false
+    }
+
     /// Kafka's OffsetForLeaderEpoch from the replicated epochs.
     fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, u64)>;
 

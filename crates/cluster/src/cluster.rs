@@ -140,6 +140,8 @@ pub struct PartitionTiming {
     pub heartbeat_ms: u64,
     pub election_min_ms: u64,
     pub election_max_ms: u64,
+    /// Whether idle partition groups go quiet (see [`crate::partition::quiet`]).
+    pub quiesce: bool,
 }
 
 impl Default for PartitionTiming {
@@ -149,6 +151,7 @@ impl Default for PartitionTiming {
             heartbeat_ms: defaults.heartbeat_ms,
             election_min_ms: defaults.election_min_ms,
             election_max_ms: defaults.election_max_ms,
+            quiesce: true,
         }
     }
 }

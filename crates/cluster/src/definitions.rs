@@ -26,6 +26,7 @@ use uuid::Uuid;
 use crate::cluster::PartitionTiming;
 use crate::controller::{ControllerCommand, ControllerState};
 use crate::liveness::Liveness;
+use crate::partition::quiet::{PeerView, QuietGroups};
 use crate::network::{Answer, GroupHandler};
 use crate::node::ControllerNode;
 use crate::partition::replica::{
@@ -88,6 +89,8 @@ pub struct BrokerLink {
     node: Arc<ControllerNode>,
     liveness: Arc<Liveness>,
     timing: PartitionTiming,
+    /// The node's quiet partition groups, if idle groups go quiet.
+    quiet: Option<Arc<QuietGroups>>,
 }
 
 impl BrokerLink {
@@ -96,10 +99,14 @@ impl BrokerLink {
         liveness: Arc<Liveness>,
         timing: PartitionTiming,
     ) -> Self {
+        let quiet = timing
+            .quiesce
+            .then(|| QuietGroups::start(Arc::clone(&liveness) as Arc<dyn PeerView>));
         Self {
             node,
             liveness,
             timing,
+            quiet,
         }
     }
 
@@ -229,6 +236,10 @@ impl ReplicatedLog for BrokerReplica {
 
     fn node(&self) -> sluice_broker::NodeId {
         broker_id(self.replica.node())
+    }
+
+    fn is_quiet(&self) -> bool {
+        self.replica.is_quiet()
     }
 
     fn followers(&self) -> Vec<FollowerView> {
@@ -407,6 +418,7 @@ impl ClusterLink for BrokerLink {
                         })
                     },
                     housekeeping_every: request.housekeeping_interval,
+                    quiesce: self.quiet.clone(),
                     ..ReplicaSettings::default()
                 },
             )

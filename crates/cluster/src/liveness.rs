@@ -112,6 +112,22 @@ impl Liveness {
             .max_by_key(|(_, term)| *term)
     }
 
+    /// Whether `node` answered within `within`.
+    pub fn answered_within(&self, node: NodeId, within: Duration) -> bool {
+        self.answered
+            .lock()
+            .get(&node)
+            .is_some_and(|answer| answer.at.elapsed() < within)
+    }
+
+    /// The term in which `node`'s last answer says it leads `group`.
+    pub fn leads(&self, node: NodeId, group: u32) -> Option<u64> {
+        self.answered
+            .lock()
+            .get(&node)
+            .and_then(|answer| answer.leading.get(&group).copied())
+    }
+
     fn answered(&self, node: NodeId, pong: Pong) {
         let answer = Answer {
             at: Instant::now(),
@@ -190,6 +206,16 @@ impl Liveness {
                 futures_util::future::join_all(pings).await;
             }
         });
+    }
+}
+
+impl crate::partition::quiet::PeerView for Liveness {
+    fn answered_within(&self, node: NodeId, within: Duration) -> bool {
+        Liveness::answered_within(self, node, within)
+    }
+
+    fn leads(&self, node: NodeId, group: u32) -> Option<u64> {
+        Liveness::leads(self, node, group)
     }
 }
 

@@ -75,6 +75,8 @@ pub mod method {
     pub const REPORT: u8 = 15;
     /// Are you there? Answered at once, empty (see [`crate::liveness`]).
     pub const PING: u8 = 16;
+    /// A partition group's leader goes quiet (see [`crate::partition::quiet`]).
+    pub const QUIESCE: u8 = 17;
 }
 
 /// Snapshots may take longer than one RPC's budget.

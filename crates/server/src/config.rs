@@ -72,6 +72,9 @@ pub struct ClusterSection {
     /// A follower that hears no leader for a time drawn from this to twice this campaigns: it
     /// bounds how long a dead leader goes unnoticed. At least three heartbeats.
     pub partition_election_timeout_ms: u64,
+    /// Whether a replicated partition nobody writes to goes quiet: no heartbeats and no
+    /// timers until a write, a campaign or its leader's silence wakes it.
+    pub partition_quiesce: bool,
 }
 
 impl Default for ClusterSection {
@@ -86,6 +89,7 @@ impl Default for ClusterSection {
             snapshot_entries: 5000,
             partition_heartbeat_ms: 100,
             partition_election_timeout_ms: 500,
+            partition_quiesce: true,
         }
     }
 }

@@ -321,6 +321,7 @@ async fn start_cluster(
             heartbeat_ms: config.cluster.partition_heartbeat_ms,
             election_min_ms: config.cluster.partition_election_timeout_ms,
             election_max_ms: 2 * config.cluster.partition_election_timeout_ms,
+            quiesce: config.cluster.partition_quiesce,
         },
     };
     let listener = listeners

@@ -41,6 +41,10 @@ pub struct PartitionDetail {
     /// The other replicas with their lag, when this node leads a replicated partition (ask
     /// the leader's node otherwise); null for a single copy or a follower here.
     pub followers: Option<Vec<FollowerDetail>>,
+    /// Whether this node's replica is quiet (an idle replicated partition: no heartbeats, no
+    /// timers until a write or a campaign wakes it); null for a single copy or a partition
+    /// with no replica here.
+    pub quiet: Option<bool>,
     /// The figures below are this node's, so only for partitions it serves (null for the
     /// others: ask their node).
     pub log_start_offset: Option<u64>,
@@ -198,6 +202,7 @@ fn detail(state: &AdminState, topic: &Topic) -> ApiResult<TopicDetail> {
                                 })
                                 .collect()
                         }),
+                    quiet: served.and_then(|p| p.is_quiet()),
                     log_start_offset: served.map(|p| p.log_start_offset()),
                     high_watermark: served.map(|p| p.high_watermark()),
                     log_end_offset: served.map(|p| p.reader().log_end_offset()),

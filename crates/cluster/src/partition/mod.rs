@@ -22,6 +22,7 @@
 pub mod entries;
 pub mod log_store;
 pub mod machine;
+pub mod quiet;
 pub mod replica;
 mod wire;
 

@@ -68,6 +68,7 @@ use sluice_storage::{LogConfig, LogReader, StorageError};
 use tokio::sync::{Mutex, Notify, oneshot, watch};
 
 use super::log_store::PartitionLog;
+use super::quiet::{Notice, Quiet, QuietGroups, QuietServer};
 use super::machine::PartitionMachine;
 use super::{Appended, Batches, PartitionTypes};
 use crate::network::{GroupNetwork, RaftServer, Router};
@@ -92,8 +93,12 @@ pub struct ReplicaSettings {
     pub auto_balance: bool,
     /// Which nodes may be handed leadership (a node shutting down may not).
     pub may_lead: MayLead,
-    /// How often the leader checks retention (the storage's housekeeping interval).
+    /// How often the leader checks retention (the storage's housekeeping interval); a group
+    /// with no write for a whole period may go quiet.
     pub housekeeping_every: Duration,
+    /// The node's quiet groups, if idle groups are to go quiet (see [`super::quiet`]);
+    /// without, a group's heartbeats and timers never stop.
+    pub quiesce: Option<Arc<QuietGroups>>,
 }
 
 /// Whether a node may be handed leadership now; every node may unless told otherwise.
@@ -130,6 +135,7 @@ impl Default for ReplicaSettings {
             auto_balance: true,
             may_lead: MayLead::default(),
             housekeeping_every: Duration::from_secs(5),
+            quiesce: None,
         }
     }
 }
@@ -347,6 +353,14 @@ pub struct PartitionReplica {
     /// The replica that should lead when it can.
     preferred: Option<NodeId>,
     may_lead: MayLead,
+    /// Its quiescence, if idle groups go quiet.
+    quiet: Option<Arc<Quiet>>,
+    transport: Transport,
+    /// How long a woken leader waits for its followers' answers.
+    wake_wait: Duration,
+    /// The writes counted at the last housekeeping (a group quiets after a whole period
+    /// without one).
+    writes_seen: parking_lot::Mutex<u64>,
 }
 
 /// What [`PartitionReplica::elect_preferred`] did.
@@ -410,13 +424,24 @@ impl PartitionReplica {
         let raft = Raft::new(
             id,
             Arc::new(config),
-            GroupNetwork::new(transport, group).coalescing(Arc::clone(router.heartbeats())),
+            GroupNetwork::new(transport.clone(), group)
+                .coalescing(Arc::clone(router.heartbeats())),
             log.clone(),
             machine.clone(),
         )
         .await
         .map_err(|e| stopped(&e))?;
-        router.register(group, Arc::new(RaftServer::new(raft.clone())));
+        let quiet = settings
+            .quiesce
+            .as_ref()
+            .map(|groups| Quiet::new(group, raft.clone(), Arc::clone(groups)));
+        let server: Arc<dyn crate::network::GroupHandler> = Arc::new(RaftServer::new(raft.clone()));
+        match &quiet {
+            Some(quiet) => {
+                router.register(group, Arc::new(QuietServer::new(server, Arc::clone(quiet))));
+            }
+            None => router.register(group, server),
+        }
         if !raft.is_initialized().await.map_err(|e| stopped(&e))? {
             match raft.initialize(members).await {
                 Ok(()) => {}
@@ -435,6 +460,7 @@ impl PartitionReplica {
                     preferred,
                     settings.balance_every,
                     settings.may_lead.clone(),
+                    quiet.clone(),
                 ))
             });
         let trims = Arc::new(Notify::new());
@@ -471,6 +497,10 @@ impl PartitionReplica {
             housekeeper: std::sync::OnceLock::new(),
             preferred,
             may_lead: settings.may_lead.clone(),
+            quiet,
+            transport,
+            wake_wait: Duration::from_millis(settings.election_max_ms),
+            writes_seen: parking_lot::Mutex::new(0),
         });
         let housekeeper = tokio::spawn(keep_log(
             Arc::downgrade(&replica),
@@ -535,6 +565,9 @@ impl PartitionReplica {
         let Some(preferred) = self.preferred else {
             return PreferredElection::NotNeeded;
         };
+        if preferred != self.id {
+            self.stir().await;
+        }
         let (leader, ready) = self.metrics(|metrics| {
             let caught_up = holds_whole_log(metrics, preferred);
             let answering = metrics
@@ -566,6 +599,114 @@ impl PartitionReplica {
         }
     }
 
+    /// Counts a write (or another action) of this leader and, if the group was quiet, wakes
+    /// it and waits (at most an election timeout) until every follower whose node answers has
+    /// answered a heartbeat sent since: the leader's lease and its in-sync count are then
+    /// current. Does nothing on a follower or a group that does not go quiet.
+    async fn stir(&self) {
+        let Some(quiet) = &self.quiet else {
+            return;
+        };
+        if self.metrics(|metrics| metrics.current_leader) != Some(self.id) || !quiet.stir() {
+            return;
+        }
+        let woke = std::time::Instant::now();
+        let groups = Arc::clone(quiet.groups());
+        let id = self.id;
+        let answered = self
+            .raft
+            .wait(Some(self.wake_wait))
+            .metrics(
+                move |metrics| {
+                    let since = woke.elapsed();
+                    metrics.heartbeat.as_ref().is_some_and(|heartbeats| {
+                        heartbeats.iter().all(|(node, at)| {
+                            *node == id
+                                || at.as_ref().is_some_and(|at| at.elapsed() <= since)
+                                || !groups.is_live(*node)
+                        })
+                    })
+                },
+                "followers answered the woken leader",
+            )
+            .await;
+        if answered.is_err() {
+            tracing::debug!(
+                group = self.group,
+                "a woken leader's followers did not all answer within an election timeout"
+            );
+        }
+    }
+
+    /// Whether the group is quiet here.
+    pub fn is_quiet(&self) -> bool {
+        self.quiet.as_ref().is_some_and(|quiet| quiet.is_quiet())
+    }
+
+    /// On the leader, after a whole housekeeping period without a write: the group goes
+    /// quiet if every follower holds the leader's whole log, committed and applied, and agrees
+    /// (see [`super::quiet`]).
+    async fn try_quiesce(&self) {
+        let Some(quiet) = &self.quiet else {
+            return;
+        };
+        let writes = quiet.writes();
+        let idle = std::mem::replace(&mut *self.writes_seen.lock(), writes) == writes;
+        if !idle || quiet.is_quiet() {
+            return;
+        }
+        let notice = self.metrics(|metrics| {
+            let last = metrics.last_log_index?;
+            let settled = metrics.current_leader == Some(self.id)
+                && metrics.last_applied.as_ref().map(|l| l.leader_id.term)
+                    == Some(metrics.current_term)
+                && metrics.last_applied.as_ref().map(|l| l.index) == Some(last)
+                && metrics.membership_config.membership().get_joint_config().len() == 1
+                && metrics
+                    .membership_config
+                    .membership()
+                    .learner_ids()
+                    .next()
+                    .is_none();
+            let followers: Vec<NodeId> = metrics
+                .replication
+                .as_ref()?
+                .iter()
+                .filter(|(node, _)| **node != self.id)
+                .map(|(node, matched)| {
+                    matched
+                        .as_ref()
+                        .is_some_and(|m| m.index == last)
+                        .then_some(*node)
+                })
+                .collect::<Option<_>>()?;
+            settled.then_some((
+                Notice {
+                    term: metrics.current_term,
+                    last_index: last,
+                },
+                followers,
+            ))
+        });
+        let Some((notice, followers)) = notice else {
+            return;
+        };
+        let body = notice.encode();
+        let asked = followers.iter().map(|&node| {
+            self.transport.call(
+                node,
+                self.group,
+                crate::network::method::QUIESCE,
+                body.clone(),
+                self.wake_wait,
+            )
+        });
+        let answers = futures_util::future::join_all(asked).await;
+        if answers.iter().all(Result::is_ok) && quiet.hush_leader(writes, followers) {
+            tracing::debug!(group = self.group, term = notice.term, "the group went quiet");
+        }
+    }
+
     /// The term, if this replica leads and is ready to serve (it applied an entry of its own
     /// term, so everything committed before it).
     pub fn ready_epoch(&self) -> Option<u64> {
@@ -587,6 +728,17 @@ impl PartitionReplica {
         self.metrics(|metrics| {
             if metrics.current_leader != Some(self.id) {
                 return 0;
+            }
+            // Quiet: every follower acknowledged the whole log; it counts while its node
+            // answers.
+            if let Some(quiet) = self.quiet.as_ref().filter(|q| q.is_quiet()) {
+                let live = metrics.heartbeat.as_ref().map_or(0, |heartbeats| {
+                    heartbeats
+                        .keys()
+                        .filter(|id| **id != self.id && quiet.groups().is_live(**id))
+                        .count()
+                });
+                return 1 + live;
             }
             let followers = metrics.heartbeat.as_ref().map_or(0, |heartbeats| {
                 heartbeats
@@ -614,11 +766,17 @@ impl PartitionReplica {
                 .filter(|(id, _)| **id != self.id)
                 .map(|(id, log_id)| (*id, log_id.as_ref().map(|l| l.index)))
                 .collect();
+            let quiet = self.quiet.as_ref().filter(|q| q.is_quiet());
             let contacts: BTreeMap<NodeId, Option<u64>> = metrics
                 .heartbeat
                 .iter()
                 .flatten()
-                .map(|(id, at)| (*id, at.as_ref().map(|at| at.elapsed().as_millis() as u64)))
+                .map(|(id, at)| match quiet {
+                    // Quiet: a follower whose node answers holds everything; its last contact
+                    // is its node's.
+                    Some(quiet) if quiet.groups().is_live(*id) => (*id, Some(0)),
+                    _ => (*id, at.as_ref().map(|at| at.elapsed().as_millis() as u64)),
+                })
                 .collect();
             (matched, contacts)
         });
@@ -654,6 +812,7 @@ impl PartitionReplica {
         acks: Acks,
         timeout: Duration,
     ) -> Result<PendingWrite, ReplicaError> {
+        self.stir().await;
         let Some(epoch) = self.ready_epoch() else {
             return Err(self.not_serving());
         };
@@ -773,6 +932,7 @@ impl PartitionReplica {
         offset: u64,
         deadline: tokio::time::Instant,
     ) -> Result<(), ReplicaError> {
+        self.stir().await;
         let write = self.raft.client_write(Batches(super::trim_batch(offset)));
         match tokio::time::timeout_at(deadline, write).await {
             Ok(Ok(_)) => Ok(()),
@@ -907,6 +1067,9 @@ impl PartitionReplica {
     /// restart costs its clients a transfer rather than an election timeout. Does nothing on
     /// a follower.
     pub async fn hand_over(&self) {
+        if self.metrics(|metrics| metrics.current_leader) == Some(self.id) {
+            self.stir().await;
+        }
         let target = self.metrics(|metrics| {
             if metrics.current_leader != Some(self.id) {
                 return None;
@@ -1375,6 +1538,7 @@ async fn keep_log(replica: std::sync::Weak<PartitionReplica>, trims: Arc<Notify>
         replica.trim_locally().await;
         if ticked {
             replica.propose_retention().await;
+            replica.try_quiesce().await;
         }
     }
 }
@@ -1393,6 +1557,7 @@ async fn hand_to_preferred(
     preferred: NodeId,
     every: Duration,
     may_lead: MayLead,
+    quiet: Option<Arc<Quiet>>,
 ) {
     // The first check comes soon, so that a new partition's leadership (its first election
     // went to whichever replica campaigned first) settles before clients rely on it.
@@ -1401,6 +1566,28 @@ async fn hand_to_preferred(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // A quiet leader that is not the preferred replica wakes and waits for the preferred
+        // one's answer, so the check below sees it current.
+        if let Some(quiet) = quiet.as_ref().filter(|q| q.is_quiet())
+            && raft.metrics().borrow_watched().current_leader == Some(id)
+            && may_lead.check(preferred)
+            && quiet.stir()
+        {
+            let woke = std::time::Instant::now();
+            let _ = raft
+                .wait(Some(Duration::from_secs(1)))
+                .metrics(
+                    move |metrics| {
+                        metrics
+                            .heartbeat
+                            .as_ref()
+                            .and_then(|h| h.get(&preferred).cloned().flatten())
+                            .is_some_and(|at| at.elapsed() <= woke.elapsed())
+                    },
+                    "the preferred replica answered the woken leader",
+                )
+                .await;
+        }
         let ready = {
             let metrics = raft.metrics();
             let metrics = metrics.borrow_watched();
