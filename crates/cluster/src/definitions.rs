@@ -26,9 +26,9 @@ use uuid::Uuid;
 use crate::cluster::PartitionTiming;
 use crate::controller::{ControllerCommand, ControllerState};
 use crate::liveness::Liveness;
-use crate::partition::quiet::{PeerView, QuietGroups};
 use crate::network::{Answer, GroupHandler};
 use crate::node::ControllerNode;
+use crate::partition::quiet::{PeerView, QuietGroups};
 use crate::partition::replica::{
     Acks, MayLead, PartitionReplica, PreferredElection, ReplicaError, ReplicaSettings, ReplicaSpec,
 };

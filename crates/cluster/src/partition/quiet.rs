@@ -134,7 +134,6 @@ impl QuietGroups {
             }
         }
     }
-
 }
 
 #[derive(Default)]

@@ -68,8 +68,8 @@ use sluice_storage::{LogConfig, LogReader, StorageError};
 use tokio::sync::{Mutex, Notify, oneshot, watch};
 
 use super::log_store::PartitionLog;
-use super::quiet::{Notice, Quiet, QuietGroups, QuietServer};
 use super::machine::PartitionMachine;
+use super::quiet::{Notice, Quiet, QuietGroups, QuietServer};
 use super::{Appended, Batches, PartitionTypes};
 use crate::network::{GroupNetwork, RaftServer, Router};
 use crate::placement::NodeId;
@@ -424,8 +424,7 @@ impl PartitionReplica {
         let raft = Raft::new(
             id,
             Arc::new(config),
-            GroupNetwork::new(transport.clone(), group)
-                .coalescing(Arc::clone(router.heartbeats())),
+            GroupNetwork::new(transport.clone(), group).coalescing(Arc::clone(router.heartbeats())),
             log.clone(),
             machine.clone(),
         )
@@ -661,7 +660,12 @@ impl PartitionReplica {
                 && metrics.last_applied.as_ref().map(|l| l.leader_id.term)
                     == Some(metrics.current_term)
                 && metrics.last_applied.as_ref().map(|l| l.index) == Some(last)
-                && metrics.membership_config.membership().get_joint_config().len() == 1
+                && metrics
+                    .membership_config
+                    .membership()
+                    .get_joint_config()
+                    .len()
+                    == 1
                 && metrics
                     .membership_config
                     .membership()
@@ -703,7 +707,11 @@ impl PartitionReplica {
         });
         let answers = futures_util::future::join_all(asked).await;
         if answers.iter().all(Result::is_ok) && quiet.hush_leader(writes, followers) {
-            tracing::debug!(group = self.group, term = notice.term, "the group went quiet");
+            tracing::debug!(
+                group = self.group,
+                term = notice.term,
+                "the group went quiet"
+            );
         }
     }
 
@@ -1734,7 +1742,10 @@ mod tests {
         let Step::Refuse(refused) = step(&second, Some(3), &[]) else {
             panic!("the second write was not refused");
         };
-        assert!(matches!(refused, ReplicaError::NotLeader { leader: Some(2) }));
+        assert!(matches!(
+            refused,
+            ReplicaError::NotLeader { leader: Some(2) }
+        ));
         second.committed.send_replace(Some(Err(refused)));
         assert!(matches!(step(&third, Some(3), &[]), Step::Refuse(_)));
     }
