@@ -41,8 +41,14 @@ def produce(bootstrap, topic, tag, output, stop_file, max_seconds, partition="0"
         "error_cb": lambda e: fatal.append(str(e)) if e.fatal() else None,
         **({"debug": os.environ["NETNS_CLIENT_DEBUG"]} if os.environ.get("NETNS_CLIENT_DEBUG") else {}),
     })
+    # While a file named `pause` is beside the stop file, nothing is sent (scripts/chaos
+    # --quiet lets the partitions go idle).
+    pause_file = os.path.join(os.path.dirname(stop_file), "pause")
     n = 0
     while not os.path.exists(stop_file) and time.monotonic() < deadline:
+        if os.path.exists(pause_file):
+            producer.poll(0.01)
+            continue
         try:
             producer.produce(topic, value=f"{tag}-{n}".encode(), partition=int(partition),
                              on_delivery=delivered)
