@@ -14,6 +14,7 @@ use bytes::Bytes;
 use openraft::BasicNode;
 use openraft::type_config::async_runtime::WatchReceiver;
 use sluice_cluster::network::Router;
+use sluice_cluster::partition::quiet::{PeerView, QuietGroups};
 use sluice_cluster::partition::replica::{
     Acks, PartitionReplica, ReplicaError, ReplicaSettings, ReplicaSpec,
 };
@@ -778,6 +779,159 @@ async fn trims_delete_the_same_records_on_every_replica_and_survive_restarts() {
     // Nothing more is due: no further trim entries (the log end stays put).
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(nodes[&leader].replica.high_watermark(), hw);
+    for (_, node) in std::mem::take(&mut nodes) {
+        stop(node).await;
+    }
+}
+
+/// The nodes' liveness as the test decides it: every node answers unless made silent, and a
+/// node leads what the test says it leads.
+#[derive(Default)]
+struct Peers {
+    silent: parking_lot::Mutex<std::collections::HashSet<u64>>,
+    leading: parking_lot::Mutex<std::collections::HashMap<u64, u64>>,
+}
+
+impl PeerView for Peers {
+    fn answered_within(&self, node: u64, _within: Duration) -> bool {
+        !self.silent.lock().contains(&node)
+    }
+
+    fn leads(&self, node: u64, _group: u32) -> Option<u64> {
+        self.leading.lock().get(&node).copied()
+    }
+}
+
+impl Peers {
+    fn set_silent(&self, node: u64, silent: bool) {
+        if silent {
+            self.silent.lock().insert(node);
+        } else {
+            self.silent.lock().remove(&node);
+        }
+    }
+
+    /// `node` leads in `term`, and no other node leads.
+    fn set_leader(&self, node: u64, term: u64) {
+        let mut leading = self.leading.lock();
+        leading.clear();
+        leading.insert(node, term);
+    }
+}
+
+/// Waits until `check` holds, or fails naming `what`.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "not within 10 s: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The ready leader and its term, once the group has one in a term above `above`.
+async fn leader_above(nodes: &BTreeMap<u64, Node>, above: u64) -> (u64, u64) {
+    let mut found = None;
+    eventually(&format!("a ready leader in a term above {above}"), || {
+        found = nodes.iter().find_map(|(id, n)| {
+            n.replica
+                .ready_epoch()
+                .filter(|term| *term > above)
+                .map(|term| (*id, term))
+        });
+        found.is_some()
+    })
+    .await;
+    found.expect("found")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_groups_go_quiet_and_wake_for_writes_and_when_their_leader_goes_silent_or_is_deposed()
+{
+    let root = tempfile::tempdir().expect("tempdir");
+    let peers = Arc::new(Peers::default());
+    let mut listeners = BTreeMap::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=3u64 {
+        let (listener, address) = listen().await;
+        members.insert(id, BasicNode::new(address.clone()));
+        listeners.insert(id, (listener, address));
+    }
+    let mut nodes = BTreeMap::new();
+    for (id, (listener, address)) in listeners {
+        // Each node its own quiet groups, all seeing the test's liveness.
+        let settings = ReplicaSettings {
+            housekeeping_every: Duration::from_millis(200),
+            quiesce: Some(QuietGroups::start(Arc::clone(&peers) as Arc<dyn PeerView>)),
+            ..ReplicaSettings::default()
+        };
+        let dir = root.path().join(format!("n{id}"));
+        let node = start_with(
+            id,
+            &dir,
+            listener,
+            &address,
+            &members,
+            None,
+            settings,
+            log_config(),
+        );
+        nodes.insert(id, node.await);
+    }
+    let all_quiet = |nodes: &BTreeMap<u64, Node>| nodes.values().all(|n| n.replica.is_quiet());
+
+    let (leader, term) = leader_above(&nodes, 0).await;
+    peers.set_leader(leader, term);
+    nodes[&leader]
+        .replica
+        .produce(batch(None, 3), ALL, WAIT)
+        .await
+        .expect("committed");
+    eventually("every replica quiet", || all_quiet(&nodes)).await;
+
+    // A write wakes the leader, is committed at once and costs no election.
+    let written = nodes[&leader]
+        .replica
+        .produce(batch(None, 3), ALL, WAIT)
+        .await
+        .expect("committed after quiet");
+    assert_eq!(written.epoch, term);
+    eventually("every replica quiet again", || all_quiet(&nodes)).await;
+
+    // A follower's node going silent wakes the leader (so a restarted follower would hear
+    // heartbeats rather than campaign); once it answers again the group goes quiet again,
+    // with no election.
+    let follower = *nodes.keys().find(|id| **id != leader).expect("a follower");
+    peers.set_silent(follower, true);
+    eventually("the leader awake", || !nodes[&leader].replica.is_quiet()).await;
+    peers.set_silent(follower, false);
+    eventually(
+        "every replica quiet after the follower answers again",
+        || all_quiet(&nodes),
+    )
+    .await;
+    assert_eq!(nodes[&leader].replica.ready_epoch(), Some(term));
+
+    // The leader's node goes silent: its followers wake and hold an election, in a newer term.
+    peers.set_silent(leader, true);
+    let (second, second_term) = leader_above(&nodes, term).await;
+    peers.set_silent(leader, false);
+    peers.set_leader(second, second_term);
+    eventually("every replica quiet under the second leader", || {
+        all_quiet(&nodes)
+    })
+    .await;
+
+    // The leader's node answers without leading the group in that term: its followers wake.
+    peers.set_leader(second, second_term + 1);
+    eventually("the followers awake", || {
+        nodes
+            .iter()
+            .filter(|(id, _)| **id != second)
+            .all(|(_, n)| !n.replica.is_quiet())
+    })
+    .await;
+    let (_, third_term) = leader_above(&nodes, second_term).await;
+    assert!(third_term > second_term);
     for (_, node) in std::mem::take(&mut nodes) {
         stop(node).await;
     }
