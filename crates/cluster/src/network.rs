@@ -77,6 +77,10 @@ pub mod method {
     pub const PING: u8 = 16;
     /// A partition group's leader goes quiet (see [`crate::partition::quiet`]).
     pub const QUIESCE: u8 = 17;
+    /// An AppendEntries that came in a coalesced heartbeat message: served as [`APPEND`], but
+    /// its group's handler can tell it is a heartbeat (it does not wake a quiet replica).
+    /// Never sent on the wire as a method of its own.
+    pub const HEARTBEAT: u8 = 18;
 }
 
 /// Snapshots may take longer than one RPC's budget.
@@ -404,7 +408,7 @@ impl Router {
                     let handler = groups.get(&group).cloned();
                     async move {
                         let answer = match handler {
-                            Some(handler) => handler.handle(from, method::APPEND, body).await,
+                            Some(handler) => handler.handle(from, method::HEARTBEAT, body).await,
                             None => Err(format!("no group {group} on this node")),
                         };
                         (group, answer)
@@ -723,7 +727,7 @@ where
         let raft = self.raft.clone();
         Box::pin(async move {
             match method {
-                method::APPEND => {
+                method::APPEND | method::HEARTBEAT => {
                     let request = C::decode_append(body)?;
                     let answer = raft
                         .append_entries(request)
@@ -871,7 +875,7 @@ mod tests {
         fn handle(&self, _from: NodeId, method: u8, body: Bytes) -> Answer {
             let group = self.0;
             Box::pin(async move {
-                assert_eq!(method, method::APPEND);
+                assert!(method == method::APPEND || method == method::HEARTBEAT);
                 let mut answer = group.to_be_bytes().to_vec();
                 answer.extend_from_slice(&body);
                 Ok(Bytes::from(answer))

@@ -15,8 +15,10 @@
 //! - **Waking.** A leader wakes for a write (or a trim, a hand-over, a preferred election),
 //!   then waits for its followers' answers to the heartbeats it sends at once, so its lease
 //!   and the in-sync count are current before the write is proposed. A follower wakes when
-//!   any Raft message of the group reaches it (its leader woke, or someone campaigns), and
-//!   when the node's liveness says its leader's node stopped answering, or answers without
+//!   a Raft message of the group other than a heartbeat reaches it (entries: its leader woke
+//!   to write; a vote: someone campaigns) — a heartbeat still renews its lease, but one sent
+//!   just before its leader went quiet and delivered just after must not leave it awake with
+//!   its election timer running and no leader heartbeating — and when the node's liveness says its leader's node stopped answering, or answers without
 //!   leading the group in that term any more ([`QuietGroups`]): then its election timer runs
 //!   again and elects a leader as it always would.
 //!
@@ -309,7 +311,7 @@ impl Notice {
 }
 
 /// Serves a quiescing partition group: the notice itself, and every Raft message handed on
-/// to the group's server, after which a quiet replica wakes.
+/// to the group's server, after which a quiet replica wakes (unless it was a heartbeat).
 pub struct QuietServer {
     inner: Arc<dyn GroupHandler>,
     quiet: Arc<Quiet>,
@@ -336,11 +338,14 @@ impl GroupHandler for QuietServer {
             return Box::pin(async move { answer });
         }
         let served = self.inner.handle(from, method, body);
+        if method == method::HEARTBEAT {
+            return served;
+        }
         let quiet = Arc::clone(&self.quiet);
         Box::pin(async move {
             let answer = served.await;
-            // After the message reached the group: a heartbeat has renewed the follower's
-            // lease before its election timer runs again.
+            // After the message reached the group: entries from the leader have renewed the
+            // follower's lease before its election timer runs again.
             quiet.wake();
             answer
         })
