@@ -139,6 +139,16 @@ async fn three_with(
     settings: ReplicaSettings,
     log_config: LogConfig,
 ) -> (BTreeMap<u64, BasicNode>, BTreeMap<u64, Node>) {
+    three_each(root, preferred, |_| settings.clone(), log_config).await
+}
+
+/// [`three_with`] with each node's settings made by `settings`.
+async fn three_each(
+    root: &Path,
+    preferred: Option<u64>,
+    settings: impl Fn(u64) -> ReplicaSettings,
+    log_config: LogConfig,
+) -> (BTreeMap<u64, BasicNode>, BTreeMap<u64, Node>) {
     let mut listeners = BTreeMap::new();
     let mut members = BTreeMap::new();
     for id in 1..=3u64 {
@@ -156,7 +166,7 @@ async fn three_with(
             &address,
             &members,
             preferred,
-            settings.clone(),
+            settings(id),
             log_config.clone(),
         );
         nodes.insert(id, node.await);
@@ -849,34 +859,13 @@ async fn idle_groups_go_quiet_and_wake_for_writes_and_when_their_leader_goes_sil
 {
     let root = tempfile::tempdir().expect("tempdir");
     let peers = Arc::new(Peers::default());
-    let mut listeners = BTreeMap::new();
-    let mut members = BTreeMap::new();
-    for id in 1..=3u64 {
-        let (listener, address) = listen().await;
-        members.insert(id, BasicNode::new(address.clone()));
-        listeners.insert(id, (listener, address));
-    }
-    let mut nodes = BTreeMap::new();
-    for (id, (listener, address)) in listeners {
-        // Each node its own quiet groups, all seeing the test's liveness.
-        let settings = ReplicaSettings {
-            housekeeping_every: Duration::from_millis(200),
-            quiesce: Some(QuietGroups::start(Arc::clone(&peers) as Arc<dyn PeerView>)),
-            ..ReplicaSettings::default()
-        };
-        let dir = root.path().join(format!("n{id}"));
-        let node = start_with(
-            id,
-            &dir,
-            listener,
-            &address,
-            &members,
-            None,
-            settings,
-            log_config(),
-        );
-        nodes.insert(id, node.await);
-    }
+    // Each node its own quiet groups, all seeing the test's liveness.
+    let settings = |_| ReplicaSettings {
+        housekeeping_every: Duration::from_millis(200),
+        quiesce: Some(QuietGroups::start(Arc::clone(&peers) as Arc<dyn PeerView>)),
+        ..ReplicaSettings::default()
+    };
+    let (_, mut nodes) = three_each(root.path(), None, settings, log_config()).await;
     let all_quiet = |nodes: &BTreeMap<u64, Node>| nodes.values().all(|n| n.replica.is_quiet());
 
     let (leader, term) = leader_above(&nodes, 0).await;
