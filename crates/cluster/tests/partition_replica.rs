@@ -877,13 +877,22 @@ async fn idle_groups_go_quiet_and_wake_for_writes_and_when_their_leader_goes_sil
         .expect("committed");
     eventually("every replica quiet", || all_quiet(&nodes)).await;
 
-    // A write wakes the leader, is committed at once and costs no election.
-    let written = nodes[&leader]
-        .replica
-        .produce(batch(None, 3), ALL, WAIT)
-        .await
-        .expect("committed after quiet");
-    assert_eq!(written.epoch, term);
+    // Writes arriving together wake the leader and all wait for its followers' answers: each
+    // is committed at once, counts every replica in sync (none answered within the lag while
+    // quiet) and costs no election.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let strict = Acks::All {
+        min_insync: 3,
+        lag: Duration::from_millis(300),
+    };
+    let leader_replica = &nodes[&leader].replica;
+    let (one, two) = tokio::join!(
+        leader_replica.produce(batch(None, 3), strict, WAIT),
+        leader_replica.produce(batch(None, 3), strict, WAIT),
+    );
+    for written in [one, two] {
+        assert_eq!(written.expect("committed after quiet").epoch, term);
+    }
     eventually("every replica quiet again", || all_quiet(&nodes)).await;
 
     // A follower's node going silent wakes the leader (so a restarted follower would hear

@@ -147,6 +147,8 @@ struct QuietState {
     follows: Option<(NodeId, u64)>,
     /// A quiet leader's followers.
     followers: Vec<NodeId>,
+    /// When the group last woke.
+    woke: Option<std::time::Instant>,
 }
 
 /// One replica's quiescence (see the module documentation).
@@ -187,11 +189,13 @@ impl Quiet {
     }
 
     /// Counts a write (or another action of the leader) and wakes the group if it is quiet;
-    /// true if it was.
-    pub fn stir(&self) -> bool {
+    /// answers when the group last woke, so that writes arriving together after a wake all
+    /// wait for the same heartbeat round (not only the one that woke it).
+    pub fn stir(&self) -> Option<std::time::Instant> {
         let mut state = self.state.lock();
         state.writes += 1;
-        self.wake_locked(&mut state)
+        self.wake_locked(&mut state);
+        state.woke
     }
 
     /// Wakes the group if it is quiet; true if it was.
@@ -208,6 +212,7 @@ impl Quiet {
             return false;
         }
         self.raft.runtime_config().tick(true);
+        state.woke = Some(std::time::Instant::now());
         state.follows = None;
         state.followers.clear();
         self.groups.quiet.lock().remove(&self.group);

@@ -599,17 +599,20 @@ impl PartitionReplica {
     }
 
     /// Counts a write (or another action) of this leader and, if the group was quiet, wakes
-    /// it and waits (at most an election timeout) until every follower whose node answers has
-    /// answered a heartbeat sent since: the leader's lease and its in-sync count are then
-    /// current. Does nothing on a follower or a group that does not go quiet.
+    /// it; within an election timeout of a wake, waits (at most that long) until every
+    /// follower whose node answers has answered a heartbeat sent since: the leader's lease and
+    /// its in-sync count are then current. Does nothing on a follower or a group that does not
+    /// go quiet.
     async fn stir(&self) {
         let Some(quiet) = &self.quiet else {
             return;
         };
-        if self.metrics(|metrics| metrics.current_leader) != Some(self.id) || !quiet.stir() {
+        if self.metrics(|metrics| metrics.current_leader) != Some(self.id) {
             return;
         }
-        let woke = std::time::Instant::now();
+        let Some(woke) = quiet.stir().filter(|at| at.elapsed() < self.wake_wait) else {
+            return;
+        };
         let groups = Arc::clone(quiet.groups());
         let id = self.id;
         let answered = self
@@ -1579,7 +1582,7 @@ async fn hand_to_preferred(
         if let Some(quiet) = quiet.as_ref().filter(|q| q.is_quiet())
             && raft.metrics().borrow_watched().current_leader == Some(id)
             && may_lead.check(preferred)
-            && quiet.stir()
+            && quiet.stir().is_some()
         {
             let woke = std::time::Instant::now();
             let _ = raft
