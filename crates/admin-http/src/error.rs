@@ -90,6 +90,8 @@ impl From<BrokerError> for ApiError {
             | E::InvalidPartitions(_)
             | E::PolicyViolation(_)
             | E::InvalidReplicationFactor(_)
+            | E::InvalidReplicaAssignment(_)
+            | E::NoReassignmentInProgress(_)
             | E::InvalidConfig { .. }
             | E::UnknownConfig(_)
             | E::UnsupportedCompression(_) => Self::bad_request(error.to_string()),

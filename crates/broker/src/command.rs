@@ -38,6 +38,59 @@ pub struct PartitionRecord {
     /// one replica), given by the controller when the partition is defined; 0 when it is not.
     #[serde(default)]
     pub group: u32,
+    /// The replicas a reassignment in progress moves the partition to, the preferred leader
+    /// first (Kafka's target replicas); `None` when none is in progress. The partition's Raft
+    /// group takes the nodes it adds as learners, lets them catch up, and changes its voters to
+    /// these (joint consensus); its leader then commits [`MetadataCommand::CompleteReassignment`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Vec<NodeId>>,
+    /// Reassignments started so far. Only a partition never reassigned initializes its Raft
+    /// group with its replicas when a replica opens empty: afterwards the group's members are
+    /// whatever its log says, and a replica that opens empty waits to be sent the log.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reassignments: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
+impl PartitionRecord {
+    /// Every node that holds (or is to hold) a copy: the target replicas first when a
+    /// reassignment is in progress, then the current ones it removes (Kafka's replica list
+    /// during a reassignment).
+    pub fn all_replicas(&self) -> Vec<NodeId> {
+        let mut all = self.target.clone().unwrap_or_default();
+        for node in &self.replicas {
+            if !all.contains(node) {
+                all.push(*node);
+            }
+        }
+        all
+    }
+
+    /// Whether `node` holds a copy, or is to hold one once a reassignment in progress is done.
+    pub fn placed_on(&self, node: NodeId) -> bool {
+        self.replicas.contains(&node) || self.target.as_ref().is_some_and(|t| t.contains(&node))
+    }
+
+    /// The nodes a reassignment in progress adds and removes, when it changes the set of
+    /// replicas (a cancelled one goes back to the current set and is no longer listed).
+    pub fn reassigning(&self) -> Option<(Vec<NodeId>, Vec<NodeId>)> {
+        let target = self.target.as_ref()?;
+        let adding: Vec<NodeId> = target
+            .iter()
+            .copied()
+            .filter(|node| !self.replicas.contains(node))
+            .collect();
+        let removing: Vec<NodeId> = self
+            .replicas
+            .iter()
+            .copied()
+            .filter(|node| !target.contains(node))
+            .collect();
+        (!adding.is_empty() || !removing.is_empty()).then_some((adding, removing))
+    }
 }
 
 /// Replicated partitions' Raft groups are numbered from here (below are the controller's and
@@ -70,6 +123,23 @@ pub enum MetadataCommand {
     SetTopicConfig {
         name: String,
         config: BTreeMap<String, String>,
+    },
+    /// Starts moving a replicated partition of the topic incarnation `id` to the replicas
+    /// `target` (the preferred leader first), replacing a reassignment in progress; `None`
+    /// cancels the one in progress (the partition goes back to its current replicas).
+    ReassignPartition {
+        name: String,
+        id: Uuid,
+        partition: u32,
+        target: Option<Vec<NodeId>>,
+    },
+    /// The partition's Raft group has exactly the voters `replicas` (and no other member): the
+    /// reassignment to them is done. Refused unless `replicas` is the target in progress.
+    CompleteReassignment {
+        name: String,
+        id: Uuid,
+        partition: u32,
+        replicas: Vec<NodeId>,
     },
     /// Reserves the producer ids `start..start + count`; `start` must be the first id not
     /// reserved yet, so a block is never handed out twice.
@@ -178,6 +248,10 @@ pub enum Effect {
     StopTopic { name: String, id: Uuid },
     /// Serve the topic with its new configuration.
     ReconfigureTopic { name: String },
+    /// The partition's replicas or reassignment changed: open this node's replica if it is
+    /// to hold one, tell the replica the reassignment, close and remove it once the
+    /// partition is no longer placed here.
+    Reassign { topic: String, partition: u32 },
     /// Open the queue's log and start its owner.
     StartQueue { vhost: String, name: String },
     /// Publish the virtual host's routing table again (creating the live virtual host if it

@@ -59,6 +59,13 @@ pub enum BrokerError {
     PolicyViolation(String),
     #[error("invalid replication factor: {0}")]
     InvalidReplicationFactor(String),
+    /// A reassignment's replicas are not acceptable (empty, a node twice, an unknown node, a
+    /// partition with one copy).
+    #[error("invalid replica assignment: {0}")]
+    InvalidReplicaAssignment(String),
+    /// A reassignment cancelled or completed where none is in progress.
+    #[error("no reassignment in progress: {0}")]
+    NoReassignmentInProgress(String),
     #[error("invalid value for config {key:?}: {reason}")]
     InvalidConfig { key: String, reason: String },
     #[error("unknown config {0:?}")]

@@ -441,6 +441,16 @@ impl Tails {
         }
     }
 
+    /// Stops folding partition `index` (its replica moved off this node).
+    pub fn detach(&self, topic_id: Uuid, index: u32) {
+        let mut tails = self.tails.lock();
+        if tails.get(&index).is_some_and(|(id, _)| *id == topic_id)
+            && let Some((_, tail)) = tails.remove(&index)
+        {
+            tail.stop();
+        }
+    }
+
     /// Stops folding the partitions of a deleted topic incarnation.
     pub fn detach_topic(&self, topic_id: Uuid) {
         self.tails.lock().retain(|_, (id, tail)| {

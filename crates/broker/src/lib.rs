@@ -171,8 +171,12 @@ pub struct Topic {
     /// Each partition's node, by index, as the definitions place it (a replicated partition's
     /// preferred leader).
     pub leaders: Vec<NodeId>,
-    /// Each partition's replicas, by index, the preferred leader first.
+    /// Each partition's replicas, by index, the preferred leader first (during a
+    /// reassignment: the target's, then the ones it removes).
     pub replicas: Vec<Vec<NodeId>>,
+    /// Each partition's reassignment in progress, by index: the replicas it adds and those it
+    /// removes.
+    pub reassigning: Vec<Option<(Vec<NodeId>, Vec<NodeId>)>>,
     /// Each partition's Raft group, by index (0: a single copy).
     pub groups: Vec<u32>,
     /// The node's cluster link once it has one: where the leader of a replicated partition
@@ -710,6 +714,27 @@ impl Broker {
             total,
             assignments,
             validate_only,
+            reply,
+        })
+        .await
+    }
+
+    /// Kafka's AlterPartitionReassignments for one partition: moves a replicated partition to
+    /// the replicas `target` (the preferred leader first; a Raft membership change its leader
+    /// carries out), replacing a reassignment in progress, or cancels the one in progress
+    /// (`None`). Answered once the reassignment is committed, not when it is done
+    /// ([`Topic::reassigning`] shows it until then).
+    pub async fn reassign_partition(
+        &self,
+        name: &str,
+        partition: u32,
+        target: Option<Vec<NodeId>>,
+    ) -> Result<(), BrokerError> {
+        let name = name.to_owned();
+        self.request(|reply| Request::ReassignPartition {
+            name,
+            partition,
+            target,
             reply,
         })
         .await

@@ -53,7 +53,46 @@ fn number_groups(counter: &mut u32, partitions: &mut [PartitionRecord]) {
     }
 }
 
+/// A reassignment's target: at least one node, none twice.
+fn check_replicas(replicas: &[NodeId]) -> Result<(), BrokerError> {
+    if replicas.is_empty() {
+        return Err(BrokerError::InvalidReplicaAssignment(
+            "a partition needs at least one replica".into(),
+        ));
+    }
+    let mut seen = replicas.to_vec();
+    seen.sort_unstable();
+    seen.dedup();
+    if seen.len() != replicas.len() {
+        return Err(BrokerError::InvalidReplicaAssignment(format!(
+            "a node appears twice in {replicas:?}"
+        )));
+    }
+    Ok(())
+}
+
 impl MetadataState {
+    /// Partition `index` of the topic incarnation `id`, to change.
+    fn partition_mut(
+        &mut self,
+        name: &str,
+        id: Uuid,
+        index: u32,
+    ) -> Result<&mut PartitionRecord, BrokerError> {
+        let topic = self
+            .topics
+            .get_mut(name)
+            .filter(|topic| topic.id == id)
+            .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))?;
+        topic
+            .partitions
+            .get_mut(index as usize)
+            .ok_or_else(|| BrokerError::UnknownPartition {
+                topic: name.to_owned(),
+                partition: index as i32,
+            })
+    }
+
     fn number_groups(&mut self, partitions: &mut [PartitionRecord]) {
         number_groups(&mut self.partition_groups, partitions);
     }
@@ -118,6 +157,60 @@ impl MetadataState {
                 topic.config = config.clone();
                 effects.push(Effect::ReconfigureTopic { name: name.clone() });
             }
+            MetadataCommand::ReassignPartition {
+                name,
+                id,
+                partition,
+                target,
+            } => {
+                let placed = next.partition_mut(name, *id, *partition)?;
+                match target {
+                    Some(target) => {
+                        if placed.group == 0 {
+                            return Err(BrokerError::InvalidReplicaAssignment(format!(
+                                "partition {partition} of {name} has one copy and no Raft \
+                                 group; only replicated partitions are reassigned"
+                            )));
+                        }
+                        check_replicas(target)?;
+                        placed.target = Some(target.clone());
+                        placed.reassignments = placed.reassignments.saturating_add(1);
+                    }
+                    None => {
+                        if placed.reassigning().is_none() {
+                            return Err(BrokerError::NoReassignmentInProgress(format!(
+                                "partition {partition} of {name}"
+                            )));
+                        }
+                        // Back to the current replicas: the group drops what it added.
+                        placed.target = Some(placed.replicas.clone());
+                    }
+                }
+                effects.push(Effect::Reassign {
+                    topic: name.clone(),
+                    partition: *partition,
+                });
+            }
+            MetadataCommand::CompleteReassignment {
+                name,
+                id,
+                partition,
+                replicas,
+            } => {
+                let placed = next.partition_mut(name, *id, *partition)?;
+                if placed.target.as_ref() != Some(replicas) {
+                    return Err(BrokerError::NoReassignmentInProgress(format!(
+                        "partition {partition} of {name} is not being moved to {replicas:?}"
+                    )));
+                }
+                placed.replicas = replicas.clone();
+                placed.leader = replicas[0];
+                placed.target = None;
+                effects.push(Effect::Reassign {
+                    topic: name.clone(),
+                    partition: *partition,
+                });
+            }
             MetadataCommand::AllocateProducerIds { start, count } => {
                 if *start != next.next_producer_id {
                     return Err(BrokerError::metadata(
@@ -144,6 +237,9 @@ const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const PRODUCER_ID_COUNTER: &str = "next_producer_id_block";
 /// The index of the last replicated controller command applied here (0: none).
 const APPLIED_INDEX_COUNTER: &str = "controller_applied_index";
+/// [`MetadataState::partition_groups`]: kept, so that a node numbers the groups of topics
+/// created after it restarted as every other node does.
+const PARTITION_GROUPS_COUNTER: &str = "partition_groups";
 const IDENTITY: TableDefinition<&str, &str> = TableDefinition::new("identity");
 const CLUSTER_ID_KEY: &str = "cluster_id";
 const PRODUCER_ID_BLOCK: u64 = 1_000;
@@ -255,6 +351,21 @@ impl MetadataStore {
         };
         state.next_producer_id = counter(PRODUCER_ID_COUNTER)?;
         let applied_index = counter(APPLIED_INDEX_COUNTER)?;
+        // Written since the counter was kept; before, the highest group a topic has is the
+        // best left to go by.
+        let numbered = state
+            .topics
+            .values()
+            .flat_map(|topic| &topic.partitions)
+            .map(|p| {
+                p.group
+                    .saturating_sub(crate::command::FIRST_PARTITION_GROUP)
+            })
+            .max()
+            .unwrap_or(0);
+        state.partition_groups = u32::try_from(counter(PARTITION_GROUPS_COUNTER)?)
+            .unwrap_or(u32::MAX)
+            .max(numbered);
         drop(counters);
         state.messaging = definitions::load(&read)?;
         drop(read);
@@ -355,6 +466,8 @@ impl MetadataStore {
                         .map_err(|e| BrokerError::metadata("write counter", e))?;
                 }
                 MetadataCommand::CreateTopic(TopicRecord { name, .. })
+                | MetadataCommand::ReassignPartition { name, .. }
+                | MetadataCommand::CompleteReassignment { name, .. }
                 | MetadataCommand::AddPartitions { name, .. }
                 | MetadataCommand::SetTopicConfig { name, .. } => {
                     let topic = next
@@ -368,6 +481,12 @@ impl MetadataStore {
                         .map_err(|e| BrokerError::metadata("write topic", e))?;
                 }
             }
+        }
+        if next.partition_groups != current.partition_groups {
+            txn.open_table(COUNTERS)
+                .map_err(|e| BrokerError::metadata("open table", e))?
+                .insert(PARTITION_GROUPS_COUNTER, u64::from(next.partition_groups))
+                .map_err(|e| BrokerError::metadata("write counter", e))?;
         }
         if let Some(index) = index {
             txn.open_table(COUNTERS)
@@ -421,6 +540,9 @@ impl MetadataStore {
                 .map_err(|e| BrokerError::metadata("write counter", e))?;
             counters
                 .insert(APPLIED_INDEX_COUNTER, index)
+                .map_err(|e| BrokerError::metadata("write counter", e))?;
+            counters
+                .insert(PARTITION_GROUPS_COUNTER, u64::from(state.partition_groups))
                 .map_err(|e| BrokerError::metadata("write counter", e))?;
         }
         definitions::replace_all(&txn, &state.messaging)?;
@@ -484,11 +606,53 @@ mod tests {
                     replicas: vec![0],
                     leader_epoch: 0,
                     group: 0,
+                    target: None,
+                    reassignments: 0,
                 })
                 .collect(),
             config: BTreeMap::new(),
             created_ms: 0,
         }
+    }
+
+    #[test]
+    fn group_numbers_go_on_after_a_reopen_even_past_a_deleted_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let replicated = |name: &str| {
+            let mut record = topic(name, 2);
+            for partition in &mut record.partitions {
+                partition.replicas = vec![1, 2, 3];
+            }
+            record
+        };
+        let store = MetadataStore::open(&path).unwrap();
+        store
+            .apply_at(Some(1), &MetadataCommand::CreateTopic(replicated("r")))
+            .unwrap();
+        store
+            .apply_at(Some(2), &MetadataCommand::CreateTopic(replicated("q")))
+            .unwrap();
+        store
+            .apply_at(Some(3), &MetadataCommand::DeleteTopic { name: "q".into() })
+            .unwrap();
+        assert_eq!(store.state().partition_groups, 4);
+        drop(store);
+
+        // Another node that never restarted numbers the next topic's groups 5 and 6: so must
+        // this one.
+        let store = MetadataStore::open(&path).unwrap();
+        assert_eq!(store.state().partition_groups, 4);
+        store
+            .apply_at(Some(4), &MetadataCommand::CreateTopic(replicated("s")))
+            .unwrap();
+        let groups: Vec<u32> = store.state().topics["s"]
+            .partitions
+            .iter()
+            .map(|p| p.group)
+            .collect();
+        let first = crate::command::FIRST_PARTITION_GROUP;
+        assert_eq!(groups, vec![first + 5, first + 6]);
     }
 
     #[test]
@@ -512,6 +676,8 @@ mod tests {
                     replicas: vec![0],
                     leader_epoch: 0,
                     group: 0,
+                    target: None,
+                    reassignments: 0,
                 }],
             })
             .unwrap();
@@ -536,6 +702,7 @@ mod tests {
         assert_eq!(reloaded.id, a.id);
         assert_eq!(reloaded.partitions.len(), 3);
         assert_eq!(reloaded.config["retention.ms"], "5");
+        assert_eq!(state.partition_groups, 0);
         assert!(store.next_producer_id().unwrap() > first_id);
         assert_eq!(store.cluster_id(), cluster_id);
     }
@@ -576,6 +743,8 @@ mod tests {
                     replicas: vec![0],
                     leader_epoch: 0,
                     group: 0,
+                    target: None,
+                    reassignments: 0,
                 }],
             },
             MetadataCommand::AllocateProducerIds {
@@ -593,6 +762,127 @@ mod tests {
             MetadataCommand::DeleteTopic { name: "a".into() },
             MetadataCommand::Messaging(D::DeleteVhost { name: "/".into() }),
         ]
+    }
+
+    #[test]
+    fn a_reassignment_is_checked_moves_the_replicas_when_complete_and_can_be_cancelled() {
+        let mut record = topic("r", 1);
+        record.partitions[0].replicas = vec![1, 2, 3];
+        record.partitions[0].leader = 1;
+        let id = record.id;
+        let reassign = |target: Option<Vec<NodeId>>| MetadataCommand::ReassignPartition {
+            name: "r".into(),
+            id,
+            partition: 0,
+            target,
+        };
+        let complete = |replicas: Vec<NodeId>| MetadataCommand::CompleteReassignment {
+            name: "r".into(),
+            id,
+            partition: 0,
+            replicas,
+        };
+        let moved = Effect::Reassign {
+            topic: "r".into(),
+            partition: 0,
+        };
+        let (state, _) = MetadataState::default()
+            .apply(&MetadataCommand::CreateTopic(record))
+            .unwrap();
+        assert_ne!(state.topics["r"].partitions[0].group, 0);
+
+        // Refused: nothing to cancel, bad targets, another incarnation, an unknown partition,
+        // an end that is not the target's.
+        for (command, refused) in [
+            (reassign(None), "no reassignment in progress"),
+            (reassign(Some(vec![])), "at least one replica"),
+            (reassign(Some(vec![4, 2, 4])), "appears twice"),
+            (complete(vec![1, 2, 3]), "not being moved"),
+        ] {
+            let error = state.apply(&command).unwrap_err().to_string();
+            assert!(error.contains(refused), "{command:?}: {error}");
+        }
+        let other = MetadataCommand::ReassignPartition {
+            name: "r".into(),
+            id: Uuid::from_u128(7),
+            partition: 0,
+            target: Some(vec![4]),
+        };
+        assert!(matches!(
+            state.apply(&other),
+            Err(BrokerError::UnknownTopic(_))
+        ));
+        let unknown = MetadataCommand::ReassignPartition {
+            name: "r".into(),
+            id,
+            partition: 1,
+            target: Some(vec![4]),
+        };
+        assert!(matches!(
+            state.apply(&unknown),
+            Err(BrokerError::UnknownPartition { .. })
+        ));
+
+        // In progress: every node of both sets holds a copy, the target's first.
+        let (moving, effects) = state.apply(&reassign(Some(vec![4, 2, 3]))).unwrap();
+        assert_eq!(effects, vec![moved.clone()]);
+        let placed = &moving.topics["r"].partitions[0];
+        assert_eq!(placed.all_replicas(), vec![4, 2, 3, 1]);
+        assert_eq!(placed.reassigning(), Some((vec![4], vec![1])));
+        assert!(placed.placed_on(1) && placed.placed_on(4) && !placed.placed_on(5));
+        assert_eq!(placed.reassignments, 1);
+        assert!(
+            moving.apply(&complete(vec![2, 3, 4])).is_err(),
+            "order matters"
+        );
+
+        // Done: the target is the replicas, the preferred leader its first.
+        let (done, effects) = moving.apply(&complete(vec![4, 2, 3])).unwrap();
+        assert_eq!(effects, vec![moved.clone()]);
+        let placed = &done.topics["r"].partitions[0];
+        assert_eq!((placed.replicas.clone(), placed.leader), (vec![4, 2, 3], 4));
+        assert_eq!((placed.target.clone(), placed.reassigning()), (None, None));
+        assert!(!placed.placed_on(1));
+        assert!(
+            done.apply(&complete(vec![4, 2, 3])).is_err(),
+            "completed once"
+        );
+
+        // Cancelled: back to the current replicas, no longer listed, done the same way.
+        let (cancelled, _) = moving.apply(&reassign(None)).unwrap();
+        let placed = &cancelled.topics["r"].partitions[0];
+        assert_eq!(placed.target, Some(vec![1, 2, 3]));
+        assert_eq!(placed.reassigning(), None);
+        assert!(
+            cancelled.apply(&reassign(None)).is_err(),
+            "nothing left to cancel"
+        );
+        let (back, _) = cancelled.apply(&complete(vec![1, 2, 3])).unwrap();
+        assert_eq!(back.topics["r"].partitions[0].replicas, vec![1, 2, 3]);
+        assert_eq!(back.topics["r"].partitions[0].reassignments, 1);
+
+        // A partition with one copy has no group to change.
+        let (single, _) = MetadataState::default()
+            .apply(&MetadataCommand::CreateTopic(topic("s", 1)))
+            .unwrap();
+        let command = MetadataCommand::ReassignPartition {
+            name: "s".into(),
+            id: single.topics["s"].id,
+            partition: 0,
+            target: Some(vec![1]),
+        };
+        assert!(matches!(
+            single.apply(&command),
+            Err(BrokerError::InvalidReplicaAssignment(_))
+        ));
+
+        // Deterministic: the same commands give the same state on another machine.
+        let again = state
+            .apply(&reassign(Some(vec![4, 2, 3])))
+            .and_then(|(s, _)| s.apply(&complete(vec![4, 2, 3])))
+            .unwrap()
+            .0;
+        assert_eq!(again, done);
     }
 
     #[test]
@@ -703,6 +993,8 @@ mod tests {
                         replicas: vec![0],
                         leader_epoch: 0,
                         group: 0,
+                        target: None,
+                        reassignments: 0,
                     }],
                 })
                 .is_err()

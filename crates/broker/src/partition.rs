@@ -590,6 +590,14 @@ impl Partition {
         }
     }
 
+    /// Tells a replicated partition's replica its placement (see
+    /// [`ReplicatedLog::reassign`]); nothing for a single copy.
+    pub fn reassign(&self, reassignment: crate::replication::Reassignment) {
+        if let Backend::Replicated(log, _) = &self.backend {
+            log.reassign(reassignment);
+        }
+    }
+
     /// The other replicas as this node's replica sees them while it leads; `None` for a
     /// single copy.
     /// Whether this node's replica of a replicated partition is quiet (idle: no heartbeats,

@@ -130,8 +130,36 @@ pub trait ReplicatedLog: Send + Sync + std::fmt::Debug + 'static {
     /// a caught-up follower and waits briefly for it to take over; nothing on a follower.
     fn hand_over(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 
+    /// The partition's replicas changed or a reassignment is in progress (`target` set) or
+    /// was cancelled: the replica takes the preferred leader from it, and while it leads it
+    /// moves the group's membership to the target and then commits the reassignment's end.
+    fn reassign(&self, reassignment: Reassignment);
+
     /// Stops the replica (its data stays).
     fn close(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// A replicated partition's placement as a replica is told it ([`ReplicatedLog::reassign`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reassignment {
+    pub topic: String,
+    pub topic_id: Uuid,
+    pub partition: u32,
+    /// The current replicas, the preferred leader first.
+    pub replicas: Vec<NodeId>,
+    /// Where a reassignment in progress moves them, the preferred leader first.
+    pub target: Option<Vec<NodeId>>,
+}
+
+impl Reassignment {
+    /// The replica that should lead: the target's first while a reassignment is in progress.
+    pub fn preferred(&self) -> Option<NodeId> {
+        self.target
+            .as_ref()
+            .unwrap_or(&self.replicas)
+            .first()
+            .copied()
+    }
 }
 
 /// What a preferred leader election (Kafka's ElectLeaders) did for one partition.
@@ -155,14 +183,19 @@ pub struct FollowerView {
     pub matched_offset: Option<u64>,
     /// Milliseconds since it last answered the leader (`None`: never).
     pub last_contact_ms: Option<u64>,
+    /// Whether it votes; a learner (a node a reassignment adds, catching up) does not, and
+    /// is never in sync.
+    pub voter: bool,
 }
 
 impl FollowerView {
     /// Whether it is in sync: it answered the leader within `lag` (Kafka's
     /// `replica.lag.time.max.ms`).
     pub fn in_sync(&self, lag: Duration) -> bool {
-        self.last_contact_ms
-            .is_some_and(|ms| u128::from(ms) <= lag.as_millis())
+        self.voter
+            && self
+                .last_contact_ms
+                .is_some_and(|ms| u128::from(ms) <= lag.as_millis())
     }
 }
 
@@ -201,6 +234,10 @@ pub struct ReplicaRequest {
     pub log: sluice_storage::LogConfig,
     /// Every replica's node, the preferred leader first.
     pub replicas: Vec<NodeId>,
+    /// Whether to initialize the Raft group with `replicas` if the replica opens empty: only
+    /// for a partition never reassigned (see `PartitionRecord::reassignments`); otherwise an
+    /// empty replica waits for its leader to send it the log.
+    pub initialize: bool,
     /// Whether its leader hands leadership back to the preferred replica by itself.
     pub auto_leader_rebalance: bool,
     /// How often its leader checks the topic's retention.

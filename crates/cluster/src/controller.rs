@@ -76,6 +76,8 @@ fn metadata_name(command: &MetadataCommand) -> &'static str {
         MetadataCommand::DeleteTopic { .. } => "delete-topic",
         MetadataCommand::AddPartitions { .. } => "add-partitions",
         MetadataCommand::SetTopicConfig { .. } => "set-topic-config",
+        MetadataCommand::ReassignPartition { .. } => "reassign-partition",
+        MetadataCommand::CompleteReassignment { .. } => "complete-reassignment",
         MetadataCommand::AllocateProducerIds { .. } => "allocate-producer-ids",
         MetadataCommand::Messaging(_) => "messaging",
     }

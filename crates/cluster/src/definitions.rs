@@ -134,6 +134,10 @@ impl BrokerLink {
 #[derive(Debug)]
 struct BrokerReplica {
     replica: Arc<PartitionReplica>,
+    /// The controller, where the end of a reassignment is committed.
+    node: Arc<ControllerNode>,
+    /// The task carrying out a reassignment in progress (see [`crate::reassign`]).
+    reassigning: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 fn epoch(term: u64) -> i32 {
@@ -250,6 +254,7 @@ impl ReplicatedLog for BrokerReplica {
                 node: broker_id(f.node),
                 matched_offset: f.matched_offset,
                 last_contact_ms: f.last_contact_ms,
+                voter: f.voter,
             })
             .collect()
     }
@@ -290,7 +295,30 @@ impl ReplicatedLog for BrokerReplica {
         Box::pin(self.replica.hand_over())
     }
 
+    fn reassign(&self, reassignment: sluice_broker::replication::Reassignment) {
+        self.replica
+            .set_preferred(reassignment.preferred().map(NodeId::from));
+        let reassignment_replicas = reassignment.replicas.clone();
+        let driver = reassignment.target.is_some().then(|| {
+            tokio::spawn(crate::reassign::drive(
+                Arc::clone(&self.replica),
+                Arc::clone(&self.node),
+                reassignment,
+            ))
+        });
+        let ended = driver.is_none();
+        if let Some(previous) = std::mem::replace(&mut *self.reassigning.lock(), driver) {
+            previous.abort();
+            if ended {
+                tracing::info!(group = self.replica.group(), replicas = ?reassignment_replicas, "the partition's reassignment is done");
+            }
+        }
+    }
+
     fn close(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        if let Some(driver) = self.reassigning.lock().take() {
+            driver.abort();
+        }
         Box::pin(self.replica.shutdown())
     }
 }
@@ -379,7 +407,8 @@ impl ClusterLink for BrokerLink {
                     .collect()
             });
             let mut members = std::collections::BTreeMap::new();
-            for replica in &request.replicas {
+            // Only a replica that may initialize the group needs its members.
+            for replica in request.replicas.iter().filter(|_| request.initialize) {
                 let id = NodeId::from(*replica);
                 let address = addresses.get(&id).cloned().ok_or_else(|| {
                     BrokerError::metadata(
@@ -396,6 +425,7 @@ impl ClusterLink for BrokerLink {
                 log_config: request.log,
                 members,
                 preferred: request.replicas.first().map(|r| NodeId::from(*r)),
+                initialize: request.initialize,
             };
             let replica = PartitionReplica::open(
                 spec,
@@ -429,7 +459,11 @@ impl ClusterLink for BrokerLink {
                     format!("{}: {e}", request.dir.display()),
                 )
             })?;
-            Ok(Arc::new(BrokerReplica { replica }) as Arc<dyn ReplicatedLog>)
+            Ok(Arc::new(BrokerReplica {
+                replica,
+                node: Arc::clone(&self.node),
+                reassigning: parking_lot::Mutex::new(None),
+            }) as Arc<dyn ReplicatedLog>)
         })
     }
 

@@ -9,6 +9,7 @@
 //! - [`placement`]: rendezvous hashing of partitions, queues and consumer groups to nodes.
 //! - [`log_store`]: a durable Raft log in one append-only file with a CRC per record.
 //! - [`partition`]: replicated partitions: a Raft group whose log is the partition's segments.
+//! - `reassign`: moving a replicated partition as a membership change of its group.
 //! - [`node`]: the controller group on one node: proposals and linearizable reads from any node.
 //! - [`network`]: openraft's RPCs over the transport, and the per-group request router.
 //! - [`transport`]: one multiplexed TCP connection per pair of nodes.
@@ -26,6 +27,7 @@ pub mod network;
 pub mod node;
 pub mod partition;
 pub mod placement;
+mod reassign;
 pub mod state_machine;
 pub mod status;
 pub mod transport;

@@ -32,6 +32,8 @@ fn topic(name: &str, id: u128, partitions: u32, created_ms: i64) -> TopicRecord 
                 replicas: vec![1],
                 leader_epoch: 0,
                 group: 0,
+                target: None,
+                reassignments: 0,
             })
             .collect(),
         config: BTreeMap::from([("retention.ms".to_owned(), "60000".to_owned())]),
@@ -123,6 +125,8 @@ fn command(choice: u8, n: u8) -> ControllerCommand {
                 replicas: vec![1],
                 leader_epoch: 0,
                 group: 0,
+                target: None,
+                reassignments: 0,
             }],
         }),
     }

@@ -96,6 +96,7 @@ async fn start_with(
             log_config,
             members: members.clone(),
             preferred,
+            initialize: true,
         },
         transport.clone(),
         router,

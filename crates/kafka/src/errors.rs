@@ -50,6 +50,8 @@ pub fn kafka_error(error: &BrokerError) -> KafkaError {
         BrokerError::InvalidPartitions(_) => ResponseError::InvalidPartitions,
         BrokerError::PolicyViolation(_) => ResponseError::PolicyViolation,
         BrokerError::InvalidReplicationFactor(_) => ResponseError::InvalidReplicationFactor,
+        BrokerError::InvalidReplicaAssignment(_) => ResponseError::InvalidReplicaAssignment,
+        BrokerError::NoReassignmentInProgress(_) => ResponseError::NoReassignmentInProgress,
         BrokerError::InvalidConfig { .. } | BrokerError::UnknownConfig(_) => {
             ResponseError::InvalidConfig
         }

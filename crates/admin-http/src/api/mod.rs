@@ -31,6 +31,7 @@ pub fn routes() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(topics::alter_config))
         .routes(routes!(topics::add_partitions))
         .routes(routes!(topics::checksum))
+        .routes(routes!(topics::reassign))
         .routes(routes!(messages::publish, messages::peek))
         .routes(routes!(groups::list))
         .routes(routes!(groups::describe, groups::delete))

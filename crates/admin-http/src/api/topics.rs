@@ -36,8 +36,13 @@ pub struct PartitionDetail {
     pub leader: Option<u32>,
     /// The leader epoch (a replicated partition's Raft term; 0 for a single copy).
     pub epoch: i32,
-    /// Every node holding a copy, the preferred leader first.
+    /// Every node holding a copy, the preferred leader first (during a reassignment: the
+    /// target's, then those it removes).
     pub replicas: Vec<u32>,
+    /// The nodes a reassignment in progress adds (null when none is in progress).
+    pub adding: Option<Vec<u32>>,
+    /// The nodes a reassignment in progress removes (null when none is in progress).
+    pub removing: Option<Vec<u32>>,
     /// The other replicas with their lag, when this node leads a replicated partition (ask
     /// the leader's node otherwise); null for a single copy or a follower here.
     pub followers: Option<Vec<FollowerDetail>>,
@@ -59,8 +64,10 @@ pub struct PartitionDetail {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct FollowerDetail {
     pub node: u32,
-    /// Whether it answered the leader within `kafka.replica_lag_time_max_ms`.
+    /// Whether it votes and answered the leader within `kafka.replica_lag_time_max_ms`.
     pub in_sync: bool,
+    /// False for a learner: a node a reassignment adds, catching up from the log.
+    pub voter: bool,
     /// Records it is behind the leader's log (null until the leader knows what it holds).
     pub lag: Option<u64>,
     /// The offset after the last record the leader knows it holds.
@@ -122,6 +129,13 @@ pub struct CreateTopic {
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
+pub struct Reassign {
+    /// The nodes to move the partition to, the preferred leader first; null cancels the
+    /// reassignment in progress.
+    pub replicas: Option<Vec<u32>>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct AddPartitions {
     /// The new total number of partitions.
     pub count: u32,
@@ -168,6 +182,7 @@ fn detail(state: &AdminState, topic: &Topic) -> ApiResult<TopicDetail> {
         })
         .collect();
     let lag_max = state.broker.config().replica_lag_time_max;
+    let moving = |index: usize| topic.reassigning.get(index).cloned().flatten();
     Ok(TopicDetail {
         name: topic.name.to_string(),
         id: topic.id.to_string(),
@@ -186,6 +201,8 @@ fn detail(state: &AdminState, topic: &Topic) -> ApiResult<TopicDetail> {
                         .map_or(Some(state.broker.node_id()), |v| v.leader),
                     epoch: view.as_ref().map_or(0, |v| v.epoch),
                     replicas: view.map(|v| v.replicas).unwrap_or_default(),
+                    adding: moving(index).map(|(adding, _)| adding),
+                    removing: moving(index).map(|(_, removing)| removing),
                     followers: served
                         .and_then(|p| p.followers())
                         .filter(|followers| !followers.is_empty())
@@ -196,6 +213,7 @@ fn detail(state: &AdminState, topic: &Topic) -> ApiResult<TopicDetail> {
                                 .map(|f| FollowerDetail {
                                     node: f.node,
                                     in_sync: f.in_sync(lag_max),
+                                    voter: f.voter,
                                     lag: f.matched_offset.map(|m| end.saturating_sub(m)),
                                     matched_offset: f.matched_offset,
                                     last_contact_ms: f.last_contact_ms,
@@ -367,4 +385,27 @@ pub async fn add_partitions(
         .await?;
     let found = find(&state, &topic)?;
     Ok(Json(detail(&state, &found)?))
+}
+
+#[utoipa::path(put, path = "/api/topics/{topic}/partitions/{partition}/reassignment", tag = "topics",
+    request_body = Reassign,
+    params(("topic" = String, Path, description = "Topic name"),
+           ("partition" = u32, Path, description = "Partition index")),
+    responses(
+        (status = 202, description = "The reassignment is committed; the topic shows its progress", body = TopicDetail),
+        (status = 400, description = "Invalid replicas, a partition with one copy, or no reassignment to cancel", body = crate::error::Problem),
+        (status = 404, description = "No such topic or partition", body = crate::error::Problem)))]
+/// Moves a replicated partition to other nodes (Kafka's AlterPartitionReassignments): a Raft
+/// membership change its leader carries out; or cancels the move in progress.
+pub async fn reassign(
+    State(state): State<Arc<AdminState>>,
+    Path((topic, partition)): Path<(String, u32)>,
+    Json(request): Json<Reassign>,
+) -> ApiResult<(StatusCode, Json<TopicDetail>)> {
+    state
+        .broker
+        .reassign_partition(&topic, partition, request.replicas)
+        .await?;
+    let found = find(&state, &topic)?;
+    Ok((StatusCode::ACCEPTED, Json(detail(&state, &found)?)))
 }

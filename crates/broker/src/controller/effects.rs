@@ -18,10 +18,10 @@ use super::messaging;
 use crate::command::{Effect, MetadataCommand, OffsetCommand};
 use crate::definitions;
 use crate::error::BrokerError;
-use crate::metadata::{MetadataState, TopicRecord};
+use crate::metadata::{MetadataState, PartitionRecord, TopicRecord};
 use crate::partition::{Partition, PartitionSpec, ReplicationSettings, partition_dir};
 use crate::producer::ProducerStates;
-use crate::replication::ReplicaRequest;
+use crate::replication::{Reassignment, ReplicaRequest};
 use crate::{Shared, Topic, topic_config};
 
 /// Applies `command` to the definitions (persisting it, on the blocking pool: it fsyncs), then
@@ -122,6 +122,14 @@ pub(super) fn between(old: &MetadataState, new: &MetadataState) -> Vec<Effect> {
                 if before.config != topic.config {
                     effects.push(Effect::ReconfigureTopic { name: name.clone() });
                 }
+                for (was, is) in before.partitions.iter().zip(&topic.partitions) {
+                    if (&was.replicas, &was.target) != (&is.replicas, &is.target) {
+                        effects.push(Effect::Reassign {
+                            topic: name.clone(),
+                            partition: is.index,
+                        });
+                    }
+                }
             }
         }
     }
@@ -178,6 +186,9 @@ pub(super) async fn carry_out(
             }
             Effect::StopTopic { name, id } => stop_topic(shared, &name, id).await,
             Effect::ReconfigureTopic { name } => reconfigure_topic(shared, &name).await?,
+            Effect::Reassign { topic, partition } => {
+                reassign_partition(shared, &topic, partition).await;
+            }
             Effect::StartQueue { vhost, name } => {
                 messaging::start_queue(shared, &vhost, &name).await?;
             }
@@ -269,6 +280,7 @@ async fn open_replicas(
                 dir: spec.dir.clone(),
                 log: spec.config.log.clone(),
                 replicas: placed.replicas.clone(),
+                initialize: placed.reassignments == 0,
                 auto_leader_rebalance: shared.config.auto_leader_rebalance,
                 housekeeping_interval: shared.config.housekeeping_interval,
             })
@@ -285,6 +297,9 @@ async fn open_replicas(
         );
         if &*spec.topic == crate::group_offsets::OFFSETS_TOPIC {
             shared.tails.attach(spec.topic_id, Arc::clone(&partition));
+        }
+        if placed.reassignments > 0 {
+            partition.reassign(reassignment(record, placed));
         }
         Ok::<_, BrokerError>(partition)
     };
@@ -426,7 +441,7 @@ pub(crate) async fn open_deferred_replicas(shared: &Arc<Shared>) {
             .filter(|spec| {
                 let placed = &record.partitions[spec.index as usize];
                 placed.group != 0
-                    && placed.replicas.contains(&here)
+                    && placed.placed_on(here)
                     && matches!(live.partitions.get(spec.index as usize), Some(None))
             })
             .collect();
@@ -463,7 +478,12 @@ fn topic_from(
         replicas: record
             .partitions
             .iter()
-            .map(|p| p.replicas.clone())
+            .map(PartitionRecord::all_replicas)
+            .collect(),
+        reassigning: record
+            .partitions
+            .iter()
+            .map(PartitionRecord::reassigning)
             .collect(),
         groups: record.partitions.iter().map(|p| p.group).collect(),
         cluster: Arc::clone(&shared.cluster),
@@ -471,6 +491,88 @@ fn topic_from(
         config: topic_config::effective(&shared.config, &record.config),
         created_ms: record.created_ms,
     })
+}
+
+/// A replicated partition's placement as its replicas are told it.
+fn reassignment(record: &TopicRecord, placed: &PartitionRecord) -> Reassignment {
+    Reassignment {
+        topic: record.name.clone(),
+        topic_id: record.id,
+        partition: placed.index,
+        replicas: placed.replicas.clone(),
+        target: placed.target.clone(),
+    }
+}
+
+/// Carries out a change of a replicated partition's placement on this node: opens its
+/// replica here when the partition is to have one here (a node a reassignment adds: the
+/// replica opens empty and its group's leader sends it the log), tells the replica the
+/// placement, and once the partition is no longer placed here (a completed reassignment
+/// removed this node) closes the replica and removes its directory. Failures are logged: the
+/// change is committed, and the next start opens what is missing.
+async fn reassign_partition(shared: &Arc<Shared>, topic: &str, index: u32) {
+    let Some(record) = shared.metadata.topic(topic) else {
+        return;
+    };
+    let Some(placed) = record.partitions.get(index as usize).cloned() else {
+        return;
+    };
+    let Some(live) = shared
+        .topics
+        .read()
+        .get(topic)
+        .cloned()
+        .filter(|live| live.id == record.id)
+    else {
+        return;
+    };
+    let here = shared.config.node_id;
+    let held = live.partitions.get(index as usize).cloned().flatten();
+    let mut partitions = live.partitions.clone();
+    match (placed.placed_on(here), held) {
+        (true, Some(partition)) => partition.reassign(reassignment(&record, &placed)),
+        (true, None) => {
+            let spec = specs(shared, &record, index, index + 1);
+            match open_replicas(shared, &record, spec).await {
+                Ok(opened) => {
+                    for partition in opened {
+                        tracing::info!(
+                            topic,
+                            partition = index,
+                            "opened a replica the partition's reassignment placed on this node"
+                        );
+                        partition.reassign(reassignment(&record, &placed));
+                        if let Some(slot) = partitions.get_mut(index as usize) {
+                            *slot = Some(partition);
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(topic, partition = index, %error, "cannot open the replica a reassignment placed on this node");
+                }
+            }
+        }
+        (false, Some(partition)) => {
+            if let Some(slot) = partitions.get_mut(index as usize) {
+                *slot = None;
+            }
+            if partition.topic() == crate::group_offsets::OFFSETS_TOPIC {
+                shared.tails.detach(record.id, index);
+            }
+            if let Err(error) = partition.close().await {
+                tracing::warn!(topic, partition = index, %error, "closing a replica moved off this node failed");
+            }
+            remove_dirs(vec![partition.reader().dir().to_owned()]).await;
+            tracing::info!(
+                topic,
+                partition = index,
+                "the partition's reassignment moved it off this node; its replica here is removed"
+            );
+        }
+        (false, None) => {}
+    }
+    let served = topic_from(shared, &record, partitions);
+    shared.topics.write().insert(record.name.clone(), served);
 }
 
 /// Serves partitions `from..to` of a topic, after the ones it has: opens those placed on this
@@ -505,7 +607,7 @@ async fn start_partitions(
                     if placed.group == 0 {
                         placed.leader == here
                     } else {
-                        placed.replicas.contains(&here)
+                        placed.placed_on(here)
                     }
                 })
                 .partition(|spec| record.partitions[spec.index as usize].group != 0);

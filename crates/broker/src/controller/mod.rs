@@ -64,6 +64,12 @@ pub(crate) enum Request {
         validate_only: bool,
         reply: Reply<()>,
     },
+    ReassignPartition {
+        name: String,
+        partition: u32,
+        target: Option<Vec<crate::NodeId>>,
+        reply: Reply<()>,
+    },
     /// Queues, exchanges, bindings, virtual hosts and users.
     Messaging(MessagingRequest),
 }
@@ -98,7 +104,10 @@ pub(crate) fn load(
     let mut wanted = std::collections::HashSet::new();
     for topic in state.topics.values() {
         for partition in &topic.partitions {
-            wanted.insert(format!("{}-{}", topic.name, partition.index));
+            // A replicated partition a reassignment moved off this node is not kept.
+            if partition.group == 0 || partition.placed_on(config.node_id) {
+                wanted.insert(format!("{}-{}", topic.name, partition.index));
+            }
         }
     }
     for entry in std::fs::read_dir(&logs).map_err(|e| io("list", &logs, e))? {
@@ -178,6 +187,15 @@ pub(crate) async fn run(
             } => {
                 let _ = reply
                     .send(topics::set_topic_config(&shared, &name, overrides, validate_only).await);
+            }
+            Request::ReassignPartition {
+                name,
+                partition,
+                target,
+                reply,
+            } => {
+                let _ =
+                    reply.send(topics::reassign_partition(&shared, &name, partition, target).await);
             }
             Request::Messaging(request) => messaging::handle(&shared, request).await,
         }

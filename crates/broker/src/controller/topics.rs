@@ -46,6 +46,8 @@ fn partition_records(
                 replicas,
                 leader_epoch: 0,
                 group: 0,
+                target: None,
+                reassignments: 0,
             }
         })
         .collect())
@@ -291,6 +293,61 @@ pub(super) async fn set_topic_config(
         MetadataCommand::SetTopicConfig {
             name: name.to_owned(),
             config: overrides,
+        },
+    )
+    .await
+}
+
+/// Checks a reassignment of partition `index` of topic `name` against the definitions and the
+/// cluster's nodes, and commits it. Naming a partition's current replicas in their order while
+/// no reassignment is in progress changes nothing. A partition with one copy has no Raft group
+/// to change: only its current node is accepted.
+pub(super) async fn reassign_partition(
+    shared: &Arc<Shared>,
+    name: &str,
+    index: u32,
+    target: Option<Vec<NodeId>>,
+) -> Result<(), BrokerError> {
+    let record = shared
+        .metadata
+        .topic(name)
+        .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))?;
+    let placed =
+        record
+            .partitions
+            .get(index as usize)
+            .ok_or_else(|| BrokerError::UnknownPartition {
+                topic: name.to_owned(),
+                partition: index as i32,
+            })?;
+    if let Some(target) = &target {
+        if placed.target.is_none() && *target == placed.replicas {
+            return Ok(());
+        }
+        if placed.group == 0 {
+            return Err(BrokerError::InvalidReplicaAssignment(format!(
+                "partition {index} of {name} has one copy (on node {}), which stays where it is; \
+                 only replicated partitions are moved",
+                placed.leader
+            )));
+        }
+        let known: Vec<NodeId> = match shared.cluster.get() {
+            Some(link) => link.nodes().into_iter().map(|node| node.id).collect(),
+            None => vec![shared.config.node_id],
+        };
+        if let Some(unknown) = target.iter().find(|node| !known.contains(node)) {
+            return Err(BrokerError::InvalidReplicaAssignment(format!(
+                "node {unknown} is not a node of this cluster"
+            )));
+        }
+    }
+    commit(
+        shared,
+        MetadataCommand::ReassignPartition {
+            name: name.to_owned(),
+            id: record.id,
+            partition: index,
+            target,
         },
     )
     .await

@@ -154,6 +154,10 @@ pub struct ReplicaSpec {
     pub members: BTreeMap<NodeId, BasicNode>,
     /// The replica that should lead when it can (the placement's first), if any.
     pub preferred: Option<NodeId>,
+    /// Whether an empty replica initializes the group with `members` (a partition never
+    /// reassigned: every replica is given the same members). Otherwise an empty replica is a
+    /// learner-to-be that waits for the leader to send it the log.
+    pub initialize: bool,
 }
 
 /// Why a write was not acknowledged.
@@ -190,6 +194,8 @@ pub struct Follower {
     pub matched_offset: Option<u64>,
     /// Milliseconds since it last answered the leader.
     pub last_contact_ms: Option<u64>,
+    /// Whether it votes (a learner a reassignment added does not yet).
+    pub voter: bool,
 }
 
 /// When a write is answered.
@@ -350,8 +356,8 @@ pub struct PartitionReplica {
     watcher: tokio::task::JoinHandle<()>,
     balancer: Option<tokio::task::JoinHandle<()>>,
     housekeeper: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
-    /// The replica that should lead when it can.
-    preferred: Option<NodeId>,
+    /// The replica that should lead when it can (changed by a reassignment).
+    preferred: Arc<parking_lot::Mutex<Option<NodeId>>>,
     may_lead: MayLead,
     /// Its quiescence, if idle groups go quiet.
     quiet: Option<Arc<Quiet>>,
@@ -361,6 +367,14 @@ pub struct PartitionReplica {
     /// The writes counted at the last housekeeping (a group quiets after a whole period
     /// without one).
     writes_seen: parking_lot::Mutex<u64>,
+}
+
+/// A group's membership ([`PartitionReplica::membership`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub voters: std::collections::BTreeSet<NodeId>,
+    pub learners: std::collections::BTreeSet<NodeId>,
+    pub joint: bool,
 }
 
 /// What [`PartitionReplica::elect_preferred`] did.
@@ -409,6 +423,7 @@ impl PartitionReplica {
             log_config,
             members,
             preferred,
+            initialize,
         } = spec;
         let (log, machine) = {
             let dir = dir.clone();
@@ -441,7 +456,7 @@ impl PartitionReplica {
             }
             None => router.register(group, server),
         }
-        if !raft.is_initialized().await.map_err(|e| stopped(&e))? {
+        if initialize && !raft.is_initialized().await.map_err(|e| stopped(&e))? {
             match raft.initialize(members).await {
                 Ok(()) => {}
                 // Another replica's vote or entries reached this one first: it is a member.
@@ -450,18 +465,17 @@ impl PartitionReplica {
             }
         }
         let (high_watermark, _) = watch::channel(0);
-        let balancer = preferred
-            .filter(|p| *p != id && settings.auto_balance)
-            .map(|preferred| {
-                tokio::spawn(hand_to_preferred(
-                    raft.clone(),
-                    id,
-                    preferred,
-                    settings.balance_every,
-                    settings.may_lead.clone(),
-                    quiet.clone(),
-                ))
-            });
+        let preferred = Arc::new(parking_lot::Mutex::new(preferred));
+        let balancer = settings.auto_balance.then(|| {
+            tokio::spawn(hand_to_preferred(
+                raft.clone(),
+                id,
+                Arc::clone(&preferred),
+                settings.balance_every,
+                settings.may_lead.clone(),
+                quiet.clone(),
+            ))
+        });
         let trims = Arc::new(Notify::new());
         let watcher = tokio::spawn(watch_applied(
             raft.metrics(),
@@ -561,14 +575,14 @@ impl PartitionReplica {
     /// replica if it holds the leader's whole log and answered within the last second (as
     /// the periodic balancing does, at once).
     pub async fn elect_preferred(&self) -> PreferredElection {
-        let Some(preferred) = self.preferred else {
+        let Some(preferred) = *self.preferred.lock() else {
             return PreferredElection::NotNeeded;
         };
         if preferred != self.id {
             self.stir().await;
         }
         let (leader, ready) = self.metrics(|metrics| {
-            let caught_up = holds_whole_log(metrics, preferred);
+            let caught_up = holds_whole_log(metrics, preferred) && is_voter(metrics, preferred);
             let answering = metrics
                 .heartbeat
                 .as_ref()
@@ -638,6 +652,48 @@ impl PartitionReplica {
                 "a woken leader's followers did not all answer within an election timeout"
             );
         }
+    }
+
+    /// Sets the replica that should lead when it can (a reassignment changed the placement).
+    pub fn set_preferred(&self, preferred: Option<NodeId>) {
+        *self.preferred.lock() = preferred;
+    }
+
+    /// The group's membership as this replica knows it: voters (of every config of a joint
+    /// one), learners, and whether it is joint.
+    pub fn membership(&self) -> Membership {
+        self.metrics(|metrics| {
+            let membership = metrics.membership_config.membership();
+            Membership {
+                voters: membership.voter_ids().collect(),
+                learners: membership.learner_ids().collect(),
+                joint: membership.get_joint_config().len() > 1,
+            }
+        })
+    }
+
+    /// On the leader: the last log index `node` is known to hold, and the leader's commit
+    /// index; `None` elsewhere.
+    pub fn progress(&self, node: NodeId) -> Option<(Option<u64>, u64)> {
+        self.metrics(|metrics| {
+            if metrics.current_leader != Some(self.id) {
+                return None;
+            }
+            let matched = metrics
+                .replication
+                .as_ref()?
+                .get(&node)
+                .cloned()
+                .flatten()
+                .map(|log_id| log_id.index);
+            let committed = metrics.local_committed.as_ref().map_or(0, |c| c.index);
+            Some((matched, committed))
+        })
+    }
+
+    /// Wakes a quiet group before a membership change (see [`Self::stir`]).
+    pub async fn wake(&self) {
+        self.stir().await;
     }
 
     /// Whether the group is quiet here.
@@ -734,7 +790,8 @@ impl PartitionReplica {
     }
 
     /// Replicas, this one included, that answered this leader within `lag` (Kafka's in-sync
-    /// replicas); 0 when this replica does not lead.
+    /// replicas); 0 when this replica does not lead. Only voters count: a learner a
+    /// reassignment added does not make a write more durable until it votes.
     pub fn in_sync(&self, lag: Duration) -> usize {
         self.metrics(|metrics| {
             if metrics.current_leader != Some(self.id) {
@@ -746,7 +803,11 @@ impl PartitionReplica {
                 let live = metrics.heartbeat.as_ref().map_or(0, |heartbeats| {
                     heartbeats
                         .keys()
-                        .filter(|id| **id != self.id && quiet.groups().is_live(**id))
+                        .filter(|id| {
+                            **id != self.id
+                                && is_voter(metrics, **id)
+                                && quiet.groups().is_live(**id)
+                        })
                         .count()
                 });
                 return 1 + live;
@@ -755,7 +816,9 @@ impl PartitionReplica {
                 heartbeats
                     .iter()
                     .filter(|(id, at)| {
-                        **id != self.id && at.as_ref().is_some_and(|at| at.elapsed() <= lag)
+                        **id != self.id
+                            && is_voter(metrics, **id)
+                            && at.as_ref().is_some_and(|at| at.elapsed() <= lag)
                     })
                     .count()
             });
@@ -770,12 +833,18 @@ impl PartitionReplica {
             if metrics.current_leader != Some(self.id) {
                 return (Vec::new(), BTreeMap::new());
             }
-            let matched: Vec<(NodeId, Option<u64>)> = metrics
+            let matched: Vec<(NodeId, Option<u64>, bool)> = metrics
                 .replication
                 .iter()
                 .flatten()
                 .filter(|(id, _)| **id != self.id)
-                .map(|(id, log_id)| (*id, log_id.as_ref().map(|l| l.index)))
+                .map(|(id, log_id)| {
+                    (
+                        *id,
+                        log_id.as_ref().map(|l| l.index),
+                        is_voter(metrics, *id),
+                    )
+                })
                 .collect();
             let quiet = self.quiet.as_ref().filter(|q| q.is_quiet());
             let contacts: BTreeMap<NodeId, Option<u64>> = metrics
@@ -793,7 +862,7 @@ impl PartitionReplica {
         });
         matched
             .into_iter()
-            .map(|(node, index)| Follower {
+            .map(|(node, index, voter)| Follower {
                 node,
                 matched_offset: index.and_then(|index| {
                     self.log
@@ -803,6 +872,7 @@ impl PartitionReplica {
                         .map(|loc| loc.end_offset())
                 }),
                 last_contact_ms: contacts.get(&node).copied().flatten(),
+                voter,
             })
             .collect()
     }
@@ -1091,7 +1161,10 @@ impl PartitionReplica {
                 .flatten()
                 .map(|(id, _)| *id)
                 .find(|id| {
-                    *id != self.id && holds_whole_log(metrics, *id) && self.may_lead.check(*id)
+                    *id != self.id
+                        && is_voter(metrics, *id)
+                        && holds_whole_log(metrics, *id)
+                        && self.may_lead.check(*id)
                 })
         });
         let Some(target) = target else {
@@ -1565,7 +1638,7 @@ const FIRST_BALANCE: Duration = Duration::from_secs(1);
 async fn hand_to_preferred(
     raft: PartitionRaft,
     id: NodeId,
-    preferred: NodeId,
+    preferred: Arc<parking_lot::Mutex<Option<NodeId>>>,
     every: Duration,
     may_lead: MayLead,
     quiet: Option<Arc<Quiet>>,
@@ -1577,6 +1650,12 @@ async fn hand_to_preferred(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let Some(preferred) = *preferred.lock() else {
+            continue;
+        };
+        if preferred == id {
+            continue;
+        }
         // A quiet leader that is not the preferred replica wakes and waits for the preferred
         // one's answer, so the check below sees it current.
         if let Some(quiet) = quiet.as_ref().filter(|q| q.is_quiet())
@@ -1602,7 +1681,7 @@ async fn hand_to_preferred(
         let ready = {
             let metrics = raft.metrics();
             let metrics = metrics.borrow_watched();
-            let caught_up = holds_whole_log(&metrics, preferred);
+            let caught_up = holds_whole_log(&metrics, preferred) && is_voter(&metrics, preferred);
             let answering = metrics
                 .heartbeat
                 .as_ref()
@@ -1612,11 +1691,21 @@ async fn hand_to_preferred(
         } && may_lead.check(preferred);
         if ready {
             tracing::info!(group = %raft.config().cluster_name, to = preferred, "handing leadership to the preferred replica");
-            if raft.trigger().transfer_leader(preferred).await.is_err() {
-                return;
+            if let Err(error) = raft.trigger().transfer_leader(preferred).await {
+                tracing::debug!(group = %raft.config().cluster_name, %error, "handing leadership to the preferred replica failed");
             }
         }
     }
+}
+
+/// Whether `node` votes in the group's membership as `metrics` know it (in either config of
+/// a joint one).
+fn is_voter(metrics: &RaftMetrics<PartitionTypes>, node: NodeId) -> bool {
+    metrics
+        .membership_config
+        .membership()
+        .voter_ids()
+        .any(|voter| voter == node)
 }
 
 /// Whether the leader knows `node` holds its whole log (the leader's view; false elsewhere).

@@ -207,9 +207,9 @@ pub(crate) async fn handle(
             ))
         }
         RequestKind::AlterPartitionReassignments(request) => {
-            ResponseKind::AlterPartitionReassignments(replicas::alter_partition_reassignments(
-                ctx, request,
-            ))
+            ResponseKind::AlterPartitionReassignments(
+                replicas::alter_partition_reassignments(ctx, request).await,
+            )
         }
         RequestKind::JoinGroup(request) => {
             ResponseKind::JoinGroup(groups::join(ctx, client, request, version).await)

@@ -1,9 +1,10 @@
 //! Replica administration: ElectLeaders (preferred leader elections), DescribeLogDirs and
 //! AlterReplicaLogDirs (each node keeps its partitions in one log directory), and
-//! ListPartitionReassignments / AlterPartitionReassignments (no reassignment moves replicas
-//! yet: a partition's replicas are those placed at creation).
+//! ListPartitionReassignments / AlterPartitionReassignments (a reassignment is a Raft
+//! membership change of the partition's group, which its leader carries out).
 
 use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::alter_partition_reassignments_request::ReassignablePartition;
 use kafka_protocol::messages::alter_partition_reassignments_response::{
     ReassignablePartitionResponse, ReassignableTopicResponse,
 };
@@ -14,9 +15,12 @@ use kafka_protocol::messages::describe_log_dirs_response::{
     DescribeLogDirsPartition, DescribeLogDirsResult, DescribeLogDirsTopic,
 };
 use kafka_protocol::messages::elect_leaders_response::{PartitionResult, ReplicaElectionResult};
+use kafka_protocol::messages::list_partition_reassignments_response::{
+    OngoingPartitionReassignment, OngoingTopicReassignment,
+};
 use kafka_protocol::messages::{
     AlterPartitionReassignmentsRequest, AlterPartitionReassignmentsResponse,
-    AlterReplicaLogDirsRequest, AlterReplicaLogDirsResponse, DescribeLogDirsRequest,
+    AlterReplicaLogDirsRequest, AlterReplicaLogDirsResponse, BrokerId, DescribeLogDirsRequest,
     DescribeLogDirsResponse, ElectLeadersRequest, ElectLeadersResponse,
     ListPartitionReassignmentsRequest, ListPartitionReassignmentsResponse,
 };
@@ -230,61 +234,91 @@ pub(crate) fn alter_replica_log_dirs(
     AlterReplicaLogDirsResponse::default().with_results(results)
 }
 
-/// ListPartitionReassignments: none is ever in progress (replicas stay where they were
-/// placed).
+/// ListPartitionReassignments: the partitions a reassignment is moving (of the topics and
+/// partitions asked, or all), each with its replicas (the target's, then those it removes), the
+/// ones it adds and the ones it removes. Partitions not being moved, and unknown ones, are
+/// left out, as Kafka does.
 pub(crate) fn list_partition_reassignments(
-    _ctx: &Context,
-    _request: ListPartitionReassignmentsRequest,
+    ctx: &Context,
+    request: ListPartitionReassignmentsRequest,
 ) -> ListPartitionReassignmentsResponse {
-    ListPartitionReassignmentsResponse::default().with_error_code(0)
+    let asked: Vec<(std::sync::Arc<sluice_broker::Topic>, Option<Vec<i32>>)> = match request.topics
+    {
+        Some(topics) => topics
+            .into_iter()
+            .filter_map(|t| {
+                ctx.broker
+                    .topic(t.name.as_str())
+                    .map(|topic| (topic, Some(t.partition_indexes)))
+            })
+            .collect(),
+        None => ctx
+            .broker
+            .topics()
+            .into_iter()
+            .map(|topic| (topic, None))
+            .collect(),
+    };
+    let ids = |nodes: &[sluice_broker::NodeId]| -> Vec<BrokerId> {
+        nodes.iter().map(|&node| BrokerId(node as i32)).collect()
+    };
+    let mut topics = Vec::new();
+    for (topic, indexes) in asked {
+        let partitions: Vec<OngoingPartitionReassignment> = topic
+            .reassigning
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| {
+                indexes
+                    .as_ref()
+                    .is_none_or(|wanted| wanted.contains(&(*index as i32)))
+            })
+            .filter_map(|(index, moving)| {
+                let (adding, removing) = moving.as_ref()?;
+                Some(
+                    OngoingPartitionReassignment::default()
+                        .with_partition_index(index as i32)
+                        .with_replicas(ids(topic.replicas.get(index)?))
+                        .with_adding_replicas(ids(adding))
+                        .with_removing_replicas(ids(removing)),
+                )
+            })
+            .collect();
+        if !partitions.is_empty() {
+            topics.push(
+                OngoingTopicReassignment::default()
+                    .with_name(topic_name(&topic.name))
+                    .with_partitions(partitions),
+            );
+        }
+    }
+    ListPartitionReassignmentsResponse::default()
+        .with_error_code(0)
+        .with_topics(topics)
 }
 
-/// AlterPartitionReassignments: naming a partition's current replicas (in any order)
-/// succeeds and changes nothing; moving replicas is not done yet, so any other set is
-/// INVALID_REPLICA_ASSIGNMENT, and cancelling (null replicas) NO_REASSIGNMENT_IN_PROGRESS.
-pub(crate) fn alter_partition_reassignments(
+/// AlterPartitionReassignments: each partition named with replicas is moved to them (a Raft
+/// membership change of its group: the new replicas join as learners, catch up from the log,
+/// and become voters through joint consensus; the removed ones leave); null replicas cancel a
+/// reassignment in progress. Answered once each reassignment is committed; progress shows in
+/// ListPartitionReassignments. A partition with one copy (no Raft group) stays where it is:
+/// naming its node succeeds and changes nothing, any other is INVALID_REPLICA_ASSIGNMENT.
+pub(crate) async fn alter_partition_reassignments(
     ctx: &Context,
     request: AlterPartitionReassignmentsRequest,
 ) -> AlterPartitionReassignmentsResponse {
     let mut responses = Vec::with_capacity(request.topics.len());
     for topic in request.topics {
-        let found = ctx.broker.topic(topic.name.as_str());
-        let partitions = topic
-            .partitions
-            .iter()
-            .map(|p| {
-                let view = found.as_ref().and_then(|t| {
-                    usize::try_from(p.partition_index)
-                        .ok()
-                        .and_then(|i| t.partition_view(i))
-                });
-                let (code, message): (i16, Option<String>) = match (view, &p.replicas) {
-                    (None, _) => (ResponseError::UnknownTopicOrPartition.code(), None),
-                    (Some(_), None) => (ResponseError::NoReassignmentInProgress.code(), None),
-                    (Some(view), Some(asked)) => {
-                        let mut current: Vec<i32> =
-                            view.replicas.iter().map(|&id| id as i32).collect();
-                        let mut asked: Vec<i32> = asked.iter().map(|b| b.0).collect();
-                        current.sort_unstable();
-                        asked.sort_unstable();
-                        if current == asked {
-                            (0, None)
-                        } else {
-                            (
-                                ResponseError::InvalidReplicaAssignment.code(),
-                                Some(format!(
-                                    "replicas stay where they were placed ({current:?}): moving them is not supported yet"
-                                )),
-                            )
-                        }
-                    }
-                };
+        let mut partitions = Vec::with_capacity(topic.partitions.len());
+        for p in &topic.partitions {
+            let (code, message) = reassign_one(ctx, topic.name.as_str(), p).await;
+            partitions.push(
                 ReassignablePartitionResponse::default()
                     .with_partition_index(p.partition_index)
                     .with_error_code(code)
-                    .with_error_message(message.map(text))
-            })
-            .collect();
+                    .with_error_message(message.map(text)),
+            );
+        }
         responses.push(
             ReassignableTopicResponse::default()
                 .with_name(topic.name.clone())
@@ -294,4 +328,39 @@ pub(crate) fn alter_partition_reassignments(
     AlterPartitionReassignmentsResponse::default()
         .with_error_code(0)
         .with_responses(responses)
+}
+
+async fn reassign_one(
+    ctx: &Context,
+    topic: &str,
+    partition: &ReassignablePartition,
+) -> (i16, Option<String>) {
+    let Ok(index) = u32::try_from(partition.partition_index) else {
+        return (ResponseError::UnknownTopicOrPartition.code(), None);
+    };
+    let target = match &partition.replicas {
+        None => None,
+        Some(replicas) => {
+            let mut nodes = Vec::with_capacity(replicas.len());
+            for replica in replicas {
+                match u32::try_from(replica.0) {
+                    Ok(node) => nodes.push(node),
+                    Err(_) => {
+                        return (
+                            ResponseError::InvalidReplicaAssignment.code(),
+                            Some(format!("{} is not a broker id", replica.0)),
+                        );
+                    }
+                }
+            }
+            Some(nodes)
+        }
+    };
+    match ctx.broker.reassign_partition(topic, index, target).await {
+        Ok(()) => (0, None),
+        Err(error) => {
+            let error = kafka_error(&error);
+            (error.code, Some(error.message))
+        }
+    }
 }

@@ -58,8 +58,45 @@ pub(super) enum TopicCommand {
         #[arg(long)]
         partitions: Option<u32>,
     },
+    /// Move a replicated partition to other nodes (a Raft membership change: the new ones
+    /// catch up from the log, then vote; the removed ones leave), or cancel the move.
+    Reassign {
+        name: String,
+        #[arg(long, short = 'p', default_value_t = 0)]
+        partition: u32,
+        /// The nodes to move it to, comma-separated, the preferred leader first.
+        #[arg(long, value_delimiter = ',', required_unless_present = "cancel")]
+        replicas: Vec<u32>,
+        /// Cancel the move in progress (the partition stays on its current nodes).
+        #[arg(long, conflicts_with = "replicas")]
+        cancel: bool,
+    },
     /// Delete a topic and its data.
     Delete { name: String },
+}
+
+/// A partition's reassignment in progress as `+added -removed`, or `-`.
+fn moving(partition: &Value) -> String {
+    let nodes = |key: &str| -> Vec<String> {
+        partition[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(cell)
+            .collect()
+    };
+    let (adding, removing) = (nodes("adding"), nodes("removing"));
+    if partition["adding"].is_null() {
+        return "-".to_owned();
+    }
+    let mut parts = Vec::new();
+    if !adding.is_empty() {
+        parts.push(format!("+{}", adding.join(",")));
+    }
+    if !removing.is_empty() {
+        parts.push(format!("-{}", removing.join(",")));
+    }
+    parts.join(" ")
 }
 
 fn print_topic(detail: &Value) {
@@ -73,6 +110,7 @@ fn print_topic(detail: &Value) {
         "leader",
         "epoch",
         "replicas",
+        "moving",
         "start offset",
         "high watermark",
         "size bytes",
@@ -82,6 +120,7 @@ fn print_topic(detail: &Value) {
         "partition",
         "follower",
         "in sync",
+        "voter",
         "lag (records)",
         "last contact ms",
     ]);
@@ -98,6 +137,7 @@ fn print_topic(detail: &Value) {
             cell(&p["leader"]),
             cell(&p["epoch"]),
             replicas.join(","),
+            moving(p),
             cell(&p["log_start_offset"]),
             cell(&p["high_watermark"]),
             cell(&p["size_bytes"]),
@@ -109,6 +149,7 @@ fn print_topic(detail: &Value) {
                 cell(&p["partition"]),
                 cell(&f["node"]),
                 cell(&f["in_sync"]),
+                cell(&f["voter"]),
                 cell(&f["lag"]),
                 cell(&f["last_contact_ms"]),
             ]);
@@ -183,6 +224,29 @@ pub(super) fn topic(command: TopicCommand, connection: &Connection) -> Result<()
         }
         TopicCommand::Describe { name } => {
             let detail = api.get(&format!("/api/topics/{}", segment(&name)))?;
+            if json_out {
+                print_json(&detail)
+            } else {
+                print_topic(&detail)
+            }
+        }
+        TopicCommand::Reassign {
+            name,
+            partition,
+            replicas,
+            cancel,
+        } => {
+            let body = serde_json::json!({
+                "replicas": if cancel { Value::Null } else { serde_json::json!(replicas) },
+            });
+            let detail = api.send(
+                "PUT",
+                &format!(
+                    "/api/topics/{}/partitions/{partition}/reassignment",
+                    segment(&name)
+                ),
+                Some(&body),
+            )?;
             if json_out {
                 print_json(&detail)
             } else {
