@@ -36,6 +36,22 @@ def metadata_of(admin, topic):
     return partition.leader, list(partition.replicas), sorted(partition.isrs)
 
 
+def retried(call, *args):
+    """`call(*args)` of a kafka-python admin client, tried again while the node it takes for
+    the controller cannot be reached (the nodes' views of a killed controller converge within
+    a second or two)."""
+    from kafka.errors import KafkaConnectionError
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return call(*args)
+        except KafkaConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def test_a_partition_moves_to_another_node_and_off_its_leader_losing_nothing(nodes_factory):
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
@@ -147,7 +163,7 @@ def test_a_partition_moves_to_another_node_and_off_its_leader_losing_nothing(nod
              not in (-1, leader_id), timeout=30, interval=0.2)
     kafka_admin.close()
     kafka_admin = KafkaAdminClient(bootstrap_servers=survivors, request_timeout_ms=30000)
-    assert kafka_admin.alter_partition_reassignments({tp: target + [leader_id]}) == {tp: None}
+    assert retried(kafka_admin.alter_partition_reassignments, {tp: target + [leader_id]}) == {tp: None}
     time.sleep(2)
     listed = kafka_admin.list_partition_reassignments()
     assert listed[tp]["adding_replicas"] == [leader_id], listed
@@ -164,6 +180,29 @@ def test_a_partition_moves_to_another_node_and_off_its_leader_losing_nothing(nod
     assert producer.flush(30) == 0
     time.sleep(1)
     assert not (absent.data_dir / "logs" / f"{TOPIC}-0").exists()
+
+    # A trimmed log can no longer be sent whole to a new replica (a snapshot of the machine
+    # would leave it without the records before it): the move waits, saying why, until it is
+    # cancelled, and the partition's data is untouched.
+    from confluent_kafka import TopicPartition as Offset
+
+    assert admin.delete_records([Offset(TOPIC, 0, 100)])[Offset(TOPIC, 0, 100)].result(30).low_watermark == 100
+    leader = node_of(cluster, admin, metadata_of(admin, TOPIC)[0])
+    wait_for("the trim applied on the leader",
+             lambda: (leader.data_dir / "logs" / f"{TOPIC}-0" / "raft-purged").exists(), timeout=30, interval=0.2)
+    assert kafka_admin.alter_partition_reassignments({tp: target + [leader_id]}) == {tp: None}
+    wait_for("the leader to say the move cannot go on",
+             lambda: "a reassignment cannot go on" in leader.log_path.read_text(), timeout=20, interval=0.2)
+    listed = kafka_admin.list_partition_reassignments()
+    assert listed[tp]["adding_replicas"] == [leader_id], listed
+    assert kafka_admin.alter_partition_reassignments({tp: None}) == {tp: None}
+    wait_for("the blocked move cancelled", lambda: (s := metadata_of(admin, TOPIC)) and s[1] == target
+             and tp not in kafka_admin.list_partition_reassignments(), timeout=30, interval=0.2)
+    wait_for("the would-be replica's copy removed", lambda: not (absent.data_dir / "logs" / f"{TOPIC}-0").exists(),
+             timeout=20)
+    kept = {v: o for v, o in acked.items() if o >= 100}
+    read = dict(read_back(bootstrap, TOPIC, len(kept) + 1))
+    assert all(read.get(v) == o for v, o in kept.items()) and min(read.values()) >= 100
     kafka_admin.close()
 
 

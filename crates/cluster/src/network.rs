@@ -714,6 +714,12 @@ pub trait SnapshotCheck {
 
 impl<C: RaftTypeConfig, M: Machine> SnapshotCheck for StateMachineStore<C, M> {
     fn check_snapshot(data: &[u8]) -> io::Result<()> {
+        if !M::TAKES_PEER_SNAPSHOTS {
+            return Err(io::Error::other(
+                "this group's data is its log, which a snapshot does not hold: a replica \
+                 catches up from the log only",
+            ));
+        }
         M::decode(data).map(drop)
     }
 }
@@ -769,8 +775,8 @@ where
                     .await
                     .map_err(|e| format!("checking a snapshot: {e}"))?;
                     let data = checked.map_err(|e| {
-                        tracing::warn!(from, error = %e, "refused a snapshot whose data does not decode");
-                        format!("snapshot data does not decode: {e}")
+                        tracing::warn!(from, error = %e, "refused a snapshot");
+                        format!("snapshot refused: {e}")
                     })?;
                     let snapshot = SnapshotOf::<C, Cursor<Vec<u8>>> {
                         meta,
@@ -851,7 +857,7 @@ mod tests {
             .handle(2, method::SNAPSHOT, snapshot_request(b"not a snapshot"))
             .await
             .expect_err("an undecodable snapshot is refused");
-        assert!(refused.contains("does not decode"), "{refused}");
+        assert!(refused.contains("snapshot refused"), "{refused}");
         assert_eq!(machine.last_applied(), None);
         // openraft never saw it: the group still runs and installs a good snapshot.
         assert!(raft.is_initialized().await.is_ok(), "raft stopped");

@@ -44,6 +44,8 @@ enum Progress {
     Done,
     /// Not this replica's to do now (not leading, a learner catching up, a change under way).
     Waiting,
+    /// It cannot go on; why.
+    Blocked(String),
 }
 
 /// Carries `job`'s reassignment out whenever this replica leads, until its end is committed.
@@ -56,6 +58,7 @@ pub(crate) async fn drive(
         return;
     };
     let target: BTreeSet<NodeId> = order.iter().map(|&n| NodeId::from(n)).collect();
+    let mut blocked = false;
     let mut tick = tokio::time::interval(STEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -66,6 +69,16 @@ pub(crate) async fn drive(
         match step(&replica, &node, &job, &target).await {
             Ok(Progress::Done) => return,
             Ok(Progress::Waiting) => {}
+            Ok(Progress::Blocked(why)) => {
+                if !std::mem::replace(&mut blocked, true) {
+                    tracing::warn!(
+                        topic = job.topic,
+                        partition = job.partition,
+                        reason = why,
+                        "a reassignment cannot go on"
+                    );
+                }
+            }
             Err(error) => {
                 tracing::info!(topic = job.topic, partition = job.partition, %error, "a reassignment step failed; trying again");
                 tokio::time::sleep(BACKOFF).await;
@@ -89,6 +102,20 @@ async fn step(
         .copied()
         .collect();
     let joining: Vec<NodeId> = target.difference(&members).copied().collect();
+    let _whole = if joining.is_empty() {
+        None
+    } else {
+        Some(replica.hold_trims().await)
+    };
+    if !joining.is_empty() && replica.is_trimmed() {
+        // A learner catches up from the log's first entry, which a trim deleted; the rest of
+        // the log would have to be sent in another way (not done yet).
+        return Ok(Progress::Blocked(
+            "the partition's log was trimmed (retention or DeleteRecords), so a new replica \
+             cannot be sent the whole log; the reassignment waits until it is cancelled"
+                .into(),
+        ));
+    }
     if !joining.is_empty() {
         let addresses: BTreeMap<NodeId, String> = node.read_local(|s| {
             s.nodes

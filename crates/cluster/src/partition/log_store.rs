@@ -222,6 +222,12 @@ impl PartitionLog {
             .remove(&payload_key(payload));
     }
 
+    /// Whether entries were purged from the front of the log (a trim deleted records): a
+    /// replica starting empty could no longer be sent the whole log.
+    pub fn is_purged(&self) -> bool {
+        self.shared.state.lock().purged.is_some()
+    }
+
     /// Where the entry at `index` is, if the log holds it.
     pub fn entry_loc(&self, index: u64) -> io::Result<Option<EntryLoc>> {
         let state = self.shared.state.lock();

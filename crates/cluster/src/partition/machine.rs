@@ -68,6 +68,11 @@ impl Machine for PartitionMachine {
     type Command = Batches;
     type Reply = Appended;
 
+    /// A replica that lacks entries is sent them, never a snapshot: installing one would
+    /// leave it without the records before the snapshot, and the next entries' batches would
+    /// land at other offsets than on the other replicas.
+    const TAKES_PEER_SNAPSHOTS: bool = false;
+
     /// `batches` is the entry as the log holds it, offsets assigned: apply reads where it
     /// landed from the batch headers.
     fn apply(&mut self, _index: u64, batches: &Batches) -> Appended {
@@ -107,5 +112,26 @@ impl Machine for PartitionMachine {
 
     fn decode(bytes: &[u8]) -> io::Result<Self> {
         serde_json::from_slice(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PartitionMachine;
+    use crate::network::SnapshotCheck;
+    use crate::partition::replica::PartitionMachineStore;
+    use crate::state_machine::Machine;
+
+    #[test]
+    fn a_peer_s_snapshot_is_refused_at_the_door() {
+        // A well-formed one too: it holds the machine, not the records before it.
+        let data = PartitionMachine::default().encode().unwrap();
+        let refused = <PartitionMachineStore as SnapshotCheck>::check_snapshot(&data)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("catches up from the log only"),
+            "{refused}"
+        );
     }
 }

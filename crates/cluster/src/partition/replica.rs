@@ -364,6 +364,8 @@ pub struct PartitionReplica {
     transport: Transport,
     /// How long a woken leader waits for its followers' answers.
     wake_wait: Duration,
+    /// Held by a local trim and while a learner is added ([`Self::hold_trims`]).
+    trimming: tokio::sync::Mutex<()>,
     /// The writes counted at the last housekeeping (a group quiets after a whole period
     /// without one).
     writes_seen: parking_lot::Mutex<u64>,
@@ -513,6 +515,7 @@ impl PartitionReplica {
             quiet,
             transport,
             wake_wait: Duration::from_millis(settings.election_max_ms),
+            trimming: tokio::sync::Mutex::new(()),
             writes_seen: parking_lot::Mutex::new(0),
         });
         let housekeeper = tokio::spawn(keep_log(
@@ -689,6 +692,18 @@ impl PartitionReplica {
             let committed = metrics.local_committed.as_ref().map_or(0, |c| c.index);
             Some((matched, committed))
         })
+    }
+
+    /// Whether a trim deleted, or is to delete, entries from the front of this replica's log
+    /// (then a new replica could not be sent the whole log).
+    pub fn is_trimmed(&self) -> bool {
+        self.log.is_purged() || self.committed_log_start() > 0
+    }
+
+    /// Held while a learner is added, so that this replica does not delete entries between
+    /// the check that its log is whole and the learner's joining (see [`Self::is_trimmed`]).
+    pub async fn hold_trims(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.trimming.lock().await
     }
 
     /// Wakes a quiet group before a membership change (see [`Self::stir`]).
@@ -1070,6 +1085,16 @@ impl PartitionReplica {
     async fn trim_locally(&self) {
         let wanted = self.committed_log_start();
         if wanted <= self.log.reader().log_start_offset() {
+            return;
+        }
+        // Nothing is deleted while the group has a learner (a replica a reassignment adds,
+        // which catches up from the log's first entry); the next housekeeping tries again.
+        let _trimming = self.trimming.lock().await;
+        let learning = self.metrics(|metrics| {
+            let membership = metrics.membership_config.membership();
+            membership.learner_ids().next().is_some() || membership.get_joint_config().len() > 1
+        });
+        if learning {
             return;
         }
         let Some(applied) = self.machine.last_applied().map(|id| id.index) else {
