@@ -83,6 +83,9 @@ pub mod method {
     pub const HEARTBEAT: u8 = 18;
 }
 
+/// The most an AppendEntries request carries, well under the transport's frame limit.
+pub const APPEND_BYTES_MAX: usize = 8 << 20;
+
 /// Snapshots may take longer than one RPC's budget.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -255,11 +258,23 @@ impl<C: WireTypes> RaftNetworkV2<C> for PeerClient<C> {
 
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<C>,
+        mut rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        let body =
-            C::encode_append(&rpc).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        let encode = |rpc: &AppendEntriesRequest<C>| {
+            C::encode_append(rpc).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+        };
+        let mut body = encode(&rpc)?;
+        // A follower far behind is sent at most APPEND_BYTES_MAX at a time (openraft takes up
+        // to 300 entries, and a partition's entry may be a MiB: more than a frame may carry);
+        // the answer then says how far it got, and openraft sends the rest next.
+        let mut cut = None;
+        while body.len() > APPEND_BYTES_MAX && rpc.entries.len() > 1 {
+            let keep = rpc.entries.len() / 2;
+            rpc.entries.truncate(keep);
+            cut = rpc.entries.last().map(openraft::entry::RaftEntry::log_id);
+            body = encode(&rpc)?;
+        }
         if let Some(heartbeats) = &self.heartbeats
             && rpc.entries.is_empty()
         {
@@ -275,7 +290,13 @@ impl<C: WireTypes> RaftNetworkV2<C> for PeerClient<C> {
                 .map_err(rpc_error::<C>)?;
             return decode_answer(&answer);
         }
-        self.call(method::APPEND, body, option.hard_ttl()).await
+        let answer = self.call(method::APPEND, body, option.hard_ttl()).await?;
+        Ok(match (answer, cut) {
+            (AppendEntriesResponse::Success, Some(last)) => {
+                AppendEntriesResponse::PartialSuccess(Some(last))
+            }
+            (answer, _) => answer,
+        })
     }
 
     async fn vote(

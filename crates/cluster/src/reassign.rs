@@ -36,6 +36,13 @@ const STEP_EVERY: Duration = Duration::from_millis(200);
 const CHANGE_WAIT: Duration = Duration::from_secs(30);
 /// After a failed step.
 const BACKOFF: Duration = Duration::from_secs(1);
+/// A learner is caught up once it reached, within this long, what was committed when the
+/// leader last looked (Raft's catch-up rounds: under steady writes it never holds everything
+/// committed at the moment it is asked, but a round this short means it is close behind).
+const LAST_ROUND: Duration = Duration::from_secs(1);
+
+/// Each learner's current catch-up round: the commit index it is to reach, and since when.
+type Rounds = BTreeMap<NodeId, (u64, std::time::Instant)>;
 
 /// Where a step left the reassignment.
 #[derive(Debug, PartialEq, Eq)]
@@ -59,6 +66,7 @@ pub(crate) async fn drive(
     };
     let target: BTreeSet<NodeId> = order.iter().map(|&n| NodeId::from(n)).collect();
     let mut blocked = false;
+    let mut rounds = Rounds::new();
     let mut tick = tokio::time::interval(STEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -66,7 +74,7 @@ pub(crate) async fn drive(
         if replica.ready_epoch().is_none() {
             continue;
         }
-        match step(&replica, &node, &job, &target).await {
+        match step(&replica, &node, &job, &target, &mut rounds).await {
             Ok(Progress::Done) => return,
             Ok(Progress::Waiting) => {}
             Ok(Progress::Blocked(why)) => {
@@ -93,6 +101,7 @@ async fn step(
     node: &ControllerNode,
     job: &Reassignment,
     target: &BTreeSet<NodeId>,
+    rounds: &mut Rounds,
 ) -> Result<Progress, String> {
     replica.wake().await;
     let membership = replica.membership();
@@ -142,11 +151,20 @@ async fn step(
         return Ok(Progress::Waiting);
     }
     if membership.joint || membership.voters != *target {
-        // Each new voter first holds everything committed when this leader looked.
+        // Each new voter first catches up: it reached what was committed at the start of
+        // a round that took at most LAST_ROUND.
         for &id in target.difference(&membership.voters) {
-            match replica.progress(id) {
-                Some((Some(matched), committed)) if matched >= committed => {}
-                _ => return Ok(Progress::Waiting),
+            let Some((matched, committed)) = replica.progress(id) else {
+                return Ok(Progress::Waiting);
+            };
+            let now = std::time::Instant::now();
+            let (goal, since) = rounds.entry(id).or_insert((committed, now));
+            if matched.is_none_or(|matched| matched < *goal) {
+                return Ok(Progress::Waiting);
+            }
+            if since.elapsed() > LAST_ROUND && matched < Some(committed) {
+                (*goal, *since) = (committed, now);
+                return Ok(Progress::Waiting);
             }
         }
         change(
