@@ -36,6 +36,22 @@ def metadata_of(admin, topic):
     return partition.leader, list(partition.replicas), sorted(partition.isrs)
 
 
+def four_nodes_and_a_topic(nodes_factory):
+    """Four nodes in one cluster, a topic of one partition with three replicas, and who is
+    who: (cluster, bootstrap list, admin client, leader id, replica ids, the fourth node's id)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    cluster = nodes_factory(4).start()
+    wait_for("a four-voter cluster", lambda: settled(cluster.nodes, 4))
+    wait_for("four live brokers", lambda: all(live_brokers(n) == 4 for n in cluster.nodes), timeout=20)
+    bootstrap = ",".join(node.kafka for node in cluster.nodes)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(TOPIC, num_partitions=1, replication_factor=3)])[TOPIC].result(30)
+    leader_id, replicas, _ = wait_for("a leader", lambda: metadata_of(admin, TOPIC), timeout=30)
+    outsider = next(i for i in sorted(admin.list_topics(timeout=10).brokers) if i not in replicas)
+    return cluster, bootstrap, admin, leader_id, replicas, outsider
+
+
 def retried(call, *args):
     """`call(*args)` of a kafka-python admin client, tried again while the node it takes for
     the controller cannot be reached (the nodes' views of a killed controller converge within
@@ -54,20 +70,12 @@ def retried(call, *args):
 
 def test_a_partition_moves_to_another_node_and_off_its_leader_losing_nothing(nodes_factory):
     from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
     from kafka import KafkaAdminClient, TopicPartition
 
     from conftest import run_cli as cli
 
-    cluster = nodes_factory(4).start()
-    wait_for("a four-voter cluster", lambda: settled(cluster.nodes, 4))
-    wait_for("four live brokers", lambda: all(live_brokers(n) == 4 for n in cluster.nodes), timeout=20)
-    bootstrap = ",".join(node.kafka for node in cluster.nodes)
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(TOPIC, num_partitions=1, replication_factor=3)])[TOPIC].result(30)
-    leader_id, replicas, _ = wait_for("a leader", lambda: metadata_of(admin, TOPIC), timeout=30)
-    ids = sorted(admin.list_topics(timeout=10).brokers)
-    outsider = next(i for i in ids if i not in replicas)
+    cluster, bootstrap, admin, leader_id, replicas, outsider = four_nodes_and_a_topic(nodes_factory)
     # The outsider in, the leader out; the outsider is to lead.
     target = [outsider] + [r for r in replicas if r != leader_id]
     old_leader = node_of(cluster, admin, leader_id)
@@ -211,20 +219,12 @@ def test_a_move_goes_on_when_the_leader_is_killed_during_it(nodes_factory):
     added or catching up): the next leader carries the move on from the group's membership,
     and the killed node, restarted, ends with the data it is to hold — or none."""
     from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
     from kafka import KafkaAdminClient, TopicPartition
 
     from conftest import run_cli as cli
 
-    cluster = nodes_factory(4).start()
-    wait_for("a four-voter cluster", lambda: settled(cluster.nodes, 4))
-    wait_for("four live brokers", lambda: all(live_brokers(n) == 4 for n in cluster.nodes), timeout=20)
-    bootstrap = ",".join(node.kafka for node in cluster.nodes)
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(TOPIC, num_partitions=1, replication_factor=3)])[TOPIC].result(30)
-    leader_id, replicas, _ = wait_for("a leader", lambda: metadata_of(admin, TOPIC), timeout=30)
-    ids = sorted(admin.list_topics(timeout=10).brokers)
-    outsider = next(i for i in ids if i not in replicas)
+    cluster, bootstrap, admin, leader_id, replicas, outsider = four_nodes_and_a_topic(nodes_factory)
     follower = next(r for r in replicas if r != leader_id)
     # The outsider replaces a follower; the leader stays a replica but is killed.
     target = [r if r != follower else outsider for r in replicas]
