@@ -248,8 +248,11 @@ const views = {
         { title: "Leader", render: (p) => p.leader ?? "none" },
         { title: "Epoch", num: true, render: (p) => p.epoch },
         { title: "Replicas", render: (p) => p.replicas.join(", ") },
+        { title: "Moving", render: (p) => p.adding == null ? "—"
+          : [p.adding.length ? `+${p.adding.join(", +")}` : "", p.removing.length ? `−${p.removing.join(", −")}` : ""]
+            .filter(Boolean).join(" ") || "—" },
         { title: "Followers (lag)", render: (p) => p.followers == null ? "—"
-          : p.followers.map((f) => `${f.node}${f.in_sync ? "" : " (out of sync)"}: ${f.lag ?? "?"}`).join(", ") },
+          : p.followers.map((f) => `${f.node}${f.voter === false ? " (learner)" : f.in_sync ? "" : " (out of sync)"}: ${f.lag ?? "?"}`).join(", ") },
         { title: "Start offset", num: true, render: (p) => fmt.int(p.log_start_offset) },
         { title: "High watermark", num: true, render: (p) => fmt.int(p.high_watermark) },
         { title: "Size", num: true, render: (p) => fmt.bytes(p.size_bytes) },
