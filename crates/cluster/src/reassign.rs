@@ -103,7 +103,6 @@ async fn step(
     target: &BTreeSet<NodeId>,
     rounds: &mut Rounds,
 ) -> Result<Progress, String> {
-    replica.wake().await;
     let membership = replica.membership();
     let members: BTreeSet<NodeId> = membership
         .voters
@@ -125,6 +124,9 @@ async fn step(
                 .into(),
         ));
     }
+    // Membership changes are writes: a quiet group wakes for them (not while blocked, so a
+    // waiting move does not keep an idle group awake).
+    replica.wake().await;
     if !joining.is_empty() {
         let addresses: BTreeMap<NodeId, String> = node.read_local(|s| {
             s.nodes
