@@ -95,6 +95,12 @@ impl From<BrokerError> for ApiError {
             | E::InvalidConfig { .. }
             | E::UnknownConfig(_)
             | E::UnsupportedCompression(_) => Self::bad_request(error.to_string()),
+            // Damaged stored data: the operator asking is told where it is (a replicated
+            // partition's replica rebuilds it from the others meanwhile).
+            E::Storage(sluice_storage::StorageError::Corrupt { .. }) => {
+                tracing::error!(%error, "admin API request met damaged data");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+            }
             E::Storage(_) => match error.storage_class() {
                 Some(
                     StorageClass::Corrupt

@@ -655,7 +655,8 @@ impl Partition {
         while checksum.end_offset < to {
             let read = self
                 .reader
-                .read_until(checksum.end_offset, to, 1 << 20, true)?;
+                .read_until(checksum.end_offset, to, 1 << 20, true)
+                .inspect_err(|e| self.found_damage(e, checksum.end_offset))?;
             if read.bytes.is_empty() {
                 break;
             }
@@ -894,9 +895,19 @@ impl Partition {
         let high_watermark = self.high_watermark();
         let read = self
             .reader
-            .read_until(offset, high_watermark, max_bytes, min_one_batch)?;
+            .read_until(offset, high_watermark, max_bytes, min_one_batch)
+            .inspect_err(|e| self.found_damage(e, offset))?;
         self.count_out(&read.bytes);
         Ok(read)
+    }
+
+    /// A read at `offset` failed with `error`: damage in a replicated partition's data is
+    /// rebuilt from the other replicas (in the background; the read fails meanwhile).
+    fn found_damage(&self, error: &StorageError, offset: u64) {
+        if let (StorageError::Corrupt { .. }, Backend::Replicated(log, _)) = (error, &self.backend)
+        {
+            log.found_damage(offset);
+        }
     }
 
     /// Counts batches handed to a reader. Batches read together are contiguous, so their

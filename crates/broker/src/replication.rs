@@ -135,6 +135,13 @@ pub trait ReplicatedLog: Send + Sync + std::fmt::Debug + 'static {
     /// moves the group's membership to the target and then commits the reassignment's end.
     fn reassign(&self, reassignment: Reassignment);
 
+    /// A read of this replica's data at `offset` met damage (a CRC failure, a batch missing):
+    /// the replica rebuilds it from the other replicas, in the background. The damaged
+    /// offsets are not served meanwhile (every read checks every batch).
+    fn found_damage(&self, offset: u64) {
+        let _ = offset;
+    }
+
     /// Stops the replica (its data stays).
     fn close(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }

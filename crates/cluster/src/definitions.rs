@@ -315,6 +315,10 @@ impl ReplicatedLog for BrokerReplica {
         }
     }
 
+    fn found_damage(&self, offset: u64) {
+        self.replica.found_damage(offset);
+    }
+
     fn close(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         if let Some(driver) = self.reassigning.lock().take() {
             driver.abort();

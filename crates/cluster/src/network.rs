@@ -81,6 +81,9 @@ pub mod method {
     /// its group's handler can tell it is a heartbeat (it does not wake a quiet replica).
     /// Never sent on the wire as a method of its own.
     pub const HEARTBEAT: u8 = 18;
+    /// A partition replica's entries and batches for a range of offsets, asked by another
+    /// replica rebuilding damaged data (see [`crate::partition::repair`]).
+    pub const READ_RANGE: u8 = 19;
 }
 
 /// The most an AppendEntries request carries, well under the transport's frame limit.

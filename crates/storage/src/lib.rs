@@ -26,6 +26,7 @@ mod index;
 pub mod log;
 pub mod owner;
 pub mod record;
+pub mod repair;
 mod segment;
 pub mod sync;
 

@@ -30,9 +30,10 @@ use crate::checkpoint;
 use crate::config::{FsyncPolicy, LogConfig};
 use crate::epoch::EpochCache;
 use crate::error::StorageError;
+use crate::repair::Damage;
 use crate::segment::{self, AppendPart, OpenMode, Segment};
 
-const LOG_START_FILE: &str = "log-start-offset";
+pub(crate) const LOG_START_FILE: &str = "log-start-offset";
 
 /// Where an append landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -870,6 +871,51 @@ impl Log {
         self.epochs.end_offset_for(epoch, self.log_end_offset())
     }
 
+    /// Puts a segment rebuilt from another copy ([`crate::repair::Rebuild`]) in place of the
+    /// sealed segment with the same offsets. Readers that hold the old segment finish their
+    /// reads on the old file. Blocking.
+    pub fn install_rebuilt(
+        &mut self,
+        rebuilt: crate::repair::Rebuilt,
+        now_ms: i64,
+    ) -> Result<(), StorageError> {
+        let (base, next) = (rebuilt.base_offset(), rebuilt.next_offset());
+        if self.reader().sealed_segment_of(base) != Some((base, next)) {
+            return Err(StorageError::Corrupt {
+                path: self.shared.dir.join(segment::file_name(base, "log")),
+                position: 0,
+                reason: format!(
+                    "a rebuilt segment of offsets {base} to {next} matches no sealed segment of \
+                     the log"
+                ),
+            });
+        }
+        rebuilt.put_in_place()?;
+        let no_epoch_check = |_| None;
+        let mode = OpenMode {
+            is_tail: false,
+            index_interval_bytes: self.config.index_interval_bytes,
+            expected_epoch: &no_epoch_check,
+            now_ms,
+        };
+        let (segment, _) = Segment::open(&self.shared.dir, base, mode)?;
+        if segment.next_offset() != next {
+            return Err(StorageError::Corrupt {
+                path: self.shared.dir.join(segment::file_name(base, "log")),
+                position: 0,
+                reason: format!(
+                    "the rebuilt segment ends at offset {} where {next} was expected",
+                    segment.next_offset()
+                ),
+            });
+        }
+        let mut segments = self.shared.segments.write();
+        if let Some(slot) = segments.iter_mut().find(|s| s.base_offset() == base) {
+            *slot = Arc::new(segment);
+        }
+        Ok(())
+    }
+
     /// Persists indexes and fsyncs everything. The log is closed when this returns.
     pub fn close(mut self) -> Result<(), StorageError> {
         self.write_deferred()?;
@@ -962,6 +1008,47 @@ impl LogReader {
             .iter()
             .map(|s| s.size_bytes())
             .sum()
+    }
+
+    /// The sealed segment holding `offset`, as `[base, next)`, if it is a sealed one (not the
+    /// active segment): the part of the log [`Log::install_rebuilt`] can replace.
+    pub fn sealed_segment_of(&self, offset: u64) -> Option<(u64, u64)> {
+        let segments = self.shared.segments.read();
+        let (_, sealed) = segments.split_last()?;
+        sealed
+            .iter()
+            .find(|s| s.base_offset() <= offset && offset < s.next_offset())
+            .map(|s| (s.base_offset(), s.next_offset()))
+    }
+
+    /// Checks every batch of the sealed segment `[base, …)`: its first damage, if any (see
+    /// [`crate::repair`]). Blocking: it reads the whole segment.
+    pub fn check_sealed_segment(&self, base: u64) -> Result<Option<Damage>, StorageError> {
+        let Some((base, next)) = self
+            .sealed_segment_of(base)
+            .filter(|(found, _)| *found == base)
+        else {
+            return Ok(None);
+        };
+        let path = self.shared.dir.join(segment::file_name(base, "log"));
+        let (end, damage) = crate::repair::check_segment(&path, base)?;
+        Ok(match damage {
+            Some((position, reason)) => Some(Damage {
+                path,
+                position,
+                reason,
+                from: base,
+                to: next,
+            }),
+            None if end != next => Some(Damage {
+                path,
+                position: 0,
+                reason: format!("the segment's batches end at offset {end}, not {next}"),
+                from: base,
+                to: next,
+            }),
+            None => None,
+        })
     }
 
     pub fn segments(&self) -> Vec<SegmentInfo> {

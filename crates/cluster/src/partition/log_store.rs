@@ -49,10 +49,12 @@ use sluice_storage::{FsyncPolicy, Log, LogConfig, LogReader};
 use tokio::sync::mpsc;
 
 use super::entries::{EntryIndex, EntryLoc};
+use super::repair::{Copies, Range};
 use super::{Entry, LogId, PartitionTypes, decode_entry, encode_entry};
 use crate::files::{context, replace_atomically};
+use crate::placement::NodeId;
 
-const ENTRIES_FILE: &str = "raft-entries";
+pub(crate) const ENTRIES_FILE: &str = "raft-entries";
 const VOTE_FILE: &str = "raft-vote";
 const PURGED_FILE: &str = "raft-purged";
 /// Appends waiting for their fsync; a full queue makes the next append wait.
@@ -79,6 +81,18 @@ struct Shared {
     dir: PathBuf,
     reader: LogReader,
     state: Mutex<State>,
+    /// How damaged segments are rebuilt from the other replicas, once the group runs.
+    repair: std::sync::OnceLock<Repair>,
+}
+
+/// What [`PartitionLog::repair_at`] needs: the other replicas, and one repair at a time.
+struct Repair {
+    copies: Copies,
+    peers: Box<dyn Fn() -> Vec<NodeId> + Send + Sync>,
+    busy: tokio::sync::Mutex<()>,
+    /// A repair started by a reader is under way (readers that meet the damage meanwhile
+    /// start none).
+    pending: std::sync::atomic::AtomicBool,
 }
 
 struct State {
@@ -183,6 +197,7 @@ impl PartitionLog {
                 trimmed: None,
                 append_watches: HashMap::new(),
             }),
+            repair: std::sync::OnceLock::new(),
         });
         let flushes = (fsync == FsyncPolicy::Always).then(|| {
             let (flushes, queue) = mpsc::channel(FLUSH_QUEUE_MAX);
@@ -330,11 +345,178 @@ impl PartitionLog {
         Ok(start)
     }
 
+    /// Lets reads that meet damage rebuild it from the other replicas: `peers` names them
+    /// (the group's members but this node) when asked.
+    pub fn set_repair(&self, copies: Copies, peers: Box<dyn Fn() -> Vec<NodeId> + Send + Sync>) {
+        let _ = self.shared.repair.set(Repair {
+            copies,
+            peers,
+            busy: tokio::sync::Mutex::new(()),
+            pending: std::sync::atomic::AtomicBool::new(false),
+        });
+    }
+
+    /// A reader met damage at `offset` (a fetch, a checksum): rebuilds it in the background
+    /// ([`Self::repair_at`]) unless a repair is under way.
+    pub fn repair_in_background(&self, offset: u64) {
+        use std::sync::atomic::Ordering;
+        let Some(repair) = self.shared.repair.get() else {
+            return;
+        };
+        if repair.pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            if let Err(error) = repair_at(&shared, offset).await {
+                tracing::error!(dir = %shared.dir.display(), offset, %error, "damaged partition data could not be rebuilt from another replica");
+            }
+            if let Some(repair) = shared.repair.get() {
+                repair.pending.store(false, Ordering::Release);
+            }
+        });
+    }
+
+    /// Rebuilds the sealed segment holding `offset` from another replica if it is damaged
+    /// (see [`super::repair`]); whether it was. One repair runs at a time; a read that meets
+    /// the damage meanwhile fails, naming it.
+    pub async fn repair_at(&self, offset: u64) -> io::Result<bool> {
+        repair_at(&self.shared, offset).await
+    }
+
+    /// This log's entries from the one holding offset `from`, and their batches, up to
+    /// `max_bytes` (at least one entry) and no entry starting at or after `to`: what another
+    /// replica rebuilding those offsets asks for. Empty if the log does not hold `from`.
+    /// Blocking.
+    pub fn read_range(&self, from: u64, to: u64, max_bytes: usize) -> io::Result<Range> {
+        let state = self.shared.state.lock();
+        let Some((mut index, mut loc)) = state.entries.last_below(from.saturating_add(1))? else {
+            return Ok(Range::default());
+        };
+        if index < state.first_readable() || loc.end_offset() <= from {
+            return Ok(Range::default());
+        }
+        let end_index = state.entries.end_index();
+        let mut entries = Vec::new();
+        let mut total = 0usize;
+        loop {
+            entries.push((index, loc));
+            total += loc.bytes as usize;
+            index += 1;
+            if index >= end_index {
+                break;
+            }
+            match state.entries.get(index)? {
+                Some(next) if next.base_offset < to && total + next.bytes as usize <= max_bytes => {
+                    loc = next;
+                }
+                _ => break,
+            }
+        }
+        let start = entries[0].1.base_offset;
+        let end = loc.end_offset();
+        let mut bytes = bytes::BytesMut::with_capacity(total);
+        let mut at = start;
+        while at < end && bytes.len() < total {
+            let read = self
+                .shared
+                .reader
+                .read_until(at, end, total - bytes.len(), true)
+                .map_err(storage)?;
+            let mut pos = 0;
+            while pos < read.bytes.len() {
+                let header = BatchHeader::parse(&read.bytes[pos..])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                at = header.next_offset() as u64;
+                pos += header.total_bytes();
+            }
+            if read.bytes.is_empty() {
+                break;
+            }
+            bytes.extend_from_slice(&read.bytes);
+        }
+        if bytes.len() != total {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: entries from offset {start} to {end} should be {total} bytes, {} were read",
+                    self.shared.dir.display(),
+                    bytes.len()
+                ),
+            ));
+        }
+        Ok(Range {
+            entries,
+            bytes: bytes.freeze(),
+        })
+    }
+
     pub fn close(&self) -> io::Result<()> {
         let mut state = self.shared.state.lock();
         state.log.flush().map_err(storage)?;
         state.entries.sync()
     }
+}
+
+async fn repair_at(shared: &Arc<Shared>, offset: u64) -> io::Result<bool> {
+    let Some(repair) = shared.repair.get() else {
+        return Ok(false);
+    };
+    let _one = repair.busy.lock().await;
+    let Some((base, _)) = shared.reader.sealed_segment_of(offset) else {
+        return Ok(false);
+    };
+    let damage = {
+        let reader = shared.reader.clone();
+        tokio::task::spawn_blocking(move || reader.check_sealed_segment(base))
+            .await
+            .map_err(io::Error::other)?
+            .map_err(storage)?
+    };
+    let Some(damage) = damage else {
+        return Ok(false);
+    };
+    tracing::error!(
+        file = %damage.path.display(),
+        byte = damage.position,
+        reason = %damage.reason,
+        from = damage.from,
+        to = damage.to,
+        "damaged partition data: those offsets are not served until they are rebuilt from another replica",
+    );
+    let local = |index: u64| {
+        let state = shared.state.lock();
+        if index < state.first_readable() {
+            return Ok(None);
+        }
+        state.entries.get(index)
+    };
+    let peers = (repair.peers)();
+    let (rebuilt, from) = repair
+        .copies
+        .rebuild(&shared.dir, &damage, &peers, &local)
+        .await?;
+    {
+        let shared = Arc::clone(shared);
+        tokio::task::spawn_blocking(move || {
+            shared
+                .state
+                .lock()
+                .log
+                .install_rebuilt(rebuilt, now_ms())
+                .map_err(storage)
+        })
+        .await
+        .map_err(io::Error::other)??;
+    }
+    tracing::info!(
+        dir = %shared.dir.display(),
+        from = damage.from,
+        to = damage.to,
+        node = from,
+        "rebuilt damaged offsets from another replica",
+    );
+    Ok(true)
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
@@ -436,7 +618,27 @@ impl Debug for PartitionLogReader {
 }
 
 impl PartitionLogReader {
-    fn read_entries(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+    /// [`Self::read_entries`], rebuilding damage it meets from another replica once (see
+    /// [`super::repair`]).
+    async fn read_entries_mending(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+        match self.read_entries(start, end) {
+            Err((error, Some(offset))) if error.kind() == io::ErrorKind::InvalidData => {
+                match repair_at(&self.shared, offset).await {
+                    Ok(true) => self.read_entries(start, end).map_err(|(e, _)| e),
+                    Ok(false) => Err(error),
+                    Err(repair) => {
+                        tracing::error!(%error, %repair, "damaged Raft entries could not be rebuilt from another replica");
+                        Err(error)
+                    }
+                }
+            }
+            other => other.map_err(|(e, _)| e),
+        }
+    }
+
+    /// The entries `[start, end)`; a failure comes with the offset of the entry that could
+    /// not be read, if it got that far.
+    fn read_entries(&self, start: u64, end: u64) -> Result<Vec<Entry>, (io::Error, Option<u64>)> {
         let (first, last_end, index_reader, first_index, trimmed) = {
             let state = self.shared.state.lock();
             (
@@ -450,19 +652,27 @@ impl PartitionLogReader {
         if trimmed.is_some_and(|trimmed| start <= trimmed) && start < end.min(last_end) {
             // openraft reads nothing it purged; these were trimmed behind its back, and only a
             // replica missing what every replica held when it was trimmed asks for them.
-            return Err(io::Error::other(format!(
-                "Raft entries from {start} of {} were deleted by retention or DeleteRecords (the \
-                 log keeps entries from {first}): a replica that lacks them cannot catch up from \
-                 this log",
-                self.shared.dir.display()
-            )));
+            return Err((
+                io::Error::other(format!(
+                    "Raft entries from {start} of {} were deleted by retention or DeleteRecords \
+                     (the log keeps entries from {first}): a replica that lacks them cannot \
+                     catch up from this log",
+                    self.shared.dir.display()
+                )),
+                None,
+            ));
         }
         let start = start.max(first);
         let end = end.min(last_end);
         let mut out = Vec::with_capacity(end.saturating_sub(start).min(4096) as usize);
         for index in start..end {
-            let loc = index_reader.read(index - first_index)?;
-            out.push(self.read_entry(index, loc)?);
+            let loc = index_reader
+                .read(index - first_index)
+                .map_err(|e| (e, None))?;
+            out.push(
+                self.read_entry(index, loc)
+                    .map_err(|e| (e, Some(loc.base_offset)))?,
+            );
         }
         Ok(out)
     }
@@ -554,7 +764,7 @@ impl RaftLogReader<PartitionTypes> for PartitionLogReader {
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
         let (start, end) = bounds(&range);
-        self.read_entries(start, end)
+        self.read_entries_mending(start, end).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {

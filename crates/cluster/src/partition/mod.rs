@@ -23,6 +23,7 @@ pub mod entries;
 pub mod log_store;
 pub mod machine;
 pub mod quiet;
+pub mod repair;
 pub mod replica;
 mod wire;
 

@@ -70,6 +70,7 @@ use tokio::sync::{Mutex, Notify, oneshot, watch};
 use super::log_store::PartitionLog;
 use super::machine::PartitionMachine;
 use super::quiet::{Notice, Quiet, QuietGroups, QuietServer};
+use super::repair::{Copies, RangeServer, rebuild_closed};
 use super::{Appended, Batches, PartitionTypes};
 use crate::network::{GroupNetwork, RaftServer, Router};
 use crate::placement::NodeId;
@@ -406,6 +407,60 @@ fn stopped(e: &impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("partition group: {e}"))
 }
 
+/// How many times opening a replica's files rebuilds damage from the other replicas before
+/// it gives up.
+const OPEN_REBUILDS_MAX: usize = 3;
+
+/// Opens a replica's log and machine. A log that refuses to open over damage (a segment
+/// missing, a damaged batch where opening looks) is mended from the other replicas first (see
+/// [`super::repair`]); when they cannot mend it, the error names the file and byte.
+async fn open_files(
+    dir: &std::path::Path,
+    log_config: LogConfig,
+    copies: &Copies,
+    members: &BTreeMap<NodeId, BasicNode>,
+    id: NodeId,
+) -> io::Result<(PartitionLog, PartitionMachineStore)> {
+    let peers: Vec<NodeId> = members.keys().copied().filter(|n| *n != id).collect();
+    let mut rebuilds = 0;
+    loop {
+        let opened = {
+            let dir = dir.to_owned();
+            let log_config = log_config.clone();
+            tokio::task::spawn_blocking(move || PartitionLog::open(&dir, log_config))
+                .await
+                .map_err(io::Error::other)?
+        };
+        match opened {
+            Ok(log) => {
+                let path = dir.join("raft-machine");
+                let machine =
+                    tokio::task::spawn_blocking(move || PartitionMachineStore::open(&path))
+                        .await
+                        .map_err(io::Error::other)??;
+                return Ok((log, machine));
+            }
+            Err(error)
+                if error.kind() == io::ErrorKind::InvalidData && rebuilds < OPEN_REBUILDS_MAX =>
+            {
+                tracing::error!(dir = %dir.display(), %error, "a partition replica's log is damaged");
+                rebuilds += 1;
+                match rebuild_closed(dir, copies, &peers).await {
+                    Ok(0) => return Err(error),
+                    Ok(_) => {}
+                    Err(rebuild) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("{error}; {rebuild}"),
+                        ));
+                    }
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 impl PartitionReplica {
     /// Opens the replica `spec` describes (log in its directory, machine in
     /// `raft-machine` there), starts its Raft and serves it on the transport as its group. A
@@ -427,16 +482,11 @@ impl PartitionReplica {
             preferred,
             initialize,
         } = spec;
-        let (log, machine) = {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || {
-                let log = PartitionLog::open(&dir, log_config)?;
-                let machine = PartitionMachineStore::open(&dir.join("raft-machine"))?;
-                Ok::<_, io::Error>((log, machine))
-            })
-            .await
-            .map_err(io::Error::other)??
+        let copies = Copies {
+            transport: transport.clone(),
+            group,
         };
+        let (log, machine) = open_files(&dir, log_config, &copies, &members, id).await?;
         let config = raft_config(group, settings).map_err(|e| stopped(&e))?;
         let raft = Raft::new(
             id,
@@ -452,11 +502,26 @@ impl PartitionReplica {
             .as_ref()
             .map(|groups| Quiet::new(group, raft.clone(), Arc::clone(groups)));
         let server: Arc<dyn crate::network::GroupHandler> = Arc::new(RaftServer::new(raft.clone()));
-        match &quiet {
-            Some(quiet) => {
-                router.register(group, Arc::new(QuietServer::new(server, Arc::clone(quiet))));
-            }
-            None => router.register(group, server),
+        let server: Arc<dyn crate::network::GroupHandler> = match &quiet {
+            Some(quiet) => Arc::new(QuietServer::new(server, Arc::clone(quiet))),
+            None => server,
+        };
+        router.register(group, Arc::new(RangeServer::new(server, log.clone())));
+        {
+            let metrics = raft.metrics();
+            log.set_repair(
+                copies,
+                Box::new(move || {
+                    metrics
+                        .borrow_watched()
+                        .membership_config
+                        .membership()
+                        .nodes()
+                        .map(|(node, _)| *node)
+                        .filter(|node| *node != id)
+                        .collect()
+                }),
+            );
         }
         if initialize && !raft.is_initialized().await.map_err(|e| stopped(&e))? {
             match raft.initialize(members).await {
@@ -550,6 +615,12 @@ impl PartitionReplica {
     /// Takes changed log settings (see [`PartitionLog::set_config`]).
     pub fn set_log_config(&self, config: LogConfig) -> io::Result<()> {
         self.log.set_config(config)
+    }
+
+    /// A reader met damage at `offset`: rebuilt from the other replicas in the background
+    /// (see [`super::repair`]).
+    pub fn found_damage(&self, offset: u64) {
+        self.log.repair_in_background(offset);
     }
 
     pub fn reader(&self) -> LogReader {

@@ -1,0 +1,133 @@
+"""Damaged partition data on three real `sluice` processes: damage is never served, and a
+replica rebuilds it from the other replicas.
+
+A follower's copy loses a sealed segment and has a byte flipped in another while it is down:
+opening meets the missing segment, checks every sealed segment, and rebuilds both before the
+replica opens. A byte flipped in a sealed segment of the running follower is rebuilt when a read
+meets it (here `sluice topic checksum`, which fails once naming the file). Then a byte is
+flipped in a sealed segment of the running leader: a consumer reading from the start gets a
+storage error for those offsets (never the damaged records) until the leader has rebuilt the
+segment from a follower, and then reads every record, once and in order. Afterwards every
+copy checksums the same.
+"""
+
+import json
+import time
+
+from test_cluster import FORM_TIMEOUT, nodes_factory, wait_for  # noqa: F401
+from test_replicated_partitions import node_of, partition_state, three_nodes
+
+TOPIC = "damaged"
+RECORDS = 3000
+
+
+def copy_dir(node):
+    return node.data_dir / "logs" / f"{TOPIC}-0"
+
+
+def sealed_segments(node):
+    """The copy's segment files but the last (active) one, in offset order."""
+    return sorted(copy_dir(node).glob("*.log"))[:-1]
+
+
+def flip(path, at):
+    with open(path, "r+b") as file:
+        file.seek(at)
+        byte = file.read(1)
+        file.seek(at)
+        file.write(bytes([byte[0] ^ 0x20]))
+
+
+def test_damaged_and_missing_segments_are_rebuilt_from_the_other_replicas(nodes_factory):
+    from confluent_kafka import Consumer, Producer, TopicPartition
+    from confluent_kafka.admin import NewTopic
+
+    from conftest import run_cli as cli
+
+    cluster, bootstrap, admin = three_nodes(nodes_factory)
+    admin.create_topics([NewTopic(TOPIC, num_partitions=1, replication_factor=3,
+                                  config={"segment.bytes": "16384"})])[TOPIC].result(30)
+    leader_id, replicas, _ = wait_for("a leader", lambda: partition_state(admin, TOPIC), timeout=30)
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
+                         "batch.size": 4096, "enable.idempotence": True})
+    for i in range(RECORDS):
+        producer.produce(TOPIC, b"%d:" % i + b"x" * 60, partition=0)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+
+    def describe(node):
+        return json.loads(cli(node, "topic", "describe", TOPIC, "--output", "json").stdout)["partitions"][0]
+
+    leader = node_of(cluster, admin, leader_id)
+    end = describe(leader)["high_watermark"]
+    assert end >= RECORDS
+    wait_for("every replica to hold everything",
+             lambda: all((describe(n)["high_watermark"] or 0) >= end for n in cluster.nodes), timeout=30)
+
+    def checksum(node):
+        """The copy's checksum up to `end`, or the error the CLI printed."""
+        answer = cli(node, "topic", "checksum", TOPIC, "--partition", "0", "--to", str(end),
+                     "--output", "json", check=False)
+        if answer.returncode != 0:
+            return answer.stderr + answer.stdout
+        summed = json.loads(answer.stdout)
+        summed.pop("node")
+        return summed
+
+    good = checksum(leader)
+    assert isinstance(good, dict) and good["end_offset"] == end, good
+
+    # A follower, down: one sealed segment deleted, a byte flipped in the first batch of
+    # another (before its last index entry, where opening does not look).
+    follower = node_of(cluster, admin, next(r for r in replicas if r != leader_id))
+    follower.kill()
+    sealed = sealed_segments(follower)
+    assert len(sealed) >= 6, sealed
+    missing, flipped = sealed[3], sealed[1]
+    missing.unlink()
+    flip(flipped, 80)
+    follower.start(timeout=FORM_TIMEOUT)
+
+    # Opening met the missing segment, looked for damage everywhere and rebuilt both before
+    # the replica opened.
+    wait_for("the missing segment to be rebuilt", missing.exists, timeout=30)
+    wait_for("the follower's copy to checksum as the leader's", lambda: checksum(follower) == good,
+             timeout=30, interval=0.5)
+    log = follower.log_path.read_text(errors="replace")
+    assert "a segment is missing" in log and "CRC" in log, log[-3000:]
+    assert log.count("rebuilt damaged offsets from another replica") == 2, log[-3000:]
+
+    # The running follower: a byte flipped in another sealed segment. The first read that
+    # meets it fails, naming the file, and starts the rebuild.
+    flipped = sealed_segments(follower)[4]
+    flip(flipped, 80)
+    first = checksum(follower)
+    assert isinstance(first, str) and flipped.name in first, first
+    wait_for("the follower's copy to checksum as the leader's again", lambda: checksum(follower) == good,
+             timeout=30, interval=0.5)
+    log = follower.log_path.read_text(errors="replace")
+    assert log.count("rebuilt damaged offsets from another replica") == 3, log[-3000:]
+
+    # The running leader: a byte flipped in a sealed segment. Readers get an error for the
+    # damaged offsets, never the damaged records, until the leader has rebuilt the segment.
+    leader_id = wait_for("a leader", lambda: partition_state(admin, TOPIC), timeout=30)[0]
+    leader = node_of(cluster, admin, leader_id)
+    rebuilt_before = leader.log_path.read_text(errors="replace").count("rebuilt damaged offsets")
+    flip(sealed_segments(leader)[2], 100)
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "reader",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(TOPIC, 0, 0)])
+    values = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(values) < RECORDS and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None or message.error():
+                continue
+            values.append(int(message.value().split(b":")[0]))
+    finally:
+        consumer.close()
+    assert values == list(range(RECORDS)), (len(values), values[:5])
+    log = leader.log_path.read_text(errors="replace")
+    assert log.count("rebuilt damaged offsets") == rebuilt_before + 1, log[-3000:]
+    assert all(checksum(node) == good for node in cluster.nodes)
