@@ -131,3 +131,69 @@ def test_damaged_and_missing_segments_are_rebuilt_from_the_other_replicas(nodes_
     log = leader.log_path.read_text(errors="replace")
     assert log.count("rebuilt damaged offsets") == rebuilt_before + 1, log[-3000:]
     assert all(checksum(node) == good for node in cluster.nodes)
+
+    # A follower that fell behind catches up from the leader's log while a segment it needs is
+    # damaged on the leader: the leader's Raft read meets the damage, rebuilds the segment from
+    # the other follower and sends the entries (its group does not stop).
+    leader_id, replicas, _ = wait_for("a leader", lambda: partition_state(admin, TOPIC), timeout=30)
+    leader = node_of(cluster, admin, leader_id)
+    behind = node_of(cluster, admin, next(r for r in replicas if r != leader_id))
+    behind.kill()
+    known = len(sealed_segments(leader))
+    for i in range(RECORDS, 2 * RECORDS):
+        producer.produce(TOPIC, b"%d:" % i + b"x" * 60, partition=0)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+    end = describe(leader)["high_watermark"]
+    rebuilt_before = leader.log_path.read_text(errors="replace").count("rebuilt damaged offsets")
+    flip(sealed_segments(leader)[known + 1], 100)
+    behind.start(timeout=FORM_TIMEOUT)
+    good = checksum(next(n for n in cluster.nodes if n not in (leader, behind)))
+    assert isinstance(good, dict) and good["end_offset"] == end, good
+    wait_for("the follower to catch up and checksum as the others",
+             lambda: checksum(behind) == good, timeout=60, interval=0.5)
+    # Rebuilt by the Raft read (nothing else read the leader's copy meanwhile), and the
+    # partition kept its leader.
+    log = leader.log_path.read_text(errors="replace")
+    assert log.count("rebuilt damaged offsets") == rebuilt_before + 1, log[-3000:]
+    assert partition_state(admin, TOPIC)[0] == leader_id
+    assert checksum(leader) == good
+
+
+def test_a_follower_far_behind_big_entries_catches_up(nodes_factory):
+    """A follower stopped while 80 records of 900 KB are written (about 72 MB, more than one
+    transport frame may carry) catches up: AppendEntries stop at 8 MiB, so openraft's batch of
+    entries is cut short rather than refused, and the follower's copy checksums as the leader's."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import NewTopic
+
+    from conftest import run_cli as cli
+
+    cluster, bootstrap, admin = three_nodes(nodes_factory)
+    admin.create_topics([NewTopic("big", num_partitions=1, replication_factor=3)])["big"].result(30)
+    leader_id, replicas, _ = wait_for("a leader", lambda: partition_state(admin, "big"), timeout=30)
+    leader = node_of(cluster, admin, leader_id)
+    follower = node_of(cluster, admin, next(r for r in replicas if r != leader_id))
+    follower.kill()
+    producer = Producer({"bootstrap.servers": leader.kafka, "acks": "all", "linger.ms": 0,
+                         "message.max.bytes": 1_000_000})
+    for i in range(80):
+        producer.produce("big", bytes([i]) * 900_000, partition=0)
+        producer.poll(0)
+    assert producer.flush(120) == 0
+
+    def checksum(node):
+        answer = cli(node, "topic", "checksum", "big", "--partition", "0", "--to", str(end),
+                     "--output", "json", check=False)
+        if answer.returncode != 0:
+            return None
+        summed = json.loads(answer.stdout)
+        summed.pop("node")
+        return summed
+
+    end = json.loads(cli(leader, "topic", "describe", "big", "--output", "json").stdout)["partitions"][0]["high_watermark"]
+    assert end >= 80
+    follower.start(timeout=FORM_TIMEOUT)
+    good = checksum(leader)
+    assert good["bytes"] > 72_000_000, good
+    wait_for("the follower to catch up", lambda: checksum(follower) == good, timeout=120, interval=0.5)

@@ -48,6 +48,12 @@ SKIP = {
     # broker; a Sluice node's id is generated at its first start, so the assignment names a
     # broker that does not exist and is refused (INVALID_REPLICA_ASSIGNMENT), as Kafka would.
     "test_admin_integration.py::test_create_partitions": "hard-codes broker id 0",
+    # Its wait for all four consumers compares the sets the wrong way round
+    # (`set(consumers.keys()) - set(range(4))` is always empty), so on a slow machine it takes
+    # the first consumer's lone assignment for the stable group and then finds that consumer
+    # revoked by the later ones joining (failed so once in CI here, 2026-12-07). Four members
+    # rebalancing are covered by tests/kafka's own group tests.
+    "test_consumer_group.py::test_group": "racy in the suite: its all-consumers check is reversed",
 }
 
 # A race in kafka-python 3.0.x's client, not in the broker: when a consumer subscribes while its
