@@ -15,7 +15,7 @@ import json
 import time
 
 from test_cluster import FORM_TIMEOUT, nodes_factory, wait_for  # noqa: F401
-from test_replicated_partitions import node_of, partition_state, three_nodes
+from test_replicated_partitions import node_of, partition_state, preferred_leads, three_nodes
 
 TOPIC = "damaged"
 RECORDS = 3000
@@ -197,3 +197,100 @@ def test_a_follower_far_behind_big_entries_catches_up(nodes_factory):
     good = checksum(leader)
     assert good["bytes"] > 72_000_000, good
     wait_for("the follower to catch up", lambda: checksum(follower) == good, timeout=120, interval=0.5)
+
+
+def test_a_replica_that_lost_trimmed_entries_does_not_stop_the_group(nodes_factory):
+    """A follower whose copy is lost after DeleteRecords trimmed every replica (its directory
+    deleted while it was down) needs entries no replica has any more. The leader's group goes
+    on without it — openraft knows the trimmed entries are gone and offers a snapshot, which the
+    follower's transport refuses — rather than stopping on a read of what the trim deleted:
+    acks=all writes are still answered, by the same leader, in the same epoch."""
+    import shutil
+
+    from confluent_kafka import Producer, TopicPartition
+    from confluent_kafka.admin import NewTopic
+
+    topic = "lost"
+    cluster, bootstrap, admin = three_nodes(nodes_factory)
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=3,
+                                  config={"segment.bytes": "16384"})])[topic].result(30)
+    # Leadership settles on the preferred replica first (it may move once after creation).
+    wait_for("the preferred replica to lead", lambda: preferred_leads(admin, topic), timeout=30)
+    leader_id, replicas, _ = wait_for("a leader", lambda: partition_state(admin, topic), timeout=30)
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
+                         "enable.idempotence": True, "message.timeout.ms": 20000})
+
+    def produce(first, count):
+        for i in range(first, first + count):
+            producer.produce(topic, b"%d:" % i + b"y" * 60, partition=0)
+            producer.poll(0)
+        return producer.flush(30)
+
+    assert produce(0, 3000) == 0
+    result = admin.delete_records([TopicPartition(topic, 0, 1000)])[TopicPartition(topic, 0, 1000)].result(30)
+    assert result.low_watermark == 1000
+    leader = node_of(cluster, admin, leader_id)
+    follower = node_of(cluster, admin, next(r for r in replicas if r != leader_id))
+    wait_for("every copy to start at 1000",
+             lambda: all((n.data_dir / "logs" / f"{topic}-0" / "log-start-offset").exists()
+                         and (n.data_dir / "logs" / f"{topic}-0" / "log-start-offset").read_text() == "1000"
+                         for n in cluster.nodes), timeout=20)
+    follower.kill()
+    shutil.rmtree(follower.data_dir / "logs" / f"{topic}-0")
+    follower.start(timeout=FORM_TIMEOUT)
+    time.sleep(3)  # the leader meets the follower's empty log meanwhile
+    assert produce(3000, 500) == 0
+    assert partition_state(admin, topic)[0] == leader_id
+    time.sleep(2)
+    assert produce(3500, 500) == 0
+    assert partition_state(admin, topic)[0] == leader_id
+    log = leader.log_path.read_text(errors="replace")
+    assert "were deleted by retention or DeleteRecords" not in log, log[-3000:]
+
+
+def test_a_replica_whose_copy_was_lost_is_sent_the_log_again(nodes_factory):
+    """A follower's copy of an untrimmed partition is deleted while it is down (a replaced
+    disk): restarted empty, it is sent the whole log by the leader — which neither stops nor
+    changes — and ends byte-identical to the others."""
+    import shutil
+
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import NewTopic
+
+    from conftest import run_cli as cli
+
+    topic = "refilled"
+    cluster, bootstrap, admin = three_nodes(nodes_factory)
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=3,
+                                  config={"segment.bytes": "65536"})])[topic].result(30)
+    # Leadership settles on the preferred replica first (it may move once after creation).
+    wait_for("the preferred replica to lead", lambda: preferred_leads(admin, topic), timeout=30)
+    leader_id, replicas, _ = wait_for("a leader", lambda: partition_state(admin, topic), timeout=30)
+    leader = node_of(cluster, admin, leader_id)
+    follower = node_of(cluster, admin, next(r for r in replicas if r != leader_id))
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
+                         "enable.idempotence": True})
+    for i in range(5000):
+        producer.produce(topic, b"%d:" % i + b"z" * 60, partition=0)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+    follower.kill()
+    shutil.rmtree(follower.data_dir / "logs" / f"{topic}-0")
+    follower.start(timeout=FORM_TIMEOUT)
+    end = json.loads(cli(leader, "topic", "describe", topic, "--output", "json").stdout)["partitions"][0]["high_watermark"]
+
+    def checksum(node):
+        answer = cli(node, "topic", "checksum", topic, "--partition", "0", "--to", str(end),
+                     "--output", "json", check=False)
+        if answer.returncode != 0:
+            return None
+        summed = json.loads(answer.stdout)
+        summed.pop("node")
+        return summed
+
+    good = checksum(leader)
+    assert good["bytes"] > 5000 * 60, good
+    wait_for("the emptied follower to hold the log again", lambda: checksum(follower) == good,
+             timeout=60, interval=0.5)
+    assert partition_state(admin, topic)[0] == leader_id
+    assert "panicked" not in leader.log_path.read_text(errors="replace")

@@ -243,6 +243,11 @@ impl PartitionLog {
         self.shared.state.lock().purged.is_some()
     }
 
+    /// The index of the last entry purged (a trim deleted it), if any.
+    pub fn purged_index(&self) -> Option<u64> {
+        self.shared.state.lock().purged.map(|p| p.index)
+    }
+
     /// Where the entry at `index` is, if the log holds it.
     pub fn entry_loc(&self, index: u64) -> io::Result<Option<EntryLoc>> {
         let state = self.shared.state.lock();

@@ -355,6 +355,9 @@ pub struct PartitionReplica {
     /// Woken when an applied trim entry moved the machine's log start past the log's.
     trims: Arc<Notify>,
     watcher: tokio::task::JoinHandle<()>,
+    /// Set when this replica's Raft core ended without saying why in its metrics (a panic):
+    /// its last metrics are stale, and it leads nothing.
+    stopped: Arc<AtomicBool>,
     balancer: Option<tokio::task::JoinHandle<()>>,
     housekeeper: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
     /// The replica that should lead when it can (changed by a reassignment).
@@ -544,12 +547,13 @@ impl PartitionReplica {
             ))
         });
         let trims = Arc::new(Notify::new());
+        let stopped = Arc::new(AtomicBool::new(false));
         let watcher = tokio::spawn(watch_applied(
             raft.metrics(),
             (log.clone(), machine.clone()),
             high_watermark.clone(),
             Arc::clone(&router),
-            Arc::clone(&trims),
+            (Arc::clone(&trims), Arc::clone(&stopped)),
             (id, group),
         ));
         let writer = Arc::new(Writer {
@@ -573,6 +577,7 @@ impl PartitionReplica {
             machine,
             trims,
             watcher,
+            stopped,
             balancer,
             housekeeper: std::sync::OnceLock::new(),
             preferred,
@@ -637,12 +642,19 @@ impl PartitionReplica {
 
     /// `read` of the group's current metrics, without copying them.
     fn metrics<T>(&self, read: impl FnOnce(&RaftMetrics<PartitionTypes>) -> T) -> T {
-        read(&self.raft.metrics().borrow_watched())
+        let receiver = self.raft.metrics();
+        let metrics = receiver.borrow_watched();
+        if self.stopped.load(Ordering::Acquire) && metrics.running_state.is_ok() {
+            let mut stopped = metrics.clone();
+            stopped.running_state = Err(openraft::errors::Fatal::Panicked);
+            return read(&stopped);
+        }
+        read(&metrics)
     }
 
     /// The leader this replica knows of, and the current term (the Kafka leader epoch).
     pub fn leader(&self) -> (Option<NodeId>, u64) {
-        self.metrics(|metrics| (metrics.current_leader, metrics.current_term))
+        self.metrics(|metrics| (leader_of(metrics), metrics.current_term))
     }
 
     /// Kafka's preferred leader election, on the leader: hands leadership to the preferred
@@ -662,7 +674,7 @@ impl PartitionReplica {
                 .as_ref()
                 .and_then(|h| h.get(&preferred).cloned().flatten())
                 .is_some_and(|at| at.elapsed() < Duration::from_secs(1));
-            (metrics.current_leader, caught_up && answering)
+            (leader_of(metrics), caught_up && answering)
         });
         if leader == Some(preferred) {
             return PreferredElection::NotNeeded;
@@ -695,7 +707,7 @@ impl PartitionReplica {
         let Some(quiet) = &self.quiet else {
             return;
         };
-        if self.metrics(|metrics| metrics.current_leader) != Some(self.id) {
+        if self.metrics(leader_of) != Some(self.id) {
             return;
         }
         let Some(woke) = quiet.stir().filter(|at| at.elapsed() < self.wake_wait) else {
@@ -750,7 +762,7 @@ impl PartitionReplica {
     /// index; `None` elsewhere.
     pub fn progress(&self, node: NodeId) -> Option<(Option<u64>, u64)> {
         self.metrics(|metrics| {
-            if metrics.current_leader != Some(self.id) {
+            if leader_of(metrics) != Some(self.id) {
                 return None;
             }
             let matched = metrics
@@ -801,7 +813,7 @@ impl PartitionReplica {
         }
         let notice = self.metrics(|metrics| {
             let last = metrics.last_log_index?;
-            let settled = metrics.current_leader == Some(self.id)
+            let settled = leader_of(metrics) == Some(self.id)
                 && metrics.last_applied.as_ref().map(|l| l.leader_id.term)
                     == Some(metrics.current_term)
                 && metrics.last_applied.as_ref().map(|l| l.index) == Some(last)
@@ -867,7 +879,7 @@ impl PartitionReplica {
     }
 
     fn not_serving(&self) -> ReplicaError {
-        let leader = self.metrics(|metrics| metrics.current_leader);
+        let leader = self.metrics(leader_of);
         if leader == Some(self.id) {
             ReplicaError::NotReady
         } else {
@@ -880,7 +892,7 @@ impl PartitionReplica {
     /// reassignment added does not make a write more durable until it votes.
     pub fn in_sync(&self, lag: Duration) -> usize {
         self.metrics(|metrics| {
-            if metrics.current_leader != Some(self.id) {
+            if leader_of(metrics) != Some(self.id) {
                 return 0;
             }
             // Quiet: every follower acknowledged the whole log; it counts while its node
@@ -916,7 +928,7 @@ impl PartitionReplica {
     /// after the last entry the leader knows it holds, and how long ago it last answered.
     pub fn followers(&self) -> Vec<Follower> {
         let (matched, contacts) = self.metrics(|metrics| {
-            if metrics.current_leader != Some(self.id) {
+            if leader_of(metrics) != Some(self.id) {
                 return (Vec::new(), BTreeMap::new());
             }
             let matched: Vec<(NodeId, Option<u64>, bool)> = metrics
@@ -1060,7 +1072,7 @@ impl PartitionReplica {
     /// knows nothing of a replica yet).
     fn trim_bound(&self) -> u64 {
         let matched: Option<Vec<Option<u64>>> = self.metrics(|metrics| {
-            if metrics.current_leader != Some(self.id) {
+            if leader_of(metrics) != Some(self.id) {
                 return None;
             }
             let replication = metrics.replication.as_ref()?;
@@ -1189,7 +1201,17 @@ impl PartitionReplica {
         }
         let log = self.log.clone();
         match tokio::task::spawn_blocking(move || log.trim_to(wanted)).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => {
+                // openraft learns that the entries up to the purge mark are gone, so it reads
+                // none of them again: a replica that lacks them (it lost data it had) is offered
+                // a snapshot, which its transport refuses (the group's data is its log), and
+                // stays behind, logged, rather than this replica's group stopping on the read.
+                if let Some(purged) = self.log.purged_index()
+                    && self.raft.trigger().purge_log(purged).await.is_err()
+                {
+                    tracing::debug!(group = self.group, "the group stopped before it purged");
+                }
+            }
             Ok(Err(e)) => {
                 tracing::error!(group = self.group, error = %e, "cannot trim a partition's log")
             }
@@ -1244,11 +1266,11 @@ impl PartitionReplica {
     /// restart costs its clients a transfer rather than an election timeout. Does nothing on
     /// a follower.
     pub async fn hand_over(&self) {
-        if self.metrics(|metrics| metrics.current_leader) == Some(self.id) {
+        if self.metrics(leader_of) == Some(self.id) {
             self.stir().await;
         }
         let target = self.metrics(|metrics| {
-            if metrics.current_leader != Some(self.id) {
+            if leader_of(metrics) != Some(self.id) {
                 return None;
             }
             metrics
@@ -1498,7 +1520,7 @@ impl Writer {
     fn ready_epoch(&self) -> Option<u64> {
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow_watched();
-        (metrics.current_leader == Some(self.id)
+        (leader_of(&metrics) == Some(self.id)
             && metrics
                 .last_applied
                 .is_some_and(|id| id.leader_id.term == metrics.current_term))
@@ -1667,6 +1689,16 @@ fn next_sequence(sequence: i32) -> i32 {
     }
 }
 
+/// The leader a replica's metrics name — none once its Raft core has stopped (a storage
+/// failure, or openraft's own refusal to go on): a stopped group leads nothing, though its
+/// last metrics still name whoever led.
+fn leader_of(metrics: &RaftMetrics<PartitionTypes>) -> Option<NodeId> {
+    if metrics.running_state.is_err() {
+        return None;
+    }
+    metrics.current_leader
+}
+
 /// The openraft configuration of partition group `group`.
 pub fn raft_config(
     group: u32,
@@ -1691,6 +1723,12 @@ pub fn raft_config(
         // re-applying the log, with a producer state missing the newest batches (found by
         // scripts/chaos: librdkafka raised OUT_OF_ORDER_SEQUENCE_NUMBER).
         enable_leader_restore: Some(false),
+        // A follower whose log went backwards (its copy was lost: a replaced disk, a deleted
+        // directory) is sent the log again from where it now ends, as Kafka refills an empty
+        // replica, instead of openraft stopping the leader's group (which only hands the
+        // partition to a leader that does not know the follower lost anything, after an
+        // election that follower may vote in).
+        allow_log_reversion: Some(true),
         ..Default::default()
     }
     .validate()
@@ -1783,7 +1821,7 @@ async fn hand_to_preferred(
                 .as_ref()
                 .and_then(|h| h.get(&preferred).cloned().flatten())
                 .is_some_and(|at| at.elapsed() < every.min(Duration::from_secs(1)));
-            metrics.current_leader == Some(id) && caught_up && answering
+            leader_of(&metrics) == Some(id) && caught_up && answering
         } && may_lead.check(preferred);
         if ready {
             tracing::info!(group = %raft.config().cluster_name, to = preferred, "handing leadership to the preferred replica");
@@ -1819,7 +1857,7 @@ async fn watch_applied(
     (log, machine): (PartitionLog, PartitionMachineStore),
     high_watermark: watch::Sender<u64>,
     router: Arc<Router>,
-    trims: Arc<Notify>,
+    (trims, stopped): (Arc<Notify>, Arc<AtomicBool>),
     (id, group): (NodeId, u32),
 ) {
     let mut known_leader = None;
@@ -1831,12 +1869,14 @@ async fn watch_applied(
             let metrics = metrics.borrow_watched();
             (
                 metrics.last_applied,
-                metrics.current_leader,
+                leader_of(&metrics),
                 metrics.current_term,
             )
         };
         if known_leader != Some((leader, term)) {
-            if leader.is_some() {
+            if let Err(fatal) = &metrics.borrow_watched().running_state {
+                tracing::error!(dir = %log.dir().display(), error = %fatal, "this replica's Raft group stopped: it serves nothing until the node restarts");
+            } else if leader.is_some() {
                 tracing::info!(dir = %log.dir().display(), leader, term, "partition leader");
             }
             router.set_leading(group, (leader == Some(id)).then_some(term));
@@ -1862,6 +1902,13 @@ async fn watch_applied(
             }
         }
         if metrics.changed().await.is_err() {
+            // The core is gone without a word in its metrics (it panicked: openraft refuses,
+            // for one, to go on with a follower whose log went backwards).
+            if metrics.borrow_watched().running_state.is_ok() {
+                stopped.store(true, Ordering::Release);
+                router.set_leading(group, None);
+                tracing::error!(dir = %log.dir().display(), "this replica's Raft group stopped (its core panicked): it serves nothing until the node restarts");
+            }
             return;
         }
     }
