@@ -38,6 +38,20 @@ def flip(path, at):
         file.write(bytes([byte[0] ^ 0x20]))
 
 
+def checksum(node, topic, end):
+    """A copy's checksum of partition 0 up to `end` (without the node's id, so that copies
+    compare), or the error the command line printed."""
+    from conftest import run_cli as cli
+
+    answer = cli(node, "topic", "checksum", topic, "--partition", "0", "--to", str(end),
+                 "--output", "json", check=False)
+    if answer.returncode != 0:
+        return answer.stderr + answer.stdout
+    summed = json.loads(answer.stdout)
+    summed.pop("node")
+    return summed
+
+
 def test_damaged_and_missing_segments_are_rebuilt_from_the_other_replicas(nodes_factory):
     from confluent_kafka import Consumer, Producer, TopicPartition
     from confluent_kafka.admin import NewTopic
@@ -64,17 +78,7 @@ def test_damaged_and_missing_segments_are_rebuilt_from_the_other_replicas(nodes_
     wait_for("every replica to hold everything",
              lambda: all((describe(n)["high_watermark"] or 0) >= end for n in cluster.nodes), timeout=30)
 
-    def checksum(node):
-        """The copy's checksum up to `end`, or the error the CLI printed."""
-        answer = cli(node, "topic", "checksum", TOPIC, "--partition", "0", "--to", str(end),
-                     "--output", "json", check=False)
-        if answer.returncode != 0:
-            return answer.stderr + answer.stdout
-        summed = json.loads(answer.stdout)
-        summed.pop("node")
-        return summed
-
-    good = checksum(leader)
+    good = checksum(leader, TOPIC, end)
     assert isinstance(good, dict) and good["end_offset"] == end, good
 
     # A follower, down: one sealed segment deleted, a byte flipped in the first batch of
@@ -91,7 +95,7 @@ def test_damaged_and_missing_segments_are_rebuilt_from_the_other_replicas(nodes_
     # Opening met the missing segment, looked for damage everywhere and rebuilt both before
     # the replica opened.
     wait_for("the missing segment to be rebuilt", missing.exists, timeout=30)
-    wait_for("the follower's copy to checksum as the leader's", lambda: checksum(follower) == good,
+    wait_for("the follower's copy to checksum as the leader's", lambda: checksum(follower, TOPIC, end) == good,
              timeout=30, interval=0.5)
     log = follower.log_path.read_text(errors="replace")
     assert "a segment is missing" in log and "CRC" in log, log[-3000:]
@@ -101,9 +105,9 @@ def test_damaged_and_missing_segments_are_rebuilt_from_the_other_replicas(nodes_
     # meets it fails, naming the file, and starts the rebuild.
     flipped = sealed_segments(follower)[4]
     flip(flipped, 80)
-    first = checksum(follower)
+    first = checksum(follower, TOPIC, end)
     assert isinstance(first, str) and flipped.name in first, first
-    wait_for("the follower's copy to checksum as the leader's again", lambda: checksum(follower) == good,
+    wait_for("the follower's copy to checksum as the leader's again", lambda: checksum(follower, TOPIC, end) == good,
              timeout=30, interval=0.5)
     log = follower.log_path.read_text(errors="replace")
     assert log.count("rebuilt damaged offsets from another replica") == 3, log[-3000:]
@@ -130,7 +134,7 @@ def test_damaged_and_missing_segments_are_rebuilt_from_the_other_replicas(nodes_
     assert values == list(range(RECORDS)), (len(values), values[:5])
     log = leader.log_path.read_text(errors="replace")
     assert log.count("rebuilt damaged offsets") == rebuilt_before + 1, log[-3000:]
-    assert all(checksum(node) == good for node in cluster.nodes)
+    assert all(checksum(node, TOPIC, end) == good for node in cluster.nodes)
 
     # A follower that fell behind catches up from the leader's log while a segment it needs is
     # damaged on the leader: the leader's Raft read meets the damage, rebuilds the segment from
@@ -148,16 +152,16 @@ def test_damaged_and_missing_segments_are_rebuilt_from_the_other_replicas(nodes_
     rebuilt_before = leader.log_path.read_text(errors="replace").count("rebuilt damaged offsets")
     flip(sealed_segments(leader)[known + 1], 100)
     behind.start(timeout=FORM_TIMEOUT)
-    good = checksum(next(n for n in cluster.nodes if n not in (leader, behind)))
+    good = checksum(next(n for n in cluster.nodes if n not in (leader, behind)), TOPIC, end)
     assert isinstance(good, dict) and good["end_offset"] == end, good
     wait_for("the follower to catch up and checksum as the others",
-             lambda: checksum(behind) == good, timeout=60, interval=0.5)
+             lambda: checksum(behind, TOPIC, end) == good, timeout=60, interval=0.5)
     # Rebuilt by the Raft read (nothing else read the leader's copy meanwhile), and the
     # partition kept its leader.
     log = leader.log_path.read_text(errors="replace")
     assert log.count("rebuilt damaged offsets") == rebuilt_before + 1, log[-3000:]
     assert partition_state(admin, TOPIC)[0] == leader_id
-    assert checksum(leader) == good
+    assert checksum(leader, TOPIC, end) == good
 
 
 def test_a_follower_far_behind_big_entries_catches_up(nodes_factory):
@@ -181,22 +185,12 @@ def test_a_follower_far_behind_big_entries_catches_up(nodes_factory):
         producer.produce("big", bytes([i]) * 900_000, partition=0)
         producer.poll(0)
     assert producer.flush(120) == 0
-
-    def checksum(node):
-        answer = cli(node, "topic", "checksum", "big", "--partition", "0", "--to", str(end),
-                     "--output", "json", check=False)
-        if answer.returncode != 0:
-            return None
-        summed = json.loads(answer.stdout)
-        summed.pop("node")
-        return summed
-
     end = json.loads(cli(leader, "topic", "describe", "big", "--output", "json").stdout)["partitions"][0]["high_watermark"]
     assert end >= 80
     follower.start(timeout=FORM_TIMEOUT)
-    good = checksum(leader)
+    good = checksum(leader, "big", end)
     assert good["bytes"] > 72_000_000, good
-    wait_for("the follower to catch up", lambda: checksum(follower) == good, timeout=120, interval=0.5)
+    wait_for("the follower to catch up", lambda: checksum(follower, "big", end) == good, timeout=120, interval=0.5)
 
 
 def test_a_replica_that_lost_trimmed_entries_does_not_stop_the_group(nodes_factory):
@@ -278,19 +272,9 @@ def test_a_replica_whose_copy_was_lost_is_sent_the_log_again(nodes_factory):
     shutil.rmtree(follower.data_dir / "logs" / f"{topic}-0")
     follower.start(timeout=FORM_TIMEOUT)
     end = json.loads(cli(leader, "topic", "describe", topic, "--output", "json").stdout)["partitions"][0]["high_watermark"]
-
-    def checksum(node):
-        answer = cli(node, "topic", "checksum", topic, "--partition", "0", "--to", str(end),
-                     "--output", "json", check=False)
-        if answer.returncode != 0:
-            return None
-        summed = json.loads(answer.stdout)
-        summed.pop("node")
-        return summed
-
-    good = checksum(leader)
+    good = checksum(leader, topic, end)
     assert good["bytes"] > 5000 * 60, good
-    wait_for("the emptied follower to hold the log again", lambda: checksum(follower) == good,
+    wait_for("the emptied follower to hold the log again", lambda: checksum(follower, topic, end) == good,
              timeout=60, interval=0.5)
     assert partition_state(admin, topic)[0] == leader_id
     assert "panicked" not in leader.log_path.read_text(errors="replace")

@@ -49,7 +49,7 @@ use sluice_storage::{FsyncPolicy, Log, LogConfig, LogReader};
 use tokio::sync::mpsc;
 
 use super::entries::{EntryIndex, EntryLoc};
-use super::repair::{Copies, Range};
+use super::repair::{Copies, Range, report_damage, report_rebuilt};
 use super::{Entry, LogId, PartitionTypes, decode_entry, encode_entry};
 use crate::files::{context, replace_atomically};
 use crate::placement::NodeId;
@@ -481,12 +481,8 @@ async fn repair_at(shared: &Arc<Shared>, offset: u64) -> io::Result<bool> {
     let Some(damage) = damage else {
         return Ok(false);
     };
-    tracing::error!(
-        file = %damage.path.display(),
-        byte = damage.position,
-        reason = %damage.reason,
-        from = damage.from,
-        to = damage.to,
+    report_damage(
+        &damage,
         "damaged partition data: those offsets are not served until they are rebuilt from another replica",
     );
     let local = |index: u64| {
@@ -514,13 +510,7 @@ async fn repair_at(shared: &Arc<Shared>, offset: u64) -> io::Result<bool> {
         .await
         .map_err(io::Error::other)??;
     }
-    tracing::info!(
-        dir = %shared.dir.display(),
-        from = damage.from,
-        to = damage.to,
-        node = from,
-        "rebuilt damaged offsets from another replica",
-    );
+    report_rebuilt(&shared.dir, &damage, from);
     Ok(true)
 }
 

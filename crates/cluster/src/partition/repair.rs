@@ -249,6 +249,29 @@ fn storage(e: sluice_storage::StorageError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
+/// Logs damage found (file, byte, why, the offsets to rebuild) and what it means now.
+pub(crate) fn report_damage(damage: &Damage, meaning: &str) {
+    tracing::error!(
+        file = %damage.path.display(),
+        byte = damage.position,
+        reason = %damage.reason,
+        from = damage.from,
+        to = damage.to,
+        "{meaning}",
+    );
+}
+
+/// Logs that `damage` in the log in `dir` was rebuilt from node `from`.
+pub(crate) fn report_rebuilt(dir: &Path, damage: &Damage, from: NodeId) {
+    tracing::info!(
+        dir = %dir.display(),
+        from = damage.from,
+        to = damage.to,
+        node = from,
+        "rebuilt damaged offsets from another replica",
+    );
+}
+
 /// Mends every damage [`sluice_storage::repair::find_damage`] finds in the closed log in
 /// `dir` from `peers`, checking what they send against the log's own entry index. Returns how
 /// many damaged parts were rebuilt; fails (naming the damage) when one cannot be.
@@ -272,12 +295,8 @@ pub async fn rebuild_closed(dir: &Path, copies: &Copies, peers: &[NodeId]) -> io
     let entries = parking_lot::Mutex::new(entries);
     let local = |index: u64| entries.lock().get(index);
     for damage in &found {
-        tracing::error!(
-            file = %damage.path.display(),
-            byte = damage.position,
-            reason = %damage.reason,
-            from = damage.from,
-            to = damage.to,
+        report_damage(
+            damage,
             "damaged partition data: this replica does not open until the damaged offsets are rebuilt from another replica",
         );
         let (rebuilt, from) = copies.rebuild(dir, damage, peers, &local).await?;
@@ -285,13 +304,7 @@ pub async fn rebuild_closed(dir: &Path, copies: &Copies, peers: &[NodeId]) -> io
             .await
             .map_err(io::Error::other)?
             .map_err(storage)?;
-        tracing::info!(
-            dir = %dir.display(),
-            from = damage.from,
-            to = damage.to,
-            node = from,
-            "rebuilt damaged offsets from another replica",
-        );
+        report_rebuilt(dir, damage, from);
     }
     Ok(found.len())
 }
