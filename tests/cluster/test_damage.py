@@ -52,16 +52,27 @@ def checksum(node, topic, end):
     return summed
 
 
+def rf3_topic(cluster, admin, topic, config=None):
+    """Creates `topic` (one partition, three replicas) and waits until its preferred replica
+    leads (leadership may move once after creation): the leader's id, its node and a
+    follower's node."""
+    from confluent_kafka.admin import NewTopic
+
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=3,
+                                  config=config or {})])[topic].result(30)
+    wait_for("the preferred replica to lead", lambda: preferred_leads(admin, topic), timeout=30)
+    leader_id, replicas, _ = wait_for("a leader", lambda: partition_state(admin, topic), timeout=30)
+    follower_id = next(r for r in replicas if r != leader_id)
+    return leader_id, node_of(cluster, admin, leader_id), node_of(cluster, admin, follower_id)
+
+
 def test_damaged_and_missing_segments_are_rebuilt_from_the_other_replicas(nodes_factory):
     from confluent_kafka import Consumer, Producer, TopicPartition
-    from confluent_kafka.admin import NewTopic
 
     from conftest import run_cli as cli
 
     cluster, bootstrap, admin = three_nodes(nodes_factory)
-    admin.create_topics([NewTopic(TOPIC, num_partitions=1, replication_factor=3,
-                                  config={"segment.bytes": "16384"})])[TOPIC].result(30)
-    leader_id, replicas, _ = wait_for("a leader", lambda: partition_state(admin, TOPIC), timeout=30)
+    _, leader, follower = rf3_topic(cluster, admin, TOPIC, {"segment.bytes": "16384"})
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
                          "batch.size": 4096, "enable.idempotence": True})
     for i in range(RECORDS):
@@ -72,7 +83,6 @@ def test_damaged_and_missing_segments_are_rebuilt_from_the_other_replicas(nodes_
     def describe(node):
         return json.loads(cli(node, "topic", "describe", TOPIC, "--output", "json").stdout)["partitions"][0]
 
-    leader = node_of(cluster, admin, leader_id)
     end = describe(leader)["high_watermark"]
     assert end >= RECORDS
     wait_for("every replica to hold everything",
@@ -83,7 +93,6 @@ def test_damaged_and_missing_segments_are_rebuilt_from_the_other_replicas(nodes_
 
     # A follower, down: one sealed segment deleted, a byte flipped in the first batch of
     # another (before its last index entry, where opening does not look).
-    follower = node_of(cluster, admin, next(r for r in replicas if r != leader_id))
     follower.kill()
     sealed = sealed_segments(follower)
     assert len(sealed) >= 6, sealed
@@ -169,15 +178,11 @@ def test_a_follower_far_behind_big_entries_catches_up(nodes_factory):
     transport frame may carry) catches up: AppendEntries stop at 8 MiB, so openraft's batch of
     entries is cut short rather than refused, and the follower's copy checksums as the leader's."""
     from confluent_kafka import Producer
-    from confluent_kafka.admin import NewTopic
 
     from conftest import run_cli as cli
 
     cluster, bootstrap, admin = three_nodes(nodes_factory)
-    admin.create_topics([NewTopic("big", num_partitions=1, replication_factor=3)])["big"].result(30)
-    leader_id, replicas, _ = wait_for("a leader", lambda: partition_state(admin, "big"), timeout=30)
-    leader = node_of(cluster, admin, leader_id)
-    follower = node_of(cluster, admin, next(r for r in replicas if r != leader_id))
+    _, leader, follower = rf3_topic(cluster, admin, "big")
     follower.kill()
     producer = Producer({"bootstrap.servers": leader.kafka, "acks": "all", "linger.ms": 0,
                          "message.max.bytes": 1_000_000})
@@ -202,15 +207,10 @@ def test_a_replica_that_lost_trimmed_entries_does_not_stop_the_group(nodes_facto
     import shutil
 
     from confluent_kafka import Producer, TopicPartition
-    from confluent_kafka.admin import NewTopic
 
     topic = "lost"
     cluster, bootstrap, admin = three_nodes(nodes_factory)
-    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=3,
-                                  config={"segment.bytes": "16384"})])[topic].result(30)
-    # Leadership settles on the preferred replica first (it may move once after creation).
-    wait_for("the preferred replica to lead", lambda: preferred_leads(admin, topic), timeout=30)
-    leader_id, replicas, _ = wait_for("a leader", lambda: partition_state(admin, topic), timeout=30)
+    leader_id, leader, follower = rf3_topic(cluster, admin, topic, {"segment.bytes": "16384"})
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
                          "enable.idempotence": True, "message.timeout.ms": 20000})
 
@@ -223,8 +223,6 @@ def test_a_replica_that_lost_trimmed_entries_does_not_stop_the_group(nodes_facto
     assert produce(0, 3000) == 0
     result = admin.delete_records([TopicPartition(topic, 0, 1000)])[TopicPartition(topic, 0, 1000)].result(30)
     assert result.low_watermark == 1000
-    leader = node_of(cluster, admin, leader_id)
-    follower = node_of(cluster, admin, next(r for r in replicas if r != leader_id))
     wait_for("every copy to start at 1000",
              lambda: all((n.data_dir / "logs" / f"{topic}-0" / "log-start-offset").exists()
                          and (n.data_dir / "logs" / f"{topic}-0" / "log-start-offset").read_text() == "1000"
@@ -249,19 +247,12 @@ def test_a_replica_whose_copy_was_lost_is_sent_the_log_again(nodes_factory):
     import shutil
 
     from confluent_kafka import Producer
-    from confluent_kafka.admin import NewTopic
 
     from conftest import run_cli as cli
 
     topic = "refilled"
     cluster, bootstrap, admin = three_nodes(nodes_factory)
-    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=3,
-                                  config={"segment.bytes": "65536"})])[topic].result(30)
-    # Leadership settles on the preferred replica first (it may move once after creation).
-    wait_for("the preferred replica to lead", lambda: preferred_leads(admin, topic), timeout=30)
-    leader_id, replicas, _ = wait_for("a leader", lambda: partition_state(admin, topic), timeout=30)
-    leader = node_of(cluster, admin, leader_id)
-    follower = node_of(cluster, admin, next(r for r in replicas if r != leader_id))
+    leader_id, leader, follower = rf3_topic(cluster, admin, topic, {"segment.bytes": "65536"})
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
                          "enable.idempotence": True})
     for i in range(5000):
