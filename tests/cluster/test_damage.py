@@ -198,15 +198,18 @@ def test_a_follower_far_behind_big_entries_catches_up(nodes_factory):
     wait_for("the follower to catch up", lambda: checksum(follower, "big", end) == good, timeout=120, interval=0.5)
 
 
-def test_a_replica_that_lost_trimmed_entries_does_not_stop_the_group(nodes_factory):
+def test_a_replica_that_lost_trimmed_entries_copies_the_retained_log(nodes_factory):
     """A follower whose copy is lost after DeleteRecords trimmed every replica (its directory
-    deleted while it was down) needs entries no replica has any more. The leader's group goes
-    on without it — openraft knows the trimmed entries are gone and offers a snapshot, which the
-    follower's transport refuses — rather than stopping on a read of what the trim deleted:
-    acks=all writes are still answered, by the same leader, in the same epoch."""
+    deleted while it was down) needs entries no replica has any more. openraft offers it the
+    leader's snapshot; before installing it the follower copies the leader's retained log up to
+    the snapshot's entry, then takes the entries after it as usual. The leader neither stops
+    nor changes, writes go on meanwhile, and the follower's copy ends byte-identical to the
+    leader's from the same log start offset."""
     import shutil
 
     from confluent_kafka import Producer, TopicPartition
+
+    from conftest import run_cli as cli
 
     topic = "lost"
     cluster, bootstrap, admin = three_nodes(nodes_factory)
@@ -220,24 +223,38 @@ def test_a_replica_that_lost_trimmed_entries_does_not_stop_the_group(nodes_facto
             producer.poll(0)
         return producer.flush(30)
 
-    assert produce(0, 3000) == 0
-    result = admin.delete_records([TopicPartition(topic, 0, 1000)])[TopicPartition(topic, 0, 1000)].result(30)
-    assert result.low_watermark == 1000
-    wait_for("every copy to start at 1000",
+    def high_watermark():
+        described = json.loads(cli(leader, "topic", "describe", topic, "--output", "json").stdout)
+        return described["partitions"][0]["high_watermark"]
+
+    assert produce(0, 1000) == 0
+    # Where nothing was being written: an entry ends there, on every replica.
+    trim_at = high_watermark()
+    assert produce(1000, 2000) == 0
+    at = TopicPartition(topic, 0, trim_at)
+    assert admin.delete_records([at])[at].result(30).low_watermark == trim_at
+    wait_for(f"every copy to start at {trim_at}",
              lambda: all((n.data_dir / "logs" / f"{topic}-0" / "log-start-offset").exists()
-                         and (n.data_dir / "logs" / f"{topic}-0" / "log-start-offset").read_text() == "1000"
+                         and (n.data_dir / "logs" / f"{topic}-0" / "log-start-offset").read_text() == str(trim_at)
                          for n in cluster.nodes), timeout=20)
     follower.kill()
     shutil.rmtree(follower.data_dir / "logs" / f"{topic}-0")
     follower.start(timeout=FORM_TIMEOUT)
-    time.sleep(3)  # the leader meets the follower's empty log meanwhile
     assert produce(3000, 500) == 0
     assert partition_state(admin, topic)[0] == leader_id
-    time.sleep(2)
+    end = high_watermark()
+    good = checksum(leader, topic, end)
+    assert good["log_start_offset"] == trim_at and good["bytes"] > 2500 * 60, good
+    wait_for("the emptied follower to hold the retained log", lambda: checksum(follower, topic, end) == good,
+             timeout=60, interval=0.5)
     assert produce(3500, 500) == 0
     assert partition_state(admin, topic)[0] == leader_id
-    log = leader.log_path.read_text(errors="replace")
-    assert "were deleted by retention or DeleteRecords" not in log, log[-3000:]
+    end = high_watermark()
+    wait_for("the follower to go on from the copy", lambda: checksum(follower, topic, end) == checksum(leader, topic, end),
+             timeout=30, interval=0.5)
+    log = follower.log_path.read_text(errors="replace")
+    assert "copying another replica's retained log" in log, log[-3000:]
+    assert "panicked" not in leader.log_path.read_text(errors="replace")
 
 
 def test_a_replica_whose_copy_was_lost_is_sent_the_log_again(nodes_factory):

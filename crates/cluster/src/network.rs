@@ -84,6 +84,9 @@ pub mod method {
     /// A partition replica's entries and batches for a range of offsets, asked by another
     /// replica rebuilding damaged data (see [`crate::partition::repair`]).
     pub const READ_RANGE: u8 = 19;
+    /// A partition replica's entries and batches for a range of Raft indexes, asked by a
+    /// replica copying its retained log (see [`crate::partition::seed`]).
+    pub const READ_ENTRIES: u8 = 20;
 }
 
 /// The most an AppendEntries request carries, well under the transport's frame limit.
@@ -738,12 +741,6 @@ pub trait SnapshotCheck {
 
 impl<C: RaftTypeConfig, M: Machine> SnapshotCheck for StateMachineStore<C, M> {
     fn check_snapshot(data: &[u8]) -> io::Result<()> {
-        if !M::TAKES_PEER_SNAPSHOTS {
-            return Err(io::Error::other(
-                "this group's data is its log, which a snapshot does not hold: a replica \
-                 catches up from the log only",
-            ));
-        }
         M::decode(data).map(drop)
     }
 }

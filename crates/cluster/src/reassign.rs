@@ -5,7 +5,8 @@
 //! it is to be on opens a replica (an empty one waits for the log: it does not initialize the
 //! group), and every replica runs [`drive`], which acts only while its replica leads and is
 //! ready. The leader adds the target's new nodes as learners, waits until each holds
-//! everything committed when it looked, changes the voters to the target (openraft's joint
+//! everything committed when it looked (a learner of a trimmed log first copies the retained
+//! log: [`crate::partition::seed`]), changes the voters to the target (openraft's joint
 //! consensus: a joint config, then the target's), removes any other learner, and — once the
 //! membership is exactly the target, and only from a leader in it — commits
 //! `CompleteReassignment` through the controller. Applying that makes the target the
@@ -51,8 +52,6 @@ enum Progress {
     Done,
     /// Not this replica's to do now (not leading, a learner catching up, a change under way).
     Waiting,
-    /// It cannot go on; why.
-    Blocked(String),
 }
 
 /// Carries `job`'s reassignment out whenever this replica leads, until its end is committed.
@@ -65,7 +64,6 @@ pub(crate) async fn drive(
         return;
     };
     let target: BTreeSet<NodeId> = order.iter().map(|&n| NodeId::from(n)).collect();
-    let mut blocked = false;
     let mut rounds = Rounds::new();
     let mut tick = tokio::time::interval(STEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -77,16 +75,6 @@ pub(crate) async fn drive(
         match step(&replica, &node, &job, &target, &mut rounds).await {
             Ok(Progress::Done) => return,
             Ok(Progress::Waiting) => {}
-            Ok(Progress::Blocked(why)) => {
-                if !std::mem::replace(&mut blocked, true) {
-                    tracing::warn!(
-                        topic = job.topic,
-                        partition = job.partition,
-                        reason = why,
-                        "a reassignment cannot go on"
-                    );
-                }
-            }
             Err(error) => {
                 tracing::info!(topic = job.topic, partition = job.partition, %error, "a reassignment step failed; trying again");
                 tokio::time::sleep(BACKOFF).await;
@@ -110,20 +98,6 @@ async fn step(
         .copied()
         .collect();
     let joining: Vec<NodeId> = target.difference(&members).copied().collect();
-    let _whole = if joining.is_empty() {
-        None
-    } else {
-        Some(replica.hold_trims().await)
-    };
-    if !joining.is_empty() && replica.is_trimmed() {
-        // A learner catches up from the log's first entry, which a trim deleted; the rest of
-        // the log would have to be sent in another way (not done yet).
-        return Ok(Progress::Blocked(
-            "the partition's log was trimmed (retention or DeleteRecords), so a new replica \
-             cannot be sent the whole log; the reassignment waits until it is cancelled"
-                .into(),
-        ));
-    }
     // Membership changes are writes: a quiet group wakes for them (not while blocked, so a
     // waiting move does not keep an idle group awake).
     replica.wake().await;

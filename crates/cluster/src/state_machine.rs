@@ -52,10 +52,6 @@ pub trait Machine: Default + Send + Sync + 'static {
 
     /// The state a snapshot holds.
     fn decode(bytes: &[u8]) -> io::Result<Self>;
-
-    /// Whether a snapshot sent by a peer may replace this machine and the log before it. Not
-    /// for a partition: its data is its log, which a snapshot of its machine does not hold.
-    const TAKES_PEER_SNAPSHOTS: bool = true;
 }
 
 /// A future an [`Observer`] returns.

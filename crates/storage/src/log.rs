@@ -314,6 +314,62 @@ impl Log {
         }
     }
 
+    /// Creates an empty log in `dir`, which must hold no log, whose first offset is
+    /// `base_offset`: a copy of another log's records from there on (see [`Self::reload`]).
+    pub fn create_at(
+        dir: impl AsRef<Path>,
+        config: LogConfig,
+        base_offset: u64,
+        now_ms: i64,
+    ) -> Result<Self, StorageError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|source| StorageError::io("create", dir, source))?;
+        if !list_segments(dir)?.is_empty() {
+            return Err(StorageError::io(
+                "create",
+                dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "the directory already holds a log",
+                ),
+            ));
+        }
+        checkpoint::write_atomically(
+            &dir.join(LOG_START_FILE),
+            base_offset.to_string().as_bytes(),
+        )?;
+        Self::open(dir, config, now_ms)
+    }
+
+    /// Takes up what the log's directory holds now, after another log's files were moved in
+    /// place of this one's: its segments, log start and epochs replace this log's, and every
+    /// [`LogReader`] made before reads them. A read under way on a replaced segment finishes
+    /// on the old file. Appends not yet written are dropped. Blocking.
+    pub fn reload(&mut self, now_ms: i64) -> Result<(), StorageError> {
+        let fresh = Self::open(&self.shared.dir, self.config.clone(), now_ms)?;
+        let segments = std::mem::take(&mut *fresh.shared.segments.write());
+        let load = |value: &AtomicU64| value.load(Ordering::Acquire);
+        {
+            let mut mine = self.shared.segments.write();
+            *mine = segments;
+            self.shared
+                .log_start_offset
+                .store(load(&fresh.shared.log_start_offset), Ordering::Release);
+            self.shared
+                .log_end_offset
+                .store(load(&fresh.shared.log_end_offset), Ordering::Release);
+            self.shared
+                .flushed_offset
+                .store(load(&fresh.shared.flushed_offset), Ordering::Release);
+        }
+        self.epochs = fresh.epochs;
+        self.failure = None;
+        self.dir_dirty = true;
+        self.truncation_count += 1;
+        self.deferred = Deferred::default();
+        Ok(())
+    }
+
     pub fn dir(&self) -> &Path {
         &self.shared.dir
     }
@@ -925,6 +981,17 @@ impl Log {
         self.flush()?;
         Ok(())
     }
+}
+
+/// Whether `name` is one of the files a log keeps in its directory: segments, their
+/// indexes, the log start offset and the leader-epoch checkpoint (what [`Log::reload`] takes
+/// up when another log's files replace them).
+pub fn is_log_file(name: &str) -> bool {
+    name == LOG_START_FILE
+        || name == crate::epoch::FILE_NAME
+        || ["log", "index", "timeindex"]
+            .iter()
+            .any(|extension| segment::parse_file_name(name, extension).is_some())
 }
 
 fn delete_segment_files(dir: &Path, base: u64) -> Result<(), StorageError> {

@@ -430,3 +430,48 @@ async fn an_acknowledged_append_is_visible_to_readers() {
     handle.close().await.unwrap();
     task.await.unwrap().unwrap();
 }
+
+#[test]
+fn a_log_created_elsewhere_takes_the_place_of_another_and_old_readers_see_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path(), common::small_config());
+    append_at(&mut log, &[0; 10]);
+    let reader = log.reader();
+
+    // A copy starting at offset 500, made in a directory of its own.
+    let copy_dir = dir.path().join("copy");
+    let mut copy = Log::create_at(&copy_dir, common::small_config(), 500, 0).unwrap();
+    assert!(Log::create_at(&copy_dir, common::small_config(), 7, 0).is_err());
+    let offsets = append_at(&mut copy, &[0; 30]);
+    assert_eq!(offsets[0], 500);
+    assert_eq!(copy.log_start_offset(), 500);
+    copy.close().unwrap();
+
+    // Its files replace the log's; the log takes them up without being reopened.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        if sluice_storage::log::is_log_file(&name) {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
+    for entry in std::fs::read_dir(&copy_dir).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::rename(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    log.reload(0).unwrap();
+    assert_eq!(reader.log_start_offset(), 500);
+    assert_eq!(reader.log_end_offset(), 530);
+    assert!(matches!(
+        reader.read(3, 1_000, true),
+        Err(StorageError::OffsetOutOfRange { .. })
+    ));
+    let read = reader.read(500, 1 << 20, true).unwrap();
+    assert_eq!(common::split(&read.bytes)[0].0, 500);
+    // It appends after the copy's last offset, and opens the same way again.
+    assert_eq!(append_at(&mut log, &[0])[0], 530);
+    log.close().unwrap();
+    let log = open(dir.path(), common::small_config());
+    assert_eq!((log.log_start_offset(), log.log_end_offset()), (500, 531));
+    assert!(!sluice_storage::log::is_log_file("raft-entries"));
+}

@@ -50,13 +50,14 @@ use tokio::sync::mpsc;
 
 use super::entries::{EntryIndex, EntryLoc};
 use super::repair::{Copies, Range, report_damage, report_rebuilt};
+use super::seed::{self, Seed};
 use super::{Entry, LogId, PartitionTypes, decode_entry, encode_entry};
 use crate::files::{context, replace_atomically};
 use crate::placement::NodeId;
 
 pub(crate) const ENTRIES_FILE: &str = "raft-entries";
 const VOTE_FILE: &str = "raft-vote";
-const PURGED_FILE: &str = "raft-purged";
+pub(crate) const PURGED_FILE: &str = "raft-purged";
 /// Appends waiting for their fsync; a full queue makes the next append wait.
 const FLUSH_QUEUE_MAX: usize = 1024;
 
@@ -83,6 +84,13 @@ struct Shared {
     state: Mutex<State>,
     /// How damaged segments are rebuilt from the other replicas, once the group runs.
     repair: std::sync::OnceLock<Repair>,
+    /// The log's settings, for a seed (see [`super::seed`]).
+    config: LogConfig,
+    /// A copy of another replica's retained log being made, to take this log's place when
+    /// a snapshot is installed (see [`super::seed`]). Locked after `state` when both are.
+    seed: Mutex<Option<Seed>>,
+    /// One snapshot offer is served at a time.
+    seeding: tokio::sync::Mutex<()>,
 }
 
 /// What [`PartitionLog::repair_at`] needs: the other replicas, and one repair at a time.
@@ -163,7 +171,16 @@ impl PartitionLog {
     pub fn open(dir: &Path, mut config: LogConfig) -> io::Result<Self> {
         let fsync = config.fsync;
         let retention = (config.retention_ms.take(), config.retention_bytes.take());
-        let mut log = Log::open(dir, config, now_ms()).map_err(storage)?;
+        seed::finish_install(dir)?;
+        let seed = match Seed::open(dir, &config) {
+            Ok(seed) => seed,
+            Err(error) => {
+                tracing::warn!(dir = %dir.display(), %error, "discarding a copy of another replica's log that does not open");
+                seed::remove(dir)?;
+                None
+            }
+        };
+        let mut log = Log::open(dir, config.clone(), now_ms()).map_err(storage)?;
         let mut entries = EntryIndex::open(&dir.join(ENTRIES_FILE), log.log_end_offset())?;
         // Index records whose batches a crash took are dropped; batches past the last record
         // were never reported durable and are cut off.
@@ -198,6 +215,9 @@ impl PartitionLog {
                 append_watches: HashMap::new(),
             }),
             repair: std::sync::OnceLock::new(),
+            config,
+            seed: Mutex::new(seed),
+            seeding: tokio::sync::Mutex::new(()),
         });
         let flushes = (fsync == FsyncPolicy::Always).then(|| {
             let (flushes, queue) = mpsc::channel(FLUSH_QUEUE_MAX);
@@ -237,24 +257,92 @@ impl PartitionLog {
             .remove(&payload_key(payload));
     }
 
-    /// Whether entries were purged from the front of the log (a trim deleted records): a
-    /// replica starting empty could no longer be sent the whole log.
-    pub fn is_purged(&self) -> bool {
-        self.shared.state.lock().purged.is_some()
-    }
-
     /// The index of the last entry purged (a trim deleted it), if any.
     pub fn purged_index(&self) -> Option<u64> {
         self.shared.state.lock().purged.map(|p| p.index)
     }
 
-    /// Where the entry at `index` is, if the log holds it.
+    /// Where the entry at `index` is (or was, if a trim deleted it), if the entry index
+    /// holds its record.
     pub fn entry_loc(&self, index: u64) -> io::Result<Option<EntryLoc>> {
-        let state = self.shared.state.lock();
-        if index < state.first_readable() {
-            return Ok(None);
+        self.shared.state.lock().entries.get(index)
+    }
+
+    /// Serves a snapshot offer from `from` (the leader) whose last entry is `target`: unless
+    /// this log holds that entry, copies the leader's retained log up to it into the seed
+    /// (see [`super::seed`]), for at most [`seed::COPY_TIME_MAX`]. `Ok` with a guard to hold
+    /// while the snapshot is installed when it may be; otherwise why not yet (the leader
+    /// offers again, and the copy goes on from where it stopped).
+    pub async fn admit_snapshot(
+        &self,
+        from: NodeId,
+        target: LogId,
+    ) -> Result<tokio::sync::MutexGuard<'_, ()>, String> {
+        let serving = self.shared.seeding.lock().await;
+        let copies = self
+            .shared
+            .repair
+            .get()
+            .map(|repair| repair.copies.clone())
+            .ok_or("the replica is not running yet")?;
+        let deadline = tokio::time::Instant::now() + seed::COPY_TIME_MAX;
+        let blocking = |job: SeedJob| {
+            let shared = Arc::clone(&self.shared);
+            async move {
+                tokio::task::spawn_blocking(move || job(&shared))
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        loop {
+            let step = blocking(Box::new(move |shared| {
+                seed_step(shared, &target).map_err(|e| e.to_string())
+            }))
+            .await?;
+            let (start, last) = match step {
+                SeedStep::Held => return Ok(serving),
+                SeedStep::From { start, last } => (start, last),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "copying node {from}'s retained log: {} of the entries up to {target} copied so far",
+                    last.map_or_else(
+                        || "none".to_owned(),
+                        |(index, _)| format!("up to entry {index}")
+                    )
+                ));
+            }
+            if last.is_none() {
+                tracing::info!(dir = %self.shared.dir.display(), from, %target, "copying another replica's retained log: this replica lacks entries the others deleted");
+            }
+            let range = copies.read_entries(from, start, target.index).await?;
+            if range.entries.is_empty() {
+                if last.is_none() {
+                    return Err(format!(
+                        "node {from} holds none of the entries up to {target}"
+                    ));
+                }
+                // The leader no longer holds the seed's last entry (a trim since): afresh.
+                blocking(Box::new(|shared| {
+                    discard_seed(shared).map_err(|e| e.to_string())?;
+                    Ok(SeedStep::Held)
+                }))
+                .await?;
+                continue;
+            }
+            let appended = blocking(Box::new(move |shared| {
+                seed_append(shared, range, last).map(|()| SeedStep::Held)
+            }))
+            .await;
+            if let Err(error) = appended {
+                tracing::warn!(dir = %self.shared.dir.display(), from, %error, "discarding a copy of another replica's log");
+                blocking(Box::new(|shared| {
+                    discard_seed(shared).map_err(|e| e.to_string())?;
+                    Ok(SeedStep::Held)
+                }))
+                .await?;
+            }
         }
-        state.entries.get(index)
     }
 
     /// The largest epoch at or below `epoch` and the offset where it ended.
@@ -395,12 +483,44 @@ impl PartitionLog {
     /// Blocking.
     pub fn read_range(&self, from: u64, to: u64, max_bytes: usize) -> io::Result<Range> {
         let state = self.shared.state.lock();
-        let Some((mut index, mut loc)) = state.entries.last_below(from.saturating_add(1))? else {
+        let Some((index, loc)) = state.entries.last_below(from.saturating_add(1))? else {
             return Ok(Range::default());
         };
         if index < state.first_readable() || loc.end_offset() <= from {
             return Ok(Range::default());
         }
+        self.collect_range(&state, index, loc, max_bytes, |_, next| {
+            next.base_offset < to
+        })
+    }
+
+    /// This log's entries from `from` (its first readable one when `from` is 0) to `to`
+    /// inclusive, and their batches, up to `max_bytes` (at least one entry): what a replica
+    /// copying this log asks for (see [`super::seed`]). Empty if the log does not hold `from`.
+    /// Blocking.
+    pub fn read_entries_from(&self, from: u64, to: u64, max_bytes: usize) -> io::Result<Range> {
+        let state = self.shared.state.lock();
+        let first = state.first_readable();
+        let from = if from == 0 { first } else { from };
+        if from < first || from > to {
+            return Ok(Range::default());
+        }
+        let Some(loc) = state.entries.get(from)? else {
+            return Ok(Range::default());
+        };
+        self.collect_range(&state, from, loc, max_bytes, |index, _| index <= to)
+    }
+
+    /// The entries from `index` (at `loc`) on while `more` says so of the next one and they
+    /// fit `max_bytes`, with their batches.
+    fn collect_range(
+        &self,
+        state: &State,
+        mut index: u64,
+        mut loc: EntryLoc,
+        max_bytes: usize,
+        more: impl Fn(u64, &EntryLoc) -> bool,
+    ) -> io::Result<Range> {
         let end_index = state.entries.end_index();
         let mut entries = Vec::new();
         let mut total = 0usize;
@@ -412,7 +532,7 @@ impl PartitionLog {
                 break;
             }
             match state.entries.get(index)? {
-                Some(next) if next.base_offset < to && total + next.bytes as usize <= max_bytes => {
+                Some(next) if more(index, &next) && total + next.bytes as usize <= max_bytes => {
                     loc = next;
                 }
                 _ => break,
@@ -512,6 +632,167 @@ async fn repair_at(shared: &Arc<Shared>, offset: u64) -> io::Result<bool> {
     }
     report_rebuilt(&shared.dir, &damage, from);
     Ok(true)
+}
+
+/// A step of [`PartitionLog::admit_snapshot`], run on the blocking pool.
+type SeedJob = Box<dyn FnOnce(&Shared) -> Result<SeedStep, String> + Send>;
+
+/// What a snapshot offer needs next (see [`PartitionLog::admit_snapshot`]).
+enum SeedStep {
+    /// The log or the seed holds the snapshot's entry (the seed synced).
+    Held,
+    /// Entries from `start` are to be copied (0: from the leader's first); `last` is the
+    /// seed's last entry, which the copy must start with.
+    From {
+        start: u64,
+        last: Option<(u64, EntryLoc)>,
+    },
+}
+
+fn seed_step(shared: &Shared, target: &LogId) -> io::Result<SeedStep> {
+    let state = shared.state.lock();
+    let term = target.leader_id.term;
+    if state
+        .entries
+        .get(target.index)?
+        .is_some_and(|loc| loc.term == term)
+    {
+        return Ok(SeedStep::Held);
+    }
+    let mut seed = shared.seed.lock();
+    let Some(open) = seed.as_mut() else {
+        return Ok(SeedStep::From {
+            start: 0,
+            last: None,
+        });
+    };
+    match open.get(target.index)? {
+        Some(loc) if loc.term == term => {
+            open.sync()?;
+            tracing::info!(dir = %shared.dir.display(), %target, "the copy of another replica's retained log is complete: installing the snapshot");
+            return Ok(SeedStep::Held);
+        }
+        Some(_) => {
+            // Another history at the snapshot's entry: copied again.
+            drop(seed);
+            discard_seed(shared)?;
+            return Ok(SeedStep::From {
+                start: 0,
+                last: None,
+            });
+        }
+        None => {}
+    }
+    Ok(match open.last()? {
+        Some((index, loc)) => SeedStep::From {
+            start: index,
+            last: Some((index, loc)),
+        },
+        None => SeedStep::From {
+            start: 0,
+            last: None,
+        },
+    })
+}
+
+/// Appends `range` to the seed (creating it when there is none); `last` is the seed's last
+/// entry, which `range` must start with (the leader's entry there is the seed's own).
+fn seed_append(
+    shared: &Shared,
+    mut range: Range,
+    last: Option<(u64, EntryLoc)>,
+) -> Result<(), String> {
+    let mut seed = shared.seed.lock();
+    if let Some(last) = last {
+        let first = range.entries.first().copied();
+        if first != Some(last) {
+            return Err(format!(
+                "the seed ends with entry {} ({:?}) where the leader holds {first:?}: another history",
+                last.0, last.1
+            ));
+        }
+        range.entries.remove(0);
+        range.bytes = range
+            .bytes
+            .slice((last.1.bytes as usize).min(range.bytes.len())..);
+        if seed.is_none() {
+            return Err("the seed was discarded meanwhile".into());
+        }
+    }
+    if seed.is_none() {
+        let base = range.entries.first().map_or(0, |(_, loc)| loc.base_offset);
+        *seed = Some(Seed::create(&shared.dir, &shared.config, base).map_err(|e| e.to_string())?);
+    }
+    match seed.as_mut() {
+        Some(open) => open.append(&range),
+        None => Err("no seed".into()),
+    }
+}
+
+fn discard_seed(shared: &Shared) -> io::Result<()> {
+    let mut seed = shared.seed.lock();
+    if seed.take().is_some() || shared.dir.join(seed::SEED_DIR).exists() {
+        seed::remove(&shared.dir)?;
+    }
+    Ok(())
+}
+
+/// openraft's purge: moves the purge mark, or, when this log does not hold the entry (a
+/// snapshot was installed in place of entries this replica lacks), puts the seed in the log's
+/// place (see [`super::seed`]).
+fn purge(shared: &Shared, log_id: LogId) -> io::Result<()> {
+    let mut guard = shared.state.lock();
+    let state = &mut *guard;
+    if state
+        .purged
+        .as_ref()
+        .is_some_and(|p| p.index >= log_id.index)
+    {
+        return Ok(());
+    }
+    let held = state
+        .entries
+        .get(log_id.index)?
+        .is_some_and(|loc| loc.term == log_id.leader_id.term)
+        || (state.entries.count() > 0 && log_id.index < state.entries.first_index());
+    if held {
+        let bytes = serde_json::to_vec(&log_id).map_err(io::Error::other)?;
+        replace_atomically(&shared.dir, PURGED_FILE, &bytes)?;
+        state.purged = Some(log_id);
+        // A copy made for a snapshot this log no longer needs.
+        drop(guard);
+        return discard_seed(shared);
+    }
+    let Some(seed) = shared.seed.lock().take() else {
+        if shared.repair.get().is_none() {
+            // A log outside a running group (openraft's conformance suite): the mark moves
+            // past the log, as openraft's own stores do.
+            let bytes = serde_json::to_vec(&log_id).map_err(io::Error::other)?;
+            replace_atomically(&shared.dir, PURGED_FILE, &bytes)?;
+            state.purged = Some(log_id);
+            return Ok(());
+        }
+        // Later entries would land at other offsets than on the other replicas: the group
+        // stops here rather than store them.
+        return Err(io::Error::other(format!(
+            "{}: a snapshot up to entry {log_id} was installed, but neither the log nor a \
+             copy of another replica's log holds that entry",
+            shared.dir.display()
+        )));
+    };
+    seed::install(&shared.dir, seed, &log_id)?;
+    state.log.reload(now_ms()).map_err(storage)?;
+    state.entries = EntryIndex::open(&shared.dir.join(ENTRIES_FILE), state.log.log_end_offset())?;
+    state.purged = Some(log_id);
+    state.trimmed = None;
+    tracing::info!(
+        dir = %shared.dir.display(),
+        purged = %log_id,
+        log_start = state.log.log_start_offset(),
+        log_end = state.log.log_end_offset(),
+        "this replica's log is now the copy of the leader's retained log",
+    );
+    Ok(())
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
@@ -892,12 +1173,10 @@ impl RaftLogStorage<PartitionTypes> for PartitionLog {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        write_json(&self.shared.dir, PURGED_FILE, &log_id).await?;
-        let mut state = self.shared.state.lock();
-        if state.purged.as_ref().is_none_or(|p| p.index < log_id.index) {
-            state.purged = Some(log_id);
-        }
-        Ok(())
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || purge(&shared, log_id))
+            .await
+            .map_err(io::Error::other)?
     }
 }
 

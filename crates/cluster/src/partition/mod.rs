@@ -25,6 +25,7 @@ pub mod machine;
 pub mod quiet;
 pub mod repair;
 pub mod replica;
+pub mod seed;
 mod wire;
 
 use std::fmt;

@@ -31,9 +31,11 @@ use sluice_storage::repair::{Damage, Rebuild, Rebuilt};
 
 use super::entries::{EntryIndex, EntryLoc};
 use super::log_store::PartitionLog;
+use super::{LogId, PartitionTypes};
 use crate::network::{Answer, GroupHandler, from_json, method, to_json};
 use crate::placement::NodeId;
 use crate::transport::Transport;
+use openraft::alias::SnapshotMetaOf;
 
 /// The most one answer carries (well under the transport's frame limit).
 pub const RANGE_BYTES_MAX: usize = 4 << 20;
@@ -96,7 +98,9 @@ impl Range {
     }
 }
 
-/// Serves [`method::READ_RANGE`] from a replica's log; everything else goes to `inner`.
+/// Serves [`method::READ_RANGE`] and [`method::READ_ENTRIES`] from a replica's log, and has a
+/// snapshot offer wait until this replica holds (or has copied) the log up to the snapshot's
+/// entry (see [`super::seed`]); everything else goes to `inner`.
 pub struct RangeServer {
     inner: Arc<dyn GroupHandler>,
     log: PartitionLog,
@@ -118,20 +122,54 @@ impl RangeServer {
 
 impl GroupHandler for RangeServer {
     fn handle(&self, from: NodeId, method: u8, body: Bytes) -> Answer {
-        if method != method::READ_RANGE {
-            return self.inner.handle(from, method, body);
-        }
         let log = self.log.clone();
-        Box::pin(async move {
-            let (start, end): (u64, u64) = from_json(&body)?;
-            let range =
-                tokio::task::spawn_blocking(move || log.read_range(start, end, RANGE_BYTES_MAX))
+        match method {
+            method::READ_RANGE => Box::pin(async move {
+                let (start, end): (u64, u64) = from_json(&body)?;
+                let read = move || log.read_range(start, end, RANGE_BYTES_MAX);
+                let range = tokio::task::spawn_blocking(read)
                     .await
                     .map_err(|e| format!("reading offsets {start} to {end}: {e}"))?
                     .map_err(|e| format!("reading offsets {start} to {end}: {e}"))?;
-            range.encode()
-        })
+                range.encode()
+            }),
+            method::READ_ENTRIES => Box::pin(async move {
+                let (start, end): (u64, u64) = from_json(&body)?;
+                let read = move || log.read_entries_from(start, end, RANGE_BYTES_MAX);
+                let range = tokio::task::spawn_blocking(read)
+                    .await
+                    .map_err(|e| format!("reading entries {start} to {end}: {e}"))?
+                    .map_err(|e| format!("reading entries {start} to {end}: {e}"))?;
+                range.encode()
+            }),
+            method::SNAPSHOT => {
+                let inner = Arc::clone(&self.inner);
+                Box::pin(async move {
+                    let Some(target) = snapshot_target(&body)? else {
+                        return inner.handle(from, method, body).await;
+                    };
+                    let _copied = log.admit_snapshot(from, target).await.map_err(|e| {
+                        tracing::info!(from, error = %e, "a snapshot waits for the retained log");
+                        format!("snapshot refused for now: {e}")
+                    })?;
+                    inner.handle(from, method, body).await
+                })
+            }
+            _ => self.inner.handle(from, method, body),
+        }
     }
+}
+
+/// The last entry of the snapshot a snapshot request (as the network sends it) offers.
+fn snapshot_target(body: &[u8]) -> Result<Option<LogId>, String> {
+    let cut = || "snapshot request cut short".to_owned();
+    let head_len = body
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(cut)?;
+    let head = body.get(4..4 + head_len).ok_or_else(cut)?;
+    let (_vote, meta): (serde_json::Value, SnapshotMetaOf<PartitionTypes>) = from_json(head)?;
+    Ok(meta.last_log_id)
 }
 
 /// The other replicas of a group, asked over the transport.
@@ -150,6 +188,18 @@ impl std::fmt::Debug for Copies {
 }
 
 impl Copies {
+    /// `peer`'s entries from index `from` (its first readable one when 0) to `to`, as many as
+    /// one answer carries.
+    pub async fn read_entries(&self, peer: NodeId, from: u64, to: u64) -> Result<Range, String> {
+        let body = to_json(&(from, to))?;
+        let answer = self
+            .transport
+            .call(peer, self.group, method::READ_ENTRIES, body, READ_TIMEOUT)
+            .await
+            .map_err(|e| format!("node {peer} could not be read: {e}"))?;
+        Range::decode(answer)
+    }
+
     async fn read(&self, peer: NodeId, from: u64, to: u64) -> Result<Range, String> {
         let body = to_json(&(from, to))?;
         let answer = self

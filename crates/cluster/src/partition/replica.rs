@@ -368,7 +368,7 @@ pub struct PartitionReplica {
     transport: Transport,
     /// How long a woken leader waits for its followers' answers.
     wake_wait: Duration,
-    /// Held by a local trim and while a learner is added ([`Self::hold_trims`]).
+    /// Held by a local trim: one at a time.
     trimming: tokio::sync::Mutex<()>,
     /// The writes counted at the last housekeeping (a group quiets after a whole period
     /// without one).
@@ -777,18 +777,6 @@ impl PartitionReplica {
         })
     }
 
-    /// Whether a trim deleted, or is to delete, entries from the front of this replica's log
-    /// (then a new replica could not be sent the whole log).
-    pub fn is_trimmed(&self) -> bool {
-        self.log.is_purged() || self.committed_log_start() > 0
-    }
-
-    /// Held while a learner is added, so that this replica does not delete entries between
-    /// the check that its log is whole and the learner's joining (see [`Self::is_trimmed`]).
-    pub async fn hold_trims(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.trimming.lock().await
-    }
-
     /// Wakes a quiet group before a membership change (see [`Self::stir`]).
     pub async fn wake(&self) {
         self.stir().await;
@@ -1171,7 +1159,9 @@ impl PartitionReplica {
             return;
         }
         // Nothing is deleted while the group has a learner (a replica a reassignment adds,
-        // which catches up from the log's first entry); the next housekeeping tries again.
+        // which catches up from the log, or copies the retained log when the log was trimmed
+        // before: a trim meanwhile would make it start its copy again); the next housekeeping
+        // tries again.
         let _trimming = self.trimming.lock().await;
         let learning = self.metrics(|metrics| {
             let membership = metrics.membership_config.membership();
@@ -1204,8 +1194,8 @@ impl PartitionReplica {
             Ok(Ok(_)) => {
                 // openraft learns that the entries up to the purge mark are gone, so it reads
                 // none of them again: a replica that lacks them (it lost data it had) is offered
-                // a snapshot, which its transport refuses (the group's data is its log), and
-                // stays behind, logged, rather than this replica's group stopping on the read.
+                // a snapshot, and copies the retained log before installing it (see
+                // `super::seed`), rather than this replica's group stopping on the read.
                 if let Some(purged) = self.log.purged_index()
                     && self.raft.trigger().purge_log(purged).await.is_err()
                 {
