@@ -257,6 +257,63 @@ def test_a_replica_that_lost_trimmed_entries_copies_the_retained_log(nodes_facto
     assert "panicked" not in leader.log_path.read_text(errors="replace")
 
 
+def test_retention_goes_on_without_a_follower_that_is_down(nodes_factory):
+    """Size retention while a follower is down: once it is out of sync (silent for
+    replica.lag.time.max.ms) it no longer holds trims back, as in Kafka, so the others delete
+    what it never received. Restarted, it lacks entries no replica keeps, copies the retained
+    log before installing the leader's snapshot, and ends byte-identical to the leader."""
+    from confluent_kafka import Producer
+
+    from conftest import run_cli as cli
+
+    topic = "retained"
+    env = {"SLUICE_KAFKA__REPLICA_LAG_TIME_MAX_MS": "1500", "SLUICE_STORAGE__HOUSEKEEPING_INTERVAL_MS": "1000"}
+    cluster, bootstrap, admin = three_nodes(nodes_factory, env=env)
+    leader_id, leader, follower = rf3_topic(cluster, admin, topic,
+                                            {"segment.bytes": "16384", "retention.bytes": "65536"})
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
+                         "enable.idempotence": True})
+
+    def produce(first, count):
+        for i in range(first, first + count):
+            producer.produce(topic, b"%d:" % i + b"r" * 60, partition=0)
+            producer.poll(0)
+        return producer.flush(30)
+
+    def high_watermark():
+        described = json.loads(cli(leader, "topic", "describe", topic, "--output", "json").stdout)
+        return described["partitions"][0]["high_watermark"]
+
+    def log_start(node):
+        path = node.data_dir / "logs" / f"{topic}-0" / "log-start-offset"
+        return int(path.read_text()) if path.exists() else 0
+
+    assert produce(0, 500) == 0
+    follower.kill()
+    held = high_watermark()
+    # Many entries (the leader may keep its first attempt to send the stopped follower entries
+    # in memory; the later ones it would have to read from its log).
+    for first in range(500, 4500, 100):
+        assert produce(first, 100) == 0
+    wait_for("retention past what the stopped follower holds", lambda: log_start(leader) > held, timeout=30,
+             interval=0.5)
+
+    def first_segment(node):
+        return min(int(p.name.split(".")[0]) for p in (node.data_dir / "logs" / f"{topic}-0").glob("*.log"))
+
+    # The leader deletes the segments too (openraft purged the entries: no replication stream
+    # reads them while the follower does not answer).
+    wait_for("the trimmed segments deleted on the leader", lambda: first_segment(leader) > held, timeout=30,
+             interval=0.5)
+    follower.start(timeout=FORM_TIMEOUT)
+    end = high_watermark()
+    wait_for("the follower to hold the retained log",
+             lambda: checksum(follower, topic, end) == checksum(leader, topic, end), timeout=60, interval=0.5)
+    assert checksum(leader, topic, end)["log_start_offset"] > held
+    assert partition_state(admin, topic)[0] == leader_id
+    assert "copying another replica's retained log" in follower.log_path.read_text(errors="replace")
+
+
 def test_a_replica_whose_copy_was_lost_is_sent_the_log_again(nodes_factory):
     """A follower's copy of an untrimmed partition is deleted while it is down (a replaced
     disk): restarted empty, it is sent the whole log by the leader — which neither stops nor

@@ -249,6 +249,9 @@ pub struct ReplicaRequest {
     pub auto_leader_rebalance: bool,
     /// How often its leader checks the topic's retention.
     pub housekeeping_interval: std::time::Duration,
+    /// Kafka's `replica.lag.time.max.ms`: a follower silent this long no longer holds trims
+    /// (retention, DeleteRecords) back.
+    pub replica_lag: std::time::Duration,
 }
 
 /// The cluster as a clustered node's broker uses it: where definition changes are committed,

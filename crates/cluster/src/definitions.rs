@@ -452,6 +452,7 @@ impl ClusterLink for BrokerLink {
                         })
                     },
                     housekeeping_every: request.housekeeping_interval,
+                    replica_lag: request.replica_lag,
                     quiesce: self.quiet.clone(),
                     ..ReplicaSettings::default()
                 },

@@ -801,6 +801,54 @@ impl Log {
         Ok(())
     }
 
+    /// Moves the log start offset forward to `offset` (records below it become invisible to
+    /// [`LogReader::read`]) and keeps the segments below it, for a caller that deletes them
+    /// later ([`Self::delete_below`]) and may still read them ([`LogReader::read_retained`]).
+    /// Returns the log start offset.
+    pub fn move_log_start(&mut self, offset: u64) -> Result<u64, StorageError> {
+        self.check_writable()?;
+        self.write_deferred()?;
+        let (start, end) = (self.log_start_offset(), self.log_end_offset());
+        if offset > end {
+            return Err(StorageError::OffsetOutOfRange {
+                offset,
+                log_start_offset: start,
+                log_end_offset: end,
+            });
+        }
+        if offset > start {
+            self.store_log_start(offset)?;
+        }
+        Ok(self.log_start_offset())
+    }
+
+    /// Deletes the sealed segments that end at or below both `offset` and the log start
+    /// offset. Returns how many bytes went.
+    pub fn delete_below(&mut self, offset: u64) -> Result<u64, StorageError> {
+        let limit = offset.min(self.log_start_offset());
+        let doomed = {
+            let segments = self.shared.segments.read();
+            segments[..segments.len() - 1]
+                .iter()
+                .take_while(|segment| segment.next_offset() <= limit)
+                .count()
+        };
+        if doomed == 0 {
+            return Ok(0);
+        }
+        let removed: Vec<Arc<Segment>> = self.shared.segments.write().drain(..doomed).collect();
+        let mut deleted_bytes = 0;
+        for segment in &removed {
+            deleted_bytes += segment.size_bytes();
+            if let Err(error) = segment.delete_files() {
+                self.fail(&error);
+                return Err(error);
+            }
+        }
+        self.dir_dirty = true;
+        Ok(deleted_bytes)
+    }
+
     /// Moves the log start offset forward to `offset` (records below it become invisible) and
     /// deletes segments that lie wholly below it. Returns the new log start offset.
     pub fn advance_log_start(&mut self, offset: u64, now_ms: i64) -> Result<u64, StorageError> {
@@ -1166,6 +1214,46 @@ impl LogReader {
         let mut result = ReadBatches {
             bytes: Bytes::new(),
             log_start_offset,
+            log_end_offset,
+        };
+        if offset == log_end_offset {
+            return Ok(result);
+        }
+        for segment in self.candidates(offset) {
+            if let Some(bytes) = segment.read(offset, log_end_offset, max_bytes, min_one_batch)? {
+                result.bytes = bytes;
+                break;
+            }
+        }
+        Ok(result)
+    }
+
+    /// [`Self::read_until`] from any offset the segments still hold, below the log start
+    /// offset too (the batches [`Log::move_log_start`] hid and kept).
+    pub fn read_retained(
+        &self,
+        offset: u64,
+        end_offset: u64,
+        max_bytes: usize,
+        min_one_batch: bool,
+    ) -> Result<ReadBatches, StorageError> {
+        let first = self
+            .shared
+            .segments
+            .read()
+            .first()
+            .map_or(0, |segment| segment.base_offset());
+        let log_end_offset = self.log_end_offset().min(end_offset);
+        if offset < first || offset > log_end_offset {
+            return Err(StorageError::OffsetOutOfRange {
+                offset,
+                log_start_offset: first,
+                log_end_offset,
+            });
+        }
+        let mut result = ReadBatches {
+            bytes: Bytes::new(),
+            log_start_offset: self.log_start_offset(),
             log_end_offset,
         };
         if offset == log_end_offset {

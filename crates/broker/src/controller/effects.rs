@@ -283,6 +283,7 @@ async fn open_replicas(
                 initialize: placed.reassignments == 0,
                 auto_leader_rebalance: shared.config.auto_leader_rebalance,
                 housekeeping_interval: shared.config.housekeeping_interval,
+                replica_lag: shared.config.replica_lag_time_max,
             })
             .await?;
         let partition = Partition::replicated(

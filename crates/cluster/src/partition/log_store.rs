@@ -6,7 +6,9 @@
 //!   leader epoch;
 //! - `raft-entries`: the entry index ([`super::entries`]);
 //! - `raft-vote`: the vote, JSON, replaced atomically;
-//! - `raft-purged`: the last purged log id, JSON, replaced atomically.
+//! - `raft-purged`: the last purged log id, JSON, replaced atomically;
+//! - `raft-seed/` and `raft-seed-installing`, while a copy of another replica's retained log is
+//!   made and put in place ([`super::seed`]).
 //!
 //! # Rules
 //! - An append writes each entry's batches to the segments, then its record to the entry
@@ -17,14 +19,18 @@
 //! - The vote is durable before `save_vote` returns.
 //! - Truncation cuts the segments at the first removed entry's base offset (which rolls the
 //!   leader-epoch checkpoint back with them) and then the entry index, both synced.
-//! - Purging only moves the purge mark: data leaves the segments by trimming, never because
-//!   openraft purged (openraft is configured never to purge by itself).
 //! - Trimming ([`PartitionLog::trim_to`], once a committed trim entry moved the machine's log
-//!   start and a snapshot of the machine covers it) moves the log start offset, deletes the
-//!   segments wholly below it, and moves the purge mark to the last entry starting below it:
-//!   after a restart openraft neither reads nor re-applies what was deleted. Time and size
-//!   retention are never applied by the log itself (replicas would delete by their own
-//!   clocks); the leader proposes trims from them ([`PartitionLog::retention_point`]).
+//!   start and a snapshot of the machine covers it) moves the log start offset: readers no
+//!   longer see the records below it. The replica then has openraft purge up to the last
+//!   entry starting below it; openraft does so once no replication stream is reading those
+//!   entries, and the purge moves the purge mark and deletes the segments holding nothing but
+//!   purged entries below the log start. So openraft never reads a deleted entry, and after a
+//!   restart it neither reads nor re-applies one. Time and size retention are never applied
+//!   by the log itself (replicas would delete by their own clocks); the leader proposes trims
+//!   from them ([`PartitionLog::retention_point`]).
+//! - A purge past the log's last entry (a snapshot installed in place of entries this replica
+//!   lacks) puts the copy of the leader's retained log made for it in the log's place
+//!   ([`super::seed`]).
 //! - Opening reconciles the two files after a crash: index records whose batches did not
 //!   survive are dropped, and batches the index does not describe (written, never reported
 //!   durable) are cut off the segments.
@@ -111,10 +117,6 @@ struct State {
     entries: EntryIndex,
     vote: Option<Vote>,
     purged: Option<LogId>,
-    /// The last entry a trim deleted since this log was opened: openraft does not know these
-    /// are gone (it learns so from the purge mark at the next open), so reading them is an
-    /// error rather than the silent skip of what openraft purged itself.
-    trimmed: Option<u64>,
     /// Who waits to hear where a proposal was appended (acks=1), by its payload's buffer.
     append_watches: HashMap<(usize, usize), AppendWatch>,
 }
@@ -211,7 +213,6 @@ impl PartitionLog {
                 entries,
                 vote,
                 purged,
-                trimmed: None,
                 append_watches: HashMap::new(),
             }),
             repair: std::sync::OnceLock::new(),
@@ -255,11 +256,6 @@ impl PartitionLog {
             .lock()
             .append_watches
             .remove(&payload_key(payload));
-    }
-
-    /// The index of the last entry purged (a trim deleted it), if any.
-    pub fn purged_index(&self) -> Option<u64> {
-        self.shared.state.lock().purged.map(|p| p.index)
     }
 
     /// Where the entry at `index` is (or was, if a trim deleted it), if the entry index
@@ -370,7 +366,11 @@ impl PartitionLog {
         if ms.is_none() && bytes.is_none() {
             return None;
         }
-        retention_point(&self.shared.reader.segments(), ms, bytes, now_ms)
+        // Segments a trim hid and Raft still holds do not count.
+        let start = self.shared.reader.log_start_offset();
+        let mut segments = self.shared.reader.segments();
+        segments.retain(|segment| segment.next_offset > start || segment.base_offset >= start);
+        retention_point(&segments, ms, bytes, now_ms)
     }
 
     /// Whether any record in `[from, to)` is data (not one of Raft's own control batches):
@@ -405,37 +405,28 @@ impl PartitionLog {
         Ok(false)
     }
 
-    /// Moves the log start offset to `offset` (a committed trim entry asked for it), deletes
-    /// the segments wholly below it and moves the purge mark to the last entry that starts
-    /// below it. Call it only once a snapshot of the machine covers the trim entry: after a
-    /// restart the entries up to the mark are neither read nor applied again. Blocking.
-    /// Returns the log start offset.
-    pub fn trim_to(&self, offset: u64) -> io::Result<u64> {
+    /// Moves the log start offset to `offset` (a committed trim entry asked for it): readers
+    /// no longer see the records below it. Their segments stay until openraft purges the
+    /// entries they hold (a replication stream may still be reading them; see [`purge`]):
+    /// returns the log start offset and the last entry starting below it, for the caller to
+    /// have openraft purge up to it. Call it only once a snapshot of the machine covers the
+    /// trim entry. Blocking.
+    pub fn trim_to(&self, offset: u64) -> io::Result<(u64, Option<u64>)> {
         let mut guard = self.shared.state.lock();
         let state = &mut *guard;
         let before = state.log.log_start_offset();
-        let start = state
-            .log
-            .advance_log_start(offset, now_ms())
-            .map_err(storage)?;
-        if let Some((index, loc)) = state.entries.last_below(start)?
-            && state.purged.as_ref().is_none_or(|p| p.index < index)
-        {
-            let purged = LogId::new_term_index(loc.term, index);
-            let bytes = serde_json::to_vec(&purged).map_err(io::Error::other)?;
-            replace_atomically(&self.shared.dir, PURGED_FILE, &bytes)?;
-            state.purged = Some(purged);
-            state.trimmed = Some(index);
-        }
+        let start = state.log.move_log_start(offset).map_err(storage)?;
+        let purge_to = state.entries.last_below(start)?.map(|(index, _)| index);
         if start != before {
             tracing::info!(
                 dir = %self.shared.dir.display(),
                 from = before,
                 to = start,
-                "log start offset moved (retention or DeleteRecords); segments below it deleted",
+                "log start offset moved (retention or DeleteRecords); its segments go once Raft no longer needs them",
             );
         }
-        Ok(start)
+        delete_purged(&self.shared.dir, state)?;
+        Ok((start, purge_to))
     }
 
     /// Lets reads that meet damage rebuild it from the other replicas: `peers` names them
@@ -546,7 +537,7 @@ impl PartitionLog {
             let read = self
                 .shared
                 .reader
-                .read_until(at, end, total - bytes.len(), true)
+                .read_retained(at, end, total - bytes.len(), true)
                 .map_err(storage)?;
             let mut pos = 0;
             while pos < read.bytes.len() {
@@ -737,7 +728,25 @@ fn discard_seed(shared: &Shared) -> io::Result<()> {
     Ok(())
 }
 
-/// openraft's purge: moves the purge mark, or, when this log does not hold the entry (a
+/// Deletes the segments that hold nothing but records below the log start offset and entries
+/// openraft has purged (it reads no purged entry again).
+fn delete_purged(dir: &Path, state: &mut State) -> io::Result<()> {
+    let Some(purged) = state.purged else {
+        return Ok(());
+    };
+    let kept_from = match state.entries.get(purged.index + 1)? {
+        Some(next) => next.base_offset,
+        None => state.log.log_end_offset(),
+    };
+    let deleted = state.log.delete_below(kept_from).map_err(storage)?;
+    if deleted > 0 {
+        tracing::debug!(dir = %dir.display(), deleted, "deleted trimmed segments Raft no longer needs");
+    }
+    Ok(())
+}
+
+/// openraft's purge: moves the purge mark (and deletes what it trimmed and openraft no longer
+/// needs), or, when this log does not hold the entry (a
 /// snapshot was installed in place of entries this replica lacks), puts the seed in the log's
 /// place (see [`super::seed`]).
 fn purge(shared: &Shared, log_id: LogId) -> io::Result<()> {
@@ -759,6 +768,7 @@ fn purge(shared: &Shared, log_id: LogId) -> io::Result<()> {
         let bytes = serde_json::to_vec(&log_id).map_err(io::Error::other)?;
         replace_atomically(&shared.dir, PURGED_FILE, &bytes)?;
         state.purged = Some(log_id);
+        delete_purged(&shared.dir, state)?;
         // A copy made for a snapshot this log no longer needs.
         drop(guard);
         return discard_seed(shared);
@@ -784,7 +794,6 @@ fn purge(shared: &Shared, log_id: LogId) -> io::Result<()> {
     state.log.reload(now_ms()).map_err(storage)?;
     state.entries = EntryIndex::open(&shared.dir.join(ENTRIES_FILE), state.log.log_end_offset())?;
     state.purged = Some(log_id);
-    state.trimmed = None;
     tracing::info!(
         dir = %shared.dir.display(),
         purged = %log_id,
@@ -915,29 +924,15 @@ impl PartitionLogReader {
     /// The entries `[start, end)`; a failure comes with the offset of the entry that could
     /// not be read, if it got that far.
     fn read_entries(&self, start: u64, end: u64) -> Result<Vec<Entry>, (io::Error, Option<u64>)> {
-        let (first, last_end, index_reader, first_index, trimmed) = {
+        let (first, last_end, index_reader, first_index) = {
             let state = self.shared.state.lock();
             (
                 state.first_readable(),
                 state.entries.end_index(),
                 state.entries.reader(),
                 state.entries.first_index(),
-                state.trimmed,
             )
         };
-        if trimmed.is_some_and(|trimmed| start <= trimmed) && start < end.min(last_end) {
-            // openraft reads nothing it purged; these were trimmed behind its back, and only a
-            // replica missing what every replica held when it was trimmed asks for them.
-            return Err((
-                io::Error::other(format!(
-                    "Raft entries from {start} of {} were deleted by retention or DeleteRecords \
-                     (the log keeps entries from {first}): a replica that lacks them cannot \
-                     catch up from this log",
-                    self.shared.dir.display()
-                )),
-                None,
-            ));
-        }
         let start = start.max(first);
         let end = end.min(last_end);
         let mut out = Vec::with_capacity(end.saturating_sub(start).min(4096) as usize);
@@ -957,7 +952,7 @@ impl PartitionLogReader {
         let read = self
             .shared
             .reader
-            .read_until(loc.base_offset, loc.end_offset(), loc.bytes as usize, true)
+            .read_retained(loc.base_offset, loc.end_offset(), loc.bytes as usize, true)
             .map_err(storage)?;
         let damaged = |reason: String| {
             io::Error::new(

@@ -40,8 +40,11 @@
 //! deletes the same ones. The leader proposes one every housekeeping interval when the
 //! topic's `retention.ms` / `retention.bytes` make whole segments of its log due (its clock
 //! decides what to propose; apply reads nothing but the entry), and for Kafka's DeleteRecords.
-//! A trim never reaches past what *every* replica holds (the leader's view of each follower's
-//! log) nor past the high watermark: no replica will ever need a deleted entry from the log.
+//! A trim never reaches past the high watermark, nor past what each replica in sync holds (the
+//! leader's view of each follower's log; a follower silent for `replica.lag.time.max.ms` does
+//! not hold retention back, as in Kafka): a replica in sync never needs a deleted entry from the
+//! log, and one that does (it was out of sync, or lost its copy) copies the retained log before
+//! it installs the leader's snapshot ([`super::seed`]).
 //! Each replica then, once it applied the trim, has openraft snapshot its machine (so a
 //! restart re-applies nothing that was deleted) and only then trims its log
 //! ([`PartitionLog::trim_to`]).
@@ -97,6 +100,9 @@ pub struct ReplicaSettings {
     /// How often the leader checks retention (the storage's housekeeping interval); a group
     /// with no write for a whole period may go quiet.
     pub housekeeping_every: Duration,
+    /// Kafka's `replica.lag.time.max.ms`: a follower that has not answered the leader for this
+    /// long is out of sync and no longer holds trims back (see [`PartitionReplica::trim_bound`]).
+    pub replica_lag: Duration,
     /// The node's quiet groups, if idle groups are to go quiet (see [`super::quiet`]);
     /// without, a group's heartbeats and timers never stop.
     pub quiesce: Option<Arc<QuietGroups>>,
@@ -136,6 +142,7 @@ impl Default for ReplicaSettings {
             auto_balance: true,
             may_lead: MayLead::default(),
             housekeeping_every: Duration::from_secs(5),
+            replica_lag: Duration::from_secs(30),
             quiesce: None,
         }
     }
@@ -373,6 +380,11 @@ pub struct PartitionReplica {
     /// The writes counted at the last housekeeping (a group quiets after a whole period
     /// without one).
     writes_seen: parking_lot::Mutex<u64>,
+    /// Kafka's `replica.lag.time.max.ms` ([`ReplicaSettings::replica_lag`]).
+    replica_lag: Duration,
+    /// The term this replica last found itself leading in, and since when (as far as a trim
+    /// bound looked).
+    leading_since: parking_lot::Mutex<Option<(u64, std::time::Instant)>>,
 }
 
 /// A group's membership ([`PartitionReplica::membership`]).
@@ -587,6 +599,8 @@ impl PartitionReplica {
             wake_wait: Duration::from_millis(settings.election_max_ms),
             trimming: tokio::sync::Mutex::new(()),
             writes_seen: parking_lot::Mutex::new(0),
+            replica_lag: settings.replica_lag,
+            leading_since: parking_lot::Mutex::new(None),
         });
         let housekeeper = tokio::spawn(keep_log(
             Arc::downgrade(&replica),
@@ -1055,34 +1069,38 @@ impl PartitionReplica {
         }))
     }
 
-    /// How far a trim may reach now, on the leader: the high watermark, and no further than the
-    /// end of what the leader knows every other replica holds (0 when it does not lead or
-    /// knows nothing of a replica yet).
+    /// How far a trim may reach now, on the leader (0 elsewhere): the high watermark, and no
+    /// further than the end of what the leader knows each other replica holds — each one that
+    /// answered within `replica.lag.time.max.ms`, or has not answered yet while this replica
+    /// has led for less than that. As in Kafka, a replica out of sync does not hold retention
+    /// back: back and lacking entries a trim deleted, it copies the retained log
+    /// (see [`super::seed`]).
     fn trim_bound(&self) -> u64 {
-        let matched: Option<Vec<Option<u64>>> = self.metrics(|metrics| {
-            if leader_of(metrics) != Some(self.id) {
-                return None;
-            }
-            let replication = metrics.replication.as_ref()?;
-            Some(
-                metrics
-                    .membership_config
-                    .nodes()
-                    .map(|(id, _)| *id)
-                    .filter(|id| *id != self.id)
-                    .map(|id| replication.get(&id).cloned().flatten().map(|l| l.index))
-                    .collect(),
-            )
-        });
-        let Some(matched) = matched else {
+        let Some(term) = self.metrics(|metrics| {
+            (leader_of(metrics) == Some(self.id)).then_some(metrics.current_term)
+        }) else {
             return 0;
         };
+        let led_for = {
+            let mut since = self.leading_since.lock();
+            match *since {
+                Some((led, at)) if led == term => at.elapsed(),
+                _ => {
+                    *since = Some((term, std::time::Instant::now()));
+                    Duration::ZERO
+                }
+            }
+        };
+        let lag_ms = self.replica_lag.as_millis() as u64;
         let mut bound = self.high_watermark();
-        for index in matched {
-            let end = index
-                .and_then(|index| self.log.entry_loc(index).ok().flatten())
-                .map_or(0, |loc| loc.end_offset());
-            bound = bound.min(end);
+        for follower in self.followers() {
+            let waited_for = match follower.last_contact_ms {
+                Some(ms) => ms <= lag_ms,
+                None => led_for < self.replica_lag,
+            };
+            if waited_for {
+                bound = bound.min(follower.matched_offset.unwrap_or(0));
+            }
         }
         bound
     }
@@ -1117,8 +1135,8 @@ impl PartitionReplica {
 
     /// Kafka's DeleteRecords on the leader: records below `offset` (at most the high
     /// watermark; the caller checks) are deleted on every replica. Waits, until `timeout`,
-    /// for every replica to hold the records below `offset` (so none needs them from the log
-    /// again) and for the trim to commit and reach this replica's log. Returns the log start
+    /// for every replica in sync to hold the records below `offset` (see [`Self::trim_bound`])
+    /// and for the trim to commit and reach this replica's log. Returns the log start
     /// offset (Kafka's low watermark).
     pub async fn delete_records(
         &self,
@@ -1133,7 +1151,7 @@ impl PartitionReplica {
             while self.trim_bound() < offset {
                 if tokio::time::Instant::now() >= deadline {
                     return Err(ReplicaError::Indeterminate(format!(
-                        "not every replica holds the records below offset {offset} yet; nothing was deleted"
+                        "not every replica in sync holds the records below offset {offset} yet; nothing was deleted"
                     )));
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1191,13 +1209,13 @@ impl PartitionReplica {
         }
         let log = self.log.clone();
         match tokio::task::spawn_blocking(move || log.trim_to(wanted)).await {
-            Ok(Ok(_)) => {
-                // openraft learns that the entries up to the purge mark are gone, so it reads
-                // none of them again: a replica that lacks them (it lost data it had) is offered
-                // a snapshot, and copies the retained log before installing it (see
-                // `super::seed`), rather than this replica's group stopping on the read.
-                if let Some(purged) = self.log.purged_index()
-                    && self.raft.trigger().purge_log(purged).await.is_err()
+            Ok(Ok((_, purge_to))) => {
+                // openraft purges the entries below the log start once no replication stream
+                // reads them, and only then are their segments deleted (see the log's purge): a
+                // replica that lacks them afterwards is offered a snapshot, and copies the
+                // retained log before installing it (see `super::seed`).
+                if let Some(purge_to) = purge_to
+                    && self.raft.trigger().purge_log(purge_to).await.is_err()
                 {
                     tracing::debug!(group = self.group, "the group stopped before it purged");
                 }
