@@ -67,7 +67,8 @@ def read(bootstrap, topic, end, output, partition="0"):
 
     end = int(end)
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "netns-reader",
-                         "enable.auto.commit": False, "enable.partition.eof": True})
+                         "enable.auto.commit": False, "enable.partition.eof": True,
+                         "auto.offset.reset": "earliest"})  # from the log start, if trimmed
     consumer.assign([TopicPartition(topic, int(partition), 0)])
     records = []
     deadline = time.monotonic() + 60
