@@ -52,6 +52,32 @@ def checksum(node, topic, end):
     return summed
 
 
+def high_watermark(node, topic):
+    """Partition 0's high watermark as `node` describes it."""
+    from conftest import run_cli as cli
+
+    described = json.loads(cli(node, "topic", "describe", topic, "--output", "json").stdout)
+    return described["partitions"][0]["high_watermark"]
+
+
+def numbered_producer(bootstrap, topic, filler):
+    """A function that writes records `first` to `first + count - 1` of partition 0 (an
+    idempotent acks=all producer; each record its number, ':' and 60 `filler` bytes) and
+    answers how many were not acknowledged."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
+                         "enable.idempotence": True, "message.timeout.ms": 20000})
+
+    def produce(first, count):
+        for i in range(first, first + count):
+            producer.produce(topic, b"%d:" % i + filler * 60, partition=0)
+            producer.poll(0)
+        return producer.flush(30)
+
+    return produce
+
+
 def rf3_topic(cluster, admin, topic, config=None):
     """Creates `topic` (one partition, three replicas) and waits until its preferred replica
     leads (leadership may move once after creation): the leader's id, its node and a
@@ -194,8 +220,6 @@ def test_a_follower_far_behind_big_entries_catches_up(nodes_factory):
     entries is cut short rather than refused, and the follower's copy checksums as the leader's."""
     from confluent_kafka import Producer
 
-    from conftest import run_cli as cli
-
     cluster, bootstrap, admin = three_nodes(nodes_factory)
     _, leader, follower = rf3_topic(cluster, admin, "big")
     follower.kill()
@@ -205,7 +229,7 @@ def test_a_follower_far_behind_big_entries_catches_up(nodes_factory):
         producer.produce("big", bytes([i]) * 900_000, partition=0)
         producer.poll(0)
     assert producer.flush(120) == 0
-    end = json.loads(cli(leader, "topic", "describe", "big", "--output", "json").stdout)["partitions"][0]["high_watermark"]
+    end = high_watermark(leader, "big")
     assert end >= 80
     follower.start(timeout=FORM_TIMEOUT)
     good = checksum(leader, "big", end)
@@ -222,29 +246,15 @@ def test_a_replica_that_lost_trimmed_entries_copies_the_retained_log(nodes_facto
     leader's from the same log start offset."""
     import shutil
 
-    from confluent_kafka import Producer, TopicPartition
-
-    from conftest import run_cli as cli
+    from confluent_kafka import TopicPartition
 
     topic = "lost"
     cluster, bootstrap, admin = three_nodes(nodes_factory)
     leader_id, leader, follower = rf3_topic(cluster, admin, topic, {"segment.bytes": "16384"})
-    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
-                         "enable.idempotence": True, "message.timeout.ms": 20000})
-
-    def produce(first, count):
-        for i in range(first, first + count):
-            producer.produce(topic, b"%d:" % i + b"y" * 60, partition=0)
-            producer.poll(0)
-        return producer.flush(30)
-
-    def high_watermark():
-        described = json.loads(cli(leader, "topic", "describe", topic, "--output", "json").stdout)
-        return described["partitions"][0]["high_watermark"]
-
+    produce = numbered_producer(bootstrap, topic, b"y")
     assert produce(0, 1000) == 0
     # Where nothing was being written: an entry ends there, on every replica.
-    trim_at = high_watermark()
+    trim_at = high_watermark(leader, topic)
     assert produce(1000, 2000) == 0
     at = TopicPartition(topic, 0, trim_at)
     assert admin.delete_records([at])[at].result(30).low_watermark == trim_at
@@ -257,14 +267,14 @@ def test_a_replica_that_lost_trimmed_entries_copies_the_retained_log(nodes_facto
     follower.start(timeout=FORM_TIMEOUT)
     assert produce(3000, 500) == 0
     assert partition_state(admin, topic)[0] == leader_id
-    end = high_watermark()
+    end = high_watermark(leader, topic)
     good = checksum(leader, topic, end)
     assert good["log_start_offset"] == trim_at and good["bytes"] > 2500 * 60, good
     wait_for("the emptied follower to hold the retained log", lambda: checksum(follower, topic, end) == good,
              timeout=60, interval=0.5)
     assert produce(3500, 500) == 0
     assert partition_state(admin, topic)[0] == leader_id
-    end = high_watermark()
+    end = high_watermark(leader, topic)
     wait_for("the follower to go on from the copy", lambda: checksum(follower, topic, end) == checksum(leader, topic, end),
              timeout=30, interval=0.5)
     log = follower.log_path.read_text(errors="replace")
@@ -277,27 +287,12 @@ def test_retention_goes_on_without_a_follower_that_is_down(nodes_factory):
     replica.lag.time.max.ms) it no longer holds trims back, as in Kafka, so the others delete
     what it never received. Restarted, it lacks entries no replica keeps, copies the retained
     log before installing the leader's snapshot, and ends byte-identical to the leader."""
-    from confluent_kafka import Producer
-
-    from conftest import run_cli as cli
-
     topic = "retained"
     env = {"SLUICE_KAFKA__REPLICA_LAG_TIME_MAX_MS": "1500", "SLUICE_STORAGE__HOUSEKEEPING_INTERVAL_MS": "1000"}
     cluster, bootstrap, admin = three_nodes(nodes_factory, env=env)
     leader_id, leader, follower = rf3_topic(cluster, admin, topic,
                                             {"segment.bytes": "16384", "retention.bytes": "65536"})
-    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
-                         "enable.idempotence": True})
-
-    def produce(first, count):
-        for i in range(first, first + count):
-            producer.produce(topic, b"%d:" % i + b"r" * 60, partition=0)
-            producer.poll(0)
-        return producer.flush(30)
-
-    def high_watermark():
-        described = json.loads(cli(leader, "topic", "describe", topic, "--output", "json").stdout)
-        return described["partitions"][0]["high_watermark"]
+    produce = numbered_producer(bootstrap, topic, b"r")
 
     def log_start(node):
         path = node.data_dir / "logs" / f"{topic}-0" / "log-start-offset"
@@ -305,7 +300,7 @@ def test_retention_goes_on_without_a_follower_that_is_down(nodes_factory):
 
     assert produce(0, 500) == 0
     follower.kill()
-    held = high_watermark()
+    held = high_watermark(leader, topic)
     # Many entries (the leader may keep its first attempt to send the stopped follower entries
     # in memory; the later ones it would have to read from its log).
     for first in range(500, 4500, 100):
@@ -321,7 +316,7 @@ def test_retention_goes_on_without_a_follower_that_is_down(nodes_factory):
     wait_for("the trimmed segments deleted on the leader", lambda: first_segment(leader) > held, timeout=30,
              interval=0.5)
     follower.start(timeout=FORM_TIMEOUT)
-    end = high_watermark()
+    end = high_watermark(leader, topic)
     wait_for("the follower to hold the retained log",
              lambda: checksum(follower, topic, end) == checksum(leader, topic, end), timeout=60, interval=0.5)
     assert checksum(leader, topic, end)["log_start_offset"] > held
@@ -337,8 +332,6 @@ def test_a_replica_whose_copy_was_lost_is_sent_the_log_again(nodes_factory):
 
     from confluent_kafka import Producer
 
-    from conftest import run_cli as cli
-
     topic = "refilled"
     cluster, bootstrap, admin = three_nodes(nodes_factory)
     leader_id, leader, follower = rf3_topic(cluster, admin, topic, {"segment.bytes": "65536"})
@@ -351,7 +344,7 @@ def test_a_replica_whose_copy_was_lost_is_sent_the_log_again(nodes_factory):
     follower.kill()
     shutil.rmtree(follower.data_dir / "logs" / f"{topic}-0")
     follower.start(timeout=FORM_TIMEOUT)
-    end = json.loads(cli(leader, "topic", "describe", topic, "--output", "json").stdout)["partitions"][0]["high_watermark"]
+    end = high_watermark(leader, topic)
     good = checksum(leader, topic, end)
     assert good["bytes"] > 5000 * 60, good
     wait_for("the emptied follower to hold the log again", lambda: checksum(follower, topic, end) == good,

@@ -53,6 +53,21 @@ def four_nodes_and_a_topic(nodes_factory):
     return cluster, bootstrap, admin, leader_id, replicas, outsider
 
 
+def checksums(holders, end):
+    """Each holder's checksum of partition 0 up to `end`, once every holder reaches it."""
+    from conftest import run_cli as cli
+
+    def summed(node, check=True):
+        answer = cli(node, "topic", "checksum", TOPIC, "--partition", "0", "--to", str(end),
+                     "--output", "json", check=check)
+        return json.loads(answer.stdout or "{}")
+
+    wait_for(f"every replica to reach offset {end}",
+             lambda: all(summed(n, check=False).get("end_offset") == end for n in holders),
+             timeout=30, interval=0.5)
+    return [summed(n) for n in holders]
+
+
 def retried(call, *args):
     """`call(*args)` of a kafka-python admin client, tried again while the node it takes for
     the controller cannot be reached (the nodes' views of a killed controller converge within
@@ -147,13 +162,7 @@ def test_a_partition_moves_to_another_node_and_off_its_leader_losing_nothing(nod
 
     # The new replica holds the same bytes as the others; the removed node none.
     end = max(acked.values()) + 1
-    holders = [node_of(cluster, admin, i) for i in target]
-    wait_for("every replica to have the whole log",
-             lambda: all(json.loads(cli(n, "topic", "checksum", TOPIC, "--partition", "0", "--to", str(end),
-                                        "--output", "json", check=False).stdout or "{}").get("end_offset") == end
-                         for n in holders), timeout=30, interval=0.5)
-    sums = [json.loads(cli(n, "topic", "checksum", TOPIC, "--partition", "0", "--to", str(end),
-                           "--output", "json").stdout) for n in holders]
+    sums = checksums([node_of(cluster, admin, i) for i in target], end)
     assert len({(s["bytes"], s["crc32c"]) for s in sums}) == 1, sums
     wait_for("the old leader's copy removed", lambda: not (old_leader.data_dir / "logs" / f"{TOPIC}-0").exists(),
              timeout=20)
@@ -213,13 +222,7 @@ def test_a_partition_moves_to_another_node_and_off_its_leader_losing_nothing(nod
     wait_for("the trimmed partition moved", lambda: (s := metadata_of(admin, TOPIC)) and s[1] == target + [leader_id]
              and tp not in kafka_admin.list_partition_reassignments(), timeout=60, interval=0.2)
     end = high_watermark()
-    holders = [node_of(cluster, admin, i) for i in target + [leader_id]]
-    wait_for("every replica to hold the retained log",
-             lambda: all(json.loads(cli(n, "topic", "checksum", TOPIC, "--partition", "0", "--to", str(end),
-                                        "--output", "json", check=False).stdout or "{}").get("end_offset") == end
-                         for n in holders), timeout=30, interval=0.5)
-    sums = [json.loads(cli(n, "topic", "checksum", TOPIC, "--partition", "0", "--to", str(end),
-                           "--output", "json").stdout) for n in holders]
+    sums = checksums([node_of(cluster, admin, i) for i in target + [leader_id]], end)
     assert len({(s["log_start_offset"], s["bytes"], s["crc32c"]) for s in sums}) == 1, sums
     assert sums[0]["log_start_offset"] == trim_at and sums[0]["bytes"] > 2000 * 10, sums
     assert "copying another replica's retained log" in absent.log_path.read_text(errors="replace")

@@ -766,16 +766,7 @@ impl Log {
         }
         let new_start = log_start.max(segments[doomed].base_offset());
         self.store_log_start(new_start)?;
-        let removed: Vec<Arc<Segment>> = self.shared.segments.write().drain(..doomed).collect();
-        let mut deleted_bytes = 0;
-        for segment in &removed {
-            deleted_bytes += segment.size_bytes();
-            if let Err(error) = segment.delete_files() {
-                self.fail(&error);
-                return Err(error);
-            }
-        }
-        self.dir_dirty = true;
+        let deleted_bytes = self.remove_first_segments(doomed)?;
         tracing::debug!(dir = %self.shared.dir.display(), segments = doomed, deleted_bytes, new_start, "retention deleted segments");
         Ok(RetentionOutcome {
             deleted_segment_count: doomed,
@@ -833,10 +824,15 @@ impl Log {
                 .take_while(|segment| segment.next_offset() <= limit)
                 .count()
         };
-        if doomed == 0 {
+        self.remove_first_segments(doomed)
+    }
+
+    /// Deletes the first `count` segments (never the active one); the bytes they held.
+    fn remove_first_segments(&mut self, count: usize) -> Result<u64, StorageError> {
+        if count == 0 {
             return Ok(0);
         }
-        let removed: Vec<Arc<Segment>> = self.shared.segments.write().drain(..doomed).collect();
+        let removed: Vec<Arc<Segment>> = self.shared.segments.write().drain(..count).collect();
         let mut deleted_bytes = 0;
         for segment in &removed {
             deleted_bytes += segment.size_bytes();
@@ -1202,30 +1198,8 @@ impl LogReader {
         max_bytes: usize,
         min_one_batch: bool,
     ) -> Result<ReadBatches, StorageError> {
-        let log_end_offset = self.log_end_offset().min(end_offset);
-        let log_start_offset = self.log_start_offset();
-        if offset < log_start_offset || offset > log_end_offset {
-            return Err(StorageError::OffsetOutOfRange {
-                offset,
-                log_start_offset,
-                log_end_offset,
-            });
-        }
-        let mut result = ReadBatches {
-            bytes: Bytes::new(),
-            log_start_offset,
-            log_end_offset,
-        };
-        if offset == log_end_offset {
-            return Ok(result);
-        }
-        for segment in self.candidates(offset) {
-            if let Some(bytes) = segment.read(offset, log_end_offset, max_bytes, min_one_batch)? {
-                result.bytes = bytes;
-                break;
-            }
-        }
-        Ok(result)
+        let from = self.log_start_offset();
+        self.read_from(from, offset, end_offset, max_bytes, min_one_batch)
     }
 
     /// [`Self::read_until`] from any offset the segments still hold, below the log start
@@ -1243,17 +1217,30 @@ impl LogReader {
             .read()
             .first()
             .map_or(0, |segment| segment.base_offset());
+        self.read_from(first, offset, end_offset, max_bytes, min_one_batch)
+    }
+
+    /// A read of whole batches from `offset`, which must lie between `lowest` and the log end.
+    fn read_from(
+        &self,
+        lowest: u64,
+        offset: u64,
+        end_offset: u64,
+        max_bytes: usize,
+        min_one_batch: bool,
+    ) -> Result<ReadBatches, StorageError> {
         let log_end_offset = self.log_end_offset().min(end_offset);
-        if offset < first || offset > log_end_offset {
+        let log_start_offset = self.log_start_offset();
+        if offset < lowest || offset > log_end_offset {
             return Err(StorageError::OffsetOutOfRange {
                 offset,
-                log_start_offset: first,
+                log_start_offset: lowest,
                 log_end_offset,
             });
         }
         let mut result = ReadBatches {
             bytes: Bytes::new(),
-            log_start_offset: self.log_start_offset(),
+            log_start_offset,
             log_end_offset,
         };
         if offset == log_end_offset {
