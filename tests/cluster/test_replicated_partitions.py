@@ -610,11 +610,20 @@ def test_delete_records_and_retention_trim_every_replica_alike_and_survive_kills
         return sorted(copy_dir(node).glob("*.log"))
 
     def earliest():
-        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "earliest"})
-        try:
-            return consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
-        finally:
-            consumer.close()
+        from confluent_kafka import KafkaException
+
+        def ask():
+            consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "earliest"})
+            try:
+                return consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+            except KafkaException:
+                # Right after every node restarted, a new client may not know the partition yet
+                # ("Unknown partition"): asked again.
+                return None
+            finally:
+                consumer.close()
+
+        return wait_for("the partition's watermarks", ask, timeout=30, interval=0.5)
 
     def first_value():
         consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"g{time.monotonic()}",
